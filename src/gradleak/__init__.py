@@ -1,0 +1,16 @@
+"""gradleak: how much of a client's private data leaks through the gradients and updates it shares."""
+
+from .case import Case, DataSpec, FedAvg, FedSGD, Truth, load_tensor_dict
+from .errors import (DataError, GradleakError, NumericalError, RequirementError, UnknownNameError,
+                     ValidationError, WeightsError)
+from .simulate import simulate
+from . import activations, attacks, data, losses, models
+from .attacks import Reconstruction, create
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Case", "DataSpec", "FedAvg", "FedSGD", "Truth", "load_tensor_dict", "simulate",
+    "DataError", "GradleakError", "NumericalError", "RequirementError", "UnknownNameError", "ValidationError",
+    "WeightsError", "Reconstruction", "create", "activations", "attacks", "data", "losses", "models",
+]

@@ -1,0 +1,259 @@
+"""The attack base class: hyperparameters in the constructor, data in the call.
+
+Subclasses declare an ``Options`` dataclass (every hyperparameter with its default), optional ``presets``
+(paper settings), ``requirements(case)`` (every unmet requirement as a sentence) and ``_reconstruct``.
+The base class owns the final :meth:`Attack.reconstruct`: it checks the case, seeds, times, runs the
+subclass, keeps the best result so far (Ctrl-C returns it), and computes the residual the same way for
+every attack.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import torch
+
+from ..case import Case
+from ..errors import GradleakError, NumericalError, RequirementError, ValidationError
+from ..registry import Registry
+
+
+@dataclass
+class Reconstruction:
+    """What an attack returns.
+
+    inputs: (B, *spec.shape) reconstructed batch in IMAGE space (spec.value_range, normally [0, 1]),
+        on the case's device and dtype.
+    labels: int64 (B,) labels used or recovered (None if the attack produced none).
+    residual: 1 - cosine between the update ``inputs`` produce and the observed update (see
+        :meth:`gradleak.Case.residual`); the same definition for every attack.
+    history: objective value per step where there is one.
+    info: attack-specific facts (timings, per-layer reports, 'kind': 'estimate' | 'exact' | 'mixture', ...).
+    """
+
+    inputs: torch.Tensor
+    labels: torch.Tensor | None = None
+    residual: float = float("nan")
+    history: list[float] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+    attack: str = ""
+
+    @property
+    def seconds(self) -> float:
+        return float(self.info.get("seconds", float("nan")))
+
+
+class RunContext:
+    """Handed to ``_reconstruct``: the random generator, progress reporting and best-so-far bookkeeping."""
+
+    def __init__(self, generator: torch.Generator, *, progress: bool = False, desc: str = ""):
+        self.generator = generator
+        self._progress = progress
+        self._desc = desc
+        self._bar = None
+        self.best: tuple[float, torch.Tensor, torch.Tensor | None, dict] | None = None
+        self.history: list[float] = []
+
+    def progress(self, total: int, desc: str | None = None):
+        """Start a progress bar of ``total`` steps (a no-op object unless progress is on)."""
+        self.close()
+        if self._progress:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total, desc=desc or self._desc, leave=False, file=sys.stderr, dynamic_ncols=True)
+        return self
+
+    def update(self, n: int = 1, **postfix) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+            if postfix:
+                self._bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in postfix.items()},
+                                      refresh=False)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def offer(self, score: float, inputs: torch.Tensor, labels: torch.Tensor | None = None, **info) -> bool:
+        """Offer a candidate (IMAGE-space inputs); kept if finite and its score is the lowest so far.
+        Returns whether it was kept. An interrupted run returns the best candidate offered."""
+        score = float(score)
+        if not math.isfinite(score) or not torch.isfinite(inputs).all():
+            return False
+        if self.best is None or score < self.best[0]:
+            self.best = (score, inputs.detach().clone(), None if labels is None else labels.detach().clone(), info)
+            return True
+        return False
+
+
+def _coerce(name: str, value: Any, default: Any, hint: Any) -> tuple[Any, str | None]:
+    """Check an option value against its declared type; ints pass as floats."""
+    if default is None or value is None:
+        return value, None
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value, None
+        return value, f"option {name!r} must be true/false, got {value!r}"
+    if isinstance(default, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value), None
+    if isinstance(default, int) and isinstance(value, int) and not isinstance(value, bool):
+        return value, None
+    if isinstance(default, str) and isinstance(value, str):
+        return value, None
+    if isinstance(default, tuple) and isinstance(value, (list, tuple)):
+        return tuple(value), None
+    if type(default) in (int, float, str, tuple):
+        return value, f"option {name!r} must be {type(default).__name__}, got {type(value).__name__} {value!r}"
+    return value, None
+
+
+class Attack:
+    """Base class of every attack. Subclasses set ``name``, ``paper``, ``Options`` and implement
+    ``_reconstruct(case, ctx) -> Reconstruction`` and optionally ``requirements(case) -> list[str]``."""
+
+    name: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    Options: ClassVar[type] = None  # a dataclass
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    default_preset: ClassVar[str | None] = None
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        if "reconstruct" in cls.__dict__:
+            raise TypeError(f"{cls.__name__} must not override reconstruct(); implement _reconstruct() instead")
+
+    def __init__(self, *, preset: str | None = None, **options: Any):
+        if self.Options is None:
+            raise TypeError(f"{type(self).__name__} declares no Options dataclass")
+        fields = {f.name: f for f in dataclasses.fields(self.Options)}
+        preset = preset if preset is not None else self.default_preset
+        values: dict[str, Any] = {}
+        problems = []
+        if preset is not None:
+            if preset not in self.presets:
+                raise ValidationError(f"{self.name} preset", [f"unknown preset {preset!r}: expected one of "
+                                                              f"{sorted(self.presets) or 'none'}"])
+            values.update(self.presets[preset])
+        values.update(options)
+        for k in list(values):
+            if k not in fields:
+                problems.append(f"unknown option {k!r} (valid options: {', '.join(sorted(fields))})")
+                continue
+            default = self.Options().__dict__[k] if _has_default(fields[k]) else None
+            values[k], err = _coerce(k, values[k], default, fields[k].type)
+            if err:
+                problems.append(err)
+        if problems:
+            raise ValidationError(f"{self.name or type(self).__name__} options", problems)
+        self.preset = preset
+        self.options = self.Options(**values)
+        problems = self.check_options(self.options)
+        if problems:
+            raise ValidationError(f"{self.name} options", problems)
+
+    # ---- hooks for subclasses --------------------------------------------------------------------
+    def check_options(self, options) -> list[str]:
+        """Return every problem with the option values (ranges etc.)."""
+        return []
+
+    def requirements(self, case: Case) -> list[str]:
+        """Return every unmet requirement of this attack on ``case`` as a sentence ([] if none)."""
+        return []
+
+    def _reconstruct(self, case: Case, ctx: RunContext) -> Reconstruction:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # ---- the one public verb ---------------------------------------------------------------------
+    def reconstruct(
+        self,
+        case: Case,
+        *,
+        generator: torch.Generator | None = None,
+        seed: int | None = None,
+        progress: bool = False,
+    ) -> Reconstruction:
+        """Reconstruct the private batch behind ``case``.
+
+        Returns a :class:`Reconstruction` whose inputs are (B, *shape) in image space. Raises
+        :class:`RequirementError` listing every unmet requirement before any work. Randomness comes only
+        from ``generator`` (or ``seed``; default seed 0). Ctrl-C returns the best result so far with
+        ``info['interrupted'] = True``.
+        """
+        if not isinstance(case, Case):
+            raise ValidationError(self.name, [f"expected a gradleak.Case, got {type(case).__name__}"])
+        problems = self.requirements(case)
+        if problems:
+            raise RequirementError(self.name, problems)
+        if generator is None:
+            generator = torch.Generator(device="cpu")
+            generator.manual_seed(0 if seed is None else int(seed))
+        ctx = RunContext(generator, progress=progress, desc=self.name)
+        t0 = time.perf_counter()
+        interrupted = False
+        try:
+            rec = self._reconstruct(case, ctx)
+        except KeyboardInterrupt:
+            if ctx.best is None:
+                raise
+            interrupted = True
+            score, inputs, labels, info = ctx.best
+            rec = Reconstruction(inputs=inputs, labels=labels, history=list(ctx.history),
+                                 info={**info, "best_score": score})
+        finally:
+            ctx.close()
+        seconds = time.perf_counter() - t0
+        if not isinstance(rec, Reconstruction):
+            raise TypeError(f"{type(self).__name__}._reconstruct must return a Reconstruction")
+        expected = (case.batch_size, *case.spec.shape)
+        if rec.info.get("kind") != "mixture" and tuple(rec.inputs.shape) != expected:
+            raise NumericalError(f"{self.name} returned inputs of shape {tuple(rec.inputs.shape)}, expected {expected}")
+        if not torch.isfinite(rec.inputs).all():
+            raise NumericalError(f"{self.name} produced no finite reconstruction (every trial diverged); "
+                                 "try a smaller learning rate or float64")
+        lo, hi = case.spec.value_range
+        rec.inputs = rec.inputs.detach().to(device=case.device, dtype=case.dtype).clamp(lo, hi)
+        if rec.labels is None and case.labels is not None:
+            rec.labels = case.labels.clone()
+        rec.attack = self.name
+        rec.info.setdefault("kind", "estimate")
+        rec.info.update(seconds=seconds, interrupted=interrupted, preset=self.preset,
+                        options=dataclasses.asdict(self.options))
+        if rec.labels is not None and tuple(rec.inputs.shape) == expected:
+            try:
+                rec.residual = case.residual(rec.inputs, rec.labels)
+            except GradleakError:
+                raise
+            except Exception as e:  # residual must never hide the result
+                rec.info["residual_error"] = f"{type(e).__name__}: {e}"
+        return rec
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.options})"
+
+
+def _has_default(f: dataclasses.Field) -> bool:
+    return f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+
+
+attacks: Registry[type[Attack]] = Registry("attack")
+
+
+def register(name: str, *, aliases: tuple[str, ...] = ()) -> Callable[[type[Attack]], type[Attack]]:
+    """Class decorator: register an Attack subclass under ``name`` (kebab-case) and ``aliases``."""
+
+    def deco(cls: type[Attack]) -> type[Attack]:
+        cls.name = name
+        return attacks.register(name, aliases=aliases)(cls)
+
+    return deco
+
+
+def create(name: str, *, preset: str | None = None, **options: Any) -> Attack:
+    """Build a registered attack by name (or alias) with options, e.g. ``create("ig", max_iterations=500)``."""
+    return attacks.get(name)(preset=preset, **options)
