@@ -14,3 +14,10 @@ __all__ = [
     "DataError", "GradleakError", "NumericalError", "RequirementError", "UnknownNameError", "ValidationError",
     "WeightsError", "Reconstruction", "create", "activations", "attacks", "data", "losses", "models",
 ]
+
+from . import defenses, metrics, report  # noqa: E402
+from .metrics import evaluate  # noqa: E402
+from .report import write_report  # noqa: E402
+from .experiment import AttackRun, run_attack  # noqa: E402
+
+__all__ += ["defenses", "metrics", "report", "evaluate", "write_report", "AttackRun", "run_attack"]

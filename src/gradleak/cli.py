@@ -1,0 +1,278 @@
+"""The ``gradleak`` command. Thin: every subcommand parses its arguments and makes one API call.
+
+Bad input prints one readable line on stderr and exits 2; Ctrl-C during an attack still writes the report of
+the best result so far.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import sys
+from typing import Any, Sequence
+
+from .errors import GradleakError
+
+MODEL_FLAGS = {"width": int, "width2": int, "depth": int, "activation": str, "norm": str, "stem": str}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (argparse would print the whole usage)
+        raise _UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _literal(v: str) -> Any:
+    try:
+        return ast.literal_eval(v)
+    except (ValueError, SyntaxError):
+        return v
+
+
+def _kv(items: Sequence[str], what: str) -> dict[str, Any]:
+    out = {}
+    for item in items or ():
+        k, eq, v = item.partition("=")
+        if not eq or not k:
+            raise _UsageError(f"gradleak: {what} must look like key=value, got {item!r}")
+        out[k.strip().replace("-", "_")] = _literal(v.strip())
+    return out
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model options (passed to the zoo model that defines them)")
+    for name, typ in MODEL_FLAGS.items():
+        g.add_argument(f"--{name}", type=typ, default=None)
+    g.add_argument("--model-opt", action="append", default=[], metavar="KEY=VALUE", help="any other model option")
+
+
+def _model_options(args) -> dict[str, Any]:
+    opts = {k: getattr(args, k) for k in MODEL_FLAGS if getattr(args, k, None) is not None}
+    opts.update(_kv(args.model_opt, "--model-opt"))
+    return opts
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="gradleak", description="How much private data leaks through federated-learning updates.")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = p.add_subparsers(dest="command", parser_class=_Parser)
+
+    a = sub.add_parser("attack", help="simulate a client update (or read an observed one) and reconstruct its data")
+    a.add_argument("--attack", required=True, help="attack name (gradleak list attacks)")
+    a.add_argument("--model", required=True, help="model name (gradleak list models)")
+    src = a.add_mutually_exclusive_group()
+    src.add_argument("--images", help="your own images: a folder of PNG/JPEG files or a tensor file")
+    src.add_argument("--dataset", default="samples", help="samples | digits | cifar10:ROOT | folder:DIR")
+    a.add_argument("--num-images", type=int, default=1)
+    a.add_argument("--start", type=int, default=0, help="index of the first image taken from the dataset")
+    a.add_argument("--image-size", type=int, default=None)
+    a.add_argument("--iterations", type=int, default=None)
+    a.add_argument("--restarts", type=int, default=None)
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--protocol", choices=["fedsgd", "fedavg"], default="fedsgd")
+    a.add_argument("--local-steps", type=int, default=5)
+    a.add_argument("--local-lr", type=float, default=1e-4)
+    a.add_argument("--local-batch-size", type=int, default=None)
+    a.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    a.add_argument("--unknown-labels", action="store_true", help="the attacker is not told the labels")
+    a.add_argument("--labels", default=None, help="labels of an observed update, comma-separated")
+    a.add_argument("--bn-mode", choices=["eval", "train"], default="eval")
+    a.add_argument("--loss", default=None, help="loss name (default: follows the model's head)")
+    a.add_argument("--preset", default=None, help="attack preset (paper settings)")
+    a.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="attack option")
+    a.add_argument("--weights", default=None, help="model weights: a state_dict .pt or .safetensors file")
+    a.add_argument("--observed", default=None, help="a real observed gradient/update (.safetensors or .pt dict)")
+    a.add_argument("--defense", action="append", default=[], metavar="SPEC",
+                   help="defense applied to the simulated update, e.g. noise:sigma=0.01, prune:ratio=0.9")
+    a.add_argument("--out", default=None, help="run directory (default runs/ATTACK-MODEL-TIME)")
+    a.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    _add_model_flags(a)
+
+    r = sub.add_parser("risk", help="predict leakage of an architecture before any attack")
+    r.add_argument("--model", required=True)
+    r.add_argument("--image-size", type=int, default=32)
+    r.add_argument("--channels", type=int, default=3)
+    r.add_argument("--num-classes", type=int, default=10)
+    r.add_argument("--batch-size", type=int, default=1)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--json", action="store_true")
+    _add_model_flags(r)
+
+    t = sub.add_parser("train", help="train a zoo model and save checkpoints to audit")
+    t.add_argument("--model", required=True)
+    t.add_argument("--dataset", default="digits")
+    t.add_argument("--epochs", type=int, default=10)
+    t.add_argument("--lr", type=float, default=None)
+    t.add_argument("--batch-size", type=int, default=None)
+    t.add_argument("--image-size", type=int, default=None)
+    t.add_argument("--checkpoints", default=None, help="epochs to save, comma-separated (default: the last)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--out", required=True, help="checkpoint file (.pt or .safetensors)")
+    t.add_argument("--json", action="store_true")
+    _add_model_flags(t)
+
+    c = sub.add_parser("compare", help="run several attacks on the same case and tabulate them")
+    c.add_argument("--attacks", default="rgap,layerwise,inverting-gradients,dlg")
+    c.add_argument("--model", required=True)
+    c.add_argument("--dataset", default="samples")
+    c.add_argument("--images", default=None)
+    c.add_argument("--num-images", type=int, default=1)
+    c.add_argument("--image-size", type=int, default=None)
+    c.add_argument("--iterations", type=int, default=None)
+    c.add_argument("--dtype", choices=["float32", "float64"], default="float64")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--out", default=None)
+    c.add_argument("--json", action="store_true")
+    _add_model_flags(c)
+
+    ls = sub.add_parser("list", help="list attacks, models, datasets, defenses, losses or activations")
+    ls.add_argument("what", choices=["attacks", "models", "datasets", "defenses", "losses", "activations"])
+    ls.add_argument("--json", action="store_true")
+    return p
+
+
+def _progress_on(args) -> bool:
+    return not getattr(args, "json", False) and sys.stderr.isatty()
+
+
+def _cmd_attack(args) -> int:
+    from .experiment import AttackRun, run_attack
+
+    cfg = AttackRun(
+        attack=args.attack, model=args.model, dataset=args.dataset, images=args.images, num_images=args.num_images,
+        start=args.start, image_size=args.image_size, iterations=args.iterations, restarts=args.restarts,
+        seed=args.seed, protocol=args.protocol, local_steps=args.local_steps, local_lr=args.local_lr,
+        local_batch_size=args.local_batch_size, dtype=args.dtype, labels_known=not args.unknown_labels,
+        labels=[int(v) for v in args.labels.split(",")] if args.labels else None, bn_mode=args.bn_mode,
+        loss=args.loss, preset=args.preset, model_options=_model_options(args),
+        attack_options=_kv(args.option, "--option"), weights=args.weights, observed=args.observed,
+        defenses=list(args.defense), out=args.out)
+    res = run_attack(cfg, progress=_progress_on(args))
+    if args.json:
+        from .report import to_jsonable
+
+        print(json.dumps(to_jsonable(res.to_json())))
+    else:
+        for n in res.notes:
+            print(f"note: {n}", file=sys.stderr)
+        print(res.summary())
+    return 0
+
+
+def _cmd_risk(args) -> int:
+    from . import risk
+
+    shape = (args.channels, args.image_size, args.image_size)
+    report = risk.analyse_architecture(args.model, input_shape=shape, num_classes=args.num_classes,
+                                       batch_size=args.batch_size, seed=args.seed, **_model_options(args))
+    if args.json:
+        from .report import to_jsonable
+
+        print(json.dumps(to_jsonable(report.to_dict())))
+    else:
+        print(report.table())
+        print(report.summary())
+    return 0
+
+
+def _cmd_train(args) -> int:
+    from .training import train_from_names
+
+    ckpts = tuple(int(v) for v in args.checkpoints.split(",")) if args.checkpoints else None
+    res = train_from_names(args.model, args.dataset, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                           image_size=args.image_size, checkpoint_epochs=ckpts, out=args.out, seed=args.seed,
+                           progress=_progress_on(args), model_options=_model_options(args))
+    if args.json:
+        from .report import to_jsonable
+
+        print(json.dumps(to_jsonable(res.to_dict())))
+    else:
+        print(res.summary())
+    return 0
+
+
+def _cmd_compare(args) -> int:
+    from .experiment import compare
+
+    res = compare(attacks=[a.strip() for a in args.attacks.split(",") if a.strip()], model=args.model,
+                  dataset=args.dataset, images=args.images, num_images=args.num_images, image_size=args.image_size,
+                  iterations=args.iterations, dtype=args.dtype, seed=args.seed, out=args.out,
+                  model_options=_model_options(args), progress=_progress_on(args))
+    if args.json:
+        from .report import to_jsonable
+
+        print(json.dumps(to_jsonable(res.to_dict())))
+    else:
+        print(res.table())
+    return 0
+
+
+def _cmd_list(args) -> int:
+    from . import activations, attacks, data, defenses, losses, models
+
+    rows: list[tuple[str, str]]
+    if args.what == "attacks":
+        rows = []
+        for n in attacks.attacks.names():
+            cls = attacks.attacks.get(n)
+            al = attacks.attacks.aliases_of(n)
+            rows.append((n + (f" ({', '.join(al)})" if al else ""), cls.paper))
+    elif args.what == "models":
+        rows = [(n, models.models.get(n).description) for n in models.models.names()]
+    elif args.what == "datasets":
+        rows = list(data.sources()) if hasattr(data, "sources") else [("samples", "bundled real photos")]
+    elif args.what == "defenses":
+        rows = [(n, (defenses.defenses.get(n).__doc__ or "").strip().splitlines()[0] if defenses.defenses.get(n).__doc__ else "")
+                for n in defenses.defenses.names()]
+    elif args.what == "losses":
+        rows = [(n, "") for n in losses.losses.names()]
+    else:
+        rows = [(n, "invertible" if activations.activations.get(n).invertible else "") for n in activations.activations.names()]
+    if args.json:
+        print(json.dumps([{"name": a, "description": b} for a, b in rows]))
+    elif not rows:
+        print(f"(no {args.what} registered)")
+    else:
+        w = max(len(a) for a, _ in rows)
+        for a, b in rows:
+            print(f"{a:<{w}}  {b}".rstrip())
+    return 0
+
+
+COMMANDS = {"attack": _cmd_attack, "risk": _cmd_risk, "train": _cmd_train, "compare": _cmd_compare, "list": _cmd_list}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``gradleak`` console script. Returns the exit code (0 ok, 2 bad input)."""
+    parser = build_parser()
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    try:
+        args = parser.parse_args(argv)
+        if not args.command:
+            parser.print_help()
+            return 2
+        return COMMANDS[args.command](args)
+    except _UsageError as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    except GradleakError as e:
+        if debug:
+            raise
+        print(f"gradleak: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("gradleak: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # never a raw traceback for a user
+        if debug:
+            raise
+        print(f"gradleak: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

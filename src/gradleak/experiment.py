@@ -1,0 +1,209 @@
+"""One call per CLI job: build the data, model and case, run an attack, score it, write the report.
+
+``run_attack(AttackRun(attack="ig", model="convnet", ...))`` is what ``gradleak attack`` calls.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import data as data_mod
+from . import models as models_mod
+from .attacks import Reconstruction, attacks, create
+from .case import Case, DataSpec, Truth
+from .errors import ValidationError
+from .metrics import Scores, evaluate
+from .report import write_report
+from .simulate import simulate
+
+ITERATION_OPTIONS = ("max_iterations", "iterations", "steps", "num_steps")
+RESTART_OPTIONS = ("restarts", "trials", "num_trials")
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass
+class AttackRun:
+    """Everything needed to (re-)run one attack; written to ``config.json`` in the run directory.
+
+    dataset: 'samples' | 'digits' | 'cifar10:ROOT' | 'folder:DIR' (ignored when ``images`` is given).
+    images: the user's own images (a folder of PNG/JPEG files or a tensor file).
+    observed: a real observed gradient / update file (safetensors or .pt dict keyed like the model's
+        state_dict); then there is no simulation and no truth unless ``images`` is also given.
+    iterations / restarts: mapped onto the attack's own budget options.
+    """
+
+    attack: str
+    model: str
+    dataset: str = "samples"
+    images: str | None = None
+    num_images: int = 1
+    start: int = 0
+    image_size: int | None = None
+    iterations: int | None = None
+    restarts: int | None = None
+    seed: int = 0
+    protocol: str = "fedsgd"
+    local_steps: int = 5
+    local_lr: float = 1e-4
+    local_batch_size: int | None = None
+    dtype: str = "float32"
+    labels_known: bool = True
+    labels: list[int] | None = None
+    bn_mode: str = "eval"
+    loss: str | None = None
+    preset: str | None = None
+    model_options: dict[str, Any] = field(default_factory=dict)
+    attack_options: dict[str, Any] = field(default_factory=dict)
+    weights: str | None = None
+    observed: str | None = None
+    defenses: list[str] = field(default_factory=list)
+    out: str | None = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class RunResult:
+    config: AttackRun
+    case: Case
+    truth: Truth | None
+    reconstruction: Reconstruction
+    scores: Scores | None
+    out_dir: Path | None
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        r = self.reconstruction
+        s = self.scores.summary() if self.scores is not None else "no ground truth"
+        where = f" -> {self.out_dir}" if self.out_dir else ""
+        flag = " (interrupted: best so far)" if r.info.get("interrupted") else ""
+        return (f"{r.attack} on {self.config.model}, {self.case.batch_size} image(s): {s}, residual {r.residual:.3g}, "
+                f"{r.seconds:.1f} s{flag}{where}")
+
+    def to_json(self) -> dict:
+        r = self.reconstruction
+        s = self.scores.to_dict() if self.scores is not None else {}
+        return {"attack": r.attack, "model": self.config.model, "num_images": self.case.batch_size,
+                "psnr": s.get("psnr"), "psnr_per_image": s.get("psnr_per_image"), "ssim": s.get("ssim"),
+                "ssim_per_image": s.get("ssim_per_image"), "mse": s.get("mse"), "cosine": s.get("cosine"),
+                "label_accuracy": s.get("label_accuracy"), "residual": r.residual, "seconds": r.seconds,
+                "iterations": len(r.history) if r.history else r.info.get("iterations"),
+                "kind": r.info.get("kind"), "interrupted": r.info.get("interrupted", False),
+                "out": str(self.out_dir) if self.out_dir else None, "notes": self.notes}
+
+
+def _budget_options(cfg: AttackRun) -> dict[str, Any]:
+    cls = attacks.get(cfg.attack)
+    names = {f.name for f in dataclasses.fields(cls.Options)}
+    opts = dict(cfg.attack_options)
+    for value, candidates, flag in ((cfg.iterations, ITERATION_OPTIONS, "--iterations"),
+                                    (cfg.restarts, RESTART_OPTIONS, "--restarts")):
+        if value is None:
+            continue
+        hit = next((c for c in candidates if c in names), None)
+        if hit is None:
+            raise ValidationError(f"attack {cls.name}", [f"{flag} does not apply: this attack has no such budget "
+                                                         f"(its options: {', '.join(sorted(names))})"])
+        opts[hit] = int(value)
+    return opts
+
+
+def load_data(cfg: AttackRun):
+    """The dataset the run draws its private batch from."""
+    source = cfg.images if cfg.images else cfg.dataset
+    load = getattr(data_mod, "load", None)
+    if load is None:  # minimal fallback while only the bundled photos exist
+        if source != "samples":
+            raise ValidationError("data", [f"unknown dataset {source!r}; expected 'samples'"])
+        return data_mod.samples(cfg.image_size or 32)
+    kwargs = {"num_images": cfg.start + cfg.num_images}
+    if cfg.image_size is not None:
+        kwargs["image_size"] = cfg.image_size
+    return load(source, **kwargs)
+
+
+def build_case(cfg: AttackRun) -> tuple[Case, Truth | None, list[str]]:
+    """Data + model + simulation (or the observed update) -> (case, truth or None, notes)."""
+    problems = []
+    if cfg.dtype not in DTYPES:
+        problems.append(f"dtype must be one of {sorted(DTYPES)}, got {cfg.dtype!r}")
+    if cfg.num_images < 1:
+        problems.append(f"num_images must be >= 1, got {cfg.num_images}")
+    if cfg.protocol not in ("fedsgd", "fedavg"):
+        problems.append(f"protocol must be 'fedsgd' or 'fedavg', got {cfg.protocol!r}")
+    if problems:
+        raise ValidationError("attack run", problems)
+    dtype = DTYPES[cfg.dtype]
+    notes: list[str] = []
+    info = models_mod.models.get(cfg.model)
+    truth_inputs = truth_labels = None
+    if cfg.observed is None or cfg.images:
+        ds = load_data(cfg)
+        notes += list(getattr(ds, "notes", ()))
+        truth_inputs, truth_labels = ds.batch(cfg.num_images, cfg.start)
+        spec = ds.spec
+    else:
+        spec = None
+    if info.single_output:
+        if spec is not None and spec.num_classes != 2:
+            notes.append(f"{info.name} has one output score (logistic loss): labels mapped to label % 2")
+            spec = dataclasses.replace(spec, num_classes=2)
+            if truth_labels is not None:
+                truth_labels = truth_labels % 2
+    if spec is None:
+        raise ValidationError("attack run", ["an observed update needs the data spec: give --images (the truth, "
+                                             "for scoring) or --dataset to tell the input shape and classes"])
+    model = models_mod.build(cfg.model, input_shape=spec.shape, num_classes=spec.num_classes, seed=cfg.seed,
+                             dtype=dtype, **cfg.model_options)
+    if cfg.weights:
+        load_weights = getattr(models_mod, "load_weights", None)
+        if load_weights is None:
+            raise ValidationError("attack run", ["--weights needs gradleak.models.load_weights (not available)"])
+        model = load_weights(model, cfg.weights)
+    defense = None
+    if cfg.defenses:
+        from . import defenses
+
+        defense = defenses.compose(*[defenses.parse(d) for d in cfg.defenses])
+    if cfg.observed is not None:
+        labels = torch.tensor(cfg.labels) if cfg.labels is not None else (truth_labels if cfg.labels_known else None)
+        case = Case.from_observed(model, cfg.observed, spec=spec, batch_size=cfg.num_images, protocol=cfg.protocol,
+                                  local_steps=cfg.local_steps, local_lr=cfg.local_lr,
+                                  local_batch_size=cfg.local_batch_size, labels=labels, loss=cfg.loss,
+                                  bn_mode=cfg.bn_mode)
+        case = case.to(dtype=dtype)
+        truth = Truth(truth_inputs.to(dtype), truth_labels) if truth_inputs is not None else None
+        return case, truth, notes
+    gen = torch.Generator().manual_seed(cfg.seed)
+    case, truth = simulate(model, truth_inputs.to(dtype), truth_labels, protocol=cfg.protocol, spec=spec,
+                           loss=cfg.loss, labels_known=cfg.labels_known, bn_mode=cfg.bn_mode,
+                           local_steps=cfg.local_steps, local_lr=cfg.local_lr,
+                           local_batch_size=cfg.local_batch_size, defense=defense, generator=gen)
+    return case, truth, notes
+
+
+def default_out(cfg: AttackRun) -> Path:
+    return Path("runs") / f"{attacks.canonical(cfg.attack)}-{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def run_attack(cfg: AttackRun, *, progress: bool = False, write: bool = True) -> RunResult:
+    """Run one attack job end to end and (if ``write``) write its run directory. Ctrl-C during the attack
+    still writes the report of the best result so far."""
+    opts = _budget_options(cfg)
+    attack = create(cfg.attack, preset=cfg.preset, **opts)
+    case, truth, notes = build_case(cfg)
+    rec = attack.reconstruct(case, seed=cfg.seed, progress=progress)
+    scores = evaluate(rec, truth) if truth is not None else None
+    out = None
+    if write:
+        out = Path(cfg.out) if cfg.out else default_out(cfg)
+        write_report(out, rec, truth=truth, scores=scores, case=case, config=cfg.to_dict(),
+                     extra={"notes": notes, "model": cfg.model})
+    return RunResult(cfg, case, truth, rec, scores, out, notes)

@@ -1,0 +1,157 @@
+"""Metrics of a reconstruction against the truth. Images are compared in IMAGE space, clamped to [0, 1];
+PSNR uses peak 1: 10 log10(1 / MSE), per image, then averaged (the Inverting Gradients convention).
+
+A batch is first aligned to the truth (Hungarian assignment on per-pair MSE), since an attack may return the
+samples in any order. Metrics never know which attack ran.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from ..errors import ValidationError
+
+__all__ = ["psnr", "ssim", "mse", "cosine", "label_accuracy", "align", "evaluate", "Scores"]
+
+
+def _pair(rec: torch.Tensor, truth: torch.Tensor, who: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if rec.shape != truth.shape:
+        raise ValidationError(who, [f"reconstruction has shape {tuple(rec.shape)}, truth {tuple(truth.shape)}; "
+                                    "they must match (batch-first)"])
+    if rec.ndim < 2:
+        raise ValidationError(who, [f"expected batch-first tensors (B, ...), got shape {tuple(rec.shape)}"])
+    return rec.detach().double().clamp(0, 1), truth.detach().double().clamp(0, 1)
+
+
+def mse(rec: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """Per-image mean squared error, (B,), on images clamped to [0, 1]."""
+    r, t = _pair(rec, truth, "mse")
+    return (r - t).pow(2).flatten(1).mean(1)
+
+
+def psnr(rec: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB with peak 1, (B,). A perfect image gives +inf."""
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
+    r, t = _pair(rec, truth, "psnr")
+    return peak_signal_noise_ratio(r, t, data_range=1.0, reduction="none", dim=tuple(range(1, r.ndim)))
+
+
+def ssim(rec: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """Per-image SSIM, (B,), Gaussian window (11, sigma 1.5; shrunk for images smaller than 11 px).
+    NaN for non-image data."""
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    r, t = _pair(rec, truth, "ssim")
+    if r.ndim != 4:
+        return torch.full((r.shape[0],), float("nan"), dtype=torch.float64)
+    k = min(11, min(r.shape[-2:]))
+    k = k if k % 2 == 1 else k - 1
+    if k < 3:
+        return torch.full((r.shape[0],), float("nan"), dtype=torch.float64)
+    sigma = 1.5 * k / 11
+    return structural_similarity_index_measure(r, t, data_range=1.0, kernel_size=k, sigma=sigma, reduction="none")
+
+
+def cosine(rec: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """Per-sample cosine similarity of the flattened images (no clamping), (B,)."""
+    if rec.shape != truth.shape:
+        raise ValidationError("cosine", [f"shapes differ: {tuple(rec.shape)} vs {tuple(truth.shape)}"])
+    return torch.nn.functional.cosine_similarity(rec.detach().double().flatten(1), truth.detach().double().flatten(1), dim=1)
+
+
+def label_accuracy(labels: torch.Tensor | None, truth: torch.Tensor) -> float | None:
+    """Fraction of labels equal to the truth (after alignment); None if no labels were produced."""
+    if labels is None:
+        return None
+    labels = torch.as_tensor(labels).cpu()
+    if labels.shape != truth.shape:
+        raise ValidationError("label_accuracy", [f"{tuple(labels.shape)} labels vs {tuple(truth.shape)} truth"])
+    return float((labels == truth.cpu()).double().mean())
+
+
+def align(rec: torch.Tensor, truth: torch.Tensor) -> np.ndarray:
+    """Hungarian assignment: ``order[i]`` is the index of the reconstructed sample matched to truth sample i
+    (minimum total MSE). rec may hold more samples than truth (extra ones are left out)."""
+    r = rec.detach().double().cpu().clamp(0, 1).flatten(1)
+    t = truth.detach().double().cpu().clamp(0, 1).flatten(1)
+    if r.shape[1] != t.shape[1]:
+        raise ValidationError("align", [f"sample sizes differ: {r.shape[1]} vs {t.shape[1]}"])
+    cost = torch.cdist(t, r).pow(2).numpy()
+    rows, cols = linear_sum_assignment(cost)
+    order = np.empty(t.shape[0], dtype=np.int64)
+    order[rows] = cols
+    return order
+
+
+def _finite_mean(v: torch.Tensor) -> float:
+    v = v[~torch.isnan(v)]
+    if v.numel() == 0:
+        return float("nan")
+    return float(v.mean())
+
+
+@dataclass
+class Scores:
+    """Aggregated and per-image scores of one reconstruction (after alignment)."""
+
+    psnr: float
+    ssim: float
+    mse: float
+    cosine: float
+    label_accuracy: float | None
+    psnr_per_image: list[float]
+    ssim_per_image: list[float]
+    mse_per_image: list[float]
+    cosine_per_image: list[float]
+    order: list[int] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+
+        def clean(v):
+            if isinstance(v, float) and not math.isfinite(v):
+                return None if math.isnan(v) else ("inf" if v > 0 else "-inf")
+            if isinstance(v, list):
+                return [clean(x) for x in v]
+            return v
+
+        return {k: clean(v) for k, v in d.items()}
+
+    def summary(self) -> str:
+        lab = "n/a" if self.label_accuracy is None else f"{100 * self.label_accuracy:.0f}%"
+        return f"PSNR {self.psnr:.2f} dB, SSIM {self.ssim:.3f}, MSE {self.mse:.3g}, labels {lab}"
+
+
+def evaluate(rec, truth) -> Scores:
+    """Score a :class:`~gradleak.Reconstruction` (or a tensor of images) against a :class:`~gradleak.Truth`
+    (or a tensor). Aligns the batch first (Hungarian on MSE); PSNR is averaged over images after capping each
+    at 300 dB (an exact reconstruction would otherwise give +inf)."""
+    r_in = getattr(rec, "inputs", rec)
+    r_lab = getattr(rec, "labels", None)
+    t_in = getattr(truth, "inputs", truth)
+    t_lab = getattr(truth, "labels", None)
+    if not isinstance(r_in, torch.Tensor) or not isinstance(t_in, torch.Tensor):
+        raise ValidationError("evaluate", ["expected a Reconstruction / tensor and a Truth / tensor"])
+    if r_in.shape[1:] != t_in.shape[1:] or r_in.shape[0] < t_in.shape[0]:
+        raise ValidationError("evaluate", [f"reconstruction {tuple(r_in.shape)} does not fit truth {tuple(t_in.shape)}: "
+                                           "expected the same sample shape and at least as many samples"])
+    order = align(r_in, t_in)
+    idx = torch.as_tensor(order)
+    r = r_in.detach().cpu()[idx]
+    t = t_in.detach().cpu()
+    p = psnr(r, t).clamp(max=300.0)
+    s = ssim(r, t)
+    m = mse(r, t)
+    c = cosine(r, t)
+    la = None
+    if r_lab is not None and t_lab is not None and r_lab.shape[0] == r_in.shape[0]:
+        la = label_accuracy(r_lab.cpu()[idx], t_lab)
+    return Scores(psnr=_finite_mean(p), ssim=_finite_mean(s), mse=float(m.mean()), cosine=float(c.mean()),
+                  label_accuracy=la, psnr_per_image=p.tolist(), ssim_per_image=s.tolist(), mse_per_image=m.tolist(),
+                  cosine_per_image=c.tolist(), order=order.tolist())
