@@ -1,0 +1,64 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+import gradleak as gl
+from gradleak import metrics as M
+
+
+def test_psnr_and_ssim_agree_with_scikit_image():
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(3, 3, 32, 32, generator=g, dtype=torch.float64)
+    y = (x + 0.05 * torch.randn(x.shape, generator=g, dtype=torch.float64)).clamp(0, 1)
+    p = M.psnr(y, x)
+    s = M.ssim(y, x)
+    for i in range(3):
+        assert p[i] == pytest.approx(peak_signal_noise_ratio(x[i].numpy(), y[i].numpy(), data_range=1), abs=1e-5)
+        ref = structural_similarity(x[i].numpy(), y[i].numpy(), data_range=1, channel_axis=0, gaussian_weights=True,
+                                    sigma=1.5, use_sample_covariance=False)
+        assert float(s[i]) == pytest.approx(ref, abs=5e-3)
+
+
+def test_psnr_peak_is_one():
+    x = torch.zeros(1, 1, 4, 4)
+    y = torch.full_like(x, 0.1)
+    assert float(M.psnr(y, x)[0]) == pytest.approx(20.0)
+
+
+def test_ssim_small_images_and_vectors():
+    x = torch.rand(2, 1, 8, 8)
+    assert torch.isfinite(M.ssim(x, x)).all() and float(M.ssim(x, x).min()) == pytest.approx(1.0, abs=1e-6)
+    assert torch.isnan(M.ssim(torch.rand(2, 10), torch.rand(2, 10))).all()
+
+
+@settings(max_examples=25, deadline=None)
+@given(b=st.integers(1, 6), seed=st.integers(0, 10_000))
+def test_alignment_recovers_any_permutation(b, seed):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.rand(b, 1, 6, 6, generator=g)
+    perm = torch.randperm(b, generator=g)
+    rec = t[perm] + 0.01 * torch.randn(t.shape, generator=g)
+    order = M.align(rec, t)
+    assert torch.equal(perm[torch.as_tensor(order)], torch.arange(b))
+
+
+def test_evaluate_aligns_before_scoring_and_counts_labels():
+    t = torch.rand(3, 3, 16, 16)
+    truth = gl.Truth(t, torch.tensor([4, 5, 6]))
+    rec = gl.Reconstruction(inputs=t[[2, 0, 1]], labels=torch.tensor([6, 4, 0]))
+    s = gl.evaluate(rec, truth)
+    assert s.order == [1, 2, 0]
+    assert s.psnr == 300.0 and s.mse == 0.0 and s.ssim == pytest.approx(1.0)
+    assert s.label_accuracy == pytest.approx(2 / 3)
+    d = s.to_dict()
+    assert d["psnr_per_image"] == [300.0] * 3 and math.isclose(d["cosine"], 1.0)
+
+
+def test_evaluate_rejects_mismatched_shapes():
+    with pytest.raises(gl.ValidationError, match="sample shape"):
+        gl.evaluate(torch.rand(2, 3, 8, 8), torch.rand(2, 3, 9, 9))
