@@ -207,3 +207,75 @@ def run_attack(cfg: AttackRun, *, progress: bool = False, write: bool = True) ->
         write_report(out, rec, truth=truth, scores=scores, case=case, config=cfg.to_dict(),
                      extra={"notes": notes, "model": cfg.model})
     return RunResult(cfg, case, truth, rec, scores, out, notes)
+
+
+@dataclass
+class CompareResult:
+    """One row per attack on the same case: psnr, ssim, mse, residual, seconds, kind (or the error)."""
+
+    model: str
+    rows: list[dict[str, Any]]
+    out_dir: Path | None = None
+    risk: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "rows": self.rows, "out": str(self.out_dir) if self.out_dir else None,
+                "risk": self.risk}
+
+    def table(self) -> str:
+        head = f"{'attack':<22}{'PSNR dB':>9}{'SSIM':>8}{'residual':>11}{'seconds':>9}  kind"
+        lines = [f"model {self.model}", head, "-" * len(head)]
+        for r in self.rows:
+            if r.get("error"):
+                lines.append(f"{r['attack']:<22}  cannot run: {r['error']}")
+                continue
+            lines.append(f"{r['attack']:<22}{_f(r['psnr'], 9, 2)}{_f(r['ssim'], 8, 3)}{_f(r['residual'], 11, 3, 'g')}"
+                         f"{_f(r['seconds'], 9, 1)}  {r.get('kind') or ''}")
+        return "\n".join(lines)
+
+
+def _f(v, w, p, kind="f") -> str:
+    if v is None or (isinstance(v, float) and v != v):
+        return f"{'-':>{w}}"
+    return f"{v:>{w}.{p}{kind}}"
+
+
+def compare(*, attacks: list[str], model: str, dataset: str = "samples", images: str | None = None,
+            num_images: int = 1, image_size: int | None = None, iterations: int | None = None,
+            dtype: str = "float64", seed: int = 0, out: str | None = None, model_options: dict | None = None,
+            attack_options: dict[str, dict] | None = None, progress: bool = False) -> CompareResult:
+    """Run several attacks on ONE simulated case and tabulate PSNR, SSIM, residual and seconds (the central
+    comparison of the layer-wise paper). An attack that cannot handle the case gets a row with the reason."""
+    from .errors import RequirementError
+
+    base = AttackRun(attack=attacks[0], model=model, dataset=dataset, images=images, num_images=num_images,
+                     image_size=image_size, dtype=dtype, seed=seed, model_options=dict(model_options or {}))
+    case, truth, notes = build_case(base)
+    rows = []
+    out_dir = Path(out) if out else None
+    for name in attacks:
+        cfg = dataclasses.replace(base, attack=name, iterations=iterations,
+                                  attack_options=dict((attack_options or {}).get(name, {})))
+        try:
+            opts = _budget_options(cfg) if iterations is not None else dict(cfg.attack_options)
+        except ValidationError:
+            opts = dict(cfg.attack_options)  # this attack has no iteration budget (closed form)
+        try:
+            rec = create(name, **opts).reconstruct(case, seed=seed, progress=progress)
+        except RequirementError as e:
+            rows.append({"attack": name, "error": "; ".join(e.problems)})
+            continue
+        sc = evaluate(rec, truth)
+        rows.append({"attack": rec.attack, "psnr": sc.psnr, "ssim": sc.ssim, "mse": sc.mse, "residual": rec.residual,
+                     "seconds": rec.seconds, "kind": rec.info.get("kind")})
+        if out_dir is not None:
+            write_report(out_dir / rec.attack, rec, truth=truth, scores=sc, case=case, config=cfg.to_dict())
+    res = CompareResult(model=model, rows=rows, out_dir=out_dir)
+    if out_dir is not None:
+        import json
+
+        from .report import to_jsonable
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "comparison.json").write_text(json.dumps(to_jsonable(res.to_dict()), indent=2))
+    return res

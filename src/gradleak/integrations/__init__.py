@@ -1,0 +1,1 @@
+"""Integrations with federated-learning frameworks (optional extras)."""
