@@ -13,6 +13,7 @@ without torchvision installed.
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -46,9 +47,10 @@ def _read(path: Path) -> Any:
             return load_file(str(path))
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
-        msg = str(e).splitlines()[0][:200] if str(e) else ""
+        msg = re.sub(r"\x1b\[[0-9;]*m", "", str(e).splitlines()[0])[:200] if str(e) else ""
         hint = ""
         if "weights_only" in str(e) or "Unsupported global" in str(e):
+            msg = "torch.load(weights_only=True) refused its Python objects"
             hint = (" - it seems to hold a pickled model object or other Python objects; save "
                     "model.state_dict() instead (gradleak never unpickles code)")
         raise WeightsError(f"cannot read {path} ({type(e).__name__}: {msg}){hint}; expected a PyTorch state_dict "
