@@ -1,0 +1,77 @@
+import json
+
+import pytest
+
+from gradleak.cli import main
+
+
+def _run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_attack_writes_the_run_directory(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, stdout, err = _run(capsys, "attack", "--attack", "fc-analytic", "--model", "mlp", "--width", "32",
+                             "--image-size", "16", "--dtype", "float64", "--out", str(out))
+    assert code == 0, err
+    for f in ("reconstruction.png", "metrics.json", "reconstruction.safetensors", "config.json", "report.html"):
+        assert (out / f).is_file(), f
+    assert "PSNR" in stdout and "SSIM" in stdout and str(out) in stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["psnr"] > 100 and metrics["attack"] == "fc-analytic"
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["attack"] == "fc-analytic" and cfg["model_options"] == {"width": 32} and cfg["image_size"] == 16
+
+
+def test_attack_json_output(tmp_path, capsys):
+    code, stdout, err = _run(capsys, "attack", "--attack", "idlg", "--model", "lenet", "--image-size", "16",
+                             "--iterations", "5", "--json", "--out", str(tmp_path / "j"))
+    assert code == 0, err
+    obj = json.loads(stdout)
+    for key in ("attack", "model", "num_images", "psnr", "psnr_per_image", "ssim", "mse", "label_accuracy",
+                "residual", "seconds", "iterations"):
+        assert key in obj, key
+    assert obj["attack"] == "idlg" and obj["num_images"] == 1 and obj["label_accuracy"] == 1.0
+    assert len(obj["psnr_per_image"]) == 1
+
+
+def test_fedavg_and_defense_flags_reach_the_case(tmp_path, capsys):
+    code, stdout, err = _run(capsys, "attack", "--attack", "ig", "--model", "lenet", "--image-size", "16",
+                             "--iterations", "5", "--protocol", "fedavg", "--local-steps", "2", "--local-lr", "0.01",
+                             "--num-images", "2", "--defense", "prune:ratio=0.5", "--out", str(tmp_path / "f"))
+    assert code == 0, err
+    case = json.loads((tmp_path / "f" / "metrics.json").read_text())["case"]
+    assert case["protocol"] == "fedavg" and case["local_steps"] == 2 and "prune" in case["meta"]["defense"]
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["attack", "--attack", "nope", "--model", "lenet"], "unknown attack"),
+    (["attack", "--attack", "ig", "--model", "lenett"], "did you mean 'lenet'"),
+    (["attack", "--attack", "ig", "--model", "lenet", "--images", "/no/such/dir"], "/no/such/dir"),
+    (["attack", "--attack", "fc-analytic", "--model", "mlp", "--iterations", "5"], "--iterations does not apply"),
+    (["attack", "--attack", "ig", "--model", "lenet", "--dtype", "float16"], "invalid choice"),
+    (["attack", "--attack", "ig", "--model", "lenet", "--num-images", "0"], "num_images must be >= 1"),
+    (["attack", "--attack", "ig", "--model", "lenet", "--option", "max_iteratons=3"], "unknown option"),
+    (["attack", "--attack", "ig", "--model", "lenet", "--defense", "noise:sigma"], "key=value"),
+    (["attack", "--attack", "ig", "--model", "lenet", "--width", "x"], "invalid int value"),
+    (["attack", "--attack", "rgap", "--model", "convnet", "--width", "4", "--out", "/tmp/gl-never"], "rgap cannot run"),
+    (["list", "things"], "invalid choice"),
+])
+def test_bad_input_exits_2_with_one_line(capsys, argv, expected):
+    code, stdout, err = _run(capsys, *argv)
+    assert code == 2
+    lines = [l for l in err.strip().splitlines() if l]
+    assert len(lines) == 1, err
+    assert expected in lines[0]
+    assert "Traceback" not in err
+
+
+def test_list_commands(capsys):
+    for what in ("attacks", "models", "datasets", "defenses", "losses", "activations"):
+        code, stdout, _ = _run(capsys, "list", what)
+        assert code == 0 and stdout.strip()
+    code, stdout, _ = _run(capsys, "list", "attacks", "--json")
+    names = {d["name"].split(" ")[0] for d in json.loads(stdout)}
+    assert {"inverting-gradients", "dlg", "idlg", "fc-analytic"} <= names
