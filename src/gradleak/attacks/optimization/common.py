@@ -1,0 +1,405 @@
+"""Shared pieces of the gradient-matching attacks (DLG, iDLG, Inverting Gradients).
+
+- :func:`total_variation`: anisotropic TV (mean absolute difference of horizontal + vertical neighbours).
+- :func:`resolve_layers`, :func:`layer_weights`: layer subsets (names, module prefixes, top-k by observed norm)
+  and per-layer weights ('equal' | 'linear' | 'exp', as in Geiping et al. 2020).
+- :class:`GradientMatcher`: the data term between the update a candidate batch produces and the observed one
+  (cosine over the concatenated update, or squared L2), with the constant parts precomputed once.
+- :func:`run_adam` (Adam on the sign of the gradient, step decay at 3/8, 5/8, 7/8, box clamp) and
+  :func:`run_lbfgs` (L-BFGS, DLG's optimiser): one trial each, with non-finite / explosion detection; a trial
+  that diverges stops and returns the best finite iterate it saw.
+- :func:`label_variables`: labels known / recovered / optimised jointly as (B, C) logits.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from ... import functional as Fn
+from ...case import Case, FedSGD
+from ..base import Reconstruction
+
+Objective = Callable[[list[torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
+
+WEIGHT_SCHEMES = ("equal", "linear", "exp")
+
+
+def total_variation(x: torch.Tensor) -> torch.Tensor:
+    """Anisotropic total variation of images x (B, C, H, W): mean |x[..., :, j+1] - x[..., :, j]| plus
+    mean |x[..., i+1, :] - x[..., i, :]|. Returns a 0-d tensor (0 for non-image inputs)."""
+    if x.ndim < 4:
+        return x.new_zeros(())
+    tv = x.new_zeros(())
+    if x.shape[-1] > 1:
+        tv = tv + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
+    if x.shape[-2] > 1:
+        tv = tv + (x[..., 1:, :] - x[..., :-1, :]).abs().mean()
+    return tv
+
+
+def box(case: Case, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The value range as a per-channel box in normalised space, broadcastable against (B, *shape)."""
+    lo, hi = case.spec.bounds(like)
+    return lo.unsqueeze(0), hi.unsqueeze(0)
+
+
+def resolve_layers(case: Case, layers: Sequence[str] = (), top_layers: int = 0) -> tuple[list[str], list[str]]:
+    """The observed tensors the objective matches, in observation order, and the problems found.
+
+    layers: parameter names ('conv1.weight') or module prefixes ('conv1', 'layer4') to keep; () keeps all.
+    top_layers: if > 0, keep (of those) the ``top_layers`` tensors with the largest observed norm.
+    """
+    names = list(case.observed)
+    problems: list[str] = []
+    if layers:
+        keep: list[str] = []
+        for item in layers:
+            hit = [n for n in names if n == item or n.startswith(item + ".")]
+            if not hit:
+                close = [n for n in names if item in n][:4]
+                problems.append(f"layer {item!r} is not in the observed update"
+                                + (f" (did you mean {close}?)" if close else f" (names look like {names[:3]})"))
+            keep += [n for n in hit if n not in keep]
+        names = [n for n in names if n in keep]
+    if top_layers < 0:
+        problems.append(f"top_layers must be >= 0, got {top_layers}")
+    elif top_layers and names:
+        norms = torch.stack([case.observed[n].detach().double().norm() for n in names])
+        idx = set(torch.topk(norms, min(top_layers, len(names))).indices.tolist())
+        names = [n for i, n in enumerate(names) if i in idx]
+    return names, problems
+
+
+def layer_weights(n: int, scheme: str) -> list[float]:
+    """Per-tensor weights in observation order (input side first): 'equal' (all 1), 'linear' (n/n ... 1/n,
+    decreasing linearly from the input side) or 'exp' (softmax of n ... 1: mostly the first layers)."""
+    if scheme == "equal":
+        return [1.0] * n
+    ranks = torch.arange(n, 0, -1, dtype=torch.float64)
+    if scheme == "linear":
+        return (ranks / n).tolist()
+    if scheme == "exp":
+        return ranks.softmax(0).tolist()
+    raise ValueError(f"layer weight scheme must be one of {WEIGHT_SCHEMES}, got {scheme!r}")
+
+
+class GradientMatcher:
+    """The gradient-matching data term of one case, with everything constant precomputed.
+
+    names: observed tensors to match (default: all); weights: one per name (default 1).
+    distance: 'cosine' (1 - <g, g*>_w / (|g|_w |g*|_w) over the concatenation), 'l2' (sum_l w_l |g_l - g*_l|^2)
+    or 'l2-relative' (the same divided by sum_l w_l |g*_l|^2, scale free: needed for FedAvg deltas).
+    ``terms(x, labels)`` returns (data term, cosine distance), both 0-d tensors differentiable w.r.t. ``x``
+    (normalised inputs (B, *shape)) and soft labels.
+    """
+
+    def __init__(self, case: Case, names: Sequence[str] | None = None, weights: Sequence[float] | None = None,
+                 distance: str = "cosine"):
+        if distance not in ("cosine", "l2", "l2-relative"):
+            raise ValueError(f"distance must be 'cosine', 'l2' or 'l2-relative', got {distance!r}")
+        self.case = case
+        self.names = list(case.observed) if names is None else list(names)
+        self.distance = distance
+        obs = case.observed
+        targets = [obs[k].detach() for k in self.names]
+        self.target = torch.cat([t.reshape(-1) for t in targets])
+        w = [1.0] * len(self.names) if weights is None else [float(v) for v in weights]
+        self.equal = all(v == 1.0 for v in w)
+        if self.equal:
+            self.wvec = None
+            self.tw = self.target
+        else:
+            self.wvec = torch.cat([torch.full((t.numel(),), v, dtype=self.target.dtype, device=self.target.device)
+                                   for t, v in zip(targets, w)])
+            self.tw = self.target * self.wvec
+        self.tnorm2 = (self.target * self.tw).sum()
+        self.tnorm = self.tnorm2.sqrt()
+        self._tiny = torch.finfo(self.target.dtype).tiny
+        # FedSGD: differentiate only w.r.t. the matched parameters (leaves created once, reused every step)
+        self.fedsgd = isinstance(case.observation, FedSGD)
+        if self.fedsgd:
+            sel = set(self.names)
+            self._params = {k: v.detach().clone().requires_grad_(k in sel) for k, v in case.parameters.items()}
+            self._buffers = case.buffers
+            self._leaves = [self._params[k] for k in self.names]
+
+    def update(self, x: torch.Tensor, labels: torch.Tensor, *, create_graph: bool = True) -> list[torch.Tensor]:
+        """The candidate's update for the matched tensors (list in ``names`` order)."""
+        if self.fedsgd:
+            with torch.enable_grad():
+                out = Fn.forward(self.case.model, self._params, self._buffers, x)
+                loss = self.case.loss_fn(out, labels)
+                return list(torch.autograd.grad(loss, self._leaves, create_graph=create_graph))
+        full = self.case.update(x, labels, create_graph=create_graph)
+        return [full[k] for k in self.names]
+
+    def terms(self, x: torch.Tensor, labels: torch.Tensor, *, create_graph: bool = True
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.cat([t.reshape(-1) for t in self.update(x, labels, create_graph=create_graph)])
+        dot = g @ self.tw
+        gn2 = (g * g).sum() if self.wvec is None else (g * g) @ self.wvec
+        cos = 1.0 - dot / (gn2.sqrt() * self.tnorm).clamp_min(self._tiny)
+        if self.distance == "cosine":
+            return cos, cos
+        diff = g - self.target
+        l2 = (diff * diff).sum() if self.wvec is None else (diff * diff) @ self.wvec
+        if self.distance == "l2-relative":
+            l2 = l2 / self.tnorm2.clamp_min(self._tiny)
+        return l2, cos
+
+
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class Trial:
+    """One optimisation run: the best finite iterate (variables), its score, the loss history, the number of
+    steps run, and the step at which it diverged (None if it did not)."""
+
+    variables: list[torch.Tensor] | None
+    score: float = float("inf")
+    history: list[float] = field(default_factory=list)
+    steps: int = 0
+    diverged_at: int | None = None
+    seconds: float = 0.0
+    reason: str = ""
+
+    @property
+    def finite(self) -> bool:
+        return self.variables is not None and math.isfinite(self.score)
+
+    def summary(self) -> dict:
+        return {"score": self.score if math.isfinite(self.score) else None, "steps": self.steps,
+                "diverged_at": self.diverged_at, "reason": self.reason or None, "seconds": round(self.seconds, 3)}
+
+
+class _Best:
+    def __init__(self):
+        self.score = float("inf")
+        self.vars: list[torch.Tensor] | None = None
+        self.dirty = False
+
+    def see(self, score: float, variables: list[torch.Tensor]) -> None:
+        if math.isfinite(score) and score < self.score and all(bool(torch.isfinite(v).all()) for v in variables):
+            self.score = score
+            self.vars = [v.detach().clone() for v in variables]
+            self.dirty = True
+
+
+def _finite(t: torch.Tensor) -> bool:
+    return bool(torch.isfinite(t).all())
+
+
+def run_adam(
+    objective: Objective,
+    variables: list[torch.Tensor],
+    *,
+    steps: int,
+    lr: float,
+    signed: bool = True,
+    decay: bool = True,
+    project: Callable[[list[torch.Tensor]], None] | None = None,
+    on_step: Callable[[int, float, float], None] | None = None,
+    on_offer: Callable[[float, list[torch.Tensor]], None] | None = None,
+    offer_every: int = 25,
+    explode_factor: float = 0.0,
+) -> Trial:
+    """Minimise ``objective(variables) -> (total, score)`` with Adam on the SIGN of the gradient (``signed``),
+    learning rate x0.1 at 3/8, 5/8 and 7/8 of ``steps`` (``decay``), ``project`` (e.g. a box clamp) after
+    every step. The best finite iterate by ``score`` is kept; a non-finite loss or gradient (or a total above
+    ``explode_factor`` x the first one, if > 0) stops the trial. ``on_offer(score, vars)`` is called every
+    ``offer_every`` steps when the best improved (Ctrl-C safety)."""
+    t0 = time.perf_counter()
+    leaves = [v.detach().clone().requires_grad_(True) for v in variables]
+    opt = torch.optim.Adam(leaves, lr=lr)
+    milestones = sorted({int(steps * f) for f in (3 / 8, 5 / 8, 7 / 8)}) if decay else []
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1) if milestones else None
+    best = _Best()
+    trial = Trial(None)
+    first = None
+    for step in range(steps):
+        total, score = objective(leaves)
+        tval = float(total.detach())
+        sval = float(score.detach())
+        if first is None and math.isfinite(tval):
+            first = abs(tval)
+        exploded = explode_factor > 0 and first is not None and math.isfinite(tval) and abs(tval) > explode_factor * max(first, 1e-30)
+        if not math.isfinite(tval) or exploded:
+            trial.diverged_at, trial.reason = step, ("exploded" if exploded else "non-finite loss")
+            break
+        grads = torch.autograd.grad(total, leaves)
+        if not all(_finite(g) for g in grads):
+            trial.diverged_at, trial.reason = step, "non-finite gradient"
+            break
+        best.see(sval, leaves)
+        trial.history.append(tval)
+        for v, g in zip(leaves, grads):
+            v.grad = g.sign() if signed else g
+        opt.step()
+        if sched is not None:
+            sched.step()
+        if project is not None:
+            with torch.no_grad():
+                project(leaves)
+        trial.steps = step + 1
+        if on_step is not None:
+            on_step(step, tval, sval)
+        if on_offer is not None and best.dirty and (step + 1) % offer_every == 0:
+            best.dirty = False
+            on_offer(best.score, best.vars)
+    else:
+        # score the final iterate too (the loop scored each iterate before its step)
+        with torch.enable_grad():
+            total, score = objective(leaves)
+        if math.isfinite(float(total.detach())):
+            best.see(float(score.detach()), leaves)
+    trial.variables, trial.score = best.vars, best.score
+    trial.seconds = time.perf_counter() - t0
+    if on_offer is not None and best.vars is not None:
+        on_offer(best.score, best.vars)
+    return trial
+
+
+def run_lbfgs(
+    objective: Objective,
+    variables: list[torch.Tensor],
+    *,
+    steps: int,
+    lr: float = 1.0,
+    inner: int = 20,
+    history_size: int = 100,
+    line_search: str = "",
+    project: Callable[[list[torch.Tensor]], None] | None = None,
+    on_step: Callable[[int, float, float], None] | None = None,
+    on_offer: Callable[[float, list[torch.Tensor]], None] | None = None,
+    offer_every: int = 5,
+    explode_factor: float = 1e4,
+    stall_steps: int = 5,
+) -> Trial:
+    """Minimise ``objective(variables) -> (total, score)`` with L-BFGS (``steps`` outer steps of up to
+    ``inner`` evaluations each, as DLG's code). Every evaluation is watched: the best finite iterate by
+    ``score`` is kept; a non-finite loss or iterate, a loss above ``explode_factor`` x the first, or a loss
+    frozen for ``stall_steps`` outer steps at more than twice the best (a jump into a flat, saturated region)
+    ends the trial as diverged (L-BFGS is known to go NaN after 60-100 steps on some inputs). A loss frozen at
+    the best ends it as converged."""
+    t0 = time.perf_counter()
+    leaves = [v.detach().clone().contiguous().requires_grad_(True) for v in variables]
+    opt = torch.optim.LBFGS(leaves, lr=lr, max_iter=inner, history_size=history_size,
+                            line_search_fn="strong_wolfe" if line_search in ("strong-wolfe", "strong_wolfe") else None,
+                            tolerance_grad=1e-12, tolerance_change=1e-14)
+    best = _Best()
+    trial = Trial(None)
+    state = {"first": None, "bad": ""}
+
+    def closure():
+        opt.zero_grad(set_to_none=True)
+        total, score = objective(leaves)
+        tval = float(total.detach())
+        if not math.isfinite(tval):
+            state["bad"] = state["bad"] or "non-finite loss"
+            # hand L-BFGS a zero gradient and the loss: it stops its inner loop on a tiny gradient
+            for v in leaves:
+                v.grad = torch.zeros_like(v)
+            return total.detach()
+        if state["first"] is None:
+            state["first"] = abs(tval)
+        if explode_factor > 0 and abs(tval) > explode_factor * max(state["first"], 1e-30):
+            state["bad"] = state["bad"] or "exploded"
+        grads = torch.autograd.grad(total, leaves)
+        if not all(_finite(g) for g in grads):
+            state["bad"] = state["bad"] or "non-finite gradient"
+            grads = [torch.zeros_like(g) for g in grads]
+        else:
+            best.see(float(score.detach()), leaves)
+        for v, g in zip(leaves, grads):
+            v.grad = g
+        return total.detach()
+
+    still = 0
+    for step in range(steps):
+        loss = opt.step(closure)
+        lval = float(loss) if loss is not None else float("nan")
+        if project is not None and not state["bad"]:
+            with torch.no_grad():
+                project(leaves)
+        if state["bad"] or not math.isfinite(lval) or not all(_finite(v) for v in leaves):
+            trial.diverged_at, trial.reason = step, state["bad"] or "non-finite iterate"
+            break
+        # a loss that no longer moves: converged, or stuck after a jump into a flat region (saturated units)
+        still = still + 1 if trial.history and abs(lval - trial.history[-1]) <= 1e-12 * max(abs(lval), 1e-30) else 0
+        if still >= stall_steps:
+            if lval > 2.0 * best.score and best.score < float("inf"):
+                trial.diverged_at, trial.reason = step, "stalled after a jump"
+            else:
+                trial.reason = "converged"
+            trial.history.append(lval)
+            trial.steps = step + 1
+            break
+        trial.history.append(lval)
+        trial.steps = step + 1
+        if on_step is not None:
+            on_step(step, lval, best.score)
+        if on_offer is not None and best.dirty and (step + 1) % offer_every == 0:
+            best.dirty = False
+            on_offer(best.score, best.vars)
+    trial.variables, trial.score = best.vars, best.score
+    trial.seconds = time.perf_counter() - t0
+    if on_offer is not None and best.vars is not None:
+        on_offer(best.score, best.vars)
+    return trial
+
+
+# ---------------------------------------------------------------------------------------------------------
+def soft_labels(case: Case, logits: torch.Tensor) -> torch.Tensor:
+    """Soft labels from optimised logits: softmax (B, C) for cross-entropy / mse, sigmoid (B,) for the
+    logistic loss (a label in [0, 1], read as 2y - 1 by the loss)."""
+    if case.loss == "logistic":
+        return torch.sigmoid(logits)
+    return torch.softmax(logits, dim=-1)
+
+
+def hard_labels(case: Case, logits: torch.Tensor) -> torch.Tensor:
+    """int64 (B,) labels from optimised logits."""
+    if case.loss == "logistic":
+        return (logits > 0).to(torch.long)
+    return logits.argmax(dim=-1).to(torch.long)
+
+
+def label_logits_shape(case: Case) -> tuple[int, ...]:
+    return (case.batch_size,) if case.loss == "logistic" else (case.batch_size, case.spec.num_classes)
+
+
+def init_inputs(case: Case, init, generator: torch.Generator) -> torch.Tensor:
+    """Normalised start (B, *shape): from ``init`` (a Reconstruction or an image-space tensor) or N(0, 1)."""
+    if init is not None:
+        x = init.inputs if isinstance(init, Reconstruction) else torch.as_tensor(init)
+        x = x.detach().to(device=case.device, dtype=case.dtype)
+        return case.spec.normalize(x).contiguous()
+    x = torch.randn((case.batch_size, *case.spec.shape), generator=generator, dtype=torch.float64)
+    return x.to(device=case.device, dtype=case.dtype)
+
+
+def init_problems(case: Case, init) -> list[str]:
+    """What is wrong with an ``init`` option value for this case ([] if fine)."""
+    if init is None:
+        return []
+    if isinstance(init, Reconstruction):
+        x = init.inputs
+    elif isinstance(init, torch.Tensor):
+        x = init
+    else:
+        return [f"init must be a Reconstruction or an image-space tensor (B, *shape), got {type(init).__name__}"]
+    expected = (case.batch_size, *case.spec.shape)
+    if tuple(x.shape) != expected:
+        return [f"init has shape {tuple(x.shape)}, expected {expected} (batch, *sample shape)"]
+    if not x.is_floating_point() or not bool(torch.isfinite(x).all()):
+        return ["init must be a finite floating-point tensor"]
+    return []
+
+
+def randn(shape: tuple[int, ...], generator: torch.Generator, case: Case) -> torch.Tensor:
+    """N(0, 1) draw from the CPU ``generator`` (the only randomness source), moved to the case's dtype/device."""
+    return torch.randn(shape, generator=generator, dtype=torch.float64).to(device=case.device, dtype=case.dtype)

@@ -1,0 +1,186 @@
+"""DLG (Zhu, Liu, Han, NeurIPS 2019) and iDLG (Zhao, Mopuri, Bilen 2020).
+
+- ``dlg``: squared L2 between the candidate's update and the observed one, summed over every parameter tensor,
+  minimised by L-BFGS (lr 1) jointly over a dummy input x ~ N(0, 1) and dummy label logits (B, C) ~ N(0, 1)
+  (soft labels softmax(logits)). When the case gives the labels they are used (``use_known_labels``).
+- ``idlg``: the label from the last layer (iDLG: the sign of the bias gradient; count-based for a batch), then
+  the same L-BFGS on the input only.
+
+L-BFGS is known to go NaN or explode after 60-100 steps on some inputs: every evaluation is watched, a trial
+that diverges restarts from a fresh random start (up to ``max_retries`` times) and the best finite result seen
+is kept. For FedAvg cases the distance is taken relative to the observed norm (deltas are tiny, ~lr x grad,
+and L-BFGS's curvature test would otherwise reject every step); ``scale`` controls this.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ...case import Case, FedAvg
+from ..base import Attack, Reconstruction, RunContext, register
+from ..labels import label_recovery_problems, recover_labels
+from . import common as C
+
+SCALES = ("auto", "plain", "relative")
+
+
+@dataclass
+class DLGOptions:
+    """max_iterations: L-BFGS outer steps per trial (each up to ``lbfgs_inner`` evaluations, as DLG's code).
+    restarts: independent trials (best by the matching distance). lr: L-BFGS learning rate.
+    line_search: 'strong-wolfe' (default: robust) or '' (DLG's plain L-BFGS, which often jumps into saturated
+    regions and stalls there). max_retries: fresh starts after a divergence.
+    explode_factor: a loss above this multiple of the first counts as an explosion (0: off).
+    scale: 'plain' (sum of squares), 'relative' (divided by the observed squared norm) or 'auto' (plain for
+    FedSGD, relative for FedAvg). boxed: clamp to the image box after every outer step (DLG does not).
+    use_known_labels: use the case's labels when it has them (otherwise the paper's joint label logits)."""
+
+    max_iterations: int = 300
+    restarts: int = 1
+    lr: float = 1.0
+    lbfgs_inner: int = 20
+    history_size: int = 100
+    line_search: str = "strong-wolfe"
+    max_retries: int = 2
+    explode_factor: float = 1e4
+    scale: str = "auto"
+    boxed: bool = False
+    use_known_labels: bool = True
+
+
+def _check(o: DLGOptions) -> list[str]:
+    p = []
+    for name in ("max_iterations", "restarts", "lbfgs_inner", "history_size"):
+        if getattr(o, name) < 1:
+            p.append(f"{name} must be >= 1, got {getattr(o, name)}")
+    if o.max_retries < 0:
+        p.append(f"max_retries must be >= 0, got {o.max_retries}")
+    if not (o.lr > 0 and math.isfinite(o.lr)):
+        p.append(f"lr must be a positive number, got {o.lr}")
+    if o.line_search not in ("", "strong-wolfe"):
+        p.append(f"line_search must be '' or 'strong-wolfe', got {o.line_search!r}")
+    if o.scale not in SCALES:
+        p.append(f"scale must be one of {SCALES}, got {o.scale!r}")
+    if not (o.explode_factor >= 0):
+        p.append(f"explode_factor must be >= 0, got {o.explode_factor}")
+    return p
+
+
+class _LBFGSMatching(Attack):
+    """Shared driver: L-BFGS trials with divergence restarts over (x) or (x, label logits)."""
+
+    Options = DLGOptions
+
+    def check_options(self, o: DLGOptions) -> list[str]:
+        return _check(o)
+
+    def _fixed_labels(self, case: Case, ctx: RunContext) -> tuple[torch.Tensor | None, dict]:
+        raise NotImplementedError
+
+    def _reconstruct(self, case: Case, ctx: RunContext) -> Reconstruction:
+        o = self.options
+        scale = o.scale
+        if scale == "auto":
+            scale = "relative" if isinstance(case.observation, FedAvg) else "plain"
+        matcher = C.GradientMatcher(case, None, None, "l2" if scale == "plain" else "l2-relative")
+        labels, label_info = self._fixed_labels(case, ctx)
+        joint = labels is None
+        spec = case.spec
+        like = torch.zeros((), dtype=case.dtype, device=case.device)
+        lo, hi = C.box(case, like)
+
+        def objective(v):
+            lab = C.soft_labels(case, v[1]) if joint else labels
+            data, _ = matcher.terms(v[0], lab)
+            return data, data
+
+        def project(v):
+            v[0].copy_(torch.maximum(torch.minimum(v[0], hi), lo))
+
+        def offer(score, v):
+            lab = C.hard_labels(case, v[1]) if joint else labels
+            ctx.offer(score, spec.denormalize(v[0]), lab)
+
+        def on_step(step, total, score):
+            ctx.history.append(total)
+            ctx.update(1, loss=total)
+
+        ctx.progress(o.restarts * o.max_iterations)
+        trials: list[C.Trial] = []
+        for r in range(o.restarts):
+            for attempt in range(o.max_retries + 1):
+                v0 = [C.randn((case.batch_size, *spec.shape), ctx.generator, case)]
+                if joint:
+                    v0.append(C.randn(C.label_logits_shape(case), ctx.generator, case))
+                trial = C.run_lbfgs(objective, v0, steps=o.max_iterations, lr=o.lr, inner=o.lbfgs_inner,
+                                    history_size=o.history_size, line_search=o.line_search,
+                                    project=project if o.boxed else None, on_step=on_step, on_offer=offer,
+                                    explode_factor=o.explode_factor)
+                trial.reason = trial.reason or ""
+                trials.append(trial)
+                if trial.diverged_at is None:
+                    break
+        finite = [i for i, t in enumerate(trials) if t.finite]
+        info: dict[str, Any] = {
+            "kind": "estimate",
+            "trials": [t.summary() for t in trials],
+            "retries": sum(1 for t in trials if t.diverged_at is not None),
+            "labels": label_info,
+            "distance": f"squared L2 ({scale})",
+            "protocol": case.protocol,
+            "iterations": sum(t.steps for t in trials),
+        }
+        if not finite:
+            return Reconstruction(inputs=torch.full((case.batch_size, *spec.shape), float("nan"),
+                                                    dtype=case.dtype, device=case.device), info=info)
+        best = min(finite, key=lambda i: trials[i].score)
+        bt = trials[best]
+        info["chosen_trial"] = best
+        info["score"] = bt.score
+        lab = C.hard_labels(case, bt.variables[1]) if joint else labels
+        if joint:
+            info["labels"] = {**label_info, "labels": lab.tolist()}
+        return Reconstruction(inputs=spec.denormalize(bt.variables[0]), labels=lab, history=bt.history, info=info)
+
+
+@register("dlg")
+class DLG(_LBFGSMatching):
+    """Deep Leakage from Gradients (Zhu, Liu, Han, NeurIPS 2019): squared-L2 gradient matching with L-BFGS,
+    jointly over the dummy input and dummy soft labels."""
+
+    paper = "Zhu, Liu, Han. Deep Leakage from Gradients. NeurIPS 2019"
+    presets = {
+        # the paper's plain L-BFGS (no line search), joint labels even when the labels are known
+        "zhu2019": dict(max_iterations=300, lr=1.0, use_known_labels=False, line_search=""),
+        "zhu2019-images": dict(max_iterations=1200, lr=1.0, use_known_labels=False, line_search=""),
+    }
+
+    def _fixed_labels(self, case, ctx):
+        if case.labels is not None and self.options.use_known_labels:
+            return case.labels, {"source": "known"}
+        return None, {"source": "joint", "note": "(B, C) label logits optimised with the input (soft labels)"}
+
+
+@register("idlg")
+class IDLG(_LBFGSMatching):
+    """Improved DLG (Zhao, Mopuri, Bilen 2020): the label from the sign of the last layer's gradient, then
+    L-BFGS gradient matching on the input alone."""
+
+    paper = "Zhao, Mopuri, Bilen. iDLG: Improved Deep Leakage from Gradients. arXiv:2001.02610, 2020"
+    presets = {"zhao2020": dict(max_iterations=300, lr=1.0, line_search="")}
+
+    def requirements(self, case: Case) -> list[str]:
+        if case.labels is None or not self.options.use_known_labels:
+            return label_recovery_problems(case)
+        return []
+
+    def _fixed_labels(self, case, ctx):
+        if case.labels is not None and self.options.use_known_labels:
+            return case.labels, {"source": "known"}
+        g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=ctx.generator)))
+        est = recover_labels(case, generator=g)
+        return est.labels, {"source": "recovered", **est.to_info()}

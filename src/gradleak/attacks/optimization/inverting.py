@@ -1,0 +1,226 @@
+"""Inverting Gradients (Geiping, Bauermeister, Droege, Moeller, NeurIPS 2020), FedSGD and FedAvg.
+
+Minimise, in normalised input space,
+    R(x) = 1 - <g(x), g*>_w / (|g(x)|_w |g*|_w) + alpha * TV(x) + sum_r reg_r(x)
+(one cosine over the concatenated update, per-layer weights w, optional layer subset), with Adam applied to the
+SIGN of dR/dx, learning rate x0.1 at 3/8, 5/8 and 7/8 of the budget, and a clamp to the image box after every
+step; ``restarts`` trials from N(0, 1), the best one by the matching cost WITHOUT TV. For FedAvg cases g(x) is
+the client's unrolled multi-step update (``Case.update``, same mini-batch order). A squared-L2 + L-BFGS variant
+(``distance='l2', optimizer='lbfgs'``) is offered as well: on smooth models it can do much better (see
+ALGORITHMS.md 1.4).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ...case import Case
+from ..base import Attack, Reconstruction, RunContext, register
+from ..labels import label_recovery_problems, recover_labels
+from . import common as C
+
+OPTIMIZERS = ("signed-adam", "adam", "lbfgs")
+DISTANCES = ("cosine", "l2")
+LABEL_STRATEGIES = ("auto", "joint")
+
+
+@dataclass
+class IGOptions:
+    """max_iterations: optimiser steps per restart (L-BFGS: outer steps of up to ``lbfgs_inner`` evaluations).
+    restarts: independent trials; the best by the matching cost without TV is returned.
+    lr: step size (Adam) or L-BFGS learning rate. optimizer: 'signed-adam' (the paper), 'adam', 'lbfgs'.
+    distance: 'cosine' (the paper) or 'l2' (squared L2 relative to the observed norm).
+    tv: total-variation weight alpha. lr_decay: x0.1 at 3/8, 5/8, 7/8. boxed: clamp to the image box.
+    layer_weights: 'equal' | 'linear' | 'exp'. layers: parameter names or module prefixes to match (() = all).
+    top_layers: keep only the k observed tensors with the largest norm (0 = all).
+    label_strategy: for unknown labels, 'auto' (iDLG for one sample, count-based for a batch, joint logits if
+    the model has no final linear layer) or 'joint' ((B, C) label logits optimised with the input).
+    init: a Reconstruction or image-space tensor (B, *shape) to start the first trial from (e.g. R-GAP output).
+    regularizers: callables ``(x_normalised (B, *shape)) -> 0-d tensor`` added to the objective (not the score).
+    lbfgs_inner, history_size, line_search ('strong-wolfe' or ''): L-BFGS settings (optimizer='lbfgs').
+    offer_every: steps between best-so-far snapshots (what Ctrl-C returns).
+    """
+
+    max_iterations: int = 1000
+    restarts: int = 1
+    lr: float = 0.1
+    optimizer: str = "signed-adam"
+    distance: str = "cosine"
+    tv: float = 1e-4
+    lr_decay: bool = True
+    boxed: bool = True
+    layer_weights: str = "equal"
+    layers: tuple = ()
+    top_layers: int = 0
+    label_strategy: str = "auto"
+    init: Any = None
+    regularizers: tuple = ()
+    lbfgs_inner: int = 20
+    history_size: int = 100
+    line_search: str = "strong-wolfe"
+    offer_every: int = 25
+
+
+@register("inverting-gradients", aliases=("ig",))
+class InvertingGradients(Attack):
+    """Inverting Gradients (Geiping et al., NeurIPS 2020): cosine gradient matching + TV, signed Adam, box
+    constraint, restarts; FedAvg multi-step updates through the unrolled client computation."""
+
+    paper = "Geiping, Bauermeister, Droege, Moeller. Inverting Gradients - How easy is it to break privacy in " \
+            "federated learning? NeurIPS 2020"
+    Options = IGOptions
+    presets = {
+        # the paper's CIFAR-10 runs: 24,000 steps, TV 1e-4, lr 0.1, signed Adam, 8 restarts (ALGORITHMS.md 1.3)
+        "geiping2020": dict(max_iterations=24000, restarts=8, tv=1e-4, lr=0.1, optimizer="signed-adam",
+                            distance="cosine", layer_weights="equal"),
+        # the paper's ImageNet (trained ResNet) setting: TV 1e-1
+        "geiping2020-imagenet": dict(max_iterations=24000, restarts=8, tv=1e-1, lr=0.1, optimizer="signed-adam",
+                                     distance="cosine"),
+        # the budget of the paper's hyperparameter sweeps
+        "geiping2020-sweep": dict(max_iterations=4800, restarts=1, tv=1e-4, lr=0.1),
+        # untrained models: TV 1e-6 (ALGORITHMS.md 1.3)
+        "untrained": dict(tv=1e-6),
+        # FedAvg multi-step updates: TV 1e-6, the paper's signed Adam + cosine (ALGORITHMS.md 1.4)
+        "fedavg": dict(tv=1e-6, max_iterations=2000),
+        # FedAvg with squared L2 + L-BFGS (measured much better on smooth models, ALGORITHMS.md 1.4)
+        "fedavg-lbfgs": dict(tv=1e-6, distance="l2", optimizer="lbfgs", lr=1.0, max_iterations=60),
+        # a quick look on a CPU
+        "fast": dict(max_iterations=300, restarts=1),
+    }
+
+    def check_options(self, o: IGOptions) -> list[str]:
+        p = []
+        if o.max_iterations < 1:
+            p.append(f"max_iterations must be >= 1, got {o.max_iterations}")
+        if o.restarts < 1:
+            p.append(f"restarts must be >= 1, got {o.restarts}")
+        if not (o.lr > 0 and math.isfinite(o.lr)):
+            p.append(f"lr must be a positive number, got {o.lr}")
+        if o.optimizer not in OPTIMIZERS:
+            p.append(f"optimizer must be one of {OPTIMIZERS}, got {o.optimizer!r}")
+        if o.distance not in DISTANCES:
+            p.append(f"distance must be one of {DISTANCES}, got {o.distance!r}")
+        if not (o.tv >= 0 and math.isfinite(o.tv)):
+            p.append(f"tv must be >= 0, got {o.tv}")
+        if o.layer_weights not in C.WEIGHT_SCHEMES:
+            p.append(f"layer_weights must be one of {C.WEIGHT_SCHEMES}, got {o.layer_weights!r}")
+        if not all(isinstance(s, str) for s in o.layers):
+            p.append(f"layers must be parameter names or module prefixes (strings), got {o.layers!r}")
+        if o.top_layers < 0:
+            p.append(f"top_layers must be >= 0, got {o.top_layers}")
+        if o.label_strategy not in LABEL_STRATEGIES:
+            p.append(f"label_strategy must be one of {LABEL_STRATEGIES}, got {o.label_strategy!r}")
+        if not all(callable(r) for r in o.regularizers):
+            p.append("regularizers must be callables (x_normalised) -> scalar tensor")
+        if o.init is not None and not isinstance(o.init, (Reconstruction, torch.Tensor)):
+            p.append(f"init must be a Reconstruction or an image-space tensor, got {type(o.init).__name__}")
+        if o.line_search not in ("", "strong-wolfe"):
+            p.append(f"line_search must be '' or 'strong-wolfe', got {o.line_search!r}")
+        if o.lbfgs_inner < 1 or o.history_size < 1 or o.offer_every < 1:
+            p.append("lbfgs_inner, history_size and offer_every must be >= 1")
+        return p
+
+    def requirements(self, case: Case) -> list[str]:
+        o = self.options
+        _, problems = C.resolve_layers(case, o.layers, o.top_layers)
+        problems += C.init_problems(case, o.init)
+        return problems
+
+    # ------------------------------------------------------------------------------------------------
+    def _labels(self, case: Case, ctx: RunContext) -> tuple[torch.Tensor | None, dict]:
+        """Fixed labels (known, from init, or recovered) or None for joint optimisation, and a report."""
+        o = self.options
+        if case.labels is not None:
+            return case.labels, {"source": "known"}
+        init = o.init
+        if isinstance(init, Reconstruction) and init.labels is not None:
+            return init.labels.to(case.device), {"source": "init"}
+        if o.label_strategy == "auto" and not label_recovery_problems(case):
+            g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=ctx.generator)))
+            est = recover_labels(case, generator=g)
+            return est.labels, {"source": "recovered", **est.to_info()}
+        return None, {"source": "joint", "note": "(B, C) label logits optimised with the input"}
+
+    def _reconstruct(self, case: Case, ctx: RunContext) -> Reconstruction:
+        o = self.options
+        names, _ = C.resolve_layers(case, o.layers, o.top_layers)
+        weights = C.layer_weights(len(names), o.layer_weights)
+        distance = o.distance if o.distance == "cosine" else "l2-relative"
+        matcher = C.GradientMatcher(case, names, weights, distance)
+        labels, label_info = self._labels(case, ctx)
+        joint = labels is None
+        like = torch.zeros((), dtype=case.dtype, device=case.device)
+        lo, hi = C.box(case, like)
+        regs = tuple(o.regularizers)
+        spec = case.spec
+
+        def objective(v: list[torch.Tensor]):
+            x = v[0]
+            lab = C.soft_labels(case, v[1]) if joint else labels
+            data, cos = matcher.terms(x, lab)
+            total = data
+            if o.tv > 0:
+                total = total + o.tv * C.total_variation(x)
+            for r in regs:
+                total = total + r(x)
+            return total, cos
+
+        def project(v: list[torch.Tensor]):
+            v[0].copy_(torch.maximum(torch.minimum(v[0], hi), lo))
+
+        def offer(score: float, v: list[torch.Tensor]):
+            lab = C.hard_labels(case, v[1]) if joint else labels
+            ctx.offer(score, spec.denormalize(v[0]), lab)
+
+        ctx.progress(o.restarts * o.max_iterations)
+
+        def on_step(step: int, total: float, score: float):
+            ctx.history.append(total)
+            ctx.update(1, loss=total)
+
+        trials: list[C.Trial] = []
+        for r in range(o.restarts):
+            x0 = C.init_inputs(case, o.init if r == 0 else None, ctx.generator)
+            if o.init is not None and r == 0 and o.boxed:
+                x0 = torch.maximum(torch.minimum(x0, hi), lo)
+            v0 = [x0]
+            if joint:
+                v0.append(C.randn(C.label_logits_shape(case), ctx.generator, case))
+            common = dict(steps=o.max_iterations, project=project if o.boxed else None, on_step=on_step,
+                          on_offer=offer)
+            if o.optimizer == "lbfgs":
+                trial = C.run_lbfgs(objective, v0, lr=o.lr, inner=o.lbfgs_inner, history_size=o.history_size,
+                                    line_search=o.line_search,
+                                    offer_every=max(1, o.offer_every // o.lbfgs_inner), **common)
+            else:
+                trial = C.run_adam(objective, v0, lr=o.lr, signed=o.optimizer == "signed-adam",
+                                   decay=o.lr_decay, offer_every=o.offer_every, **common)
+            trials.append(trial)
+        finite = [i for i, t in enumerate(trials) if t.finite]
+        info: dict[str, Any] = {
+            "kind": "estimate",
+            "restarts": [t.summary() for t in trials],
+            "scores": [t.score if t.finite else None for t in trials],
+            "score": "cosine distance over the matched layers, without TV",
+            "labels": label_info,
+            "matched_tensors": len(names) if len(names) < len(case.observed) else "all",
+            "optimizer": o.optimizer, "distance": o.distance,
+            "protocol": case.protocol,
+            "iterations": sum(t.steps for t in trials),
+        }
+        if len(names) < len(case.observed):
+            info["layers"] = names
+        if not finite:
+            # every trial diverged before its first finite step: nothing to return
+            return Reconstruction(inputs=torch.full((case.batch_size, *spec.shape), float("nan"),
+                                                    dtype=case.dtype, device=case.device), info=info)
+        best = min(finite, key=lambda i: trials[i].score)
+        bt = trials[best]
+        info["chosen_restart"] = best
+        x = bt.variables[0]
+        lab = C.hard_labels(case, bt.variables[1]) if joint else labels
+        return Reconstruction(inputs=spec.denormalize(x), labels=lab, history=bt.history, info=info)
