@@ -305,6 +305,14 @@ class Layer:
         Km = self.grad_matrix(k)
         return torch.from_numpy((Km.T @ Km).toarray())
 
+    def add_gram_weight(self, G: torch.Tensor, weight: torch.Tensor, alpha: float) -> None:
+        """G += alpha * W^T W in place (override to avoid temporaries)."""
+        G.add_(self.gram_weight(weight), alpha=alpha)
+
+    def add_gram_grad(self, G: torch.Tensor, k: torch.Tensor, alpha: float) -> None:
+        """G += alpha * K(k)^T K(k) in place (override to avoid temporaries)."""
+        G.add_(self.gram_grad(k), alpha=alpha)
+
     def weight_norm2(self, weight: torch.Tensor) -> float:
         """||W||_F^2 of the operator (not of the kernel: each kernel entry is used at many positions)."""
         return float(self.gram_weight(weight).diagonal().sum())
@@ -517,25 +525,59 @@ class Conv2dLayer(Layer):
         return M
 
     def gram_grad(self, k):
+        G = torch.zeros(self.n_in, self.n_in, dtype=torch.float64)
+        self.add_gram_grad(G, k, 1.0)
+        return G
+
+    def add_gram_grad(self, G, k, alpha):
         M = self._tap_matrix(k)
         B = M.T @ M
-        return torch.block_diag(*([B] * self.in_shape[0])) if self.in_shape[0] > 1 else B
+        hw = B.shape[0]
+        for c in range(self.in_shape[0]):
+            G[c * hw:(c + 1) * hw, c * hw:(c + 1) * hw].add_(B, alpha=alpha)
 
     def grad_norm2(self, k):
         M = self._tap_matrix(k)
         return float(self.in_shape[0] * M.pow(2).sum())
 
-    def gram_weight(self, weight, chunk: int = 1024):
-        """W^T W column block by column block: W^T (W e_j) with convolutions on unit images."""
-        w = weight.detach().to(torch.float64).cpu()
-        n = self.n_in
-        G = torch.empty(n, n, dtype=torch.float64)
-        for start in range(0, n, chunk):
-            stop = min(n, start + chunk)
-            E = torch.zeros(stop - start, n, dtype=torch.float64)
-            E[torch.arange(stop - start), torch.arange(start, stop)] = 1.0
-            G[start:stop] = self.apply_weight_T(self.apply_weight(E, w), w).reshape(stop - start, n)
+    def gram_weight(self, weight):
+        G = torch.zeros(self.n_in, self.n_in, dtype=torch.float64)
+        self.add_gram_weight(G, weight, 1.0)
         return G
+
+    def add_gram_weight(self, G, weight, alpha, max_entries: int = 4_000_000):
+        """W^T W without forming W: with Q = w^T w over the flattened kernel taps (C*kh*kw)^2, every output
+        position o adds Q to the (input pixel, input pixel) pairs its taps read: W^T W = sum_o P_o^T Q P_o.
+        Pairs with a tap in the padding are dropped. Scatter-add in chunks of output positions."""
+        (kh, kw), (C, H, W), (Fo, Ho, Wo), iy, ix, ok = self._taps()
+        n, T, P = C * H * W, C * kh * kw, Ho * Wo
+        w = weight.detach().to(torch.float64).cpu().reshape(Fo, T)
+        Q = (w.T @ w).reshape(-1) * alpha
+        c = np.arange(C).reshape(C, 1, 1, 1, 1)
+        cols = (c * H + iy[None]) * W + ix[None]  # (C, kh, kw, Ho, Wo)
+        valid = np.broadcast_to(ok[None], cols.shape).reshape(T, P).T  # (P, T)
+        cols = torch.from_numpy(np.ascontiguousarray(cols.reshape(T, P).T))
+        valid = torch.from_numpy(np.ascontiguousarray(valid))
+        Gf = G.view(-1)
+        if bool(valid.all()):  # no padding taps: every pair counts
+            step = max(1, max_entries // (T * T))
+            for a in range(0, P, step):
+                cc = cols[a:a + step]
+                Gf.index_add_(0, (cc[:, :, None] * n + cc[:, None, :]).reshape(-1), Q.repeat(cc.shape[0]))
+            return
+        Qm = Q.reshape(T, T)
+        for a in range(P):  # positions with padding taps: keep the valid sub-block
+            v = valid[a]
+            if bool(v.all()):
+                continue
+            cc = cols[a][v]
+            Gf.index_add_(0, (cc[:, None] * n + cc[None, :]).reshape(-1), Qm[v][:, v].reshape(-1))
+        full = valid.all(dim=1)
+        cols = cols[full]
+        step = max(1, max_entries // (T * T))
+        for a in range(0, cols.shape[0], step):
+            cc = cols[a:a + step]
+            Gf.index_add_(0, (cc[:, :, None] * n + cc[:, None, :]).reshape(-1), Q.repeat(cc.shape[0]))
 
     def weight_norm2(self, weight):
         # each kernel entry is used once per output position whose tap lands inside the input
@@ -892,6 +934,7 @@ class RankInfo:
     sigma_max: float | None = None
     sigma_min: float | None = None  # smallest singular value counted in the rank
     sigma_next: float | None = None  # largest singular value below the tolerance
+    condition_estimate: float | None = None  # LAPACK estimate when the singular values were not computed
 
     @property
     def deficiency(self) -> int:
@@ -899,8 +942,9 @@ class RankInfo:
 
     @property
     def condition(self) -> float | None:
+        """sigma_max / sigma_min (of the retained singular values), or the estimate."""
         if self.sigma_max is None or not self.sigma_min:
-            return None
+            return self.condition_estimate
         return self.sigma_max / self.sigma_min
 
     def to_dict(self) -> dict:
@@ -926,8 +970,16 @@ def numerical_rank(gram: torch.Tensor, *, rtol: float = DEFAULT_RTOL, method: st
         return RankInfo(r, n, rtol, tol, "svd", float(lam[0]), float(lam[r - 1]) if r else None,
                         float(lam[r]) if r < n else None)
     if method == "cholesky":
-        _, _, r, _ = sla.lapack.dpstrf(G.numpy(), tol=tol * tol, lower=0)
-        return RankInfo(int(r), n, rtol, tol, "cholesky")
+        anorm = float(G.abs().sum(dim=0).max())
+        U, _, r, _ = sla.lapack.dpstrf(G.numpy().T.copy(order="F"), tol=tol * tol, lower=0, overwrite_a=1)
+        r = int(r)
+        R11 = U[:r, :r] if r < n else U
+        if r < n:
+            R11 = np.asfortranarray(np.triu(R11))
+            anorm = float(np.abs(R11).sum(axis=0).max() * np.abs(R11).sum(axis=1).max())
+        rcond, _ = sla.lapack.dpocon(R11, anorm) if r else (0.0, 0)
+        cond = math.sqrt(1.0 / rcond) if rcond > 0 else None
+        return RankInfo(r, n, rtol, tol, "cholesky", condition_estimate=cond)
     raise ValidationError("numerical_rank", [f"method must be 'svd' or 'cholesky', got {method!r}"])
 
 
@@ -938,7 +990,7 @@ class Solution:
     x: (*in_shape) the layer's input (float64); rank / unknowns / deficiency: numerical rank of the balanced
     stacked system; constraints: its rows (gradient + weight); residual: ||A x - b|| / ||b|| (balanced);
     residual_gradient / residual_weight: the same per block, relative to that block's right-hand side;
-    condition: sigma_max / sigma_min estimate (None if unknown); method: 'cholesky', 'eigh' or 'lsqr'.
+    condition: sigma_max / sigma_min estimate (None if unknown); method: 'cholesky', 'cholesky-minnorm' or 'lsqr'.
     """
 
     x: torch.Tensor
@@ -1076,13 +1128,16 @@ class LayerSystem:
     def gram(self) -> torch.Tensor:
         """A^T A (n_in, n_in), from the structured Gram blocks (cached)."""
         if self._gram is None:
-            G = torch.zeros(self.unknowns, self.unknowns, dtype=torch.float64)
-            if self.use_grad:
-                G += self.wg ** 2 * self.layer.gram_grad(self.k)
-            if self.use_weight:
-                G += self.ww ** 2 * self.layer.gram_weight(self.weight)
-            self._gram = G
+            self._gram = self._build_gram()
         return self._gram
+
+    def _build_gram(self) -> torch.Tensor:
+        G = torch.zeros(self.unknowns, self.unknowns, dtype=torch.float64)
+        if self.use_weight:
+            self.layer.add_gram_weight(G, self.weight, self.ww ** 2)
+        if self.use_grad:
+            self.layer.add_gram_grad(G, self.k, self.wg ** 2)
+        return G
 
     def normal_rhs(self) -> torch.Tensor:
         """A^T b (n_in,)."""
@@ -1112,8 +1167,10 @@ class LayerSystem:
         """Least squares, minimum norm. method 'auto': 'direct' up to ``max_dense`` unknowns, else 'lsqr'.
         'direct': Gram matrix + pivoted Cholesky (rank-revealing); full rank -> triangular solves plus
         ``refine`` semi-normal-equation refinement steps (r = b - A x, x += G^-1 A^T r, which brings the
-        error back to about cond(A) * eps); rank-deficient -> spectral pseudo-inverse (eigh) with the same
-        tolerance. 'lsqr': matrix-free LSQR (rank not computed; reported as full, condition None)."""
+        error back to about cond(A) * eps); rank-deficient (rank r) -> the minimum-norm solution from the
+        r x n pivoted factor R (x = P^T R^T (R R^T)^-1 R11^-T (P A^T b)[:r]); the condition is then an estimate
+        for the leading r x r block. 'lsqr': matrix-free LSQR (rank not computed; reported as full,
+        condition None)."""
         if method == "auto":
             method = "direct" if self.unknowns <= max_dense else "lsqr"
         n = self.unknowns
@@ -1134,12 +1191,13 @@ class LayerSystem:
             x = torch.zeros(n, dtype=torch.float64)
             tot, rg, rw = self.residuals(x)
             return Solution(x.reshape(self.layer.in_shape), 0, n, self.constraints, tot, rg, rw, None, "direct", rtol)
-        Gn = G.numpy()
-        U, piv, r, info = sla.lapack.dpstrf(Gn, tol=tol * tol, lower=0)
+        anorm = float(G.abs().sum(dim=0).max())
+        # factor in place: G is symmetric, so its transpose is the Fortran-ordered array LAPACK wants
+        U, piv, r, info = sla.lapack.dpstrf(G.numpy().T, tol=tol * tol, lower=0, overwrite_a=1)
+        self._gram = None  # overwritten by the factor
         r = int(r)
         if r == n:
             piv = piv - 1
-            U = np.triu(U)
 
             def gsolve(v: np.ndarray) -> np.ndarray:
                 y = sla.solve_triangular(U, v[piv], trans="T", lower=False, check_finite=False)
@@ -1153,22 +1211,33 @@ class LayerSystem:
             for _ in range(int(refine)):
                 rvec = b - self.matvec(x)
                 x = x + torch.from_numpy(gsolve(self.rmatvec(rvec).numpy()))
-            anorm = float(np.abs(Gn).sum(axis=0).max())
-            rcond, _ = sla.lapack.dpocon(U, anorm, lower=0)
+            rcond, _ = sla.lapack.dpocon(U, anorm)
             cond = math.sqrt(1.0 / rcond) if rcond > 0 else float("inf")
             method_used = "cholesky"
         else:
-            lam, V = torch.linalg.eigh(G)
-            sig = lam.clamp_min(0).sqrt()
-            keep = sig > tol
-            r = int(keep.sum())
-            Vk, lk = V[:, keep], lam[keep]
-            x = Vk @ ((Vk.T @ Aty) / lk)
+            # rank r < n: G[piv][:, piv] = R^T R with R = [R11 R12] (r x n). The normal equations give
+            # R P x = y with R11^T y = (A^T b)[piv][:r]; the minimum-norm x is P^T R^T (R R^T)^-1 y.
+            piv = piv - 1
+            R = np.triu(U[:r, :])
+            RRt = sla.cho_factor(R @ R.T, lower=False, check_finite=False)
+
+            def gsolve(v: np.ndarray) -> np.ndarray:
+                y = sla.solve_triangular(R[:, :r], v[piv][:r], trans="T", lower=False, check_finite=False)
+                xp = R.T @ sla.cho_solve(RRt, y, check_finite=False)
+                out = np.empty_like(xp)
+                out[piv] = xp
+                return out
+
+            x = torch.from_numpy(gsolve(Aty.numpy()))
             b = self.rhs()
             for _ in range(int(refine)):
                 rvec = b - self.matvec(x)
-                x = x + Vk @ ((Vk.T @ self.rmatvec(rvec)) / lk)
-            cond = float(sig.max() / sig[keep].min()) if r else None
-            method_used = "eigh"
+                x = x + torch.from_numpy(gsolve(self.rmatvec(rvec).numpy()))
+            R11 = np.asfortranarray(R[:, :r])
+            # 1-norm of R11^T R11 bounded by ||R11||_1 ||R11||_inf (an estimate, like dpocon's)
+            anorm11 = float(np.abs(R11).sum(axis=0).max() * np.abs(R11).sum(axis=1).max())
+            rcond, _ = sla.lapack.dpocon(R11, anorm11)
+            cond = math.sqrt(1.0 / rcond) if rcond > 0 else float("inf")
+            method_used = "cholesky-minnorm"
         tot, rg, rw = self.residuals(x)
         return Solution(x.reshape(self.layer.in_shape), r, n, self.constraints, tot, rg, rw, cond, method_used, rtol)
