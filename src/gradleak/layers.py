@@ -557,7 +557,7 @@ class Conv2dLayer(Layer):
         cols = (c * H + iy[None]) * W + ix[None]  # (C, kh, kw, Ho, Wo)
         valid = np.broadcast_to(ok[None], cols.shape).reshape(T, P).T  # (P, T)
         cols = torch.from_numpy(np.ascontiguousarray(cols.reshape(T, P).T))
-        valid = torch.from_numpy(np.ascontiguousarray(valid))
+        valid = torch.from_numpy(np.array(valid))
         Gf = G.view(-1)
         if bool(valid.all()):  # no padding taps: every pair counts
             step = max(1, max_entries // (T * T))
