@@ -66,3 +66,5 @@ def analyse_architecture(name: str, *, input_shape: Sequence[int] = (3, 32, 32),
 
 __all__ = ["LayerRank", "RankReport", "analyse", "analyse_architecture", "analyze", "analyses", "counting_index",
            "rank_analysis", "register_analysis"]
+
+from . import security  # noqa: E402,F401  registers the "security" analysis (layer-wise security metric, issue 4)
