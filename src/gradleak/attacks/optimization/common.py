@@ -193,6 +193,28 @@ def _finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t).all())
 
 
+class Adam:
+    """Adam (Kingma & Ba) on a list of tensors, optionally on the SIGN of the gradient (Geiping et al.).
+    Written here rather than taken from torch.optim, whose first use imports torch._dynamo (seconds)."""
+
+    def __init__(self, leaves: list[torch.Tensor], lr: float, betas=(0.9, 0.999), eps: float = 1e-8):
+        self.leaves, self.lr, self.b1, self.b2, self.eps = leaves, lr, betas[0], betas[1], eps
+        self.m = [torch.zeros_like(v) for v in leaves]
+        self.v = [torch.zeros_like(v) for v in leaves]
+        self.t = 0
+
+    @torch.no_grad()
+    def step(self, grads: list[torch.Tensor]) -> None:
+        self.t += 1
+        bc1 = 1 - self.b1 ** self.t
+        bc2 = 1 - self.b2 ** self.t
+        for x, g, m, v in zip(self.leaves, grads, self.m, self.v):
+            m.mul_(self.b1).add_(g, alpha=1 - self.b1)
+            v.mul_(self.b2).addcmul_(g, g, value=1 - self.b2)
+            denom = (v.sqrt() / math.sqrt(bc2)).add_(self.eps)
+            x.addcdiv_(m, denom, value=-self.lr / bc1)
+
+
 def run_adam(
     objective: Objective,
     variables: list[torch.Tensor],
@@ -214,9 +236,8 @@ def run_adam(
     ``offer_every`` steps when the best improved (Ctrl-C safety)."""
     t0 = time.perf_counter()
     leaves = [v.detach().clone().requires_grad_(True) for v in variables]
-    opt = torch.optim.Adam(leaves, lr=lr)
-    milestones = sorted({int(steps * f) for f in (3 / 8, 5 / 8, 7 / 8)}) if decay else []
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1) if milestones else None
+    opt = Adam(leaves, lr=lr)
+    milestones = {int(steps * f) for f in (3 / 8, 5 / 8, 7 / 8)} if decay else set()
     best = _Best()
     trial = Trial(None)
     first = None
@@ -226,7 +247,8 @@ def run_adam(
         sval = float(score.detach())
         if first is None and math.isfinite(tval):
             first = abs(tval)
-        exploded = explode_factor > 0 and first is not None and math.isfinite(tval) and abs(tval) > explode_factor * max(first, 1e-30)
+        exploded = (explode_factor > 0 and first is not None and math.isfinite(tval)
+                    and abs(tval) > explode_factor * max(first, 1e-30))
         if not math.isfinite(tval) or exploded:
             trial.diverged_at, trial.reason = step, ("exploded" if exploded else "non-finite loss")
             break
@@ -236,11 +258,9 @@ def run_adam(
             break
         best.see(sval, leaves)
         trial.history.append(tval)
-        for v, g in zip(leaves, grads):
-            v.grad = g.sign() if signed else g
-        opt.step()
-        if sched is not None:
-            sched.step()
+        if step in milestones:
+            opt.lr *= 0.1
+        opt.step([g.sign() for g in grads] if signed else list(grads))
         if project is not None:
             with torch.no_grad():
                 project(leaves)
@@ -252,8 +272,7 @@ def run_adam(
             on_offer(best.score, best.vars)
     else:
         # score the final iterate too (the loop scored each iterate before its step)
-        with torch.enable_grad():
-            total, score = objective(leaves)
+        total, score = objective(leaves)
         if math.isfinite(float(total.detach())):
             best.see(float(score.detach()), leaves)
     trial.variables, trial.score = best.vars, best.score
@@ -261,6 +280,182 @@ def run_adam(
     if on_offer is not None and best.vars is not None:
         on_offer(best.score, best.vars)
     return trial
+
+
+# ---- L-BFGS ---------------------------------------------------------------------------------------------------
+def _cubic_min(x1, f1, g1, x2, f2, g2, lo, hi) -> float:
+    """Minimiser of the cubic through (x1, f1, g1), (x2, f2, g2), clamped to [lo, hi]; bisection if none."""
+    try:
+        d1 = g1 + g2 - 3 * (f1 - f2) / (x1 - x2)
+        disc = d1 * d1 - g1 * g2
+        if disc >= 0 and math.isfinite(disc):
+            d2 = math.sqrt(disc) * (1.0 if x2 >= x1 else -1.0)
+            t = x2 - (x2 - x1) * ((g2 + d2 - d1) / (g2 - g1 + 2 * d2))
+            if math.isfinite(t):
+                return min(max(t, lo), hi)
+    except (ZeroDivisionError, OverflowError, ValueError):
+        pass
+    return (lo + hi) / 2
+
+
+class LBFGS:
+    """Limited-memory BFGS on one flat vector (Nocedal & Wright, Alg. 7.4/7.5), with an optional strong-Wolfe
+    line search (Alg. 3.5/3.6, cubic interpolation). ``step(fn)`` runs up to ``max_iter`` iterations like
+    ``torch.optim.LBFGS.step`` (whose semantics DLG's "iterations" refer to), keeping its state between calls.
+    ``fn(z) -> (loss float, grad flat tensor)``."""
+
+    def __init__(self, z: torch.Tensor, *, lr: float = 1.0, max_iter: int = 20, history_size: int = 100,
+                 line_search: bool = False, tolerance_grad: float = 1e-12, tolerance_change: float = 1e-14):
+        self.z = z
+        self.lr, self.max_iter, self.m = lr, max_iter, history_size
+        self.max_eval = max_iter * 5 // 4
+        self.line_search = line_search
+        self.tol_grad, self.tol_change = tolerance_grad, tolerance_change
+        self.S: list[torch.Tensor] = []
+        self.Y: list[torch.Tensor] = []
+        self.rho: list[float] = []
+        self.d: torch.Tensor | None = None
+        self.t = 0.0
+        self.g_prev: torch.Tensor | None = None
+        self.loss_prev: float | None = None
+        self.n_iter = 0
+
+    def _direction(self, g: torch.Tensor) -> torch.Tensor:
+        q = -g
+        alpha = []
+        for s, y, rho in zip(reversed(self.S), reversed(self.Y), reversed(self.rho)):
+            a = rho * float(s @ q)
+            alpha.append(a)
+            q = q - a * y
+        if self.S:
+            y = self.Y[-1]
+            q = q * (float(self.S[-1] @ y) / float(y @ y))
+        for (s, y, rho), a in zip(zip(self.S, self.Y, self.rho), reversed(alpha)):
+            b = rho * float(y @ q)
+            q = q + (a - b) * s
+        return q
+
+    def _strong_wolfe(self, fn, z, t, d, f0, g0, gtd0, c1=1e-4, c2=0.9, max_ls=25):
+        """Returns (f, g, t, evaluations) at a step satisfying the strong Wolfe conditions (or the best found)."""
+        dnorm = float(d.abs().max())
+
+        def ev(step):
+            f, g = fn(z + step * d)
+            return f, g, float(g @ d)
+
+        f_new, g_new, gtd_new = ev(t)
+        evals = 1
+        t_prev, f_prev, g_prev, gtd_prev = 0.0, f0, g0, gtd0
+        bracket = None
+        done = False
+        it = 0
+        while it < max_ls:
+            if not math.isfinite(f_new) or f_new > f0 + c1 * t * gtd0 or (it > 0 and f_new >= f_prev):
+                bracket = [(t_prev, f_prev, g_prev, gtd_prev), (t, f_new, g_new, gtd_new)]
+                break
+            if abs(gtd_new) <= -c2 * gtd0:
+                return f_new, g_new, t, evals
+            if gtd_new >= 0:
+                bracket = [(t_prev, f_prev, g_prev, gtd_prev), (t, f_new, g_new, gtd_new)]
+                break
+            lo, hi = t + 0.01 * (t - t_prev), t * 10
+            t_next = _cubic_min(t_prev, f_prev, gtd_prev, t, f_new, gtd_new, lo, hi)
+            t_prev, f_prev, g_prev, gtd_prev = t, f_new, g_new, gtd_new
+            t = t_next
+            f_new, g_new, gtd_new = ev(t)
+            evals += 1
+            it += 1
+        if bracket is None:  # ran out of evaluations while extrapolating
+            return f_new, g_new, t, evals
+        # zoom: bracket[0] is the low (better) end
+        if not (math.isfinite(bracket[1][1])) or bracket[1][1] < bracket[0][1]:
+            if math.isfinite(bracket[1][1]):
+                bracket.reverse()
+        insufficient = False
+        while not done and it < max_ls:
+            (ta, fa, ga, gtda), (tb, fb, gb, gtdb) = bracket
+            if abs(tb - ta) * dnorm < self.tol_change:
+                break
+            lo_t, hi_t = min(ta, tb), max(ta, tb)
+            if math.isfinite(fb):
+                t = _cubic_min(ta, fa, gtda, tb, fb, gtdb, lo_t, hi_t)
+            else:
+                t = (ta + tb) / 2
+            eps = 0.1 * (hi_t - lo_t)
+            if min(hi_t - t, t - lo_t) < eps:  # too close to an end: move away (or bisect if stuck)
+                if insufficient or t >= hi_t or t <= lo_t:
+                    t = hi_t - eps if abs(t - hi_t) < abs(t - lo_t) else lo_t + eps
+                    insufficient = False
+                else:
+                    insufficient = True
+            else:
+                insufficient = False
+            f_new, g_new, gtd_new = ev(t)
+            evals += 1
+            it += 1
+            if not math.isfinite(f_new) or f_new > f0 + c1 * t * gtd0 or f_new >= fa:
+                bracket[1] = (t, f_new, g_new, gtd_new)
+            else:
+                if abs(gtd_new) <= -c2 * gtd0:
+                    done = True
+                elif gtd_new * (tb - ta) >= 0:
+                    bracket[1] = bracket[0]
+                bracket[0] = (t, f_new, g_new, gtd_new)
+            if bracket[1][1] < bracket[0][1] and math.isfinite(bracket[1][1]):
+                bracket.reverse()
+        ta, fa, ga, _ = bracket[0]
+        return fa, ga, ta, evals
+
+    def step(self, fn) -> float:
+        """Up to ``max_iter`` iterations; returns the loss at the start of the call (as torch does)."""
+        z = self.z
+        loss, g = fn(z)
+        orig = loss
+        self.current: float | None = loss
+        evals = 1
+        if not math.isfinite(loss) or float(g.abs().max()) <= self.tol_grad:
+            return orig
+        for _ in range(self.max_iter):
+            self.n_iter += 1
+            if self.n_iter == 1:
+                d = -g
+            else:
+                y = g - self.g_prev
+                s = self.d * self.t
+                ys = float(y @ s)
+                if ys > 1e-10:
+                    if len(self.S) == self.m:
+                        self.S.pop(0), self.Y.pop(0), self.rho.pop(0)
+                    self.S.append(s)
+                    self.Y.append(y)
+                    self.rho.append(1.0 / ys)
+                d = self._direction(g)
+            self.g_prev = g.clone()
+            self.loss_prev = loss
+            t = min(1.0, 1.0 / float(g.abs().sum())) * self.lr if self.n_iter == 1 else self.lr
+            gtd = float(g @ d)
+            if gtd > -self.tol_change:  # not a descent direction any more
+                break
+            if self.line_search:
+                loss, g, t, n = self._strong_wolfe(fn, z, t, d, loss, g, gtd)
+                z.add_(d, alpha=t)
+                evals += n
+                self.current = loss
+            else:
+                z.add_(d, alpha=t)
+                self.current = None
+                if _ + 1 != self.max_iter:
+                    loss, g = fn(z)
+                    evals += 1
+                    self.current = loss
+            self.d, self.t = d, t
+            if _ + 1 == self.max_iter or evals >= self.max_eval:
+                break
+            if not math.isfinite(loss) or float(g.abs().max()) <= self.tol_grad:
+                break
+            if float(d.abs().max()) * t <= self.tol_change or abs(loss - self.loss_prev) < self.tol_change:
+                break
+        return orig
 
 
 def run_lbfgs(
@@ -280,64 +475,57 @@ def run_lbfgs(
     stall_steps: int = 5,
 ) -> Trial:
     """Minimise ``objective(variables) -> (total, score)`` with L-BFGS (``steps`` outer steps of up to
-    ``inner`` evaluations each, as DLG's code). Every evaluation is watched: the best finite iterate by
+    ``inner`` iterations each, as DLG's code). Every evaluation is watched: the best finite iterate by
     ``score`` is kept; a non-finite loss or iterate, a loss above ``explode_factor`` x the first, or a loss
     frozen for ``stall_steps`` outer steps at more than twice the best (a jump into a flat, saturated region)
     ends the trial as diverged (L-BFGS is known to go NaN after 60-100 steps on some inputs). A loss frozen at
     the best ends it as converged."""
     t0 = time.perf_counter()
-    leaves = [v.detach().clone().contiguous().requires_grad_(True) for v in variables]
-    opt = torch.optim.LBFGS(leaves, lr=lr, max_iter=inner, history_size=history_size,
-                            line_search_fn="strong_wolfe" if line_search in ("strong-wolfe", "strong_wolfe") else None,
-                            tolerance_grad=1e-12, tolerance_change=1e-14)
+    shapes = [v.shape for v in variables]
+    sizes = [v.numel() for v in variables]
+    z = torch.cat([v.detach().reshape(-1) for v in variables]).clone()
     best = _Best()
     trial = Trial(None)
-    state = {"first": None, "bad": ""}
+    state: dict = {"first": None}
 
-    def closure():
-        opt.zero_grad(set_to_none=True)
+    def unflat(flat: torch.Tensor) -> list[torch.Tensor]:
+        return [p.view(sh) for p, sh in zip(flat.split(sizes), shapes)]
+
+    def fn(zz: torch.Tensor) -> tuple[float, torch.Tensor]:
+        """Loss and flat gradient at zz; NaN (which the line search backs off from) if either is not finite."""
+        leaves = [p.detach().clone().requires_grad_(True) for p in unflat(zz)]
         total, score = objective(leaves)
         tval = float(total.detach())
         if not math.isfinite(tval):
-            state["bad"] = state["bad"] or "non-finite loss"
-            # hand L-BFGS a zero gradient and the loss: it stops its inner loop on a tiny gradient
-            for v in leaves:
-                v.grad = torch.zeros_like(v)
-            return total.detach()
-        if state["first"] is None:
-            state["first"] = abs(tval)
-        if explode_factor > 0 and abs(tval) > explode_factor * max(state["first"], 1e-30):
-            state["bad"] = state["bad"] or "exploded"
+            return float("nan"), torch.zeros_like(zz)
         grads = torch.autograd.grad(total, leaves)
-        if not all(_finite(g) for g in grads):
-            state["bad"] = state["bad"] or "non-finite gradient"
-            grads = [torch.zeros_like(g) for g in grads]
-        else:
-            best.see(float(score.detach()), leaves)
-        for v, g in zip(leaves, grads):
-            v.grad = g
-        return total.detach()
+        g = torch.cat([q.reshape(-1) for q in grads])
+        if not _finite(g):
+            return float("nan"), torch.zeros_like(zz)
+        best.see(float(score.detach()), leaves)
+        return tval, g
 
+    opt = LBFGS(z, lr=lr, max_iter=inner, history_size=history_size,
+                line_search=line_search in ("strong-wolfe", "strong_wolfe"))
     still = 0
     for step in range(steps):
-        loss = opt.step(closure)
-        lval = float(loss) if loss is not None else float("nan")
-        if project is not None and not state["bad"]:
-            with torch.no_grad():
-                project(leaves)
-        if state["bad"] or not math.isfinite(lval) or not all(_finite(v) for v in leaves):
-            trial.diverged_at, trial.reason = step, state["bad"] or "non-finite iterate"
+        lval = opt.step(fn)
+        cur = opt.current
+        if math.isfinite(lval) and state["first"] is None:
+            state["first"] = abs(lval)
+        if not _finite(z):
+            trial.diverged_at, trial.reason = step, "non-finite iterate"
+        elif not math.isfinite(lval) or (cur is not None and not math.isfinite(cur)):
+            trial.diverged_at, trial.reason = step, "non-finite loss"
+        elif explode_factor > 0 and max(abs(lval), abs(cur or 0.0)) > explode_factor * max(state["first"], 1e-30):
+            trial.diverged_at, trial.reason = step, "exploded"
+        if trial.diverged_at is not None:
             break
+        if project is not None:
+            with torch.no_grad():
+                project(unflat(z))
         # a loss that no longer moves: converged, or stuck after a jump into a flat region (saturated units)
         still = still + 1 if trial.history and abs(lval - trial.history[-1]) <= 1e-12 * max(abs(lval), 1e-30) else 0
-        if still >= stall_steps:
-            if lval > 2.0 * best.score and best.score < float("inf"):
-                trial.diverged_at, trial.reason = step, "stalled after a jump"
-            else:
-                trial.reason = "converged"
-            trial.history.append(lval)
-            trial.steps = step + 1
-            break
         trial.history.append(lval)
         trial.steps = step + 1
         if on_step is not None:
@@ -345,6 +533,12 @@ def run_lbfgs(
         if on_offer is not None and best.dirty and (step + 1) % offer_every == 0:
             best.dirty = False
             on_offer(best.score, best.vars)
+        if still >= stall_steps:
+            if lval > 2.0 * best.score and best.score < float("inf"):
+                trial.diverged_at, trial.reason = step, "stalled after a jump"
+            else:
+                trial.reason = "converged"
+            break
     trial.variables, trial.score = best.vars, best.score
     trial.seconds = time.perf_counter() - t0
     if on_offer is not None and best.vars is not None:
