@@ -54,13 +54,14 @@ analyze = analyse
 def analyse_architecture(name: str, *, input_shape: Sequence[int] = (3, 32, 32), num_classes: int = 10,
                          batch_size: int = 1, seed: int = 0, dtype=None, **model_options: Any) -> RankReport:
     """:func:`analyse` of a zoo model built from its name (random weights from ``seed``, ``model_options``
-    passed to the factory): what ``gradleak risk --model NAME`` prints."""
+    passed to the factory; float32 by default - the systems are built in float64 from these weights): what
+    ``gradleak risk --model NAME`` prints."""
     import torch
 
     from ..models import build
 
     model = build(name, input_shape=tuple(input_shape), num_classes=num_classes, seed=seed,
-                  dtype=dtype or torch.float64, **model_options)
+                  dtype=dtype or torch.float32, **model_options)
     return analyse(model, tuple(input_shape), batch_size=batch_size, num_classes=num_classes, seed=seed)
 
 

@@ -185,7 +185,7 @@ def _resolve(target: Any, input_shape) -> tuple[nn.Module, tuple[int, ...], str,
         return target.model, shape, getattr(target.model, "zoo_name", type(target.model).__name__), "case", target
     if isinstance(target, str):
         shape = tuple(input_shape) if input_shape is not None else (3, 32, 32)
-        model = build(target, input_shape=shape, dtype=torch.float64)
+        model = build(target, input_shape=shape)  # the systems are built in float64 from these weights
         return model, shape, getattr(model, "zoo_name", target), "model", None
     if isinstance(target, nn.Module):
         shape = input_shape if input_shape is not None else getattr(target, "input_shape", None)
