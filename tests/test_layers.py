@@ -115,22 +115,29 @@ def test_solve_full_rank_direct_lsqr_and_dense_lstsq_agree():
     assert direct.residual < 1e-13 and direct.condition is not None and direct.condition >= 1
 
 
-def test_solve_rank_deficient_gives_minimum_norm_and_reports_it():
-    # 2 filters, 4x4 stride 2 on 3x10x12: far fewer constraints than unknowns
-    system, x = _system((3, 10, 12), dict(in_channels=3, out_channels=2, kernel_size=4, stride=2))
+@pytest.mark.parametrize("in_shape,kw,wide", [
+    # 2 filters, 4x4 stride 2 on 3x10x12: fewer constraints than unknowns (solved through A A^T)
+    ((3, 10, 12), dict(in_channels=3, out_channels=2, kernel_size=4, stride=2), True),
+    # more constraints than unknowns, yet 6 short: the K/W dependencies and the stride
+    ((2, 9, 9), dict(in_channels=2, out_channels=4, kernel_size=3, stride=2, padding=1), False),
+])
+def test_solve_rank_deficient_gives_minimum_norm_and_reports_it(in_shape, kw, wide):
+    system, x = _system(in_shape, kw)
+    assert system.wide is wide
     A, b = system.sparse()
     dense = A.toarray()
     ref = np.linalg.lstsq(dense, b, rcond=None)[0]  # minimum-norm least squares
     sol = system.solve()
     true_rank = np.linalg.matrix_rank(dense)
-    assert sol.rank == true_rank < sol.unknowns and sol.deficient and sol.deficiency == 360 - true_rank
-    assert sol.method == "cholesky-minnorm"
+    assert sol.rank == true_rank < sol.unknowns and sol.deficient and sol.deficiency == system.unknowns - true_rank
+    assert sol.method == "cholesky-minnorm" + ("-rows" if wide else "")
     np.testing.assert_allclose(sol.x.numpy().ravel(), ref, atol=1e-12)
     assert sol.residual < 1e-12  # consistent system: solved, but not the true input
-    assert float((sol.x - x).norm() / x.norm()) > 0.1
+    assert float((sol.x - x).norm() / x.norm()) > 1e-3
     # numerical rank: SVD and pivoted Cholesky agree with numpy
     assert system.rank(method="svd").rank == system.rank(method="cholesky").rank == true_rank
     info = system.rank(method="svd")
+    assert info.unknowns == system.unknowns and info.deficiency == system.unknowns - true_rank
     assert info.sigma_next < info.tolerance < info.sigma_min
 
 

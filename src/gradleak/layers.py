@@ -1158,22 +1158,38 @@ class LayerSystem:
             rw = float((Ax[off:] - b[off:]).norm() / b[off:].norm().clamp_min(1e-300))
         return total, rg, rw
 
+    def row_gram(self) -> torch.Tensor:
+        """A A^T (constraints, constraints) from the sparse matrices: the smaller Gram matrix when a layer has
+        fewer constraints than unknowns (same nonzero singular values, same Frobenius norm)."""
+        A, _ = self.sparse()
+        return torch.from_numpy((A @ A.T).toarray())
+
+    @property
+    def wide(self) -> bool:
+        """Fewer constraints than unknowns: the row Gram matrix is the smaller one (and the system is deficient)."""
+        return self.constraints < self.unknowns
+
     def rank(self, *, rtol: float = DEFAULT_RTOL, method: str = "svd") -> RankInfo:
-        """Numerical rank of the balanced stacked system (see :func:`numerical_rank`)."""
+        """Numerical rank of the balanced stacked system (see :func:`numerical_rank`), from the smaller of
+        A^T A and A A^T."""
+        if self.wide:
+            info = numerical_rank(self.row_gram(), rtol=rtol, method=method)
+            info.unknowns = self.unknowns
+            return info
         return numerical_rank(self.gram(), rtol=rtol, method=method)
 
     def solve(self, *, rtol: float = DEFAULT_RTOL, method: str = "auto", refine: int = 1,
               max_dense: int = 12000, lsqr_iterations: int = 20000) -> Solution:
-        """Least squares, minimum norm. method 'auto': 'direct' up to ``max_dense`` unknowns, else 'lsqr'.
-        'direct': Gram matrix + pivoted Cholesky (rank-revealing); full rank -> triangular solves plus
-        ``refine`` semi-normal-equation refinement steps (r = b - A x, x += G^-1 A^T r, which brings the
-        error back to about cond(A) * eps); rank-deficient (rank r) -> the minimum-norm solution from the
-        r x n pivoted factor R (x = P^T R^T (R R^T)^-1 R11^-T (P A^T b)[:r]); the condition is then an estimate
-        for the leading r x r block. 'lsqr': matrix-free LSQR (rank not computed; reported as full,
-        condition None)."""
-        if method == "auto":
-            method = "direct" if self.unknowns <= max_dense else "lsqr"
+        """Least squares, minimum norm. method 'auto': 'direct' when the smaller Gram matrix has at most
+        ``max_dense`` rows, else 'lsqr'. 'direct': the Gram matrix (A^T A, or A A^T when there are fewer
+        constraints than unknowns) + LAPACK pivoted Cholesky, rank-revealing with the threshold
+        (rtol ||A||_F)^2. Full rank: triangular solves. Rank r below the Gram size: the minimum-norm solution
+        from the r x N pivoted factor R (y = P^T R^T (R R^T)^-1 R11^-T (P v)[:r]). Then ``refine`` steps of
+        residual correction (r = b - A x, x += A^+ r, which brings the error back to about cond(A) * eps).
+        'lsqr': matrix-free LSQR (rank not computed; reported as full, condition None)."""
         n = self.unknowns
+        if method == "auto":
+            method = "direct" if min(n, self.constraints) <= max_dense else "lsqr"
         if method == "lsqr":
             res = spla.lsqr(self.operator(), self.rhs().numpy(), atol=1e-15, btol=1e-15, conlim=1e12,
                             iter_lim=lsqr_iterations)
@@ -1183,61 +1199,61 @@ class LayerSystem:
                             rtol, iterations=int(res[2]))
         if method != "direct":
             raise ValidationError("LayerSystem.solve", [f"method must be 'auto', 'direct' or 'lsqr', got {method!r}"])
-        G = self.gram()
-        Aty = self.normal_rhs()
+        wide = self.wide
+        G = self.row_gram() if wide else self.gram()
+        self._gram = None  # the factorisation below overwrites it
+        b = self.rhs()
         fro2 = float(G.diagonal().sum())
-        tol = rtol * math.sqrt(max(fro2, 0.0))
         if fro2 == 0.0:
             x = torch.zeros(n, dtype=torch.float64)
             tot, rg, rw = self.residuals(x)
             return Solution(x.reshape(self.layer.in_shape), 0, n, self.constraints, tot, rg, rw, None, "direct", rtol)
-        anorm = float(G.abs().sum(dim=0).max())
-        # factor in place: G is symmetric, so its transpose is the Fortran-ordered array LAPACK wants
-        U, piv, r, info = sla.lapack.dpstrf(G.numpy().T, tol=tol * tol, lower=0, overwrite_a=1)
-        self._gram = None  # overwritten by the factor
-        r = int(r)
-        if r == n:
-            piv = piv - 1
-
-            def gsolve(v: np.ndarray) -> np.ndarray:
-                y = sla.solve_triangular(U, v[piv], trans="T", lower=False, check_finite=False)
-                y = sla.solve_triangular(U, y, lower=False, check_finite=False)
-                out = np.empty_like(y)
-                out[piv] = y
-                return out
-
-            x = torch.from_numpy(gsolve(Aty.numpy()))
-            b = self.rhs()
-            for _ in range(int(refine)):
-                rvec = b - self.matvec(x)
-                x = x + torch.from_numpy(gsolve(self.rmatvec(rvec).numpy()))
-            rcond, _ = sla.lapack.dpocon(U, anorm)
-            cond = math.sqrt(1.0 / rcond) if rcond > 0 else float("inf")
-            method_used = "cholesky"
-        else:
-            # rank r < n: G[piv][:, piv] = R^T R with R = [R11 R12] (r x n). The normal equations give
-            # R P x = y with R11^T y = (A^T b)[piv][:r]; the minimum-norm x is P^T R^T (R R^T)^-1 y.
-            piv = piv - 1
-            R = np.triu(U[:r, :])
-            RRt = sla.cho_factor(R @ R.T, lower=False, check_finite=False)
-
-            def gsolve(v: np.ndarray) -> np.ndarray:
-                y = sla.solve_triangular(R[:, :r], v[piv][:r], trans="T", lower=False, check_finite=False)
-                xp = R.T @ sla.cho_solve(RRt, y, check_finite=False)
-                out = np.empty_like(xp)
-                out[piv] = xp
-                return out
-
-            x = torch.from_numpy(gsolve(Aty.numpy()))
-            b = self.rhs()
-            for _ in range(int(refine)):
-                rvec = b - self.matvec(x)
-                x = x + torch.from_numpy(gsolve(self.rmatvec(rvec).numpy()))
-            R11 = np.asfortranarray(R[:, :r])
-            # 1-norm of R11^T R11 bounded by ||R11||_1 ||R11||_inf (an estimate, like dpocon's)
-            anorm11 = float(np.abs(R11).sum(axis=0).max() * np.abs(R11).sum(axis=1).max())
-            rcond, _ = sla.lapack.dpocon(R11, anorm11)
-            cond = math.sqrt(1.0 / rcond) if rcond > 0 else float("inf")
-            method_used = "cholesky-minnorm"
+        gsolve, r, cond, tag = _psd_solver(G, rtol * math.sqrt(fro2))
+        if wide:  # x = A^T (A A^T)^+ b
+            pinv = lambda v: self.rmatvec(torch.from_numpy(gsolve(v.numpy()))) # noqa: E731
+        else:  # x = (A^T A)^+ A^T b
+            pinv = lambda v: torch.from_numpy(gsolve(self.rmatvec(v).numpy()))  # noqa: E731
+        x = pinv(b)
+        for _ in range(int(refine)):
+            x = x + pinv(b - self.matvec(x))
         tot, rg, rw = self.residuals(x)
-        return Solution(x.reshape(self.layer.in_shape), r, n, self.constraints, tot, rg, rw, cond, method_used, rtol)
+        return Solution(x.reshape(self.layer.in_shape), r, n, self.constraints, tot, rg, rw, cond,
+                        tag + ("-rows" if wide else ""), rtol)
+
+
+def _psd_solver(G: torch.Tensor, tol: float):
+    """Factor the PSD matrix G (N, N) in place with LAPACK's pivoted Cholesky (pivots below tol^2 stop it) and
+    return (gsolve, rank, condition estimate of the retained part's square root, method tag), where gsolve(v)
+    is the minimum-norm solution of G y = v (the exact solution when G has full rank)."""
+    N = G.shape[0]
+    anorm = float(G.abs().sum(dim=0).max())
+    # G is symmetric, so its transpose is the Fortran-ordered array LAPACK wants: no copy
+    U, piv, r, _ = sla.lapack.dpstrf(G.numpy().T, tol=tol * tol, lower=0, overwrite_a=1)
+    r, piv = int(r), piv - 1
+    if r == N:
+        def gsolve(v: np.ndarray) -> np.ndarray:
+            y = sla.solve_triangular(U, v[piv], trans="T", lower=False, check_finite=False)
+            y = sla.solve_triangular(U, y, lower=False, check_finite=False)
+            out = np.empty_like(y)
+            out[piv] = y
+            return out
+
+        rcond, _ = sla.lapack.dpocon(U, anorm)
+        return gsolve, r, (math.sqrt(1.0 / rcond) if rcond > 0 else float("inf")), "cholesky"
+    # rank r < N: G[piv][:, piv] = R^T R with R = [R11 R12] (r x N); G y = v gives R P y = R11^-T (P v)[:r],
+    # whose minimum-norm solution is P^T R^T (R R^T)^-1 R11^-T (P v)[:r]
+    R = np.triu(U[:r, :])
+    RRt = sla.cho_factor(R @ R.T, lower=False, check_finite=False)
+
+    def gsolve(v: np.ndarray) -> np.ndarray:
+        y = sla.solve_triangular(R[:, :r], v[piv][:r], trans="T", lower=False, check_finite=False)
+        yp = R.T @ sla.cho_solve(RRt, y, check_finite=False)
+        out = np.empty_like(yp)
+        out[piv] = yp
+        return out
+
+    R11 = np.asfortranarray(R[:, :r])
+    # 1-norm of R11^T R11 bounded by ||R11||_1 ||R11||_inf (an estimate, like dpocon's)
+    anorm11 = float(np.abs(R11).sum(axis=0).max() * np.abs(R11).sum(axis=1).max())
+    rcond, _ = sla.lapack.dpocon(R11, anorm11)
+    return gsolve, r, (math.sqrt(1.0 / rcond) if rcond > 0 else float("inf")), "cholesky-minnorm"

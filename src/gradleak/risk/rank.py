@@ -212,8 +212,9 @@ def rank_analysis(
     target: an ``nn.Module`` (input_shape needed unless the model records one, as zoo models do), a zoo model
     name (built with seed 0), or a Case (its model, weights and data shape). No gradient is needed.
     method: 'svd' (all singular values: rank, condition), 'cholesky' (pivoted Cholesky: rank and a condition
-    estimate, ~4x faster) or 'auto' (svd up to ``svd_max`` unknowns, cholesky above). Layers with more than
-    ``max_unknowns`` unknowns are skipped (rank None, the verdict says 'undetermined').
+    estimate, ~4x faster) or 'auto' (svd up to ``svd_max``, cholesky above). The smaller Gram matrix is used
+    (A^T A, or A A^T when a layer has fewer constraints than unknowns); layers where even that exceeds
+    ``max_unknowns`` rows are skipped (rank None, the verdict says 'undetermined').
     random_weights: redraw the weights N(0, 1/fan_in) instead of using the model's (the generic rank of the
     architecture). The back-propagated maps k are always drawn at random (N(0, 1), ``seed``).
     Returns a :class:`RankReport`.
@@ -245,7 +246,7 @@ def rank_analysis(
             rank, deficiency, how = layer.n_in, 0, "head"
         elif isinstance(layer, L.LinearLayer):
             rank, deficiency, how, cond = layer.n_in, 0, "closed-form", 1.0
-        elif layer.n_in > max_unknowns:
+        elif min(layer.n_in, layer.n_weights + layer.n_out) > max_unknowns:
             undetermined.append(layer.label)
         else:
             weight = layer.module.weight.detach().to(torch.float64).cpu()
@@ -254,7 +255,8 @@ def rank_analysis(
                 weight = torch.randn(weight.shape, generator=gen, dtype=torch.float64) / math.sqrt(fan_in)
             k = torch.randn(layer.out_shape, generator=gen, dtype=torch.float64)
             system = L.LayerSystem(layer, weight, k)
-            m = method if method != "auto" else ("svd" if layer.n_in <= svd_max else "cholesky")
+            size = min(layer.n_in, layer.n_weights + layer.n_out)  # the smaller Gram matrix is used
+            m = method if method != "auto" else ("svd" if size <= svd_max else "cholesky")
             info = system.rank(rtol=rtol, method=m)
             rank, deficiency, cond, how = info.rank, info.deficiency, info.condition, info.method
         rows.append(LayerRank(index=layer.index, name=layer.name, label=layer.label, kind=layer.kind,
@@ -277,8 +279,8 @@ def rank_analysis(
                                                     for r in rows if r.deficiency)
         elif undetermined:
             possible = None
-            verdict = (f"undetermined: layer(s) {', '.join(undetermined)} have more than {max_unknowns} unknowns "
-                       "(raise max_unknowns to compute their rank)")
+            verdict = (f"undetermined: layer(s) {', '.join(undetermined)} need a Gram matrix larger than "
+                       f"{max_unknowns} (raise max_unknowns to compute their rank)")
         else:
             possible = True
             verdict = "exact recovery possible"

@@ -1,0 +1,104 @@
+"""Rank analysis (R-GAP risk) of every model in the zoo, and the docs table.
+
+Every registered zoo model at 3x32x32 with 10 classes (zoo seed 0), plus the R-GAP paper's MNIST-size shapes
+(lenet-rgap, fcn3 at 1x28x28): verdict, per-layer deficiencies, RA-i, the layer-wise security index when that
+analysis is registered, and seconds. ``gradleak.risk.analyse_architecture`` does the work (what
+``gradleak risk --model NAME`` prints).
+
+Run:  /work/venv/bin/python benchmarks/bench_risk.py
+Writes benchmarks/results/risk.json and regenerates the table section of docs/risk.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+import gradleak as gl
+from gradleak import risk
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results" / "risk.json"
+DOC = ROOT / "docs" / "risk.md"
+BEGIN, END = "<!-- risk-table:begin -->", "<!-- risk-table:end -->"
+EXTRA = [("lenet-rgap", (1, 28, 28)), ("fcn3", (1, 28, 28))]
+
+
+def analyse(name, shape):
+    t = time.perf_counter()
+    rep = risk.analyse_architecture(name, input_shape=shape, num_classes=10)
+    sec = time.perf_counter() - t
+    d = rep.to_dict()
+    d["seconds"] = sec
+    d["summary"] = rep.summary()
+    print(f"{rep.summary()}  [{sec:.1f} s]", flush=True)
+    return d
+
+
+def _cell(v):
+    return "-" if v is None else str(v)
+
+
+def _kinds(problems) -> list[str]:
+    out = []
+    for p in problems:
+        what = p.split("(")[1].split(")")[0] if "(" in p else ""
+        kind = ("skip connections" if "skip connection" in p else "BatchNorm" if "BatchNorm" in p else
+                "pooling" if "pool" in p.lower() else f"{what} not invertible" if "not invertible" in p else what)
+        if kind not in out:
+            out.append(kind)
+    return out
+
+
+def markdown(rows) -> str:
+    out = ["| model | input | verdict | deficiency per layer (input side first) | RA-i | security index | s |",
+           "|---|---|---|---|---|---|---|"]
+    for d in rows:
+        shape = "x".join(map(str, d["input_shape"]))
+        if d["problems"] and all(l["deficiency"] is None for l in d["layers"]):
+            defs = "not analysed"
+        else:
+            defs = ", ".join(f"{l['label']} {_cell(l['deficiency'])}" for l in d["layers"])
+        verdict = d["verdict"]
+        if verdict.startswith("not possible: R-GAP does not apply"):
+            verdict = "R-GAP does not apply: " + ", ".join(_kinds(d["problems"]))
+        elif "not invertible" in verdict:
+            verdict = "not possible: " + ", ".join(_kinds(d["problems"]))
+        out.append(f"| {d['model']} | {shape} | {verdict} | {defs} | {_cell(d['ra_index'])} | "
+                   f"{_cell(d.get('security_index'))} | {d['seconds']:.1f} |")
+    return "\n".join(out)
+
+
+def main():
+    torch.set_num_threads(1)
+    try:
+        import threadpoolctl
+
+        threadpoolctl.threadpool_limits(1)
+    except ImportError:  # pragma: no cover
+        pass
+    rows = [analyse(n, (3, 32, 32)) for n in gl.models.models.names()]
+    rows += [analyse(n, s) for n, s in EXTRA]
+    out = {"benchmark": "risk", "command": "python benchmarks/bench_risk.py",
+           "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": 1,
+                       "load_average": list(os.getloadavg())},
+           "results": rows}
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(out, indent=1))
+    table = markdown(rows)
+    if DOC.exists():
+        text = DOC.read_text()
+        if BEGIN in text and END in text:
+            text = text[:text.index(BEGIN) + len(BEGIN)] + "\n" + table + "\n" + text[text.index(END):]
+            DOC.write_text(text)
+    print(table)
+    print("->", RESULTS)
+
+
+if __name__ == "__main__":
+    main()
