@@ -180,6 +180,13 @@ def test_walk_traces_custom_modules_and_functional_activations():
     assert chain.supported, chain.problems
     assert [l.name for l in chain] == ["c1", "fc"] and chain.layers[0].activation.name == "tanh"
 
+    class MyLinear(nn.Linear):  # subclasses of a registered type use its rule
+        pass
+
+    chain = L.walk(nn.Sequential(MyLinear(4, 3), nn.Tanh(), MyLinear(3, 1)), (4,))
+    assert chain.supported and all(isinstance(l, L.LinearLayer) for l in chain)
+    assert L.layer_rules()[nn.Conv2d] is L.Conv2dLayer
+
 
 def test_unsupported_layers_are_all_named_at_once():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 4, 3),

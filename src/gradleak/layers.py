@@ -744,6 +744,10 @@ class Chain:
         """Hidden layers whose activation has no inverse (the recursive attacks need one), formatted."""
         return _group(self.activation_issues())
 
+    def all_problems(self, *, invertible: bool = True) -> list[str]:
+        """Structural problems plus (``invertible``) non-invertible activations, grouped, naming each module."""
+        return _group(list(self.issues) + (self.activation_issues() if invertible else []))
+
     def __iter__(self):
         return iter(self.layers)
 
@@ -909,8 +913,7 @@ def require_chain(model: nn.Module, input_shape: Sequence[int], who: str, *, inv
     """Walk ``model`` and raise one :class:`RequirementError` listing EVERY problem (structural, and
     non-invertible activations when ``invertible``), plus ``extra`` problems of the caller."""
     chain = walk(model, input_shape)
-    issues = list(chain.issues) + (chain.activation_issues() if invertible else [])
-    problems = _group(issues) + list(extra)
+    problems = chain.all_problems(invertible=invertible) + list(extra)
     if problems:
         raise RequirementError(who, problems)
     return chain

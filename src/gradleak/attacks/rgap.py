@@ -196,9 +196,8 @@ class RGAP(Attack):
             extra.append(f"a one-step FedAvg update on a mini-batch of {o.local_batch_size} out of "
                          f"{case.batch_size} samples covers only part of the batch")
         chain = L.walk(case.model, case.spec.shape)
-        issues = list(chain.issues) + chain.activation_issues()
-        problems = L._group(issues)
-        if not issues and case.batch_size > 1 and not chain.all_linear:
+        problems = chain.all_problems(invertible=True)
+        if not problems and case.batch_size > 1 and not chain.all_linear:
             conv = [l.name for l in chain.layers if not isinstance(l, L.LinearLayer)]
             problems.append(f"R-GAP recovers one sample: batch size {case.batch_size} on a network with "
                             f"non-fully-connected layers {conv} (a batch on a fully connected network gives "
