@@ -117,6 +117,21 @@ def resnet18_224(args, out: dict) -> None:
     _write(out, args.out)
 
 
+def _git_state() -> str:
+    """HEAD commit, and whether the attack code differs from it (results depend on the attack version)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "src"], cwd=root, capture_output=True, text=True,
+                               timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + (" (src has uncommitted changes)" if dirty else "")
+
+
 def _write(out: dict, path: str) -> None:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
@@ -144,6 +159,7 @@ def main() -> None:
     out = {"benchmark": "trained", "torch": torch.__version__, "machine": platform.machine(), "threads": 1,
            "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": "python benchmarks/bench_trained.py"
            + (" --quick" if args.quick else "")}
+    out["git"] = _git_state()
     t = time.perf_counter()
     if "digits" in args.parts:
         digits_study(args, out)

@@ -234,3 +234,27 @@ def test_idlg_and_ig_on_untrained_and_trained_models_slow(lenet_run, digits):
             rec = gl.create("idlg", max_iterations=100, restarts=2).reconstruct(case.to(dtype=torch.float64), seed=0)
             idlg.append(float(psnr(rec.inputs.float(), truth.inputs)))
         assert sorted(idlg)[1] >= 30.0 and not any(math.isnan(v) for v in idlg), idlg
+
+
+def test_train_from_names_on_a_local_cifar_folder_and_an_image_folder(tmp_path, capsys):
+    import pickle
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "cifar-10-batches-py"
+    root.mkdir()
+    for name in [f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]:
+        with open(root / name, "wb") as fh:
+            pickle.dump({b"data": rng.integers(0, 256, (8, 3072), dtype=np.uint8),
+                         b"labels": [int(v) for v in rng.integers(0, 10, 8)]}, fh, protocol=2)
+    res = train_from_names("lenet", f"cifar10:{root}", epochs=1, out=tmp_path / "c.pt", progress=True)
+    assert res.train_indices.numel() + res.holdout_indices.numel() == 40  # the training split: 5 x 8 images
+    assert res.config["augment"] == "crop+flip" and res.config["spec"]["mean"][0] == pytest.approx(0.4914672)
+    for cls in ("a", "b"):
+        for i in range(3):
+            (tmp_path / "imgs" / cls).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(tmp_path / "imgs" / cls / f"{i}.png")
+    res = train_from_names("mlp", f"folder:{tmp_path / 'imgs'}", epochs=2, model_options={"width": 8})
+    assert res.config["num_classes"] == 2 and res.holdout_indices.numel() == 2 and len(res.accuracy) == 3
