@@ -8,8 +8,6 @@ channel. Only the requested images are decoded and resized.
 
 from __future__ import annotations
 
-import io
-import os
 import pickle
 from dataclasses import dataclass, field
 from functools import lru_cache
