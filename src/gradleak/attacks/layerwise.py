@@ -1,0 +1,800 @@
+"""Layer-wise reconstruction with a pull-back constraint (Chen, Campbell 2021, "Understanding Training-data
+Leakage from Gradients in Neural Networks for Image Classification", arXiv 2111.10178), with the per-layer
+gradient-matching correction of the authors' follow-up (BMVC 2022, where the whole is called COPA, combined
+optimisation attack). ALGORITHMS.md section 3.
+
+Setting: one image, a random (untrained) model that is a chain of Linear / Conv2d layers with invertible
+activations (tanh, leaky ReLU, sigmoid, softplus, identity), a last linear layer WITH bias, softmax
+cross-entropy, a FedSGD gradient. Earlier layers may be bias-free. Labels are read from the bias gradient when
+not given (its only negative entry).
+
+The method solves backwards from the output, one problem per layer (the systems are the shared ones of
+:mod:`gradleak.layers`, where the layer-wise paper's U x = V is R-GAP's [K; W] x = [dW; z - b]):
+
+1. Output layer: with k_d = dL/dz_d = db_d, dW_d = k_d x_d^T, so x_d = dW_d^T k_d / |k_d|^2 (the least-squares
+   form of x_d = dW_d[j, :] / db_d[j]); dL/dx_d = W_d^T k_d.
+2. Layer i = d-1 ... 0: z_i = sigma_i^{-1}(x_{i+1}), delta_i = (dL/dx_{i+1}) * sigma_i'(z_i),
+   dL/dx_i = W_i^T delta_i, and the layer's objective for its input x
+       lambda_w |W_i x - (z_i - b_i)|^2 + lambda_g |D_i(delta_i) x - vec dW_i|^2 (+ lambda_p PB_{i-1}(x)).
+   (a) closed form: the least-squares, minimum-norm solution of the stacked, block-balanced system (solved
+       from its smaller side: an underdetermined layer uses A A^T). A rank-deficient layer is reported.
+   (b) pull-back (option ``pullback``, ``pullback_steps`` > 0, i >= 1): x must be an output of layer i-1,
+       x = sigma_{i-1}(u), with u = W_{i-1} y + b_{i-1} for some input y ('forward' reading), and the
+       gradient of layer i-1 must be reproduced, K_{i-1}(delta_{i-1}(x)) y = dW_{i-1} with
+       delta_{i-1}(x) = (W_i^T delta_i) * sigma_{i-1}'(u) ('gradient' reading); 'both' uses both. The
+       paper's exact form could not be read; both readings are implemented and solved jointly over (u, y)
+       by L-BFGS or Adam, starting from the closed form of layer i and of layer i-1 below it.
+   (c) null-space prior (option ``prior_steps`` > 0; our addition, not in the papers): in a rank-deficient
+       layer, the directions of the null space of U_i change neither W_i x nor D_i x, hence no gradient from
+       layer i on: the gradient says nothing about them. Minimise TV(x) (the image prior, also applied to
+       feature maps) by Adam moving only inside x + null(U_i) (and the data's box / the activation's range),
+       so the layer's constraints stay exactly as solved.
+   (d) correction (option ``correction_steps`` > 0): starting from the above, minimise
+       a * sum_{parameter tensors of layers j >= i} (1 - cos(dL/dtheta(F_{i->d}(x), y), dtheta*)) + b * TV(x)
+       + c * (|W_i x - t_i|^2 / |t_i|^2 + |D_i x - dW_i|^2 / |dW_i|^2) / 2
+       with Adam, the (a, b, c) and steps of ALGORITHMS.md 3 per depth (input layer, second layer, deeper
+       layers) as the preset 'paper' (Adam's learning rate 1e-3, constant, as in the authors' code). For
+       i >= 1 the variable is the preceding layer's pre-activation u (x = sigma(u) stays in the activation's
+       range); for the input layer the image (normalised space, clamped to the data's box).
+
+Scale conventions: TV is the mean absolute neighbour difference (as in the authors' code and Inverting
+Gradients); our squared system residuals are relative (divided by the squared norm of their right-hand side,
+each block separately) where the authors' code uses the raw |U x - V|^2, so the weight c is scale-free here.
+The authors' images live in [-0.5, 0.5]; ours in the data's normalised space.
+
+Per-layer report: ``Reconstruction.info["layers"]`` (input side first), one JSON-able dict per layer with
+name, label, kind, unknowns, constraints, rank, deficiency (= unknowns - rank >= 0), security_deficiency
+(= rank - unknowns <= 0), condition, residual_weight / residual_grad (relative, final), closed_form
+(their values after step (a)), residual_pullback, pullback / correction summaries and seconds.
+``info["security_index"]`` is the security metric S from these ranks (see :mod:`gradleak.risk.security`).
+:func:`trace` also returns the per-layer reconstructed inputs and, given the truth, each layer's input error.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .. import layers as L
+from ..case import Case, FedSGD, Truth
+from ..errors import NumericalError, RequirementError
+from ..risk.security import security_index
+from .base import Attack, Reconstruction, RunContext, create, register
+from .optimization.common import total_variation
+
+__all__ = ["Layerwise", "LayerwiseOptions", "LayerwiseTrace", "trace", "layer_input_errors", "PULLBACK_MODES"]
+
+PULLBACK_MODES = ("none", "forward", "gradient", "both")
+OPTIMIZERS = ("lbfgs", "adam")
+SCHEDULES = ("constant", "step")
+
+#: activations whose output range is bounded; the inverse is taken after clamping into it with a margin
+_RANGES = {"tanh": (-1.0, 1.0), "sigmoid": (0.0, 1.0), "softplus": (0.0, math.inf)}
+
+
+@dataclass
+class LayerwiseOptions:
+    """Hyperparameters of the layer-wise attack (defaults: the paper's budgets; presets 'fast', 'closed-form').
+
+    rtol: numerical-rank tolerance of the closed form (singular values of the block-balanced system below
+        rtol * |A|_F count as zero). weight_weight / gradient_weight: lambda_w / lambda_g of the closed form and
+        the pull-back (their ratio scales the balanced weight block).
+    pullback: 'none' | 'forward' | 'gradient' | 'both' (the readings of the pull-back term, see the module
+        docstring); pullback_weight: lambda_p; pullback_steps: iterations (0: skip); pullback_optimizer: 'lbfgs'
+        or 'adam'; pullback_lr: its learning rate.
+    correction_steps / correction_match (a) / correction_tv (b) / correction_system (c): per depth (input
+        layer, second layer, deeper layers); correction_lr: Adam's learning rate; correction_schedule:
+        'constant' (the authors') or 'step' (x0.1 at 3/8, 5/8, 7/8 of the steps); correction_layers: how many
+        layers, counted from the input side, get the correction (-1: all).
+    prior_steps / prior_lr: the null-space prior (step (c) of the module docstring; 0: skip) in each
+        rank-deficient layer.
+    max_dense: unknowns above which an overdetermined layer is solved by matrix-free LSQR.
+    """
+
+    rtol: float = L.DEFAULT_RTOL
+    weight_weight: float = 1.0
+    gradient_weight: float = 1.0
+    pullback: str = "both"
+    pullback_weight: float = 1.0
+    pullback_steps: int = 100
+    pullback_optimizer: str = "lbfgs"
+    pullback_lr: float = 1.0
+    correction_steps: tuple = (10000, 8000, 1000)
+    correction_match: tuple = (1.0, 1.0, 10.0)
+    correction_tv: tuple = (1.0, 1.0, 0.1)
+    correction_system: tuple = (0.05, 0.1, 1.0)
+    correction_lr: float = 0.001
+    correction_schedule: str = "constant"
+    correction_layers: int = -1
+    prior_steps: int = 0
+    prior_lr: float = 0.1
+    max_dense: int = 12000
+
+
+@register("layerwise", aliases=("copa", "layer-wise"))
+class Layerwise(Attack):
+    """Layer-wise reconstruction from the output back: closed-form least squares per layer, an optional
+    pull-back penalty from the preceding layer, and an optional per-layer gradient-matching correction.
+
+    Implements Chen & Campbell 2021 (arXiv 2111.10178) with the correction of their follow-up (COPA, BMVC 2022);
+    see the module docstring. One image, FedSGD, cross-entropy, last layer linear with bias."""
+
+    paper = ("Chen, Campbell. Understanding Training-data Leakage from Gradients in Neural Networks for Image "
+             "Classification. arXiv:2111.10178, 2021 (+ the per-layer correction of their BMVC 2022 follow-up)")
+    Options = LayerwiseOptions
+    presets = {
+        # ALGORITHMS.md 3 / the authors' code: (a, b, c) = (1, 1, 0.05) x 10,000 steps at the input layer,
+        # (1, 1, 0.1) x 8,000 (4 x 2,000) at the second, (10, 0.1, 1) x 1,000 deeper; Adam lr 1e-3, constant
+        "paper": dict(correction_steps=(10000, 8000, 1000), correction_match=(1.0, 1.0, 10.0),
+                      correction_tv=(1.0, 1.0, 0.1), correction_system=(0.05, 0.1, 1.0), correction_lr=0.001,
+                      correction_schedule="constant", pullback="both", pullback_steps=100, prior_steps=0),
+        # our tuned budget that runs in seconds: null-space prior, short pull-back, a gradient-matching
+        # correction with a light TV at the input layer (the paper's TV weight 1 undoes the prior there)
+        "fast": dict(prior_steps=300, prior_lr=0.1, pullback="both", pullback_steps=20,
+                     correction_steps=(300, 100, 50), correction_match=(1.0, 1.0, 10.0),
+                     correction_tv=(0.01, 0.1, 0.1), correction_system=(0.05, 0.1, 1.0), correction_lr=0.03,
+                     correction_schedule="step"),
+        # the closed form alone (steps (a) only)
+        "closed-form": dict(pullback="none", pullback_steps=0, correction_steps=(0, 0, 0), prior_steps=0),
+    }
+    default_preset = "fast"
+
+    def check_options(self, o: LayerwiseOptions) -> list[str]:
+        p = []
+        if not (0 < o.rtol < 1):
+            p.append(f"rtol must be in (0, 1), got {o.rtol}")
+        for nm in ("weight_weight", "gradient_weight", "pullback_weight", "pullback_lr", "correction_lr", "prior_lr"):
+            v = getattr(o, nm)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                p.append(f"{nm} must be a positive number, got {v!r}")
+        if o.pullback not in PULLBACK_MODES:
+            p.append(f"pullback must be one of {PULLBACK_MODES}, got {o.pullback!r}")
+        if o.pullback_optimizer not in OPTIMIZERS:
+            p.append(f"pullback_optimizer must be one of {OPTIMIZERS}, got {o.pullback_optimizer!r}")
+        for nm in ("pullback_steps", "prior_steps"):
+            v = getattr(o, nm)
+            if not isinstance(v, int) or v < 0:
+                p.append(f"{nm} must be an int >= 0, got {v!r}")
+        if o.correction_schedule not in SCHEDULES:
+            p.append(f"correction_schedule must be one of {SCHEDULES}, got {o.correction_schedule!r}")
+        for nm, kind in (("correction_steps", int), ("correction_match", float),
+                         ("correction_tv", float), ("correction_system", float)):
+            v = getattr(o, nm)
+            ok = isinstance(v, tuple) and len(v) == 3 and all(
+                isinstance(e, (int, float)) and not isinstance(e, bool) and math.isfinite(e) and e >= 0 for e in v)
+            if ok and kind is int:
+                ok = all(float(e).is_integer() for e in v)
+            if not ok:
+                p.append(f"{nm} must be 3 non-negative {'integers' if kind is int else 'numbers'} (input layer, "
+                         f"second layer, deeper layers), got {v!r}")
+        if not isinstance(o.correction_layers, int) or o.correction_layers < -1:
+            p.append(f"correction_layers must be -1 (all) or an int >= 0, got {o.correction_layers!r}")
+        if not isinstance(o.max_dense, int) or o.max_dense < 1:
+            p.append(f"max_dense must be a positive int, got {o.max_dense!r}")
+        return p
+
+    def requirements(self, case: Case) -> list[str]:
+        return requirement_problems(case)
+
+    def _reconstruct(self, case: Case, ctx: RunContext) -> Reconstruction:
+        run = _run(case, self.options, ctx)
+        return run.reconstruction(case)
+
+
+# =====================================================================================================
+# Requirements
+# =====================================================================================================
+
+def requirement_problems(case: Case) -> list[str]:
+    """Every reason the layer-wise attack cannot run on ``case`` (one sentence each; [] if none): batch size,
+    protocol, loss, the model's structure (unsupported layers, skip connections, non-invertible activations,
+    each naming the module) and the head (last layer linear with a bias)."""
+    from .labels import last_linear
+
+    problems: list[str] = []
+    if case.batch_size != 1:
+        problems.append(f"needs batch size 1 (the layer systems are per sample), got {case.batch_size}")
+    if not isinstance(case.observation, FedSGD):
+        problems.append(f"needs a FedSGD gradient (one exact gradient), got a {case.protocol} update")
+    if case.loss != "cross-entropy":
+        problems.append(f"needs the softmax cross-entropy loss (a multi-class head with a bias), got {case.loss!r}")
+    chain = L.walk(case.model, case.spec.shape)
+    problems += chain.problems
+    problems += chain.activation_problems()
+    if chain.issues and chain.layers and not chain.layers[-1].activation.invertible:
+        # the walker stopped before the head: the last layer it kept is a hidden layer, check it too
+        last = chain.layers[-1]
+        problems.append(f"'{last.activation_name or 'after ' + last.name}' ({last.activation.name}): not invertible: "
+                        "the layer-wise attack needs an invertible activation after each hidden layer (identity, "
+                        "leaky-relu, sigmoid, tanh, softplus)")
+    head = chain.head if not chain.issues else None
+    if head is not None and not isinstance(head, L.LinearLayer):
+        problems.append(f"the last layer '{head.name}' must be linear (nn.Linear), got {type(head.module).__name__}")
+    else:
+        hit = last_linear(case)
+        if hit is None:
+            problems.append("needs a last nn.Linear layer whose gradient is observed (found none)")
+        elif hit[1].bias is None:
+            problems.append(f"the last layer '{hit[0]}' has no bias: the layer-wise attack starts from "
+                            "x_d = dW[j, :] / db[j] and needs the bias gradient")
+        elif hit[1].out_features < 2:
+            problems.append(f"the last layer '{hit[0]}' has {hit[1].out_features} output; softmax cross-entropy "
+                            "needs >= 2")
+    return problems
+
+
+# =====================================================================================================
+# Closed-form solutions (from the smaller side)
+# =====================================================================================================
+
+class _RowSide:
+    """Minimum-norm least squares of an underdetermined balanced system A x = b through the row Gram
+    H = A A^T (m x m, m < n): x = A^T H^+ b (+ one refinement step), H^+ from the eigenvectors of H. Also the
+    null-space projector P g = g - A^T H^+ A g."""
+
+    def __init__(self, system: L.LayerSystem, rtol: float):
+        A, b = system.sparse()
+        self.A = A
+        self.AT = A.T.tocsr()
+        self.b = b
+        H = torch.from_numpy((A @ A.T).toarray())
+        lam, V = torch.linalg.eigh(H)
+        sig = lam.clamp_min(0).sqrt()
+        tol = rtol * math.sqrt(max(float(lam.clamp_min(0).sum()), 0.0))
+        keep = sig > tol
+        self.rank = int(keep.sum())
+        self.V = V[:, keep].contiguous()
+        self.lam = lam[keep].contiguous()
+        self.condition = float(sig.max() / sig[keep].min()) if self.rank else None
+
+    def hplus(self, v: np.ndarray) -> np.ndarray:
+        t = torch.from_numpy(np.ascontiguousarray(v))
+        return (self.V @ ((self.V.T @ t) / self.lam)).numpy()
+
+    def solve(self, refine: int = 1) -> np.ndarray:
+        x = self.AT @ self.hplus(self.b)
+        for _ in range(refine):
+            r = self.b - self.A @ x
+            x = x + self.AT @ self.hplus(r)
+        return x
+
+    def project(self, g: torch.Tensor) -> torch.Tensor:
+        """g minus its component in the row space: g - A^T H^+ A g (g: (n,) float64)."""
+        Ag = self.A @ g.detach().numpy()
+        return g - torch.from_numpy(self.AT @ self.hplus(Ag))
+
+
+class _ColumnNull:
+    """Null-space projector of a rank-deficient overdetermined system from the eigenvectors of A^T A."""
+
+    def __init__(self, system: L.LayerSystem, rtol: float):
+        G = system.gram().clone()
+        lam, V = torch.linalg.eigh(G)
+        tol = rtol * math.sqrt(max(float(lam.clamp_min(0).sum()), 0.0))
+        null = lam.clamp_min(0).sqrt() <= tol
+        self.N = V[:, null].contiguous()
+        self.rank = int(G.shape[0] - self.N.shape[1])
+
+    def project(self, g: torch.Tensor) -> torch.Tensor:
+        return self.N @ (self.N.T @ g)
+
+
+def _closed_form(system: L.LayerSystem, rtol: float, max_dense: int) -> tuple[L.Solution, _RowSide | None]:
+    n, m = system.unknowns, system.constraints
+    if m < n:
+        rs = _RowSide(system, rtol)
+        x = torch.from_numpy(rs.solve())
+        tot, rg, rw = system.residuals(x)
+        sol = L.Solution(x.reshape(system.layer.in_shape), rs.rank, n, m, tot, rg, rw, rs.condition, "rows-eigh", rtol)
+        return sol, rs
+    return system.solve(rtol=rtol, max_dense=max_dense), None
+
+
+# =====================================================================================================
+# Pieces of the objectives
+# =====================================================================================================
+
+def _clamp_range(act: L.Activation, y: torch.Tensor, margin: float = 1e-6) -> torch.Tensor:
+    lo, hi = _RANGES.get(act.name, (-math.inf, math.inf))
+    if math.isfinite(lo) or math.isfinite(hi):
+        span = (hi - lo) if math.isfinite(hi) and math.isfinite(lo) else 1.0
+        return y.clamp(lo + margin * span if math.isfinite(lo) else None,
+                       hi - margin * span if math.isfinite(hi) else None)
+    return y
+
+
+def _inverse(act: L.Activation, y: torch.Tensor) -> torch.Tensor:
+    return act.inverse(_clamp_range(act, y))
+
+
+def _rel2(r: torch.Tensor, ref2: float) -> torch.Tensor:
+    return r.pow(2).sum() / ref2
+
+
+def _nz(v: float) -> float:
+    return v if v > 0 else 1.0
+
+
+@dataclass
+class _Sub:
+    """The sub-network from layer i to the output, for the correction: its weights, biases, the observed
+    gradient of each parameter tensor and the label."""
+
+    layers: list[L.Layer]
+    weights: list[torch.Tensor]
+    biases: list[torch.Tensor | None]
+    observed: list[torch.Tensor]  # per parameter tensor, in the order (w_i, b_i, w_i+1, b_i+1, ...), flat
+    label: torch.Tensor
+
+    @classmethod
+    def build(cls, layers: list[L.Layer], params: dict, grads: dict, label: int) -> "_Sub":
+        obs = []
+        for l in layers:
+            obs.append(grads[l.weight_name].reshape(-1))
+            if l.has_bias:
+                obs.append(grads[l.bias_name].reshape(-1))
+        return cls(list(layers), [params[l.weight_name] for l in layers],
+                   [params[l.bias_name] if l.has_bias else None for l in layers], obs, torch.tensor([label]))
+
+    def match(self, x: torch.Tensor) -> torch.Tensor:
+        """sum over the parameter tensors of layers j >= i of 1 - cos(dL/dtheta(x), observed); x (in_shape of
+        layers[0]). Differentiable w.r.t. x."""
+        with torch.enable_grad():
+            ws = [w.detach().requires_grad_(True) for w in self.weights]
+            bs = [None if b is None else b.detach().requires_grad_(True) for b in self.biases]
+            h = x
+            for j, layer in enumerate(self.layers):
+                h = h.reshape(1, *layer.in_shape)
+                z = layer.add_bias(layer.apply_weight(h, ws[j]), bs[j])
+                h = z if j == len(self.layers) - 1 else layer.activation.fn(z)
+            loss = F.cross_entropy(h.reshape(1, -1), self.label)
+            params = [t for pair in zip(ws, bs) for t in pair if t is not None]
+            grads = torch.autograd.grad(loss, params, create_graph=x.requires_grad)
+        out = x.new_zeros(())
+        for g, ob in zip(grads, self.observed):
+            g = g.reshape(-1)
+            out = out + 1 - (g @ ob) / (g.norm() * ob.norm()).clamp_min(1e-300)
+        return out
+
+
+def _adam(loss_fn, var: torch.Tensor, steps: int, lr: float, *, clamp=None, project=None, ctx: RunContext | None,
+          tag: str, schedule: str = "step", anchor: torch.Tensor | None = None) -> tuple[torch.Tensor, list[float]]:
+    """Adam on ``var``; schedule 'step': learning rate x0.1 at 3/8, 5/8, 7/8 of the steps, 'constant': none.
+    Keeps the best iterate (by ``loss_fn``). ``clamp`` restores a box after each step; ``project`` (a map of
+    displacements) then keeps the iterate on the affine set anchor + range(project):
+    var <- anchor + project(var - anchor) (anchor: the start by default)."""
+    start = var.detach().clone()
+    anchor = start if anchor is None else anchor.detach()
+    var = start.clone().requires_grad_(True)
+    opt = torch.optim.Adam([var], lr=lr)
+    marks = {int(steps * f) for f in (3 / 8, 5 / 8, 7 / 8)} if schedule == "step" else set()
+    best, best_val, hist = var.detach().clone(), math.inf, []
+    for step in range(steps):
+        if step in marks:
+            for g in opt.param_groups:
+                g["lr"] *= 0.1
+        opt.zero_grad()
+        val = loss_fn(var)
+        v = float(val.detach())
+        if not math.isfinite(v):
+            break
+        hist.append(v)
+        if v < best_val:
+            best_val, best = v, var.detach().clone()
+        val.backward()
+        opt.step()
+        with torch.no_grad():
+            if clamp is not None:
+                var.copy_(clamp(var))
+            if project is not None:
+                var.copy_(anchor + project(var - anchor))
+        if ctx is not None:
+            ctx.update(1, loss=v, stage=tag)
+    v = float(loss_fn(var.detach()).detach())
+    if math.isfinite(v) and v < best_val:
+        best_val, best = v, var.detach().clone()
+    return best, hist
+
+
+def _lbfgs(loss_fn, var: torch.Tensor, steps: int, lr: float, *, ctx: RunContext | None,
+           tag: str) -> tuple[torch.Tensor, list[float]]:
+    """L-BFGS (strong Wolfe line search) on ``var``; keeps the best finite iterate."""
+    var = var.detach().clone().requires_grad_(True)
+    opt = torch.optim.LBFGS([var], lr=lr, max_iter=1, history_size=50, line_search_fn="strong_wolfe")
+    best, best_val, hist = var.detach().clone(), math.inf, []
+
+    def closure():
+        opt.zero_grad()
+        val = loss_fn(var)
+        val.backward()
+        return val
+
+    for _ in range(steps):
+        with torch.no_grad():
+            v = float(loss_fn(var))
+        if not math.isfinite(v):
+            break
+        hist.append(v)
+        if v < best_val:
+            best_val, best = v, var.detach().clone()
+        opt.step(closure)
+        if ctx is not None:
+            ctx.update(1, loss=v, stage=tag)
+    with torch.no_grad():
+        v = float(loss_fn(var.detach()))
+    if math.isfinite(v) and v < best_val:
+        best = var.detach().clone()
+    return best, hist
+
+
+# =====================================================================================================
+# The backward pass
+# =====================================================================================================
+
+@dataclass
+class LayerwiseTrace:
+    """Everything one run produced: ``inputs`` (per layer, input side first, float64 tensors of the layer's
+    in_shape; ``inputs[0]`` is the normalised image), ``closed_form`` (the same after step (a) only),
+    ``layers`` (the JSON-able per-layer report), ``label``, ``security_index`` and, with the truth given to
+    :func:`trace`, ``errors`` (per-layer input errors, see :func:`layer_input_errors`)."""
+
+    inputs: list[torch.Tensor]
+    closed_form: list[torch.Tensor]
+    layers: list[dict]
+    label: int
+    label_source: str
+    security_index: int | None
+    kind: str
+    history: list[float] = field(default_factory=list)
+    errors: list[dict] | None = None
+    chain: L.Chain | None = None
+
+    def reconstruction(self, case: Case) -> Reconstruction:
+        x = self.inputs[0].reshape(1, *case.spec.shape).to(case.dtype).to(case.device)
+        info: dict[str, Any] = {"kind": self.kind, "layers": self.layers, "security_index": self.security_index,
+                                "labels": {"labels": [self.label], "method": self.label_source}}
+        if self.errors is not None:
+            info["layer_errors"] = self.errors
+        return Reconstruction(inputs=case.spec.denormalize(x), labels=torch.tensor([self.label], device=case.device),
+                              history=list(self.history), info=info)
+
+
+def _label(case: Case, db: torch.Tensor) -> tuple[int, str]:
+    if case.labels is not None:
+        return int(case.labels[0]), "known"
+    neg = (db < 0).nonzero().reshape(-1)
+    if neg.numel() == 0:
+        raise NumericalError("layerwise: the bias gradient of the last layer has no negative entry, so the label "
+                             "cannot be read from it (expected dL/db = softmax - onehot); give the label")
+    return int(db.argmin()), "bias-gradient"
+
+
+def _run(case: Case, o: LayerwiseOptions, ctx: RunContext) -> LayerwiseTrace:
+    dt = torch.float64
+    chain = L.walk(case.model, case.spec.shape)
+    params = {k: v.detach().to(dt).cpu() for k, v in case.parameters.items()}
+    grads = {k: v.detach().to(dt).cpu() for k, v in case.observed.items()}
+    layers = chain.layers
+    n = len(layers)
+    head = layers[-1]
+    Wd, bd = params[head.weight_name], params[head.bias_name]
+    dWd, dbd = grads[head.weight_name], grads[head.bias_name]
+    label, label_source = _label(case, dbd)
+    t0 = time.perf_counter()
+
+    # ---- budget for the progress bar -----------------------------------------------------------------
+    def depth_of(i: int) -> int:
+        return min(i, 2)
+
+    def corrected(i: int) -> bool:
+        return o.correction_layers < 0 or i < o.correction_layers
+
+    total = 0
+    for i in range(n - 1):
+        total += o.prior_steps  # an upper bound: only rank-deficient layers use it
+        if i >= 1 and o.pullback != "none":
+            total += o.pullback_steps
+        if corrected(i):
+            total += int(o.correction_steps[depth_of(i)])
+    if total:
+        ctx.progress(total)
+
+    # ---- step 1: the output layer ------------------------------------------------------------------------
+    k = dbd
+    kk = float(k @ k)
+    if kk == 0.0:
+        raise NumericalError("layerwise: the bias gradient of the last layer is zero (a perfectly classified "
+                             "sample leaks nothing through it)")
+    x_head = dWd.T @ k / kk
+    probs = torch.softmax(Wd @ x_head + bd, 0)
+    onehot = F.one_hot(torch.tensor(label), head.n_out).to(dt)
+    head_rep = {"index": head.index, "name": head.name, "label": head.label, "kind": "head", "unknowns": head.n_in,
+                "constraints": head.n_weights + head.n_out, "rank": head.n_in, "deficiency": 0,
+                "security_deficiency": None, "condition": 1.0, "method": "bias",
+                "residual_grad": float((torch.outer(k, x_head) - dWd).norm() / _nz(float(dWd.norm()))),
+                "residual_bias": float((probs - onehot - dbd).norm() / _nz(float(dbd.norm()))),
+                "residual_weight": None, "residual_pullback": None, "seconds": time.perf_counter() - t0}
+    reports: list[dict] = [head_rep]
+    x_next = x_head.reshape(head.in_shape)
+    g_next = (Wd.T @ k).reshape(head.in_shape)
+    inputs: list[torch.Tensor] = [x_next]
+    closed: list[torch.Tensor] = [x_next.clone()]
+    history: list[float] = []
+    wr = math.sqrt(o.weight_weight / o.gradient_weight)
+
+    # ---- step 2: every earlier layer, from the output back -------------------------------------------------
+    for i in range(n - 2, -1, -1):
+        ts = time.perf_counter()
+        layer = layers[i]
+        W = params[layer.weight_name]
+        b = params[layer.bias_name] if layer.has_bias else None
+        dW = grads[layer.weight_name]
+        act = layer.activation
+        xo = x_next.reshape(layer.out_shape)
+        go = g_next.reshape(layer.out_shape)
+        z_hat = _inverse(act, xo)
+        delta = go * act.grad(z_hat)
+        target = z_hat - (b.reshape(layer.bias_shape()) if b is not None else 0.0)
+        system = L.LayerSystem(layer, W, delta, dW, target, weight_ratio=wr)
+        sol, rowside = _closed_form(system, o.rtol, o.max_dense)
+        x = sol.x.reshape(layer.in_shape).to(dt)
+        x_cf = x.clone()
+        rep: dict[str, Any] = {"index": layer.index, "name": layer.name, "label": layer.label, "kind": layer.kind,
+                               "activation": act.name, "unknowns": sol.unknowns, "constraints": sol.constraints,
+                               "rank": sol.rank, "deficiency": sol.deficiency,
+                               "security_deficiency": -sol.deficiency,
+                               "condition": sol.condition if sol.condition is None or math.isfinite(sol.condition)
+                               else None, "method": sol.method,
+                               "closed_form": {"residual_weight": sol.residual_weight,
+                                               "residual_grad": sol.residual_gradient}}
+        t_ref2 = _nz(float(target.pow(2).sum()))
+        g_ref2 = _nz(float(dW.pow(2).sum()))
+
+        def system_term(xv: torch.Tensor) -> torch.Tensor:
+            xb = xv.reshape(1, *layer.in_shape)
+            rw = layer.apply_weight(xb, W)[0] - target
+            rg = layer.apply_grad(delta, xb[0]) - dW
+            return (o.weight_weight * _rel2(rw, t_ref2) + o.gradient_weight * _rel2(rg, g_ref2)) / \
+                (o.weight_weight + o.gradient_weight)
+
+        # (b) pull-back from the preceding layer
+        rep["residual_pullback"] = None
+        if i >= 1 and o.pullback != "none" and o.pullback_steps > 0:
+            x, pb = _pullback(layers[i - 1], layer, params, grads, W, delta, x, system_term, o, ctx)
+            rep["pullback"] = pb
+            rep["residual_pullback"] = pb["residual_end"]
+            history += pb.pop("_history")
+        # (c) the null-space prior in a rank-deficient layer
+        if o.prior_steps > 0 and sol.deficiency > 0:
+            projector = rowside if rowside is not None else _ColumnNull(system, o.rtol)
+            x, pr = _prior(case, i, layers, x, projector, o, ctx)
+            rep["prior"] = pr
+            history += pr.pop("_history")
+        # (d) the per-layer gradient-matching correction
+        if corrected(i) and int(o.correction_steps[depth_of(i)]) > 0:
+            sub = _Sub.build(layers[i:], params, grads, label)
+            x, cr = _correct(case, i, layers, x, sub, system_term, o, depth_of(i), ctx)
+            rep["correction"] = cr
+            history += cr.pop("_history")
+        tot, rg, rw = system.residuals(x)
+        rep["residual_weight"], rep["residual_grad"] = rw, rg
+        rep["seconds"] = time.perf_counter() - ts
+        reports.insert(0, rep)
+        inputs.insert(0, x.reshape(layer.in_shape))
+        closed.insert(0, x_cf.reshape(layer.in_shape))
+        g_next = layer.apply_weight_T(delta.reshape(1, *layer.out_shape), W)[0].reshape(layer.in_shape)
+        x_next = x.reshape(layer.in_shape)
+        if not torch.isfinite(x_next).all():
+            raise NumericalError(f"layerwise: layer {layer.label} ('{layer.name}') produced a non-finite input")
+
+    hidden = reports[:-1]
+    sec = security_index([r["security_deficiency"] for r in hidden], n) if n >= 1 else 0
+    kind = "exact" if all(r["deficiency"] == 0 for r in hidden) else "estimate"
+    ctx.offer(0.0, case.spec.denormalize(inputs[0].reshape(1, *case.spec.shape)))
+    return LayerwiseTrace(inputs=inputs, closed_form=closed, layers=reports, label=label, label_source=label_source,
+                          security_index=sec, kind=kind, history=history, chain=chain)
+
+
+def _pullback(prev: L.Layer, layer: L.Layer, params, grads, W, delta, x0: torch.Tensor, system_term,
+              o: LayerwiseOptions, ctx) -> tuple[torch.Tensor, dict]:
+    """Refine layer i's input x jointly with the preceding layer's input y under the pull-back penalty;
+    returns the new x and a report."""
+    dt = torch.float64
+    act = prev.activation
+    Wp = params[prev.weight_name]
+    bp = params[prev.bias_name] if prev.has_bias else None
+    dWp = grads[prev.weight_name]
+    bshape = prev.bias_shape()
+    gp = layer.apply_weight_T(delta.reshape(1, *layer.out_shape), W)[0].reshape(prev.out_shape)  # dL/dx_i
+    u0 = _inverse(act, x0.reshape(prev.out_shape))
+    # y0: the closed form of the preceding layer given x0
+    d0 = gp * act.grad(u0)
+    t0 = u0 - (bp.reshape(bshape) if bp is not None else 0.0)
+    sys_p = L.LayerSystem(prev, Wp, d0, dWp, t0, weight_ratio=math.sqrt(o.weight_weight / o.gradient_weight))
+    sol_p, _ = _closed_form(sys_p, o.rtol, o.max_dense)
+    y0 = sol_p.x.reshape(prev.in_shape).to(dt)
+    u_ref2 = _nz(float(u0.pow(2).sum()))
+    gp_ref2 = _nz(float(dWp.pow(2).sum()))
+    nu = u0.numel()
+    use_f = o.pullback in ("forward", "both")
+    use_g = o.pullback in ("gradient", "both")
+
+    def split(v):
+        return v[:nu].reshape(prev.out_shape), v[nu:].reshape(prev.in_shape)
+
+    def pb_term(u, y):
+        out = u.new_zeros(())
+        if use_f:
+            z = prev.apply_weight(y.reshape(1, *prev.in_shape), Wp)[0]
+            z = z + (bp.reshape(bshape) if bp is not None else 0.0)
+            out = out + _rel2(z - u, u_ref2)
+        if use_g:
+            dp = gp * act.grad(u)
+            out = out + _rel2(prev.apply_grad(dp, y) - dWp, gp_ref2)
+        return out
+
+    def objective(v):
+        u, y = split(v)
+        x = act.fn(u).reshape(layer.in_shape)
+        return (o.weight_weight + o.gradient_weight) * system_term(x) + o.pullback_weight * pb_term(u, y)
+
+    v0 = torch.cat([u0.reshape(-1), y0.reshape(-1)])
+    with torch.no_grad():
+        start = float(objective(v0))
+        pb_start = float(pb_term(u0, y0))
+    if o.pullback_optimizer == "lbfgs":
+        v, hist = _lbfgs(objective, v0, o.pullback_steps, o.pullback_lr, ctx=ctx, tag=f"pullback {layer.label}")
+    else:
+        v, hist = _adam(objective, v0, o.pullback_steps, o.pullback_lr, ctx=ctx, tag=f"pullback {layer.label}")
+    u, y = split(v)
+    with torch.no_grad():
+        end = float(objective(v))
+        pb_end = float(pb_term(u, y))
+    if not (math.isfinite(end) and end <= start):
+        u, end, pb_end = u0, start, pb_start
+    x = act.fn(u).reshape(layer.in_shape).detach()
+    return x, {"mode": o.pullback, "optimizer": o.pullback_optimizer, "steps": len(hist),
+               "objective_start": start, "objective_end": end, "residual_start": math.sqrt(pb_start),
+               "residual_end": math.sqrt(pb_end), "_history": hist}
+
+
+def _variable(case: Case, i: int, layers: list[L.Layer], x0: torch.Tensor, *, direct: bool):
+    """(var0, to_x, clamp, map_shape) for optimising layer i's input x0: the image (clamped to the data's box)
+    for i = 0; for i >= 1 either x itself clamped to the preceding activation's range (``direct``) or the
+    preceding layer's pre-activation u with x = sigma(u)."""
+    layer = layers[i]
+    if i == 0:
+        lo, hi = case.spec.bounds(x0)
+        lo, hi = lo.to(x0.dtype), hi.to(x0.dtype)
+        clamp = lambda v: torch.maximum(torch.minimum(v, hi), lo)  # noqa: E731
+        return clamp(x0.reshape(layer.in_shape)), (lambda v: v), clamp, layer.in_shape
+    act = layers[i - 1].activation
+    shape = layers[i - 1].out_shape
+    if direct:
+        return (_clamp_range(act, x0.reshape(layer.in_shape)), (lambda v: v),
+                (lambda v: _clamp_range(act, v)), shape)
+    return _inverse(act, x0.reshape(shape)), (lambda v: act.fn(v).reshape(layer.in_shape)), None, shape
+
+
+def _tv(x: torch.Tensor, shape) -> torch.Tensor:
+    return total_variation(x.reshape(1, *shape)) if len(shape) == 3 else x.new_zeros(())
+
+
+def _prior(case: Case, i: int, layers: list[L.Layer], x0: torch.Tensor, projector, o: LayerwiseOptions,
+           ctx) -> tuple[torch.Tensor, dict]:
+    """TV minimisation inside x0 + null(U_i) (Adam, step decay; box / range clamp, then re-projection)."""
+    var0, to_x, clamp, shape = _variable(case, i, layers, x0, direct=True)
+    project = lambda dv: projector.project(dv.reshape(-1)).reshape(dv.shape)  # noqa: E731
+    objective = lambda v: _tv(v, shape)  # noqa: E731
+    start = float(objective(var0))
+    v, hist = _adam(objective, var0, o.prior_steps, o.prior_lr, clamp=clamp, project=project, ctx=ctx,
+                    tag=f"prior {layers[i].label}", schedule="step", anchor=x0.reshape(var0.shape))
+    end = float(objective(v))
+    if not (math.isfinite(end) and end <= start):
+        v, end = var0, start
+    return to_x(v).detach().reshape(layers[i].in_shape), {
+        "steps": len(hist), "tv_start": start, "tv_end": end, "null_dim": int(layers[i].n_in - _rank_of(projector)),
+        "_history": hist}
+
+
+def _rank_of(projector) -> int:
+    return int(projector.rank)
+
+
+def _correct(case: Case, i: int, layers: list[L.Layer], x0: torch.Tensor, sub: "_Sub", system_term,
+             o: LayerwiseOptions, d: int, ctx) -> tuple[torch.Tensor, dict]:
+    """The per-layer gradient-matching correction (step (d)); returns the new x and a report."""
+    a, b, c = float(o.correction_match[d]), float(o.correction_tv[d]), float(o.correction_system[d])
+    steps = int(o.correction_steps[d])
+    layer = layers[i]
+    var0, to_x, clamp, shape = _variable(case, i, layers, x0, direct=False)
+
+    def objective(v):
+        x = to_x(v)
+        out = x.new_zeros(())
+        if a:
+            out = out + a * sub.match(x)
+        if b:
+            out = out + b * _tv(x, shape)
+        if c:
+            out = out + c * system_term(x)
+        return out
+
+    start = float(objective(var0).detach())
+    v, hist = _adam(objective, var0, steps, o.correction_lr, clamp=clamp, ctx=ctx, tag=f"correction {layer.label}",
+                    schedule=o.correction_schedule)
+    end = float(objective(v).detach())
+    if not (math.isfinite(end) and end <= start):
+        v, end = var0, start
+    x = to_x(v).detach().reshape(layer.in_shape)
+    with torch.no_grad():
+        match_end = float(sub.match(x).detach())
+    return x, {"steps": len(hist), "weights": [a, b, c], "objective_start": start, "objective_end": end,
+               "match_end": match_end, "_history": hist}
+
+
+# =====================================================================================================
+# Tracing with the truth (per-layer input errors)
+# =====================================================================================================
+
+def layer_input_errors(case: Case, truth: Truth, inputs: Sequence[torch.Tensor],
+                       chain: L.Chain | None = None) -> list[dict]:
+    """Per-layer errors of reconstructed layer inputs against the truth forwarded through the chain.
+
+    inputs: the reconstructed input of every layer (input side first; ``inputs[0]`` normalised image space),
+    as in :class:`LayerwiseTrace`. Returns one dict per layer: name, label, mse (mean squared error),
+    relative (|x - x*| / |x*|) and, for the input layer, psnr of the image in [0, 1] space."""
+    chain = chain or L.walk(case.model, case.spec.shape)
+    params = {k: v.detach().to(torch.float64).cpu() for k, v in case.parameters.items()}
+    h = case.spec.normalize(truth.inputs[:1].detach().to(torch.float64).cpu())
+    out = []
+    for layer, xr in zip(chain.layers, inputs):
+        h = h.reshape(1, *layer.in_shape)
+        xt = h[0]
+        xr = xr.reshape(layer.in_shape).to(torch.float64)
+        mse = float((xr - xt).pow(2).mean())
+        row = {"name": layer.name, "label": layer.label, "mse": mse,
+               "relative": float((xr - xt).norm() / _nz(float(xt.norm())))}
+        if layer.index == 0 and case.spec.is_image:
+            a = case.spec.denormalize(xr[None]).clamp(*case.spec.value_range)
+            t = case.spec.denormalize(xt[None])
+            m = float((a - t).pow(2).mean())
+            row["psnr"] = 10 * math.log10(1.0 / m) if m > 0 else math.inf
+        out.append(row)
+        b = params[layer.bias_name] if layer.has_bias else None
+        z = layer.add_bias(layer.apply_weight(h, params[layer.weight_name]), b)
+        h = layer.activation.fn(z)
+    return out
+
+
+def trace(case: Case, truth: Truth | None = None, *, attack: Layerwise | None = None, preset: str | None = None,
+          seed: int = 0, progress: bool = False, **options: Any) -> LayerwiseTrace:
+    """Run the layer-wise attack and return its :class:`LayerwiseTrace` (per-layer inputs and report).
+
+    ``attack`` (or ``preset`` / ``options`` to build one) chooses the settings. With ``truth`` (which the attack
+    never sees) the trace also holds ``errors``: the per-layer input errors of the final and of the closed-form
+    reconstructions, and ``layers[i]['input_error']``. Raises RequirementError like ``reconstruct``."""
+    att = attack if attack is not None else create("layerwise", preset=preset, **options)
+    problems = att.requirements(case)
+    if problems:
+        raise RequirementError(att.name, problems)
+    gen = torch.Generator().manual_seed(int(seed))
+    ctx = RunContext(gen, progress=progress, desc=att.name)
+    try:
+        tr = _run(case, att.options, ctx)
+    finally:
+        ctx.close()
+    if truth is not None:
+        final = layer_input_errors(case, truth, tr.inputs, tr.chain)
+        cf = layer_input_errors(case, truth, tr.closed_form, tr.chain)
+        tr.errors = [{**f, "closed_form_mse": c["mse"], "closed_form_relative": c["relative"],
+                      **({"closed_form_psnr": c["psnr"]} if "psnr" in c else {})} for f, c in zip(final, cf)]
+        for rep, e in zip(tr.layers, tr.errors):
+            rep["input_error"] = e
+    return tr
