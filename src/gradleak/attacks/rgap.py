@@ -364,16 +364,41 @@ class RGAP(Attack):
         U, S, Vh = torch.linalg.svd(gW, full_matrices=False)
         u, sig, v = U[:, 0], float(S[0]), Vh[0]
         info["rank_one_ratio"] = float(S[1] / S[0]) if S.numel() > 1 else 0.0
-        cand_labels = [int(labels[0])] if labels is not None else list(range(case.spec.num_classes))
+        if labels is not None:
+            cand_labels = [int(labels[0])]
+        elif case.loss == "cross-entropy":  # k = softmax - onehot: the label is the one entry of the other sign
+            cand_labels = sorted({int(torch.argmin(u)), int(torch.argmax(u))})
+        else:
+            cand_labels = list(range(case.spec.num_classes))
         loss_fn = case.loss_fn
         found = []
         for y in cand_labels:
             yy = torch.tensor([y], dtype=torch.long)
 
-            def mismatch(a: float) -> float:
+            def dl_df(a: float) -> torch.Tensor:
                 f = (W @ (sig * v / a)).reshape(1, -1).detach().requires_grad_(True)
                 g, = torch.autograd.grad(loss_fn(f, yy), f)
-                return float((a * u - g.reshape(-1)).norm() / g.norm().clamp_min(1e-300))
+                return g.reshape(-1)
+
+            def mismatch(a: float) -> float:
+                g = dl_df(a)
+                return float((a * u - g).norm() / g.norm().clamp_min(1e-300))
+
+            j = int(torch.argmax(u.abs()))
+
+            def polish(a: float) -> float:
+                # secant steps on the largest component of a u - dL/df(a) = 0 (the bounded search stops at ~1e-9)
+                h = lambda t: float(t * u[j] - dl_df(t)[j])  # noqa: E731
+                a0, a1 = a, a * (1 + 1e-7)
+                h0, h1 = h(a0), h(a1)
+                for _ in range(8):
+                    if h1 == h0:
+                        break
+                    a0, a1, h0 = a1, a1 - h1 * (a1 - a0) / (h1 - h0), h1
+                    h1 = h(a1)
+                    if abs(a1 - a0) <= 1e-15 * abs(a1):
+                        break
+                return a1 if math.isfinite(a1) and mismatch(a1) <= mismatch(a) else a
 
             for sign in (1.0, -1.0):
                 grid = sign * np.logspace(-8, 4, 121)
@@ -381,9 +406,16 @@ class RGAP(Attack):
                 i = int(np.argmin(vals))
                 lo, hi = sorted((grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]))
                 r = minimize_scalar(mismatch, bounds=(lo, hi), method="bounded", options={"xatol": 1e-14})
-                found.append((float(r.fun), float(r.x), y))
+                a = polish(float(r.x))
+                found.append((mismatch(a), a, y))
         found.sort()
-        for err, a, y in found[:2]:
+        kept: list[tuple[float, float, int]] = []
+        for err, a, y in found:  # the best, plus other distinct scales that also fit
+            if kept and (err > max(1e-6, 10 * kept[0][0]) or any(abs(a - b) <= 1e-8 * abs(b) and y == z
+                                                                  for _, b, z in kept)):
+                continue
+            kept.append((err, a, y))
+        for err, a, y in kept[:4]:
             starts.append(_Start(sig * v / a, a * u, y, {"scale": a, "scale_mismatch": err, "recovered_label": y}))
         if found and found[0][0] > 1e-3:
             info["status"] = "inconsistent"
