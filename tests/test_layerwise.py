@@ -54,6 +54,10 @@ def test_cnn2_c1_closed_form_is_exact_in_float64(photos32):
     assert head["residual_grad"] < 1e-12 and head["residual_bias"] < 1e-12
     assert rec.info["security_index"] == 0
     json.dumps(rec.info)  # the per-layer report is JSON-able
+    # the default preset leaves a determined input alone (no prior, no correction): still exact
+    rec = create("layerwise").reconstruct(case)
+    assert rec.info["preset"] == "fast" and _mse(rec, truth) <= 1e-10
+    assert "correction" not in rec.info["layers"][0] and "prior" not in rec.info["layers"][0]
 
 
 def test_cnn2_c2_closed_form_not_exact_refinement_improves(photos32):

@@ -73,6 +73,7 @@ __all__ = ["Layerwise", "LayerwiseOptions", "LayerwiseTrace", "trace", "layer_in
 PULLBACK_MODES = ("none", "forward", "gradient", "both")
 OPTIMIZERS = ("lbfgs", "adam")
 SCHEDULES = ("constant", "step")
+WHEN = ("always", "deficient")
 
 #: activations whose output range is bounded; the inverse is taken after clamping into it with a margin
 _RANGES = {"tanh": (-1.0, 1.0), "sigmoid": (0.0, 1.0), "softplus": (0.0, math.inf)}
@@ -91,7 +92,9 @@ class LayerwiseOptions:
     correction_steps / correction_match (a) / correction_tv (b) / correction_system (c): per depth (input
         layer, second layer, deeper layers); correction_lr: Adam's learning rate; correction_schedule:
         'constant' (the authors') or 'step' (x0.1 at 3/8, 5/8, 7/8 of the steps); correction_layers: how many
-        layers, counted from the input side, get the correction (-1: all).
+        layers, counted from the input side, get the correction (-1: all); correction_when: 'always' (the
+        authors') or 'deficient' (only where the layer's input is not determined by the gradient: the layer
+        or a deeper one is rank-deficient; a correction can only blur an exact closed form).
     prior_steps / prior_lr: the null-space prior (step (c) of the module docstring; 0: skip) in each
         rank-deficient layer.
     max_dense: unknowns above which an overdetermined layer is solved by matrix-free LSQR.
@@ -112,6 +115,7 @@ class LayerwiseOptions:
     correction_lr: float = 0.001
     correction_schedule: str = "constant"
     correction_layers: int = -1
+    correction_when: str = "always"
     prior_steps: int = 0
     prior_lr: float = 0.1
     max_dense: int = 12000
@@ -133,13 +137,14 @@ class Layerwise(Attack):
         # (1, 1, 0.1) x 8,000 (4 x 2,000) at the second, (10, 0.1, 1) x 1,000 deeper; Adam lr 1e-3, constant
         "paper": dict(correction_steps=(10000, 8000, 1000), correction_match=(1.0, 1.0, 10.0),
                       correction_tv=(1.0, 1.0, 0.1), correction_system=(0.05, 0.1, 1.0), correction_lr=0.001,
-                      correction_schedule="constant", pullback="both", pullback_steps=100, prior_steps=0),
+                      correction_schedule="constant", correction_when="always", pullback="both",
+                      pullback_steps=100, prior_steps=0),
         # our tuned budget that runs in seconds: null-space prior, short pull-back, a gradient-matching
         # correction with a light TV at the input layer (the paper's TV weight 1 undoes the prior there)
         "fast": dict(prior_steps=300, prior_lr=0.1, pullback="both", pullback_steps=20,
                      correction_steps=(300, 100, 50), correction_match=(1.0, 1.0, 10.0),
                      correction_tv=(0.01, 0.1, 0.1), correction_system=(0.05, 0.1, 1.0), correction_lr=0.03,
-                     correction_schedule="step"),
+                     correction_schedule="step", correction_when="deficient"),
         # the closed form alone (steps (a) only)
         "closed-form": dict(pullback="none", pullback_steps=0, correction_steps=(0, 0, 0), prior_steps=0),
     }
@@ -161,6 +166,8 @@ class Layerwise(Attack):
             v = getattr(o, nm)
             if not isinstance(v, int) or v < 0:
                 p.append(f"{nm} must be an int >= 0, got {v!r}")
+        if o.correction_when not in WHEN:
+            p.append(f"correction_when must be one of {WHEN}, got {o.correction_when!r}")
         if o.correction_schedule not in SCHEDULES:
             p.append(f"correction_schedule must be one of {SCHEDULES}, got {o.correction_schedule!r}")
         for nm, kind in (("correction_steps", int), ("correction_match", float),
@@ -527,6 +534,7 @@ def _run(case: Case, o: LayerwiseOptions, ctx: RunContext) -> LayerwiseTrace:
     closed: list[torch.Tensor] = [x_next.clone()]
     history: list[float] = []
     wr = math.sqrt(o.weight_weight / o.gradient_weight)
+    undetermined = False  # some layer from here to the output is rank-deficient
 
     # ---- step 2: every earlier layer, from the output back -------------------------------------------------
     for i in range(n - 2, -1, -1):
@@ -577,7 +585,9 @@ def _run(case: Case, o: LayerwiseOptions, ctx: RunContext) -> LayerwiseTrace:
             rep["prior"] = pr
             history += pr.pop("_history")
         # (d) the per-layer gradient-matching correction
-        if corrected(i) and int(o.correction_steps[depth_of(i)]) > 0:
+        undetermined = undetermined or sol.deficiency > 0
+        if corrected(i) and int(o.correction_steps[depth_of(i)]) > 0 and (o.correction_when == "always"
+                                                                          or undetermined):
             sub = _Sub.build(layers[i:], params, grads, label)
             x, cr = _correct(case, i, layers, x, sub, system_term, o, depth_of(i), ctx)
             rep["correction"] = cr
