@@ -37,12 +37,19 @@ Per-layer rules (a registry keyed by module type, like opacus' ``@register_grad_
 Systems and solving
     ``LayerSystem(layer, weight, k, grad, target)`` holds one stacked, block-balanced system (each block divided
     by its Frobenius norm, so the rank tolerance is scale-free). ``system.solve(rtol=...) -> Solution`` solves it
-    in least squares with minimum norm: Gram matrix + pivoted Cholesky (rank-revealing) and one step of
-    semi-normal-equation refinement when full rank; a spectral pseudo-inverse when rank-deficient; matrix-free
-    LSQR for layers too large for a dense Gram. ``system.rank(rtol=...) -> RankInfo`` gives the numerical rank:
-    singular values of the balanced stacked system below ``rtol * ||A||_F`` count as zero
+    in least squares with minimum norm: the smaller Gram matrix (A^T A, or A A^T when the layer has fewer
+    constraints than unknowns) factored by LAPACK's rank-revealing pivoted Cholesky, the minimum-norm solution
+    from the pivoted factor when rank-deficient, then one residual-correction step; matrix-free LSQR for layers
+    too large for a dense Gram. ``system.rank(rtol=..., method='svd'|'cholesky') -> RankInfo`` gives the
+    numerical rank: singular values of the balanced stacked system below ``rtol * ||A||_F`` count as zero
     (:data:`DEFAULT_RTOL`). ``Solution`` carries rank, unknowns, constraints, deficiency, relative residuals
     per block and a condition estimate, which is what per-layer reports print.
+
+Example (one conv layer, one sample)::
+
+    chain = walk(model, (3, 32, 32)); layer = chain.layers[0]
+    system = LayerSystem(layer, weight, k, grad=dL_dW, target=z - b)
+    sol = system.solve(); sol.x, sol.rank, sol.deficiency, sol.residual
 """
 
 from __future__ import annotations
