@@ -62,3 +62,18 @@ def test_evaluate_aligns_before_scoring_and_counts_labels():
 def test_evaluate_rejects_mismatched_shapes():
     with pytest.raises(gl.ValidationError, match="sample shape"):
         gl.evaluate(torch.rand(2, 3, 8, 8), torch.rand(2, 3, 9, 9))
+
+
+def test_evaluate_scores_a_mixture_against_its_best_matching_truth():
+    t = torch.rand(3, 1, 8, 8, dtype=torch.float64)
+    mixture = gl.Reconstruction(inputs=t[2:3].clone(), labels=torch.tensor([7]))
+    s = gl.evaluate(mixture, gl.Truth(t, torch.tensor([5, 6, 7])))
+    assert s.order == [2] and s.psnr == 300.0 and s.label_accuracy == 1.0 and len(s.psnr_per_image) == 1
+
+
+def test_report_of_a_mixture(tmp_path):
+    t = torch.rand(2, 1, 8, 8, dtype=torch.float64)
+    rec = gl.Reconstruction(inputs=t[1:2].clone(), attack="probe", info={"seconds": 0.1})
+    truth = gl.Truth(t, torch.tensor([0, 1]))
+    out = gl.write_report(tmp_path / "r", rec, truth=truth, scores=gl.evaluate(rec, truth))
+    assert (out / "reconstruction.png").stat().st_size > 0

@@ -15,9 +15,9 @@ __all__ = [
     "WeightsError", "Reconstruction", "create", "activations", "attacks", "data", "losses", "models",
 ]
 
-from . import defenses, metrics, report  # noqa: E402
+from . import defenses, metrics, report, risk  # noqa: E402
 from .metrics import evaluate  # noqa: E402
 from .report import write_report  # noqa: E402
 from .experiment import AttackRun, run_attack  # noqa: E402
 
-__all__ += ["defenses", "metrics", "report", "evaluate", "write_report", "AttackRun", "run_attack"]
+__all__ += ["defenses", "metrics", "report", "risk", "evaluate", "write_report", "AttackRun", "run_attack"]

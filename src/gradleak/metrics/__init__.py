@@ -76,12 +76,21 @@ def label_accuracy(labels: torch.Tensor | None, truth: torch.Tensor) -> float | 
 
 
 def align(rec: torch.Tensor, truth: torch.Tensor) -> np.ndarray:
-    """Hungarian assignment: ``order[i]`` is the index of the reconstructed sample matched to truth sample i
-    (minimum total MSE). rec may hold more samples than truth (extra ones are left out)."""
+    """Hungarian assignment on per-pair MSE.
+
+    With at least as many reconstructed samples as truth samples, ``order[i]`` is the index of the reconstructed
+    sample matched to truth sample i (extra reconstructed samples are left out). With FEWER reconstructed samples
+    (e.g. a mixture an attack reports as one image), ``order[j]`` is the truth sample matched to reconstructed
+    sample j; use :func:`evaluate`, which handles both cases."""
     r = rec.detach().double().cpu().clamp(0, 1).flatten(1)
     t = truth.detach().double().cpu().clamp(0, 1).flatten(1)
     if r.shape[1] != t.shape[1]:
         raise ValidationError("align", [f"sample sizes differ: {r.shape[1]} vs {t.shape[1]}"])
+    if r.shape[0] < t.shape[0]:
+        rows, cols = linear_sum_assignment(torch.cdist(r, t).pow(2).numpy())
+        order = np.empty(r.shape[0], dtype=np.int64)
+        order[rows] = cols
+        return order
     cost = torch.cdist(t, r).pow(2).numpy()
     rows, cols = linear_sum_assignment(cost)
     order = np.empty(t.shape[0], dtype=np.int64)
@@ -131,27 +140,37 @@ class Scores:
 def evaluate(rec, truth) -> Scores:
     """Score a :class:`~gradleak.Reconstruction` (or a tensor of images) against a :class:`~gradleak.Truth`
     (or a tensor). Aligns the batch first (Hungarian on MSE); PSNR is averaged over images after capping each
-    at 300 dB (an exact reconstruction would otherwise give +inf)."""
+    at 300 dB (an exact reconstruction would otherwise give +inf). If the reconstruction holds fewer samples than
+    the truth (a mixture), each reconstructed sample is scored against the truth sample it matches best
+    (distinct ones), and ``order`` lists those truth indices."""
     r_in = getattr(rec, "inputs", rec)
     r_lab = getattr(rec, "labels", None)
     t_in = getattr(truth, "inputs", truth)
     t_lab = getattr(truth, "labels", None)
     if not isinstance(r_in, torch.Tensor) or not isinstance(t_in, torch.Tensor):
         raise ValidationError("evaluate", ["expected a Reconstruction / tensor and a Truth / tensor"])
-    if r_in.shape[1:] != t_in.shape[1:] or r_in.shape[0] < t_in.shape[0]:
+    if r_in.shape[1:] != t_in.shape[1:] or r_in.shape[0] < 1:
         raise ValidationError("evaluate", [f"reconstruction {tuple(r_in.shape)} does not fit truth {tuple(t_in.shape)}: "
-                                           "expected the same sample shape and at least as many samples"])
+                                           "expected the same sample shape"])
     order = align(r_in, t_in)
     idx = torch.as_tensor(order)
-    r = r_in.detach().cpu()[idx]
-    t = t_in.detach().cpu()
+    if r_in.shape[0] < t_in.shape[0]:  # fewer reconstructions (a mixture): score each against its matched truth
+        r = r_in.detach().cpu()
+        t = t_in.detach().cpu()[idx]
+        rl = r_lab.cpu() if r_lab is not None and r_lab.shape[0] == r_in.shape[0] else None
+        tl = t_lab[idx] if t_lab is not None else None
+        r_lab, t_lab = rl, tl
+        idx = torch.arange(r.shape[0])
+    else:
+        r = r_in.detach().cpu()[idx]
+        t = t_in.detach().cpu()
     p = psnr(r, t).clamp(max=300.0)
     s = ssim(r, t)
     m = mse(r, t)
     c = cosine(r, t)
     la = None
     if r_lab is not None and t_lab is not None and r_lab.shape[0] == r_in.shape[0]:
-        la = label_accuracy(r_lab.cpu()[idx], t_lab)
+        la = label_accuracy(r_lab.cpu()[idx], t_lab.cpu())
     return Scores(psnr=_finite_mean(p), ssim=_finite_mean(s), mse=float(m.mean()), cosine=float(c.mean()),
                   label_accuracy=la, psnr_per_image=p.tolist(), ssim_per_image=s.tolist(), mse_per_image=m.tolist(),
                   cosine_per_image=c.tolist(), order=order.tolist())

@@ -96,10 +96,9 @@ def write_report(out_dir: str | Path, rec, *, truth=None, scores=None, case=None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     inputs = rec.inputs.detach().cpu()
-    order = None
-    if scores is not None and scores.order:
-        order = torch.as_tensor(scores.order)
-    shown = inputs[order] if order is not None else inputs
+    shown = inputs
+    if scores is not None and scores.order and truth is not None and inputs.shape[0] >= truth.inputs.shape[0]:
+        shown = inputs[torch.as_tensor(scores.order)]  # aligned to the truth row
     tensors = {"inputs": inputs.contiguous()}
     if rec.labels is not None:
         tensors["labels"] = rec.labels.detach().cpu().contiguous()
