@@ -1,0 +1,343 @@
+"""Identifiability of a batch from one gradient of a random two-layer network (the setting of the moment-tensor
+attack of Wang, Lee & Lei, AISTATS 2023), decided from the activation function alone.
+
+For f(x) = sum_j a_j sigma(w_j^T x) with w_j ~ N(0, I), Stein's identity gives
+E[sigma(w^T x) He_p(w)] = mu_p(|x|) x^{(x)p} with the Hermite coefficients
+
+    mu_p(s) = E_{z ~ N(0,1)}[sigma^(p)(s z)] = s^{-p} E[sigma(s z) He_p(z)]        (s > 0),
+
+computed here numerically from sigma alone (no derivatives), so any activation - a registry name or a Python
+callable - can be analysed. What the gradient reveals then follows:
+
+- directions x_i / |x_i|: identifiable by the order-p tensor when mu_p != 0 for p = 3 or 4 (the tensor method of
+  order <= 4) and the batch is linearly independent (B <= d). Activations whose odd part is linear (ReLU, leaky
+  ReLU, GELU, SiLU, softplus) have mu_3 = 0 and use p = 4; odd ones (tanh) and sigmoid have mu_4 = 0 and use p = 3.
+- signs: for an odd sigma the map (x_i, r_i) -> (-x_i, -r_i) leaves both layers' gradients unchanged, so the sign
+  is not identifiable from the gradient (it needs labels and a model output that differs, a bias, or a prior on
+  the data); otherwise the sign is identifiable.
+- norms: for a positively homogeneous sigma (ReLU family) only r_i |x_i| enters the gradient; the norm needs the
+  residual r_i from the loss (known labels, or a mirrored initialisation where f = 0), a first-layer bias, or a
+  prior. For other activations mu_p(s) depends on s and the norm is identifiable in principle (weakly so when
+  |x| is large and sigma is nearly homogeneous there, e.g. GELU).
+
+Quadrature: Gauss-Hermite for smooth activations; kinks at 0 (ReLU family) defeat Gauss-Hermite (error O(1/n)),
+so every expectation is also computed with composite Gauss-Legendre panels split at 0 on [-12, 12] (the Gaussian
+mass outside is < 1e-32) and the split rule is used whenever the two disagree; the report says which.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from typing import Any, Callable, Union
+
+import numpy as np
+
+from ..errors import ValidationError
+
+__all__ = ["hermite_coefficients", "hermite_order", "identifiability", "identifiability_of_model",
+           "IdentifiabilityReport", "width_needed", "activation_properties"]
+
+ActivationLike = Union[str, Callable[..., Any], Any]
+
+_L = 12.0
+
+
+@lru_cache(maxsize=None)
+def _split_rule(panels: int = 24, nodes: int = 24) -> tuple[np.ndarray, np.ndarray]:
+    """Composite Gauss-Legendre nodes/weights for E over N(0,1), panels on [-L, 0] and [0, L] (split at 0)."""
+    x, w = np.polynomial.legendre.leggauss(nodes)
+    edges = np.linspace(0.0, _L, panels + 1)
+    xs, ws = [], []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        xs.append(0.5 * (hi - lo) * x + 0.5 * (hi + lo))
+        ws.append(0.5 * (hi - lo) * w)
+    xp, wp = np.concatenate(xs), np.concatenate(ws)
+    xx = np.concatenate([-xp[::-1], xp])
+    ww = np.concatenate([wp[::-1], wp]) * np.exp(-0.5 * xx ** 2) / math.sqrt(2 * math.pi)
+    return xx, ww
+
+
+@lru_cache(maxsize=None)
+def _gh_rule(n: int = 160) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilists' Gauss-Hermite nodes and weights normalised to E over N(0, 1)."""
+    x, w = np.polynomial.hermite_e.hermegauss(n)
+    return x, w / math.sqrt(2 * math.pi)
+
+
+def _resolve(activation: ActivationLike) -> tuple[str, Callable[[np.ndarray], np.ndarray], Any]:
+    """(name, numpy function, registry Activation or None) for a registry name, an Activation, or a callable
+    (numpy or torch)."""
+    from ..activations import Activation, activations
+
+    act = None
+    if isinstance(activation, str):
+        act = activations.get(activation)
+    elif isinstance(activation, Activation):
+        act = activation
+    elif hasattr(activation, "activation") and isinstance(getattr(activation, "activation"), Activation):
+        act = activation.activation  # an Act module
+    if act is not None:
+        import torch
+
+        def f(z: np.ndarray, _fn=act.fn) -> np.ndarray:
+            return _fn(torch.as_tensor(z, dtype=torch.float64)).numpy()
+
+        return act.name, f, act
+    if callable(activation):
+        import torch
+
+        def f(z: np.ndarray, _fn=activation) -> np.ndarray:
+            try:
+                out = _fn(torch.as_tensor(z, dtype=torch.float64))
+                return np.asarray(out.detach().numpy() if hasattr(out, "detach") else out, dtype=np.float64)
+            except Exception:
+                return np.asarray(_fn(z), dtype=np.float64)
+
+        return getattr(activation, "__name__", "callable"), f, None
+    raise ValidationError("identifiability", [f"activation must be a registry name or a callable, got "
+                                              f"{type(activation).__name__}"])
+
+
+def _expect(f: Callable[[np.ndarray], np.ndarray], p: int, s: float, rule: str) -> float:
+    x, w = _split_rule() if rule == "split" else _gh_rule()
+    he = np.polynomial.hermite_e.hermeval(x, [0] * p + [1])
+    vals = f(s * x)
+    return float(np.sum(w * vals * he))
+
+
+def hermite_coefficients(activation: ActivationLike, orders=range(0, 7), scale: float = 1.0,
+                         *, return_method: bool = False):
+    """mu_p(s) = E_{z~N(0,1)}[sigma^(p)(s z)] = s^{-p} E[sigma(s z) He_p(z)] for each p in ``orders``.
+
+    activation: a registry name ('relu', 'tanh', ...), an :class:`~gradleak.activations.Activation`, an ``Act``
+    module, or any callable on a float64 tensor/array. scale: s > 0 (the norm of the input the neuron sees).
+    Returns {p: mu_p}; with ``return_method`` also 'gauss-hermite' or 'split-gauss-legendre' (used when the
+    two quadratures disagree, i.e. sigma has a kink at 0)."""
+    if not (isinstance(scale, (int, float)) and scale > 0 and math.isfinite(scale)):
+        raise ValidationError("hermite_coefficients", [f"scale must be a positive number, got {scale!r}"])
+    _, f, _ = _resolve(activation)
+    orders = [int(p) for p in orders]
+    if any(p < 0 for p in orders):
+        raise ValidationError("hermite_coefficients", [f"orders must be >= 0, got {orders}"])
+    gh = {p: _expect(f, p, scale, "gh") / scale ** p for p in orders}
+    sp = {p: _expect(f, p, scale, "split") / scale ** p for p in orders}
+    ref = max([abs(v) for v in sp.values()] + [1e-300])
+    agree = all(abs(gh[p] - sp[p]) <= 1e-9 * max(1.0, ref) for p in orders)
+    out, method = (gh, "gauss-hermite") if agree else (sp, "split-gauss-legendre")
+    out = {p: (0.0 if abs(v) < 1e-12 * max(1.0, ref) else v) for p, v in out.items()}
+    return (out, method) if return_method else out
+
+
+def activation_properties(activation: ActivationLike) -> dict[str, bool]:
+    """Numerical symmetry checks on [-8, 8]: odd (sigma(-z) = -sigma(z)), odd_part_linear (sigma(z) - sigma(-z)
+    = c z), positively_homogeneous (sigma(c z) = c sigma(z) for c > 0), constant_plus_odd (sigma - sigma(0) odd)."""
+    _, f, act = _resolve(activation)
+    z = np.linspace(-8, 8, 321)
+    fz, fm = f(z), f(-z)
+    scale = max(1.0, float(np.max(np.abs(fz))))
+    tol = 1e-9 * scale
+    odd = bool(np.max(np.abs(fz + fm)) <= tol)
+    f0 = float(f(np.zeros(1))[0])
+    const_odd = bool(np.max(np.abs((fz - f0) + (fm - f0))) <= tol)
+    op = 0.5 * (fz - fm)
+    c = float(np.dot(op, z) / np.dot(z, z))
+    odd_lin = bool(np.max(np.abs(op - c * z)) <= tol)
+    hom = bool(all(np.max(np.abs(f(k * z) - k * fz)) <= 1e-9 * max(1.0, k * scale) for k in (0.5, 2.0, 3.7)))
+    if act is not None:
+        hom = hom or bool(act.positively_homogeneous)
+    return {"odd": odd, "constant_plus_odd": const_odd, "odd_part_linear": odd_lin and not odd,
+            "positively_homogeneous": hom, "linear": odd and odd_lin and hom}
+
+
+def hermite_order(activation: ActivationLike, scale: float | None = None, max_order: int = 4) -> int | None:
+    """The tensor order p: the smallest p in 3..max_order with mu_p != 0 (checked at unit scale and at
+    ``scale`` if given). None when every mu_p (3 <= p <= max_order) vanishes: the tensor method cannot work."""
+    scales = [1.0] + ([float(scale)] if scale else []) + [0.5, 2.0]
+    for p in range(3, max_order + 1):
+        for s in scales:
+            mu = hermite_coefficients(activation, range(0, max_order + 1), s)
+            ref = max(abs(mu.get(1, 0.0)), abs(mu.get(2, 0.0)), 1e-12)
+            if abs(mu[p]) > 1e-8 * ref:
+                return p
+    return None
+
+
+@dataclass
+class IdentifiabilityReport:
+    """What one gradient of a random two-layer network with this activation reveals about a batch.
+
+    mu: Hermite coefficients mu_p at unit input norm (p = 0..6); mu_at_scale: at the typical input norm sqrt(d)
+    (coordinates of unit variance) when d is given. order: the tensor order p (None: the method cannot work).
+    directions / signs / norms: identifiable from the gradient alone (plus known output weights).
+    width: rough width m for target errors at (d, B) (see :func:`width_needed`), when d and B are given.
+    """
+
+    activation: str
+    mu: dict[int, float]
+    quadrature: str
+    order: int | None
+    properties: dict[str, bool]
+    directions: bool
+    signs: bool
+    norms: bool
+    d: int | None = None
+    batch_size: int | None = None
+    batch_ok: bool | None = None
+    scale: float | None = None
+    mu_at_scale: dict[int, float] | None = None
+    width: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for k in ("mu", "mu_at_scale"):
+            if d[k] is not None:
+                d[k] = {str(p): float(v) for p, v in d[k].items()}
+        return d
+
+    def summary(self) -> str:
+        if self.order is None:
+            return f"{self.activation}: the moment-tensor attack cannot identify the batch (mu_3 = mu_4 = 0)"
+        ident = ", ".join(n for n, ok in (("directions", self.directions), ("signs", self.signs),
+                                          ("norms", self.norms)) if ok) or "nothing"
+        s = f"{self.activation}: order p = {self.order}; identifiable from the gradient: {ident}"
+        if self.width and self.width.get("width") is not None:
+            s += f"; width m ~ {self.width['width']:,} for {self.width['target']}"
+        return s
+
+
+def identifiability(activation: ActivationLike, d: int | None = None, batch_size: int | None = None, *,
+                    target_error: float = 0.01, estimate_width: bool = True, seed: int = 0) -> IdentifiabilityReport:
+    """Identifiability of a batch of ``batch_size`` samples in R^d from one gradient of a random two-layer network
+    with ``activation`` (a registry name or a callable): Hermite coefficients, tensor order, what is identifiable
+    (directions, signs, norms) and - with d and batch_size - a rough width m for 1 - cos <= ``target_error``.
+
+    Returns an :class:`IdentifiabilityReport` (``to_dict()`` for JSON, ``summary()`` for one line)."""
+    name, _, _ = _resolve(activation)
+    problems = []
+    if d is not None and (not isinstance(d, int) or d < 1):
+        problems.append(f"d must be a positive int, got {d!r}")
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        problems.append(f"batch_size must be a positive int, got {batch_size!r}")
+    if not (0 < target_error < 1):
+        problems.append(f"target_error must be in (0, 1), got {target_error!r}")
+    if problems:
+        raise ValidationError("identifiability", problems)
+    mu, method = hermite_coefficients(activation, range(0, 7), 1.0, return_method=True)
+    props = activation_properties(activation)
+    scale = math.sqrt(d) if d else None
+    order = hermite_order(activation, scale)
+    notes: list[str] = []
+    directions = order is not None
+    if props["linear"]:
+        notes.append("a linear activation: the gradient is a linear function of the batch mean; only "
+                     "span-level information leaks, no sample is identifiable by the tensor method")
+    elif order is None:
+        notes.append("mu_3 = mu_4 = 0: the order-3 and order-4 moment tensors vanish, the tensor method cannot "
+                     "separate the samples")
+    else:
+        why = {3: "mu_3 != 0", 4: "mu_3 = 0 (the odd part of sigma is linear or sigma is even), mu_4 != 0"}[order]
+        notes.append(f"order p = {order} ({why}); directions x_i/|x_i| are identifiable when the batch is linearly "
+                     "independent")
+    signs = directions and not props["odd"]
+    if directions and props["odd"]:
+        notes.append("sigma is odd: (x_i, r_i) -> (-x_i, -r_i) leaves the gradient unchanged, so the sign of each "
+                     "sample is not identifiable from the gradient; it needs a bias, labels with a model output "
+                     "that differs under the flip, or a prior (e.g. image pixels in [0, 1])")
+    norms = directions and not props["positively_homogeneous"]
+    if directions and props["positively_homogeneous"]:
+        notes.append("sigma is positively homogeneous: only r_i |x_i| enters the gradient; the norm follows "
+                     "from the loss residual r_i (known labels; exactly with a mirrored initialisation where f = 0), "
+                     "from a Gaussian first-layer bias, or from a prior on the data")
+    elif norms:
+        notes.append("the norm enters mu_p(|x|) and the gradient non-linearly and is identifiable in principle "
+                     "(weakly where sigma is nearly homogeneous at the input's scale)")
+    batch_ok = None
+    if d is not None and batch_size is not None:
+        batch_ok = batch_size <= d
+        if not batch_ok:
+            notes.append(f"B = {batch_size} > d = {d}: the samples span at most d dimensions, the batch is not "
+                         "identifiable")
+    mu_s = hermite_coefficients(activation, range(0, 7), scale) if scale else None
+    width = None
+    if estimate_width and directions and d is not None and batch_size is not None and batch_ok:
+        width = width_needed(activation, d, batch_size, target_error=target_error, seed=seed)
+    return IdentifiabilityReport(activation=name, mu=mu, quadrature=method, order=order, properties=props,
+                                 directions=directions, signs=signs, norms=norms, d=d, batch_size=batch_size,
+                                 batch_ok=batch_ok, scale=scale, mu_at_scale=mu_s, width=width, notes=notes)
+
+
+def identifiability_of_model(model, batch_size: int | None = None, **kw) -> IdentifiabilityReport:
+    """:func:`identifiability` for a two-layer model (the zoo's ``two-layer`` or any Linear-Act-Linear network):
+    reads the activation and d from the model. Also notes a mirrored initialisation or a first-layer bias,
+    which make norms (and signs) identifiable."""
+    from ..attacks.tensor import find_two_layer
+
+    view = find_two_layer(model)
+    if isinstance(view, list):
+        raise ValidationError("identifiability", view)
+    rep = identifiability(view.activation, d=view.d_in, batch_size=batch_size, **kw)
+    if view.has_bias:
+        rep.notes.append("the first layer has a bias: with Gaussian biases the augmented input (x, 1) is "
+                         "recovered, which fixes each sample's norm and sign exactly")
+        rep.norms = rep.directions
+        rep.signs = rep.directions
+    if getattr(model, "mirrored", False):
+        rep.notes.append("mirrored initialisation: f = 0, so every residual is known from its label and the "
+                         "norm of each sample follows from the gradient")
+        rep.norms = rep.directions
+    return rep
+
+
+def width_needed(activation: ActivationLike, d: int, batch_size: int, *, target_error: float = 0.01,
+                 seed: int = 0, widths: tuple[int, ...] = (2_000, 8_000), trials: int = 2) -> dict[str, Any]:
+    """A rough width m for a target direction error 1 - |cos| <= ``target_error`` at batch size B, by simulation.
+
+    After the exact span step only B dimensions matter, so the tensor step (Jennrich, best of several draws by
+    the CP fit, ALS polish) is simulated on B-dimensional Gaussian samples at a few widths; its mean error is
+    fitted as C m^-gamma and extrapolated. This is the error of the tensor step alone: the gradient fit that
+    follows in the attack (activation-pattern least squares for the ReLU family) usually does much better, and
+    real, correlated samples need more width. Returns {'width', 'target', 'errors', 'widths', 'exponent', ...}.
+    """
+    import torch
+
+    from ..tensor_moments import MomentTensor, cp_als_polish, cp_objective, direction_error, jennrich
+
+    name, f, act = _resolve(activation)
+    B = int(batch_size)
+    order = hermite_order(activation, math.sqrt(d))
+    if order is None:
+        return {"width": None, "target": f"1-|cos| <= {target_error}", "reason": "mu_3 = mu_4 = 0"}
+    dt = torch.float64
+    gen = torch.Generator().manual_seed(int(seed))
+    errs = []
+    for m in widths:
+        e = []
+        for _ in range(trials):
+            X = torch.randn(B, B, generator=gen, dtype=dt)
+            Z = torch.randn(m, B, generator=gen, dtype=dt)
+            r = torch.where(torch.rand(B, generator=gen) < 0.5, -1.0, 1.0).to(dt)
+            pre = Z @ X.T
+            eps = 1e-6
+            sig = torch.as_tensor(f((pre + eps).numpy()) - f((pre - eps).numpy())) / (2 * eps)
+            Y = (sig * r) @ X / B
+            T = MomentTensor(Z, order=order, y=Y)
+            best = None
+            for dr in jennrich(T, generator=gen, draws=6):
+                V, _ = cp_als_polish(T, dr.directions, sweeps=4)
+                obj = cp_objective(T, V)[0]
+                if best is None or obj < best[0]:
+                    best = (obj, V)
+            e.append(float(1 - direction_error(best[1], X).mean()))
+        errs.append(float(np.mean(e)))
+    lm, le = np.log(np.asarray(widths, float)), np.log(np.maximum(np.asarray(errs), 1e-12))
+    gamma = float(-(le[-1] - le[0]) / (lm[-1] - lm[0])) if len(widths) > 1 else 0.5
+    gamma = min(max(gamma, 0.25), 1.0)  # the theory says 1/2 for the noise-limited regime
+    m_star = float(widths[-1] * (errs[-1] / target_error) ** (1.0 / gamma))
+    m_star = int(math.ceil(max(m_star, 1.0) / 1000.0) * 1000)
+    return {"width": m_star, "target": f"1-|cos| <= {target_error}", "target_error": target_error,
+            "widths": list(widths), "errors": errs, "exponent": gamma, "order": order, "batch_size": B, "d": d,
+            "stage": "tensor step only (before the gradient fit)",
+            "method": "simulation on B-dimensional Gaussian samples, error fitted as C m^-gamma"}
