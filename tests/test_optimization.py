@@ -177,6 +177,24 @@ def test_matcher_cosine_matches_case_residual_and_subset_gradients(small_case):
     assert float(C.GradientMatcher(case).terms(x, case.labels, create_graph=False)[0]) < 1e-6
 
 
+def test_matcher_follows_train_mode_batchnorm_and_fedavg():
+    """The matcher's gradients equal Case.update for train-mode BatchNorm (batch statistics) and FedAvg."""
+    model = gl.models.build("convnet", input_shape=(3, 8, 8), num_classes=4, width=2)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand((3, 3, 8, 8), generator=g)
+    for kw in ({"bn_mode": "train"}, {"protocol": "fedavg", "local_steps": 2, "local_lr": 0.1,
+                                      "local_batch_size": 2}):
+        case, truth = gl.simulate(model, x, torch.tensor([0, 3, 1]), **kw)
+        xn = case.spec.normalize(truth.inputs)
+        ref = case.update(xn, case.labels)
+        m = C.GradientMatcher(case)
+        for k, t in zip(m.names, m.update(xn, case.labels, create_graph=False)):
+            assert torch.allclose(t, ref[k], atol=1e-6, rtol=1e-5), (kw, k)
+        assert float(m.terms(xn, case.labels, create_graph=False)[0]) < 1e-5
+        rec = gl.create("ig", max_iterations=3).reconstruct(case)
+        assert math.isfinite(rec.residual)
+
+
 def test_total_variation_definition():
     x = torch.zeros(1, 1, 3, 3)
     x[..., 1, 1] = 1.0
@@ -199,6 +217,14 @@ def test_init_option_and_regularizers(small_case):
     assert len(calls) >= 4 and calls[0] == (2, 3, 16, 16)
     with pytest.raises(gl.RequirementError, match=r"init has shape \(1, 3, 16, 16\), expected \(2, 3, 16, 16\)"):
         gl.create("ig", init=truth.inputs[:1]).reconstruct(case)
+
+
+def test_zero_update_is_a_requirement_error(small_case):
+    case, _ = small_case
+    zero = case.with_observation({k: torch.zeros_like(v) for k, v in case.observed.items()})
+    for name in ("ig", "dlg", "idlg"):
+        with pytest.raises(gl.RequirementError, match="nothing to match"):
+            gl.create(name).reconstruct(zero)
 
 
 def test_bad_options_are_listed():

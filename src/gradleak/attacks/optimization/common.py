@@ -8,7 +8,9 @@
 - :func:`run_adam` (Adam on the sign of the gradient, step decay at 3/8, 5/8, 7/8, box clamp) and
   :func:`run_lbfgs` (L-BFGS, DLG's optimiser): one trial each, with non-finite / explosion detection; a trial
   that diverges stops and returns the best finite iterate it saw.
-- :func:`label_variables`: labels known / recovered / optimised jointly as (B, C) logits.
+- :func:`soft_labels` / :func:`hard_labels`: jointly optimised label logits (B, C) (or (B,) for one score);
+  :func:`init_inputs`: the start (N(0, 1) from the attack's generator, or a given image-space batch);
+  :func:`non_smooth_parts`: what makes a model non-smooth in its input (IG's 'auto' optimizer uses it).
 """
 
 from __future__ import annotations
@@ -104,6 +106,8 @@ class GradientMatcher:
             raise ValueError(f"distance must be 'cosine', 'l2' or 'l2-relative', got {distance!r}")
         self.case = case
         self.names = list(case.observed) if names is None else list(names)
+        if not self.names:
+            raise ValueError("GradientMatcher needs at least one observed tensor to match")
         self.distance = distance
         obs = case.observed
         self.targets = [obs[k].detach().reshape(-1) for k in self.names]
@@ -132,6 +136,7 @@ class GradientMatcher:
 
     def terms(self, x: torch.Tensor, labels: torch.Tensor, *, create_graph: bool = True
               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(data term, cosine distance) for normalised inputs x (B, *shape) and labels (int (B,) or soft)."""
         gs = [g.reshape(-1) for g in self.update(x, labels, create_graph=create_graph)]
         data = _Match.apply(self, *gs)
         if self.distance == "cosine":
@@ -649,6 +654,13 @@ def init_inputs(case: Case, init, generator: torch.Generator) -> torch.Tensor:
         return case.spec.normalize(x).contiguous()
     x = torch.randn((case.batch_size, *case.spec.shape), generator=generator, dtype=torch.float64)
     return x.to(device=case.device, dtype=case.dtype)
+
+
+def matching_problems(case: Case, names: Sequence[str]) -> list[str]:
+    """Why the observed update cannot be matched ([] if it can)."""
+    if names and all(float(case.observed[n].abs().max()) == 0.0 for n in names):
+        return ["the observed update is zero on every matched tensor: there is nothing to match"]
+    return []
 
 
 def init_problems(case: Case, init) -> list[str]:

@@ -7,8 +7,10 @@
   the same L-BFGS on the input only.
 
 L-BFGS is known to go NaN or explode after 60-100 steps on some inputs: every evaluation is watched, a trial
-that diverges restarts from a fresh random start (up to ``max_retries`` times) and the best finite result seen
-is kept. For FedAvg cases the distance is taken relative to the observed norm (deltas are tiny, ~lr x grad,
+that diverges (non-finite, exploded, or frozen in a flat saturated region well above its best loss) restarts
+from a fresh random start (up to ``max_retries`` times) and the best finite result seen is kept. By default
+the L-BFGS uses a strong-Wolfe line search: DLG's plain fixed-step L-BFGS (presets ``zhu2019``/``zhao2020``)
+often jumps into saturated sigmoids on normalised photos and stays there (2 of 4 photos here). For FedAvg cases the distance is taken relative to the observed norm (deltas are tiny, ~lr x grad,
 and L-BFGS's curvature test would otherwise reject every step); ``scale`` controls this.
 """
 
@@ -77,6 +79,9 @@ class _LBFGSMatching(Attack):
 
     def check_options(self, o: DLGOptions) -> list[str]:
         return _check(o)
+
+    def requirements(self, case: Case) -> list[str]:
+        return C.matching_problems(case, list(case.observed))
 
     def _fixed_labels(self, case: Case, ctx: RunContext) -> tuple[torch.Tensor | None, dict]:
         raise NotImplementedError
@@ -174,9 +179,10 @@ class IDLG(_LBFGSMatching):
     presets = {"zhao2020": dict(max_iterations=300, lr=1.0, line_search="")}
 
     def requirements(self, case: Case) -> list[str]:
+        problems = super().requirements(case)
         if case.labels is None or not self.options.use_known_labels:
-            return label_recovery_problems(case)
-        return []
+            problems += label_recovery_problems(case)
+        return problems
 
     def _fixed_labels(self, case, ctx):
         if case.labels is not None and self.options.use_known_labels:

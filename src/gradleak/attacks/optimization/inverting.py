@@ -133,7 +133,8 @@ class InvertingGradients(Attack):
 
     def requirements(self, case: Case) -> list[str]:
         o = self.options
-        _, problems = C.resolve_layers(case, o.layers, o.top_layers)
+        names, problems = C.resolve_layers(case, o.layers, o.top_layers)
+        problems += C.matching_problems(case, names)
         problems += C.init_problems(case, o.init)
         return problems
 
