@@ -321,6 +321,8 @@ def cp_als_polish(T: MomentTensor, directions: torch.Tensor, *, sweeps: int = 5)
         s[s == 0] = 1
         acc += s[:, None] * f
     V = acc / acc.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    if not torch.isfinite(V).all():  # ALS diverged (a degenerate start): keep the starting directions
+        V = directions / directions.norm(dim=1, keepdim=True)
     return V, cp_objective(T, V)[1]
 
 
@@ -346,7 +348,7 @@ def direction_error(est: torch.Tensor, true: torch.Tensor, *, signed: bool = Fal
 
     e = est / est.norm(dim=1, keepdim=True)
     t = true / true.norm(dim=1, keepdim=True)
-    c = (t @ e.T).double().cpu().numpy()
+    c = np.nan_to_num((t @ e.T).double().cpu().numpy(), nan=0.0)
     score = c if signed else np.abs(c)
     rows, cols = linear_sum_assignment(-score)
     out = np.empty(len(rows))
@@ -362,17 +364,28 @@ def full_moment_tensor(weights: torch.Tensor, W: torch.Tensor, order: int) -> to
 
     weights: (m, d) vector weights (first-layer gradient row j / a_j) or (m,) scalar weights (output gradient);
     W: (m, d) standard-normal weights. Returns (1/m) sum_j weights_j (x) He_{p-1}(w_j) (or g_j He_p(w_j)),
-    shape (d,)*order. Cost O(m d^p): small d only."""
+    shape (d,)*order, expanded over the matchings of the Hermite tensor (each term one einsum over the neurons).
+    Memory O(d^p): small d only."""
     m, d = W.shape
     if d ** order > 2_000_000:
         raise ValidationError("full_moment_tensor", [f"d^p = {d}^{order} is too large for the dense oracle"])
-    out = torch.zeros((d,) * order, dtype=W.dtype)
     vec = weights.ndim == 2
-    for j in range(m):
-        if vec:
-            out += torch.einsum("a,...->a...", weights[j], hermite_tensor(W[j], order - 1))
-        else:
-            out += weights[j] * hermite_tensor(W[j], order)
+    n = order - 1 if vec else order
+    letters = "abcdefgh"
+    head = "a" if vec else ""
+    slots = letters[1:n + 1] if vec else letters[:n]
+    eye = torch.eye(d, dtype=W.dtype, device=W.device)
+    out = torch.zeros((d,) * order, dtype=W.dtype, device=W.device)
+    for pairs, single in _matchings(n):
+        ops = [weights]
+        subs = ["j" + head]
+        for c in single:
+            ops.append(W)
+            subs.append("j" + slots[c])
+        for a, b in pairs:
+            ops.append(eye)
+            subs.append(slots[a] + slots[b])
+        out += (-1.0) ** len(pairs) * torch.einsum(",".join(subs) + "->" + head + slots, *ops)
     return out / m
 
 

@@ -46,7 +46,7 @@ from ..errors import RequirementError, ValidationError
 from ..tensor_moments import MomentTensor, cp_als_polish, cp_objective, jennrich
 from .base import Attack, Reconstruction, RunContext, register
 
-__all__ = ["TensorAttack", "TensorOptions", "TwoLayerView", "find_two_layer", "recover_head_features",
+__all__ = ["TensorAttack", "TensorOptions", "TwoLayerView", "find_two_layer", "recover_directions", "recover_head_features",
            "HeadFeatures", "feature_matching_term", "weight_normality"]
 
 PAPER = ("Wang, Lee, Lei. Reconstructing Training Data from Model Gradient, Provably. AISTATS 2023 "
@@ -194,7 +194,7 @@ class TensorOptions:
     or 'auto' (= 'hidden').
     fit: 'patterns' (activation-pattern alternating least squares; ReLU family), 'nonlinear' (L-BFGS over span
     coordinates and residuals), 'none' (tensor directions only; signs/scales by least squares), 'auto'.
-    fit_rounds: rounds of the pattern ALS / iterations of the non-linear fit (x10).
+    fit_rounds: rounds of the pattern ALS (then pattern snapping) / alternating rounds of the non-linear fit.
     fit_tol: stop trying draws once the relative gradient-fit residual is below this.
     refine_steps: optional L-BFGS gradient-matching steps on the full model afterwards (0 = none).
     batch_size: 'case' (the case's batch size) or 'gap' (estimated from the singular-value gap).
@@ -206,7 +206,7 @@ class TensorOptions:
     polish_sweeps: int = 4
     estimator: str = "auto"
     fit: str = "auto"
-    fit_rounds: int = 40
+    fit_rounds: int = 10
     fit_tol: float = 1e-9
     refine_steps: int = 0
     batch_size: str = "case"
@@ -553,7 +553,7 @@ def _fit_smooth(prob: _Problem, dirs: torch.Tensor, rounds: int, odd: bool) -> t
             break
     rho, res = _rho_ls(full, C)
     lm_prob = _subproblem(full, 16384)
-    C2, _, _, lm = _levenberg_marquardt(lm_prob, C, rho, iters=max(5, 3 * rounds))
+    C2, _, _, lm = _levenberg_marquardt(lm_prob, C, rho, iters=max(30, 3 * rounds))
     rho2, r2 = _rho_ls(full, C2)
     if math.isfinite(r2) and r2 < res:
         C, rho, res = C2, rho2, r2
@@ -565,7 +565,7 @@ def _fit_smooth(prob: _Problem, dirs: torch.Tensor, rounds: int, odd: bool) -> t
             C2 = C.clone()
             C2[i] = -C2[i]
             rho2, _ = _rho_ls(lm_prob, C2)
-            C2, _, _, _ = _levenberg_marquardt(lm_prob, C2, rho2, iters=max(5, rounds // 2))
+            C2, _, _, _ = _levenberg_marquardt(lm_prob, C2, rho2, iters=max(8, rounds))
             rho2, r2 = _rho_ls(full, C2)
             if math.isfinite(r2) and r2 < res:
                 C, rho, res = C2, rho2, r2
@@ -713,6 +713,7 @@ def _solve(prob: _Problem, o: TensorOptions, order: int, generator: torch.Genera
     seen: list[torch.Tensor] = []
     draws_report: list[dict] = []
     best: _Solution | None = None
+    best_score = float("inf")
     agreements = 0
     for k in range(max(1, o.draws)):
         c = torch.ones(prob.K, dtype=torch.float64)
@@ -754,8 +755,10 @@ def _solve(prob: _Problem, o: TensorOptions, order: int, generator: torch.Genera
         if ctx is not None:
             ctx.update(1, fit=res)
         same = best is not None and _same_solution(sol, best)
-        if best is None or res < best.residual:
-            best = sol
+        # tensor directions only: with one class the draws share one tensor, and its CP fit ranks them best
+        score = cp_obj if (fit == "none" and prob.K == 1) else res
+        if best is None or score < best_score:
+            best, best_score = sol, score
             best.report = {**frep, "draw": k}
         agreements = agreements + 1 if same else agreements
         if best.residual < o.fit_tol or agreements >= 2:
@@ -851,7 +854,7 @@ class TensorAttack(Attack):
     presets = {
         # tensor directions only, as in the paper's statement of the algorithm (no gradient-fit refinement)
         "tensor-only": dict(fit="none", draws=10),
-        "thorough": dict(draws=16, polish_sweeps=8, fit_rounds=80, refine_steps=50),
+        "thorough": dict(draws=16, polish_sweeps=8, fit_rounds=40, refine_steps=50),
     }
 
     def check_options(self, o: TensorOptions) -> list[str]:
@@ -1250,6 +1253,24 @@ def _run(case: Case, view: TwoLayerView, o: TensorOptions, ctx: RunContext | Non
     return sol, prob, span, B, info
 
 
+def recover_directions(case: Case, *, generator: torch.Generator | None = None, seed: int = 0,
+                       **options: Any) -> tuple[torch.Tensor, dict]:
+    """The identifiable core of the attack: unit directions x_i / |x_i| (B, d) in the model's (normalised,
+    flattened) input space, before any norm, sign or label is fixed (the sign is meaningful only where the
+    activation identifies it; see ``info['identifiable']``). options: :class:`TensorOptions` fields, e.g.
+    ``fit='none'`` for the tensor step alone. Returns (directions, solver report)."""
+    attack = TensorAttack(**options)
+    problems = attack.requirements(case)
+    if problems:
+        raise RequirementError("recover_directions", problems)
+    view = find_two_layer(case.model)
+    if generator is None:
+        generator = torch.Generator().manual_seed(int(seed))
+    sol, prob, span, B, info = _run(case, view, attack.options, None, generator)
+    E = (span.U.double() @ sol.coords.T).T[:, : view.d_in]
+    return (E / E.norm(dim=1, keepdim=True).clamp_min(1e-300)).to(case.dtype), info
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Deep networks: the input features of a random two-layer head
 # ------------------------------------------------------------------------------------------------------------
@@ -1289,7 +1310,7 @@ def recover_head_features(case: Case, *, body: nn.Module | None = None, generato
     view = find_two_layer(case.model)
     if isinstance(view, list):
         raise RequirementError("recover_head_features", view)
-    o = TensorOptions(**options)
+    o = TensorAttack(**options).options  # validates the option names and values
     problems = _protocol_problems(case)
     if case.batch_size > view.d_aug:
         problems.append(f"batch size {case.batch_size} exceeds the head's input dimension {view.d_aug}")
@@ -1303,41 +1324,11 @@ def recover_head_features(case: Case, *, body: nn.Module | None = None, generato
     if generator is None:
         generator = torch.Generator().manual_seed(int(seed))
     sol, prob, span, B, info = _run(case, view, o, None, generator)
-    d = view.d_in
-    feats, dirs, samples = [], [], []
-    K = view.num_outputs
-    for i in range(B):
-        e = (span.U.double() @ sol.coords[i]) / prob.s
-        rep: dict[str, Any] = {}
-        if view.has_bias:
-            x = e[:d] / e[d] if e[d] != 0 else e[:d]
-            rep.update(norm="bias", sign="bias")
-        elif sol.homogeneous:
-            u = e[:d] / e[:d].norm()
-            q = B * (sol.Q[i] @ sol.coords[i]) / prob.s
-            F = params[view.out_key].double() @ view.activation.fn(params[view.weight_key].double() @ u)
-            ob = getattr(case.model.get_submodule(view.out), "bias", None)
-            bias = ob.detach().double() if ob is not None else torch.zeros(K, dtype=torch.float64)
-            labs = [int(case.labels[i])] if case.labels is not None else list(range(max(K, 2)))
-            cands = _norm_candidates(case.loss_fn, F, bias, q, labs, math.sqrt(d))
-            if cands and cands[0][0] < 0.05:
-                x = cands[0][1] * u
-                rep.update(norm="loss residual", sign="gradient (activation patterns)", residual_misfit=cands[0][0])
-            else:
-                x = u
-                rep.update(norm="unknown (unit vector)", sign="gradient (activation patterns)")
-        else:
-            x = e[:d]
-            rep["norm"] = "gradient"
-            if info["activation_properties"]["odd"]:
-                if float(x.sum()) < 0:
-                    x = -x
-                rep["sign"] = "prior: non-negative mean feature (odd activation: not identifiable)"
-            else:
-                rep["sign"] = "gradient"
-        feats.append(x)
-        dirs.append(x / x.norm().clamp_min(1e-300))
-        samples.append(rep)
+    X, labels, samples, source = _resolve_samples(case, view, sol, prob, span, B, prior="nonneg")
+    info["labels_source"] = source
+    info["labels"] = None if labels is None else labels.tolist()
+    feats = list(X)
+    dirs = [x / x.norm().clamp_min(1e-300) for x in X]
     info["samples"] = samples
     if body is None:
         body = _sequential_body(case.model, view)
