@@ -75,3 +75,32 @@ def test_list_commands(capsys):
     code, stdout, _ = _run(capsys, "list", "attacks", "--json")
     names = {d["name"].split(" ")[0] for d in json.loads(stdout)}
     assert {"inverting-gradients", "dlg", "idlg", "fc-analytic"} <= names
+
+
+def test_risk_json_has_the_promised_fields(capsys):
+    code, stdout, err = _run(capsys, "risk", "--model", "cnn2-c2", "--json")
+    assert code == 0, err
+    obj = json.loads(stdout)
+    for key in ("model", "layers", "ra_index", "deficient_layers", "exact_recovery_possible", "security_index"):
+        assert key in obj, key
+    conv = obj["layers"][0]
+    for key in ("name", "unknowns", "rank", "deficiency", "ra", "security_deficiency"):
+        assert key in conv, key
+    assert obj["exact_recovery_possible"] is False and conv["deficiency"] > 1000
+    assert obj["security_index"] < -1000
+
+
+def test_risk_table_says_the_verdict(capsys):
+    code, stdout, err = _run(capsys, "risk", "--model", "cnn2-c1")
+    assert code == 0, err
+    assert "exact recovery possible" in stdout.splitlines()[-1]
+
+
+def test_compare_tabulates_attacks_and_explains_refusals(tmp_path, capsys):
+    code, stdout, err = _run(capsys, "compare", "--model", "mlp", "--width", "32", "--image-size", "8",
+                             "--attacks", "fc-analytic,rgap", "--json", "--out", str(tmp_path / "c"))
+    assert code == 0, err
+    rows = {r["attack"]: r for r in json.loads(stdout)["rows"]}
+    assert rows["fc-analytic"]["psnr"] > 100
+    assert "not invertible" in rows["rgap"]["error"]
+    assert (tmp_path / "c" / "comparison.json").is_file() and (tmp_path / "c" / "fc-analytic" / "metrics.json").is_file()

@@ -121,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dataset", default="samples")
     c.add_argument("--images", default=None)
     c.add_argument("--num-images", type=int, default=1)
+    c.add_argument("--start", type=int, default=0, help="index of the first image taken from the dataset")
     c.add_argument("--image-size", type=int, default=None)
     c.add_argument("--iterations", type=int, default=None)
     c.add_argument("--dtype", choices=["float32", "float64"], default="float64")
@@ -199,7 +200,8 @@ def _cmd_compare(args) -> int:
     from .experiment import compare
 
     res = compare(attacks=[a.strip() for a in args.attacks.split(",") if a.strip()], model=args.model,
-                  dataset=args.dataset, images=args.images, num_images=args.num_images, image_size=args.image_size,
+                  dataset=args.dataset, images=args.images, num_images=args.num_images, start=args.start,
+                  image_size=args.image_size,
                   iterations=args.iterations, dtype=args.dtype, seed=args.seed, out=args.out,
                   model_options=_model_options(args), progress=_progress_on(args))
     if args.json:

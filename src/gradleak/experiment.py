@@ -241,7 +241,7 @@ def _f(v, w, p, kind="f") -> str:
 
 
 def compare(*, attacks: list[str], model: str, dataset: str = "samples", images: str | None = None,
-            num_images: int = 1, image_size: int | None = None, iterations: int | None = None,
+            num_images: int = 1, start: int = 0, image_size: int | None = None, iterations: int | None = None,
             dtype: str = "float64", seed: int = 0, out: str | None = None, model_options: dict | None = None,
             attack_options: dict[str, dict] | None = None, progress: bool = False) -> CompareResult:
     """Run several attacks on ONE simulated case and tabulate PSNR, SSIM, residual and seconds (the central
@@ -249,7 +249,7 @@ def compare(*, attacks: list[str], model: str, dataset: str = "samples", images:
     from .errors import RequirementError
 
     base = AttackRun(attack=attacks[0], model=model, dataset=dataset, images=images, num_images=num_images,
-                     image_size=image_size, dtype=dtype, seed=seed, model_options=dict(model_options or {}))
+                     start=start, image_size=image_size, dtype=dtype, seed=seed, model_options=dict(model_options or {}))
     case, truth, notes = build_case(base)
     rows = []
     out_dir = Path(out) if out else None
