@@ -213,7 +213,7 @@ def test_tensor_error_falls_with_width():
     for m in (1_000, 6_000, 36_000):
         e = []
         for seed in range(4):
-            case, truth = _synthetic_case(d=20, B=3, m=m, seed=seed)
+            case, truth = _synthetic_case(d=20, B=3, m=m, seed=seed, centred=True)
             dirs, _ = recover_directions(case, seed=seed, fit="none", draws=4)
             xt = case.spec.normalize(truth.inputs.double())
             e.append(float(1 - direction_error(dirs, xt).mean()))
