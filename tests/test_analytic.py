@@ -50,6 +50,15 @@ def test_fc_analytic_exact_under_fedavg(photos):
     assert float((rec.inputs - truth.inputs).abs().max()) < 1e-10
 
 
+def test_fc_analytic_recovers_the_label_when_unknown(photos):
+    model = gl.models.build("mlp", input_shape=(3, 32, 32), num_classes=19, width=64, dtype=torch.float64)
+    x, _ = photos.batch(1, 4)
+    case, truth = gl.simulate(model, x.double(), torch.tensor([11]), spec=photos.spec, labels_known=False)
+    rec = gl.create("fc-analytic").reconstruct(case)
+    assert rec.labels.tolist() == [11] and rec.info["labels"]["method"] == "idlg-bias"
+    assert rec.residual < 1e-10
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
 def test_fc_analytic_batch_hidden_layer_groups_pure_rows(photos, dtype, tol):
     """B = 4 through a ReLU hidden layer: rows active for one sample only are exact; they are grouped."""

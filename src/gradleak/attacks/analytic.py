@@ -218,19 +218,20 @@ class FCAnalytic(Attack):
         B = case.batch_size
         shape = (-1, *spec.shape)
         info: dict[str, Any] = {"layer": layer, "rows_used": int(rec.rows.numel()), "protocol": case.protocol}
+        labels = case.labels
+        label_info: dict[str, Any] = {"source": "known"} if labels is not None else {}
+        if labels is None and not label_recovery_problems(case):
+            est = recover_labels(case)
+            labels, label_info = est.labels, {"source": "recovered", **est.to_info()}
+        info["labels"] = label_info
         if B == 1:
             x = rec.least_squares.reshape(shape)
             # agreement of the rows: 0 for an exact single-sample update
             spread = (rec.candidates - rec.least_squares).norm(dim=1).max() / rec.least_squares.norm().clamp_min(1e-300)
             info.update(kind="exact", row_spread=float(spread),
                         note="one sample: every row ratio dW[i]/db[i] equals the layer input")
-            return Reconstruction(inputs=spec.denormalize(x), labels=case.labels, info=info)
+            return Reconstruction(inputs=spec.denormalize(x), labels=labels, info=info)
 
-        labels = case.labels
-        label_info: dict[str, Any] = {"source": "known"} if labels is not None else {}
-        if labels is None and not label_recovery_problems(case):
-            est = recover_labels(case)
-            labels, label_info = est.labels, {"source": "recovered", **est.to_info()}
         mod = dict(case.model.named_modules())[layer]
         if mod.out_features == case.num_outputs and labels is not None and mod.out_features > 1:
             # classifier read straight from the input: one row per label
@@ -258,5 +259,4 @@ class FCAnalytic(Attack):
                              "(support >= 2) are most likely one sample's exact input")
         info["support"] = support
         info["likely_pure"] = [s >= 2 for s in support]
-        info["labels"] = label_info
         return Reconstruction(inputs=spec.denormalize(x), labels=labels, info=info)

@@ -8,6 +8,12 @@ step; ``restarts`` trials from N(0, 1), the best one by the matching cost WITHOU
 the client's unrolled multi-step update (``Case.update``, same mini-batch order). A squared-L2 + L-BFGS variant
 (``distance='l2', optimizer='lbfgs'``) is offered as well: on smooth models it can do much better (see
 ALGORITHMS.md 1.4).
+
+Default ``optimizer='auto'``: the paper's signed Adam on models that are not smooth in their input (ReLU,
+max-pooling: ConvNet, ResNets), L-BFGS with a strong-Wolfe line search (box clamp after each outer step of
+``lbfgs_inner`` iterations) on smooth ones such as DLG's sigmoid LeNet, where it is far better at an equal number
+of gradient evaluations (benchmarks/results/ig_quality.json). ``preset='geiping2020'`` is the paper as
+published.
 """
 
 from __future__ import annotations
