@@ -69,3 +69,4 @@ __all__ = ["LayerRank", "RankReport", "analyse", "analyse_architecture", "analyz
            "rank_analysis", "register_analysis"]
 
 from . import security  # noqa: E402,F401  registers the "security" analysis (layer-wise security metric, issue 4)
+from . import identifiability  # noqa: E402,F401  registers "identifiability" (two-layer networks, issue 5)

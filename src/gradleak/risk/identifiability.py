@@ -384,3 +384,59 @@ def width_needed(activation: ActivationLike, d: int, batch_size: int, *, target_
         out["attack_note"] = ("tensor + gradient fit: the smallest simulated width reaching the target (None: none "
                               "of them); exact gradients only")
     return out
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Integration with gradleak.risk.analyse (the `gradleak risk` report)
+# ------------------------------------------------------------------------------------------------------------
+def _add_to_rank_report(report, target, input_shape, **context) -> None:
+    """Registered as the risk analysis "identifiability": for a two-layer network (Linear -> activation ->
+    Linear, e.g. the zoo's ``two-layer``) fills ``report.extensions['identifiability']`` with
+    :func:`identifiability_of_model` (Hermite coefficients, order, identifiable parts, rough width); for a deep
+    network ending in such a head, states that the head's input features are the identifiable part. Other
+    architectures get no entry."""
+    from ..attacks.tensor import find_two_layer
+    from ..case import Case
+
+    model = target.model if isinstance(target, Case) else target
+    if isinstance(model, str):
+        return
+    view = find_two_layer(model)
+    if isinstance(view, list):
+        return
+    B = int(target.batch_size if isinstance(target, Case) else (context.get("batch_size") or 1))
+    if view.body:
+        report.extensions["identifiability"] = {
+            "applies_to": "head features",
+            "note": (f"the model ends in a {view.activation.name} two-layer head of width {view.width}: if its first "
+                     "layer is random Gaussian, the moment-tensor attack recovers the head's input features "
+                     "phi(x) (gradleak.attacks.tensor.recover_head_features), not the images"),
+            **identifiability(view.activation, d=view.d_in, batch_size=B, estimate_width=False,
+                              seed=int(context.get("seed") or 0)).to_dict()}
+        return
+    from ..attacks.tensor import _normality_problem, weight_normality
+
+    rep = identifiability_of_model(model, batch_size=B, seed=int(context.get("seed") or 0))
+    params = dict(model.named_parameters())
+    stats = weight_normality(params[view.weight_key], params[view.bias_key] if view.has_bias else None)
+    gaussian = _normality_problem(stats) is None
+    if not gaussian:
+        rep.notes.append(f"these first-layer weights are not Gaussian (excess kurtosis {stats['excess_kurtosis']:+.2f}): "
+                         "the attack refuses them; the analysis describes the same architecture with a random "
+                         "Gaussian first layer (and Gaussian bias, if any)")
+    report.extensions["identifiability"] = {"applies_to": "inputs", "gaussian_first_layer": gaussian,
+                                            "weight_normality": stats, **rep.to_dict()}
+    report.notes.append("moment-tensor attack (two-layer network): " + rep.summary()
+                        + ("" if gaussian else " [for a Gaussian re-initialisation of the first layer]"))
+
+
+def _register() -> None:
+    try:
+        from . import analyses, register_analysis
+    except ImportError:  # standalone use without the risk package's registry
+        return
+    if "identifiability" not in analyses:
+        register_analysis("identifiability")(_add_to_rank_report)
+
+
+_register()
