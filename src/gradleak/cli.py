@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--num-images", type=int, default=1)
     a.add_argument("--start", type=int, default=0, help="index of the first image taken from the dataset")
     a.add_argument("--image-size", type=int, default=None)
+    a.add_argument("--num-classes", type=int, default=None,
+                   help="classes of the model's head (default: the dataset's), e.g. 1000 for an ImageNet checkpoint")
     a.add_argument("--iterations", type=int, default=None)
     a.add_argument("--restarts", type=int, default=None)
     a.add_argument("--seed", type=int, default=0)
@@ -145,7 +147,7 @@ def _cmd_attack(args) -> int:
 
     cfg = AttackRun(
         attack=args.attack, model=args.model, dataset=args.dataset, images=args.images, num_images=args.num_images,
-        start=args.start, image_size=args.image_size, iterations=args.iterations, restarts=args.restarts,
+        start=args.start, image_size=args.image_size, num_classes=args.num_classes, iterations=args.iterations, restarts=args.restarts,
         seed=args.seed, protocol=args.protocol, local_steps=args.local_steps, local_lr=args.local_lr,
         local_batch_size=args.local_batch_size, dtype=args.dtype, labels_known=not args.unknown_labels,
         labels=[int(v) for v in args.labels.split(",")] if args.labels else None, bn_mode=args.bn_mode,
@@ -250,6 +252,9 @@ COMMANDS = {"attack": _cmd_attack, "risk": _cmd_risk, "train": _cmd_train, "comp
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``gradleak`` console script. Returns the exit code (0 ok, 2 bad input)."""
+    import torch
+
+    torch.set_flush_denormal(True)  # float32 L-BFGS on tiny gradients crawls through denormals otherwise
     parser = build_parser()
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     try:
@@ -269,6 +274,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("gradleak: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and the like
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as e:  # never a raw traceback for a user
         if debug:
             raise

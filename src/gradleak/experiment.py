@@ -45,6 +45,7 @@ class AttackRun:
     num_images: int = 1
     start: int = 0
     image_size: int | None = None
+    num_classes: int | None = None
     iterations: int | None = None
     restarts: int | None = None
     seed: int = 0
@@ -138,6 +139,8 @@ def build_case(cfg: AttackRun) -> tuple[Case, Truth | None, list[str]]:
         problems.append(f"num_images must be >= 1, got {cfg.num_images}")
     if cfg.protocol not in ("fedsgd", "fedavg"):
         problems.append(f"protocol must be 'fedsgd' or 'fedavg', got {cfg.protocol!r}")
+    if cfg.num_classes is not None and cfg.num_classes < 1:
+        problems.append(f"num_classes must be >= 1, got {cfg.num_classes}")
     if problems:
         raise ValidationError("attack run", problems)
     dtype = DTYPES[cfg.dtype]
@@ -149,6 +152,11 @@ def build_case(cfg: AttackRun) -> tuple[Case, Truth | None, list[str]]:
         notes += list(getattr(ds, "notes", ()))
         truth_inputs, truth_labels = ds.batch(cfg.num_images, cfg.start)
         spec = ds.spec
+        if cfg.num_classes is not None:  # e.g. a 1000-class checkpoint attacked on the bundled photos
+            if int(truth_labels.max()) >= cfg.num_classes:
+                raise ValidationError("attack run", [f"--num-classes {cfg.num_classes} is too small for labels up to "
+                                                     f"{int(truth_labels.max())}"])
+            spec = dataclasses.replace(spec, num_classes=cfg.num_classes)
     else:
         spec = None
     if info.single_output:
