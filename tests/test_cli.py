@@ -104,3 +104,21 @@ def test_compare_tabulates_attacks_and_explains_refusals(tmp_path, capsys):
     assert rows["fc-analytic"]["psnr"] > 100
     assert "not invertible" in rows["rgap"]["error"]
     assert (tmp_path / "c" / "comparison.json").is_file() and (tmp_path / "c" / "fc-analytic" / "metrics.json").is_file()
+
+
+def test_train_then_attack_the_checkpoint(tmp_path, capsys):
+    ckpt = tmp_path / "lenet.pt"
+    code, stdout, err = _run(capsys, "train", "--model", "lenet", "--dataset", "digits", "--epochs", "2",
+                             "--checkpoints", "1,2", "--out", str(ckpt), "--json")
+    assert code == 0, err
+    res = json.loads(stdout)
+    assert res["accuracy"][-1] > 0.3  # chance is 0.1
+    assert (tmp_path / "lenet-e1.pt").is_file() and (tmp_path / "lenet-e2.pt").is_file()
+    code, stdout, err = _run(capsys, "attack", "--attack", "idlg", "--model", "lenet", "--dataset", "digits",
+                             "--iterations", "3", "--weights", str(tmp_path / "lenet-e1.pt"), "--json",
+                             "--out", str(tmp_path / "a"))
+    assert code == 0, err
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["weights"].endswith("lenet-e1.pt")
+    code, stdout, err = _run(capsys, "attack", "--attack", "idlg", "--model", "lenet", "--width", "6",
+                             "--dataset", "digits", "--weights", str(ckpt), "--out", str(tmp_path / "b"))
+    assert code == 2 and "shape" in err and len(err.strip().splitlines()) == 1
