@@ -386,61 +386,103 @@ def _dirs_from_Q(Q: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _fit_patterns(prob: _Problem, dirs: torch.Tensor, rounds: int) -> tuple[torch.Tensor, torch.Tensor, float, dict]:
-    """Activation-pattern alternating least squares: patterns D_ji = sigma'(z_j.d_i) from the current signed
-    directions, linear least squares for Q_i = rho_i (x) c_i, new directions from Q, greedy sign flips (early
-    rounds and whenever a round does not improve); then patterns snapped from the observed gradient itself
-    (D_j = P_j M_j^{-1}, rounded to the two slope levels), accepted only if the fit improves.
-    Returns (signed unit directions (B, B), Q (B, K, B), relative residual, report)."""
+def _pattern_step(prob: _Problem, D: torch.Tensor, C: torch.Tensor, inner: int = 3):
+    """Least squares for fixed activation patterns D (m, B), in the rank-one form Q_i = rho_i (x) c_i.
+
+    K = 1: one linear problem for q_i = rho_i c_i (B^2 unknowns). K > 1: alternate rho (B, K) from the output
+    layer (GA_kj = sum_i rho_ik D_ji z_j.c_i, a B x B normal matrix) and C from the first layer (P_j = sum_i D_ji
+    beta_ji c_i with beta_ji = sum_k A_kj rho_ik, again B x B): O(m B^2) per step instead of O(m B^2 K^2).
+    Rows of C keep the sign of the previous ones (the patterns' sign). Returns (C, rho, relative residual)."""
     B = prob.B
-    d = dirs / dirs.norm(dim=1, keepdim=True)
-    D = _pattern(prob, d)
-    Q, res = _pattern_ls(prob, D)
+    ridge = lambda N: N + 1e-12 * float(N.diagonal().mean().clamp_min(1e-300)) * torch.eye(N.shape[0], dtype=N.dtype)  # noqa: E731
+    if prob.K == 1:
+        Q, _ = _pattern_ls(prob, D)
+        q = Q[:, 0, :]
+        sgn = torch.sign((q * C).sum(1))
+        sgn[sgn == 0] = 1
+        Cn = q * sgn[:, None]
+        rho = sgn[:, None].clone()
+    else:
+        Cn = C.clone()
+        rho = None
+        for _ in range(max(1, inner)):
+            H = D * (prob.Z @ Cn.T)  # (m, B)
+            rho = torch.linalg.solve(ridge(H.T @ H), H.T @ prob.GA.T)  # (B, K)
+            w = D * (prob.A.T @ rho.T)  # (m, B): D_ji beta_ji
+            Cn = torch.linalg.solve(ridge(w.T @ w), w.T @ prob.P)  # (B, B)
+            sgn = torch.sign((Cn * C).sum(1))
+            sgn[sgn == 0] = 1
+            Cn, rho = Cn * sgn[:, None], rho * sgn[:, None]
+    w = D * (prob.A.T @ rho.T)
+    rP = prob.P - w @ Cn
+    rA = prob.GA.T - (D * (prob.Z @ Cn.T)) @ rho
+    res = float((rP ** 2).sum() + (rA ** 2).sum()) / max(prob.norm2, 1e-300)
+    return Cn, rho, res
+
+
+def _fit_patterns(prob: _Problem, dirs: torch.Tensor, rounds: int) -> tuple[torch.Tensor, torch.Tensor, float, dict]:
+    """Activation-pattern alternating least squares: patterns D_ji = sigma'(z_j.c_i) from the current signed
+    span coordinates, least squares for rho_i (x) c_i with the patterns fixed (:func:`_pattern_step`), greedy sign
+    flips (first rounds, and whenever a round stalls), until the fit stops improving (at most 6 x ``rounds``);
+    then patterns snapped from the observed gradient itself (D_j (.) beta_j = P_j C^{-1}, rounded to the two slope
+    levels; exact for a noise-free gradient once C is close), accepted only if the fit improves.
+    Returns (signed unit directions (B, B), Q (B, K, B) = rho_i (x) c_i, relative residual, report)."""
+    B = prob.B
+    C = dirs / dirs.norm(dim=1, keepdim=True)
+    C, rho, res = _pattern_step(prob, _pattern(prob, C), C)
     flips = 0
     it = 0
-    last = res
-    for it in range(1, max(1, rounds) + 1):
+    last = float("inf")
+    for it in range(1, 6 * max(1, rounds) + 1):
         if it <= 3 or res >= last * 0.999:
             for i in range(B):
-                d2 = d.clone()
-                d2[i] = -d2[i]
-                Q2, r2 = _pattern_ls(prob, _pattern(prob, d2))
+                C2 = C.clone()
+                C2[i] = -C2[i]
+                C2, rho2, r2 = _pattern_step(prob, _pattern(prob, C2), C2)
                 if r2 < res:
-                    d, Q, res = d2, Q2, r2
+                    C, rho, res = C2, rho2, r2
                     flips += 1
-        last = res
-        nd = _dirs_from_Q(Q, d)
-        Qn, rn = _pattern_ls(prob, _pattern(prob, nd))
-        moved = float((nd - d).norm())
+        prev = res
+        Cn, rhon, rn = _pattern_step(prob, _pattern(prob, C), C)
+        moved = float((Cn / Cn.norm(dim=1, keepdim=True) - C / C.norm(dim=1, keepdim=True)).norm())
         if rn <= res:
-            d, Q, res = nd, Qn, rn
-        if moved < 1e-13 or res < 1e-26:
+            C, rho, res = Cn, rhon, rn
+        if moved < 1e-13 or res < 1e-26 or (it > max(3, rounds) and res > prev * 0.98):
             break
+        last = prev
     als_res = res
-    # snapping: read the patterns off the observed gradient (exact for a noise-free gradient once Q is close)
     hi, lo = _levels(prob.act)
     snapped = False
+    agreement = float("nan")
     for _ in range(6):
-        M = torch.einsum("kj,ikb->jib", prob.A, Q)  # (m, B, B): row i of M_j is sum_k A_kj Q_ik
+        beta = prob.A.T @ rho.T  # (m, B)
         try:
-            Dobs = torch.linalg.solve(M.transpose(1, 2), prob.P[:, :, None])[:, :, 0]
+            Dobs = (prob.P @ torch.linalg.inv(C)) / torch.where(beta.abs() > 1e-300, beta, torch.full_like(beta, 1e-300))
         except RuntimeError:
             break
         Dr = torch.where((Dobs - hi).abs() <= (Dobs - lo).abs(), torch.full_like(Dobs, hi), torch.full_like(Dobs, lo))
-        Qs, _ = _pattern_ls(prob, Dr)
-        nd = _dirs_from_Q(Qs, d)
-        # signs from agreement of the snapped patterns with the model's patterns z_j.d_i
-        agree_pos = (prob.act.grad(prob.Z @ nd.T) == Dr).double().mean(0)
-        agree_neg = (prob.act.grad(-(prob.Z @ nd.T)) == Dr).double().mean(0)
-        sgn = torch.where(agree_pos >= agree_neg, 1.0, -1.0).to(nd.dtype)
-        nd = nd * sgn[:, None]
-        Qn, rn = _pattern_ls(prob, _pattern(prob, nd))
+        # only decisive entries are snapped (a sample with a tiny residual gives noisy ones): the rest keep the
+        # model's current pattern
+        # sample i speaks in neuron j at all (with saturated residuals half the beta_ji vanish)
+        strong = beta.abs() > 0.1 * torch.quantile(beta.abs(), 0.9, dim=0)
+        decisive = ((Dobs - Dr).abs() < 0.25 * abs(hi - lo)) & strong
+        Dr = torch.where(decisive, Dr, _pattern(prob, C))
+        Cs, rhos, _ = _pattern_step(prob, Dr, C)
+        # the snapped patterns must agree with the model's patterns z_j.c_i for the right sign of each sample
+        pre = prob.Z @ Cs.T
+        agree_pos = (prob.act.grad(pre) == Dr).double().mean(0)
+        agree_neg = (prob.act.grad(-pre) == Dr).double().mean(0)
+        sgn = torch.where(agree_pos >= agree_neg, 1.0, -1.0).to(Cs.dtype)
+        Cs = Cs * sgn[:, None]
+        Cn, rhon, rn = _pattern_step(prob, _pattern(prob, Cs), Cs)
         if rn < res:
-            d, Q, res = nd, Qn, rn
+            C, rho, res = Cn, rhon, rn
             snapped = True
+            agreement = float(torch.maximum(agree_pos, agree_neg).min())
         else:
             break
-    agreement = float(torch.maximum(agree_pos, agree_neg).min()) if snapped else float("nan")
+    d = C / C.norm(dim=1, keepdim=True)
+    Q = torch.einsum("ik,ib->ikb", rho, C)
     return d, Q, res, {"rounds": it, "sign_flips": flips, "als_residual": als_res, "snapped": snapped,
                        "pattern_agreement": agreement}
 
