@@ -255,6 +255,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     torch.set_flush_denormal(True)  # float32 L-BFGS on tiny gradients crawls through denormals otherwise
+    try:
+        return _main(argv)
+    finally:
+        torch.set_flush_denormal(False)  # process-wide state: restore it for in-process callers
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     try:
