@@ -72,7 +72,7 @@ def measure(name, opts, batch, rounds, budget):
         return data + 1e-4 * C.total_variation(v[0]), cos
 
     def project(v):
-        v[0].copy_(torch.maximum(torch.minimum(v[0], hi), lo))
+        v[0].clamp_(lo, hi)
 
     x0 = torch.randn((batch, 3, 32, 32), generator=torch.Generator().manual_seed(0))
 

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -22,7 +23,6 @@ from typing import Callable, Sequence
 
 import torch
 
-from ... import functional as Fn
 from ...case import Case, FedSGD
 from ..base import Reconstruction
 
@@ -116,20 +116,23 @@ class GradientMatcher:
         self.tnorm2 = sum(w * torch.dot(t, t) for w, t in zip(self.w, self.targets))
         self.tnorm = self.tnorm2.sqrt()
         self._tiny = torch.finfo(self.targets[0].dtype).tiny
-        # FedSGD: differentiate only w.r.t. the matched parameters (leaves created once, reused every step)
+        # FedSGD: a private copy of the model whose own parameters are the leaves (no per-step parameter
+        # swapping as in functional_call), differentiated only w.r.t. the matched ones. Train-mode BatchNorm
+        # updates only this copy's running statistics, which its (batch-statistics) output does not use.
         self.fedsgd = isinstance(case.observation, FedSGD)
         if self.fedsgd:
             sel = set(self.names)
-            self._params = {k: v.detach().clone().requires_grad_(k in sel) for k, v in case.parameters.items()}
-            self._buffers = case.buffers
-            self._leaves = [self._params[k] for k in self.names]
+            self._model = copy.deepcopy(case.model)
+            params = dict(self._model.named_parameters())
+            for k, p in params.items():
+                p.requires_grad_(k in sel)
+            self._leaves = [params[k] for k in self.names]
 
     def update(self, x: torch.Tensor, labels: torch.Tensor, *, create_graph: bool = True) -> list[torch.Tensor]:
         """The candidate's update for the matched tensors (list in ``names`` order)."""
         if self.fedsgd:
             with torch.enable_grad():
-                out = Fn.forward(self.case.model, self._params, self._buffers, x)
-                loss = self.case.loss_fn(out, labels)
+                loss = self.case.loss_fn(self._model(x), labels)
                 return list(torch.autograd.grad(loss, self._leaves, create_graph=create_graph))
         full = self.case.update(x, labels, create_graph=create_graph)
         return [full[k] for k in self.names]
@@ -158,8 +161,12 @@ class _Match(torch.autograd.Function):
         ctx.m = m
         ctx.save_for_backward(*gs)
         if m.distance == "cosine":
-            dot = sum(w * torch.dot(g, t) for w, g, t in zip(m.w, gs, m.targets))
-            gn2 = sum(w * torch.dot(g, g) for w, g in zip(m.w, gs))
+            if m.equal:
+                dot = sum(torch.dot(g, t) for g, t in zip(gs, m.targets))
+                gn2 = sum(torch.dot(g, g) for g in gs)
+            else:
+                dot = sum(w * torch.dot(g, t) for w, g, t in zip(m.w, gs, m.targets))
+                gn2 = sum(w * torch.dot(g, g) for w, g in zip(m.w, gs))
             gn = gn2.sqrt()
             denom = (gn * m.tnorm).clamp_min(m._tiny)
             ctx.coef = (dot / (gn2 * denom).clamp_min(m._tiny), -1.0 / denom)  # d cos/dg = a*g + b*t (per w)
@@ -173,11 +180,10 @@ class _Match(torch.autograd.Function):
     def backward(ctx, go: torch.Tensor):
         m = ctx.m
         gs = ctx.saved_tensors
-        a, b = ctx.coef
+        a, b = (float(go * c) for c in ctx.coef)
         out = []
         for w, g, t in zip(m.w, gs, m.targets):
-            ca, cb = float(go * w * a), float(go * w * b)
-            out.append((g * ca).add_(t, alpha=cb))
+            out.append((g * (w * a)).add_(t, alpha=w * b))
         return (None, *out)
 
 

@@ -104,7 +104,7 @@ class _LBFGSMatching(Attack):
             return data, data
 
         def project(v):
-            v[0].copy_(torch.maximum(torch.minimum(v[0], hi), lo))
+            v[0].clamp_(lo, hi)
 
         def offer(score, v):
             lab = C.hard_labels(case, v[1]) if joint else labels

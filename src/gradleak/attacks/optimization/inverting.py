@@ -184,7 +184,7 @@ class InvertingGradients(Attack):
             return total, cos
 
         def project(v: list[torch.Tensor]):
-            v[0].copy_(torch.maximum(torch.minimum(v[0], hi), lo))
+            v[0].clamp_(lo, hi)
 
         def offer(score: float, v: list[torch.Tensor]):
             lab = C.hard_labels(case, v[1]) if joint else labels
