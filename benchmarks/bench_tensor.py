@@ -3,7 +3,9 @@
 1. ``quality``: mean / min per-image cosine (image space, after Hungarian alignment, gradleak.metrics.evaluate)
    vs width m in {1e3, 1e4, 1e5} for batch sizes B in {2, 4, 8}, at d = 3*16*16 = 768 (the first B bundled
    photos at 16x16, ImageNet normalisation, the zoo's ``two-layer`` network with one output per photo and
-   cross-entropy, labels known), ReLU and tanh, float32. Also reported: the tensor step alone (``fit='none'``:
+   cross-entropy, labels known), ReLU and tanh, float32; the default random output weights ("random": at
+   |x| ~ 28 the logits saturate, and a sample the network already classifies correctly has a ~zero residual, so
+   it barely enters the gradient) and the mirrored initialisation ("mirrored": f = 0, every residual 1/K - e_y). Also reported: the tensor step alone (``fit='none'``:
    mean |cos| of the directions in the model's input space, before any gradient fit), the relative fit residual,
    the gradient residual of the result, seconds and what fixed each norm / sign.
 2. ``scale``: d = 3*32*32 = 3072, B = 8, ReLU, m = 40,000, float32: seconds and memory (peak RSS before and
@@ -38,22 +40,23 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _case(size: int, B: int, m: int, act: str, seed: int = 0):
+def _case(size: int, B: int, m: int, act: str, seed: int = 0, mirrored: bool = False):
     data = gl.data.samples(size, num_images=B)
     x, y = data.batch(B)
     model = gl.models.build("two-layer", input_shape=data.spec.shape, num_classes=data.spec.num_classes, width=m,
-                            activation=act, seed=seed)
+                            activation=act, seed=seed, mirrored=mirrored)
     case, truth = gl.simulate(model, x, y, spec=data.spec)
     del model
     return case, truth
 
 
-def quality(widths, batches, acts) -> list[dict]:
+def quality(widths, batches, acts, inits) -> list[dict]:
     rows = []
-    for act in acts:
+    for init in inits:
+      for act in acts:  # noqa: E111
         for B in batches:
             for m in widths:
-                case, truth = _case(16, B, m, act)
+                case, truth = _case(16, B, m, act, mirrored=init == "mirrored")
                 t0 = time.perf_counter()
                 rec = gl.create("tensor").reconstruct(case, seed=0)
                 secs = time.perf_counter() - t0
@@ -65,7 +68,7 @@ def quality(widths, batches, acts) -> list[dict]:
                     tensor_only = float(direction_error(dirs.double(), xt).mean())
                 except gl.GradleakError as e:  # pragma: no cover - reported, not hidden
                     tensor_only = f"error: {e}"
-                row = {"activation": act, "batch_size": B, "width": m, "d": 768,
+                row = {"init": init, "activation": act, "batch_size": B, "width": m, "d": 768,
                        "cosine_mean": sc.cosine, "cosine_min": min(sc.cosine_per_image),
                        "cosine_per_image": sc.cosine_per_image, "psnr": sc.psnr,
                        "label_accuracy": sc.label_accuracy, "tensor_only_abs_cos_mean": tensor_only,
@@ -75,7 +78,7 @@ def quality(widths, batches, acts) -> list[dict]:
                        "sign_sources": sorted({s.get("sign", "") for s in rec.info["samples"]}),
                        "warnings": rec.info["warnings"], "draws_run": len(rec.info["draws"])}
                 rows.append(row)
-                print(f"{act:5s} B={B} m={m:>6}: cos mean {sc.cosine:.4f} min {row['cosine_min']:.4f}  "
+                print(f"{init:8s} {act:5s} B={B} m={m:>6}: cos mean {sc.cosine:.4f} min {row['cosine_min']:.4f}  "
                       f"tensor-only |cos| {tensor_only if isinstance(tensor_only, str) else f'{tensor_only:.4f}'}  "
                       f"fit {row['fit_residual']:.1e}  {secs:.1f}s", flush=True)
                 del case, truth, rec
@@ -129,7 +132,7 @@ def main() -> None:
     if args.only in (None, "quality"):
         widths = (1_000, 10_000) if args.quick else (1_000, 10_000, 100_000)
         batches = (2, 4) if args.quick else (2, 4, 8)
-        out["quality"] = quality(widths, batches, ("relu", "tanh"))
+        out["quality"] = quality(widths, batches, ("relu", "tanh"), ("random", "mirrored"))
     out["total_seconds"] = time.perf_counter() - t0
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(out, indent=1))

@@ -421,3 +421,14 @@ def test_feature_matching_term_drives_inverting_gradients():
     t_plain = float(term(case.spec.normalize(plain.inputs))) / 10
     t_guided = float(term(case.spec.normalize(guided.inputs))) / 10
     assert t_guided < 0.7 * t_plain, (t_guided, t_plain)
+
+
+def test_info_is_json_and_states_assumptions_and_refinement_runs():
+    import json
+
+    case, truth = _synthetic_case(d=20, B=3, m=8_000, act="gelu", K=3, loss="cross-entropy", seed=12)
+    rec = gl.create("tensor", refine_steps=5).reconstruct(case, seed=0)
+    json.dumps(rec.info)
+    assert any("Gaussian" in a for a in rec.info["assumptions"])
+    assert set(rec.info["refinement"]) >= {"accepted", "start", "end"}
+    assert _signed_cos(rec, case, truth).min() >= 0.99

@@ -342,7 +342,7 @@ def cp_objective(T: MomentTensor, V: torch.Tensor) -> tuple[float, torch.Tensor]
 
 
 def direction_error(est: torch.Tensor, true: torch.Tensor, *, signed: bool = False) -> torch.Tensor:
-    """Per-true-row best cosine after Hungarian alignment of the rows of ``est`` (R, B) to ``true`` (R, B).
+    """Per-true-row best cosine after Hungarian alignment of the rows of ``est`` (R', B) to ``true`` (R, B).
     With ``signed=False`` the absolute cosine is used (directions up to sign). Returns (R,) cosines."""
     from scipy.optimize import linear_sum_assignment
 
@@ -351,7 +351,7 @@ def direction_error(est: torch.Tensor, true: torch.Tensor, *, signed: bool = Fal
     c = np.nan_to_num((t @ e.T).double().cpu().numpy(), nan=0.0)
     score = c if signed else np.abs(c)
     rows, cols = linear_sum_assignment(-score)
-    out = np.empty(len(rows))
+    out = np.zeros(t.shape[0])  # a true row left without an estimate scores 0
     out[rows] = score[rows, cols]
     return torch.as_tensor(out)
 

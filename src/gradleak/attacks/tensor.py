@@ -267,8 +267,12 @@ def _span(gW: torch.Tensor, gb: torch.Tensor | None, B: int, generator: torch.Ge
     small = left(Q).T  # (k, da) = Q^T G
     _, S, Vh = torch.linalg.svd(small.double(), full_matrices=False)
     sv = S.tolist()
-    tiny = max(sv[0], 1e-300) * (1e-10 if gW.dtype == torch.float64 else 1e-5)
-    nrank = int(sum(v > tiny for v in sv))
+    # numerical rank: above 30x the noise floor, read off the singular values beyond B (rounding or defense noise),
+    # or a dtype-based floor when none were computed
+    tail = sv[B:]
+    floor = float(np.median(tail)) if tail else 0.0
+    floor = max(floor, max(sv[0], 1e-300) * (1e-14 if gW.dtype == torch.float64 else 1e-7))
+    nrank = int(sum(v > 30 * floor for v in sv))
     ratios = [sv[i] / max(sv[i + 1], 1e-300) for i in range(len(sv) - 1)]
     gap_idx = int(np.argmax(ratios)) + 1 if ratios else 1
     U = Vh[:B].T.to(gW.dtype)
@@ -746,8 +750,37 @@ def _same_solution(a: _Solution, b: _Solution, tol: float = 1e-6) -> bool:
     return bool((dist.min(dim=1).values < tol).all())
 
 
+def _reduce_classes(prob: _Problem) -> tuple[_Problem, torch.Tensor | None]:
+    """With K > B classes, the residual vectors rho_i (K,) span at most B dimensions, and so do the rows of the
+    output-layer gradient GA = rho^T sigma(Z C^T)^T: rotate the class space onto GA's top-B left singular vectors V
+    (K, B) - A -> V^T A, GA -> V^T GA - which loses nothing of an exact gradient and turns every per-class cost
+    from K into B. Returns (reduced problem, V or None)."""
+    if prob.K <= prob.B:
+        return prob, None
+    U, _, _ = torch.linalg.svd(prob.GA, full_matrices=False)
+    V = U[:, : prob.B]
+    return _Problem(Z=prob.Z, P=prob.P, A=V.T @ prob.A, GA=V.T @ prob.GA, act=prob.act, s=prob.s), V
+
+
 def _solve(prob: _Problem, o: TensorOptions, order: int, generator: torch.Generator, ctx: RunContext | None,
            odd: bool) -> tuple[_Solution, list[dict]]:
+    """Every draw: moment tensor (random class combination), Jennrich, CP-ALS polish, gradient fit; returns the
+    best fit (and a report per draw). Works in the reduced class space (:func:`_reduce_classes`) and maps the
+    residuals back to the K classes."""
+    full_prob = prob
+    prob, V = _reduce_classes(prob)
+    best, draws_report = _solve_reduced(prob, o, order, generator, ctx, odd)
+    if V is not None:
+        if best.Q is not None:
+            best.Q = torch.einsum("ilb,kl->ikb", best.Q, V)
+        if best.rho is not None:
+            best.rho = best.rho @ V.T
+        best.report["classes_reduced"] = f"{full_prob.K} -> {prob.K}"
+    return best, draws_report
+
+
+def _solve_reduced(prob: _Problem, o: TensorOptions, order: int, generator: torch.Generator,
+                   ctx: RunContext | None, odd: bool) -> tuple[_Solution, list[dict]]:
     fit = o.fit
     if fit == "auto":
         fit = "patterns" if prob.act.positively_homogeneous else "nonlinear"
@@ -1194,7 +1227,7 @@ def _refine(case: Case, x0: torch.Tensor, labels: torch.Tensor, steps: int) -> t
         loss = sum(((upd[k] - target[k]) ** 2).sum() for k in target) / norm
         loss.backward()
         if first[0] is None:
-            first[0] = float(loss)
+            first[0] = float(loss.detach())
         return loss
 
     with torch.enable_grad():
@@ -1289,9 +1322,21 @@ def _run(case: Case, view: TwoLayerView, o: TensorOptions, ctx: RunContext | Non
     if sol.Q is not None:
         # |t_i rho_i|: how strongly each sample speaks in the gradient (tiny = the model already fits it)
         w = [float((sol.Q[i] @ sol.coords[i]).norm()) for i in range(B)]
-        info["sample_weights"] = w
-    elif sol.rho is not None:
-        info["sample_weights"] = [float(sol.rho[i].norm() * sol.coords[i].norm()) for i in range(B)]
+    else:
+        w = [float(sol.rho[i].norm() * sol.coords[i].norm()) for i in range(B)]
+    info["sample_weights"] = w
+    weak = [i for i, v in enumerate(w) if v < 1e-3 * max(w)]
+    if weak:
+        notes.append(f"sample(s) {weak} carry < 0.1% of the gradient's weight (the model already fits them: tiny "
+                     "residual); their recovery is the least reliable")
+    info["assumptions"] = [
+        "first-layer weights i.i.d. Gaussian N(0, s^2) (Stein's identity; checked: marginal moments and the "
+        "projection on the gradient's span)" + ("" if o.check_weights else " - check disabled"),
+        "output-layer weights known (they are part of the model the server sends)",
+        "one gradient: FedSGD, or FedAvg with a single full-batch local step",
+        f"B <= d and linearly independent samples (B = {B}, d = {view.d_aug})",
+        "sign / norm / label fixes: see 'samples' (gradient, loss residual, bias, or a stated prior)",
+    ]
     return sol, prob, span, B, info
 
 
