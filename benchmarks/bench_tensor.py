@@ -5,7 +5,8 @@
    photos at 16x16, ImageNet normalisation, the zoo's ``two-layer`` network with one output per photo and
    cross-entropy, labels known), ReLU and tanh, float32; the default random output weights ("random": at
    |x| ~ 28 the logits saturate, and a sample the network already classifies correctly has a ~zero residual, so
-   it barely enters the gradient) and the mirrored initialisation ("mirrored": f = 0, every residual 1/K - e_y). Also reported: the tensor step alone (``fit='none'``:
+   it barely enters the gradient) and the mirrored initialisation ("mirrored": f = 0, every residual 1/K - e_y).
+   Also reported: the tensor step alone (``fit='none'``:
    mean |cos| of the directions in the model's input space, before any gradient fit), the relative fit residual,
    the gradient residual of the result, seconds and what fixed each norm / sign.
 2. ``scale``: d = 3*32*32 = 3072, B = 8, ReLU, m = 40,000, float32: seconds and memory (peak RSS before and

@@ -23,8 +23,6 @@ This module holds the tensor machinery, independent of any model:
 
 from __future__ import annotations
 
-import itertools
-import math
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Sequence

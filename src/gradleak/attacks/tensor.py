@@ -14,15 +14,23 @@ approach (ALGORITHMS.md section 4), checked numerically. Setting and assumptions
   a stated prior (image pixels in the value range); ``info['samples']`` says which, per sample.
 
 Algorithm (``_reconstruct``):
-1. Span: the top-B right singular vectors U of the first-layer gradient (randomised SVD); the singular-value gap
-   gives an estimate of B (reported; the case's batch size is used unless ``batch_size='gap'``).
-2. Project: z_j = U^T w_j / s, y_j = U^T g^W_j s / a_j; the order-p Hermite moment tensor
-   T = (1/m) sum_j y_j (x) He_{p-1}(z_j) is kept implicit (contractions O(m B^2)); p = 3 or 4 from mu_p.
-3. Jennrich on random slices, several draws, each polished by CP-ALS on the implicit tensor.
-4. Fit the raw gradient from every draw: ReLU family - activation-pattern alternating least squares with greedy
-   sign flips, then pattern snapping from the observed gradient; smooth activations - non-linear least squares
-   (L-BFGS) over span coordinates and free residuals. The draw whose fit to the observed gradient is best wins.
-5. Norms, signs and labels from the loss residual / bias / prior; optional gradient-matching refinement.
+1. Span: the top-B right singular vectors U of the first-layer gradient (randomised SVD, never a d x d matrix);
+   the singular-value gap gives an estimate of B (reported; the case's batch size is used unless
+   ``batch_size='gap'``), the values beyond B the noise floor (numerical rank).
+2. Project: z_j = U^T w_j / s, y_j = U^T g^W_j s / a_j (K classes: weighted by a random class combination);
+   the order-p Hermite moment tensor T = (1/m) sum_j y_j (x) He_{p-1}(z_j) is kept implicit (contractions
+   O(m B^2)); p = 3 or 4 from mu_p. With K > B classes the class space is first rotated onto the B directions
+   the output-layer gradient spans (lossless).
+3. Jennrich on two random slices, several draws, each polished by CP-ALS on the implicit tensor.
+4. Fit the raw gradient (both layers) from every draw: ReLU family - activation-pattern alternating least
+   squares in the rank-one form rho_i (x) c_i with greedy sign flips, then patterns snapped from the observed
+   gradient (exact for a noise-free gradient); smooth activations - alternating slope-fixed least squares with
+   per-sample norm profiles, then Levenberg-Marquardt (variable projection of the residuals), then late sign
+   flips. The draw whose fit to the observed gradient is best wins (stop early at ``fit_tol`` or when two draws
+   agree).
+5. Norms, signs and labels: a Hungarian assignment of the (known) label multiset to the recovered samples by
+   the loss-residual misfit; ties between admissible inputs are broken by the stated prior; optional
+   gradient-matching refinement (L-BFGS on the full model).
 
 For deep networks, :func:`recover_head_features` applies the same steps to a wide random two-layer head on top
 of a body, and :func:`feature_matching_term` turns the recovered features into a regulariser
@@ -46,8 +54,8 @@ from ..errors import RequirementError, ValidationError
 from ..tensor_moments import MomentTensor, cp_als_polish, cp_objective, jennrich
 from .base import Attack, Reconstruction, RunContext, register
 
-__all__ = ["TensorAttack", "TensorOptions", "TwoLayerView", "find_two_layer", "recover_directions", "recover_head_features",
-           "HeadFeatures", "feature_matching_term", "weight_normality"]
+__all__ = ["TensorAttack", "TensorOptions", "TwoLayerView", "find_two_layer", "recover_directions",
+           "recover_head_features", "HeadFeatures", "feature_matching_term", "weight_normality"]
 
 PAPER = ("Wang, Lee, Lei. Reconstructing Training Data from Model Gradient, Provably. AISTATS 2023 "
          "(arXiv 2212.03714)")
@@ -192,8 +200,8 @@ class TensorOptions:
     polish_sweeps: CP-ALS sweeps on the implicit tensor after each Jennrich draw.
     estimator: 'hidden' (first-layer gradient x He_{p-1}, lower variance), 'output' (output-layer gradient x He_p)
     or 'auto' (= 'hidden').
-    fit: 'patterns' (activation-pattern alternating least squares; ReLU family), 'nonlinear' (L-BFGS over span
-    coordinates and residuals), 'none' (tensor directions only; signs/scales by least squares), 'auto'.
+    fit: 'patterns' (activation-pattern alternating least squares; ReLU family), 'nonlinear' (Levenberg-Marquardt
+    over span coordinates and residuals), 'none' (tensor directions only; signs/scales by least squares), 'auto'.
     fit_rounds: rounds of the pattern ALS (then pattern snapping) / alternating rounds of the non-linear fit.
     fit_tol: stop trying draws once the relative gradient-fit residual is below this.
     refine_steps: optional L-BFGS gradient-matching steps on the full model afterwards (0 = none).
@@ -398,7 +406,10 @@ def _pattern_step(prob: _Problem, D: torch.Tensor, C: torch.Tensor, inner: int =
     beta_ji c_i with beta_ji = sum_k A_kj rho_ik, again B x B): O(m B^2) per step instead of O(m B^2 K^2).
     Rows of C keep the sign of the previous ones (the patterns' sign). Returns (C, rho, relative residual)."""
     B = prob.B
-    ridge = lambda N: N + 1e-12 * float(N.diagonal().mean().clamp_min(1e-300)) * torch.eye(N.shape[0], dtype=N.dtype)  # noqa: E731
+
+    def ridge(N):
+        return N + 1e-12 * float(N.diagonal().mean().clamp_min(1e-300)) * torch.eye(N.shape[0], dtype=N.dtype)
+
     if prob.K == 1:
         Q, _ = _pattern_ls(prob, D)
         q = Q[:, 0, :]
@@ -485,10 +496,42 @@ def _fit_patterns(prob: _Problem, dirs: torch.Tensor, rounds: int) -> tuple[torc
             agreement = float(torch.maximum(agree_pos, agree_neg).min())
         else:
             break
+    C, rho, res, deflated = _deflate_weak(prob, C, rho, res)
     d = C / C.norm(dim=1, keepdim=True)
     Q = torch.einsum("ik,ib->ikb", rho, C)
     return d, Q, res, {"rounds": it, "sign_flips": flips, "als_residual": als_res, "snapped": snapped,
-                       "pattern_agreement": agreement}
+                       "pattern_agreement": agreement, "deflated": deflated}
+
+
+def _deflate_weak(prob: _Problem, C: torch.Tensor, rho: torch.Tensor, res: float, rel: float = 0.05):
+    """Re-estimate samples that carry little of the gradient (|t_i rho_i| < ``rel`` x the largest): a joint fit
+    barely notices them. Subtract every other sample's fitted first-layer contribution; what remains is one
+    sample's, P_j ~ D_ji beta_ji c_i, a rank-one matrix whose top right singular vector is c_i's direction (the
+    sign: the one whose activation pattern carries the remaining energy). Accepted when the joint fit improves."""
+    B = prob.B
+    w = (rho.norm(dim=1) * C.norm(dim=1))
+    weak = [i for i in range(B) if float(w[i]) < rel * float(w.max())]
+    done = 0
+    for i in weak:
+        D = _pattern(prob, C)
+        beta = prob.A.T @ rho.T
+        others = [l for l in range(B) if l != i]
+        R = prob.P - (D[:, others] * beta[:, others]) @ C[others]
+        try:
+            _, _, Vh = torch.linalg.svd(R, full_matrices=False)
+        except RuntimeError:
+            continue
+        u = Vh[0]
+        energy = (R ** 2).sum(1)
+        score = [float((energy * prob.act.grad(sg * (prob.Z @ u))).sum()) for sg in (1.0, -1.0)]
+        u = u if score[0] >= score[1] else -u
+        C2 = C.clone()
+        C2[i] = u * C[i].norm()
+        C2, rho2, r2 = _pattern_step(prob, _pattern(prob, C2), C2)
+        if r2 < res:
+            C, rho, res = C2, rho2, r2
+            done += 1
+    return C, rho, res, done
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -1213,8 +1256,6 @@ def activation_properties_cached(act: Activation) -> dict:
 
 def _refine(case: Case, x0: torch.Tensor, labels: torch.Tensor, steps: int) -> tuple[torch.Tensor, dict]:
     """Gradient matching (squared distance relative to the observed update) from the tensor solution, L-BFGS."""
-    from .. import functional as Fn
-
     target = case.observed
     norm = sum(float((v.double() ** 2).sum()) for v in target.values())
     x = x0.detach().clone().requires_grad_(True)
