@@ -122,3 +122,26 @@ def test_train_then_attack_the_checkpoint(tmp_path, capsys):
     code, stdout, err = _run(capsys, "attack", "--attack", "idlg", "--model", "lenet", "--width", "6",
                              "--dataset", "digits", "--weights", str(ckpt), "--out", str(tmp_path / "b"))
     assert code == 2 and "shape" in err and len(err.strip().splitlines()) == 1
+
+
+def test_attack_an_observed_gradient_file(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    import gradleak as gl
+
+    data = gl.data.samples(16, num_images=1)
+    x, y = data.batch(1)
+    model = gl.models.build("mlp", input_shape=data.spec.shape, num_classes=data.spec.num_classes, width=32, seed=0)
+    case, _ = gl.simulate(model, x, y, spec=data.spec)
+    grad = tmp_path / "grad.safetensors"
+    save_file({k: v.contiguous() for k, v in case.observed.items()}, str(grad))
+    code, stdout, err = _run(capsys, "attack", "--attack", "fc-analytic", "--model", "mlp", "--width", "32",
+                             "--image-size", "16", "--observed", str(grad), "--json", "--out", str(tmp_path / "o"))
+    assert code == 0, err
+    obj = json.loads(stdout)
+    assert obj["psnr"] is None and obj["residual"] < 1e-6 and any("no ground truth" in n for n in obj["notes"])
+    rec = gl.load_tensor_dict(tmp_path / "o" / "reconstruction.safetensors")["inputs"]
+    assert float((rec - x).abs().max()) < 1e-4
+    code, _, err = _run(capsys, "attack", "--attack", "fc-analytic", "--model", "mlp", "--width", "16",
+                        "--image-size", "16", "--observed", str(grad))
+    assert code == 2 and "shape" in err

@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--preset", default=None, help="attack preset (paper settings)")
     a.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="attack option")
     a.add_argument("--weights", default=None, help="model weights: a state_dict .pt or .safetensors file")
-    a.add_argument("--observed", default=None, help="a real observed gradient/update (.safetensors or .pt dict)")
+    a.add_argument("--observed", default=None, help="a real observed gradient/update (.safetensors or .pt dict keyed "
+                   "like the model); the data options give its spec, and --images (if given) is the truth")
     a.add_argument("--defense", action="append", default=[], metavar="SPEC",
                    help="defense applied to the simulated update, e.g. noise:sigma=0.01, prune:ratio=0.9")
     a.add_argument("--out", default=None, help="run directory (default runs/ATTACK-MODEL-TIME)")

@@ -146,28 +146,25 @@ def build_case(cfg: AttackRun) -> tuple[Case, Truth | None, list[str]]:
     dtype = DTYPES[cfg.dtype]
     notes: list[str] = []
     info = models_mod.models.get(cfg.model)
-    truth_inputs = truth_labels = None
-    if cfg.observed is None or cfg.images:
-        ds = load_data(cfg)
-        notes += list(getattr(ds, "notes", ()))
-        truth_inputs, truth_labels = ds.batch(cfg.num_images, cfg.start)
-        spec = ds.spec
-        if cfg.num_classes is not None:  # e.g. a 1000-class checkpoint attacked on the bundled photos
-            if int(truth_labels.max()) >= cfg.num_classes:
-                raise ValidationError("attack run", [f"--num-classes {cfg.num_classes} is too small for labels up to "
-                                                     f"{int(truth_labels.max())}"])
-            spec = dataclasses.replace(spec, num_classes=cfg.num_classes)
-    else:
-        spec = None
-    if info.single_output:
-        if spec is not None and spec.num_classes != 2:
-            notes.append(f"{info.name} has one output score (logistic loss): labels mapped to label % 2")
-            spec = dataclasses.replace(spec, num_classes=2)
-            if truth_labels is not None:
-                truth_labels = truth_labels % 2
-    if spec is None:
-        raise ValidationError("attack run", ["an observed update needs the data spec: give --images (the truth, "
-                                             "for scoring) or --dataset to tell the input shape and classes"])
+    # The data source gives the spec (shape, classes, normalisation) and the private batch. With an observed
+    # update the batch is the truth for scoring only when the user gave their own --images.
+    ds = load_data(cfg)
+    notes += list(getattr(ds, "notes", ()))
+    truth_inputs, truth_labels = ds.batch(cfg.num_images, cfg.start)
+    spec = ds.spec
+    if cfg.num_classes is not None:  # e.g. a 1000-class checkpoint attacked on the bundled photos
+        if int(truth_labels.max()) >= cfg.num_classes:
+            raise ValidationError("attack run", [f"--num-classes {cfg.num_classes} is too small for labels up to "
+                                                 f"{int(truth_labels.max())}"])
+        spec = dataclasses.replace(spec, num_classes=cfg.num_classes)
+    if info.single_output and spec.num_classes != 2:
+        notes.append(f"{info.name} has one output score (logistic loss): labels mapped to label % 2")
+        spec = dataclasses.replace(spec, num_classes=2)
+        truth_labels = truth_labels % 2
+    if cfg.observed is not None and not cfg.images:
+        truth_inputs = truth_labels = None
+        notes.append(f"observed update: the spec comes from '{cfg.dataset}' (shape {spec.shape}, "
+                     f"{spec.num_classes} classes); no ground truth, so no PSNR")
     model = models_mod.build(cfg.model, input_shape=spec.shape, num_classes=spec.num_classes, seed=cfg.seed,
                              dtype=dtype, **cfg.model_options)
     if cfg.weights:
@@ -181,7 +178,8 @@ def build_case(cfg: AttackRun) -> tuple[Case, Truth | None, list[str]]:
 
         defense = defenses.compose(*[defenses.parse(d) for d in cfg.defenses])
     if cfg.observed is not None:
-        labels = torch.tensor(cfg.labels) if cfg.labels is not None else (truth_labels if cfg.labels_known else None)
+        labels = torch.tensor(cfg.labels) if cfg.labels is not None else (
+            truth_labels if cfg.labels_known and truth_labels is not None else None)
         case = Case.from_observed(model, cfg.observed, spec=spec, batch_size=cfg.num_images, protocol=cfg.protocol,
                                   local_steps=cfg.local_steps, local_lr=cfg.local_lr,
                                   local_batch_size=cfg.local_batch_size, labels=labels, loss=cfg.loss,
