@@ -8,15 +8,6 @@ import gradleak as gl
 from gradleak.attacks.analytic import biased_linear_layers, reads_input, recover_linear_input
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared, busy machine two OpenMP threads spin against each other."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _psnr(a, b):
     return float(10 * torch.log10(1.0 / ((a - b) ** 2).mean()))
 

@@ -10,15 +10,6 @@ import gradleak as gl
 from gradleak.attacks.labels import label_recovery_problems, last_linear, recover_labels
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared, busy machine two OpenMP threads spin against each other."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def photos():
     return gl.data.samples(16)  # all 19 photos at 16x16 (fast)

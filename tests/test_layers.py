@@ -13,7 +13,6 @@ from gradleak import layers as L
 from gradleak.activations import Act, Activation
 from gradleak.errors import RequirementError
 
-torch.set_num_threads(1)
 
 CONVS = [
     # (in_shape, conv kwargs)

@@ -17,15 +17,6 @@ from gradleak.errors import RequirementError, ValidationError
 from gradleak.risk.security import security_index
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The machine is shared: one torch thread is much faster here than two under contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _case(model, photos, index=0, *, labels_known=True, shape=(3, 32, 32), **kw):
     x, y = photos.batch(1, index)
     if tuple(x.shape[1:]) != tuple(shape):

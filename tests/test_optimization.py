@@ -10,15 +10,6 @@ import gradleak as gl
 from gradleak.attacks.optimization import common as C
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared, busy machine two OpenMP threads spin against each other."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def psnr(a, b):
     """PSNR with peak 1 on [0, 1] images, per image then averaged."""
     mse = ((a - b) ** 2).flatten(1).mean(1)

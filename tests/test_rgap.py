@@ -12,7 +12,6 @@ from gradleak.activations import Act, Activation
 from gradleak.attacks.rgap import LOGISTIC_MU_STAR, LOGISTIC_S_MIN, logistic_mu_roots, logistic_score
 from gradleak.errors import RequirementError
 
-torch.set_num_threads(1)
 
 
 def _case(model, image_size, channels=3, *, start=0, batch=1, labels=None, labels_known=True, **kw):

@@ -10,7 +10,6 @@ import gradleak as gl
 from gradleak import risk
 from gradleak.activations import Act
 
-torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")

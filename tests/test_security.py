@@ -13,14 +13,6 @@ from gradleak.risk.security import (security_analysis, security_from_case, secur
                                     system_rank)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _check_formula(rep):
     d = rep.deficiencies
     Lw = rep.num_layers

@@ -22,15 +22,6 @@ from gradleak.models import build, load_weights
 from gradleak.training import _augment, checkpoint_path, split_holdout, train, train_from_names
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small models train faster on one thread (and the CPU is shared)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def digits():
     return gl.data.load("digits")
