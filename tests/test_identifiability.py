@@ -15,14 +15,6 @@ from gradleak.risk.identifiability import (activation_properties, hermite_coeffi
 PHI0 = 1 / math.sqrt(2 * math.pi)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_relu_mu3_zero_and_order_4():
     mu, method = hermite_coefficients("relu", range(0, 7), return_method=True)
     assert mu[3] == 0.0 and mu[5] == 0.0

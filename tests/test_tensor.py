@@ -20,15 +20,6 @@ from gradleak.tensor_moments import (MomentTensor, cp_als_polish, cp_oracle, dir
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The machine's cores are shared: these tests run single-threaded (much faster under contention)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _synthetic_case(d=50, B=4, m=40_000, act="relu", K=1, loss="mse", seed=0, dtype=F64, labels_known=True,
                     centred=False, **model_opts):
     """B samples uniform in [0, 1]^d (no normalisation, or ``centred``: normalised by mean 0.5, std 0.29, so the
