@@ -690,3 +690,20 @@ def init_problems(case: Case, init) -> list[str]:
 def randn(shape: tuple[int, ...], generator: torch.Generator, case: Case) -> torch.Tensor:
     """N(0, 1) draw from the CPU ``generator`` (the only randomness source), moved to the case's dtype/device."""
     return torch.randn(shape, generator=generator, dtype=torch.float64).to(device=case.device, dtype=case.dtype)
+
+
+def best_trial_result(case: Case, trials: Sequence["Trial"], labels: torch.Tensor | None, joint: bool,
+                      info: dict, key: str) -> tuple[Reconstruction, int | None]:
+    """The Reconstruction of the finite trial with the lowest score (its index stored as ``info[key]``), or a
+    NaN-filled one (the base class turns it into a clear error) when every trial diverged. Variables of a
+    trial: [normalised inputs] or [normalised inputs, label logits] when labels were optimised jointly."""
+    finite = [i for i, t in enumerate(trials) if t.finite]
+    if not finite:
+        nan = torch.full((case.batch_size, *case.spec.shape), float("nan"), dtype=case.dtype, device=case.device)
+        return Reconstruction(inputs=nan, info=info), None
+    best = min(finite, key=lambda i: trials[i].score)
+    bt = trials[best]
+    info[key] = best
+    lab = hard_labels(case, bt.variables[1]) if joint else labels
+    return Reconstruction(inputs=case.spec.denormalize(bt.variables[0]), labels=lab, history=bt.history,
+                          info=info), best

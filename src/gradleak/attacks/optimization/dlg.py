@@ -129,7 +129,6 @@ class _LBFGSMatching(Attack):
                 trials.append(trial)
                 if trial.diverged_at is None:
                     break
-        finite = [i for i, t in enumerate(trials) if t.finite]
         info: dict[str, Any] = {
             "kind": "estimate",
             "trials": [t.summary() for t in trials],
@@ -139,17 +138,12 @@ class _LBFGSMatching(Attack):
             "protocol": case.protocol,
             "iterations": sum(t.steps for t in trials),
         }
-        if not finite:
-            return Reconstruction(inputs=torch.full((case.batch_size, *spec.shape), float("nan"),
-                                                    dtype=case.dtype, device=case.device), info=info)
-        best = min(finite, key=lambda i: trials[i].score)
-        bt = trials[best]
-        info["chosen_trial"] = best
-        info["score"] = bt.score
-        lab = C.hard_labels(case, bt.variables[1]) if joint else labels
-        if joint:
-            info["labels"] = {**label_info, "labels": lab.tolist()}
-        return Reconstruction(inputs=spec.denormalize(bt.variables[0]), labels=lab, history=bt.history, info=info)
+        rec, best = C.best_trial_result(case, trials, labels, joint, info, "chosen_trial")
+        if best is not None:
+            info["score"] = trials[best].score
+            if joint:
+                info["labels"] = {**label_info, "labels": rec.labels.tolist()}
+        return rec
 
 
 @register("dlg")

@@ -220,7 +220,6 @@ class InvertingGradients(Attack):
                                    signed=optimizer == "signed-adam", decay=o.lr_decay,
                                    offer_every=o.offer_every, **common)
             trials.append(trial)
-        finite = [i for i, t in enumerate(trials) if t.finite]
         info: dict[str, Any] = {
             "kind": "estimate",
             "restarts": [t.summary() for t in trials],
@@ -238,13 +237,4 @@ class InvertingGradients(Attack):
                                         "auto: L-BFGS, the model is smooth in its input")
         if len(names) < len(case.observed):
             info["layers"] = names
-        if not finite:
-            # every trial diverged before its first finite step: nothing to return
-            return Reconstruction(inputs=torch.full((case.batch_size, *spec.shape), float("nan"),
-                                                    dtype=case.dtype, device=case.device), info=info)
-        best = min(finite, key=lambda i: trials[i].score)
-        bt = trials[best]
-        info["chosen_restart"] = best
-        x = bt.variables[0]
-        lab = C.hard_labels(case, bt.variables[1]) if joint else labels
-        return Reconstruction(inputs=spec.denormalize(x), labels=lab, history=bt.history, info=info)
+        return C.best_trial_result(case, trials, labels, joint, info, "chosen_restart")[0]
