@@ -430,13 +430,7 @@ def _add_to_rank_report(report, target, input_shape, **context) -> None:
                         + ("" if gaussian else " [for a Gaussian re-initialisation of the first layer]"))
 
 
-def _register() -> None:
-    try:
-        from . import analyses, register_analysis
-    except ImportError:  # standalone use without the risk package's registry
-        return
-    if "identifiability" not in analyses:
-        register_analysis("identifiability")(_add_to_rank_report)
+# gradleak.risk imports this module once, after defining the registry: join its analyses.
+from . import register_analysis  # noqa: E402
 
-
-_register()
+register_analysis("identifiability")(_add_to_rank_report)

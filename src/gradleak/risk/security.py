@@ -391,15 +391,7 @@ def _add_to_rank_report(report, target, input_shape, **context) -> None:
                             "extensions['security']")
 
 
-def _register() -> None:
-    try:
-        from . import register_analysis
-    except ImportError:  # standalone use without the risk package's registry
-        return
-    from . import analyses
+# gradleak.risk imports this module once, after defining the registry: join its analyses.
+from . import register_analysis  # noqa: E402
 
-    if "security" not in analyses:
-        register_analysis("security")(_add_to_rank_report)
-
-
-_register()
+register_analysis("security")(_add_to_rank_report)
