@@ -232,7 +232,7 @@ def _cmd_list(args) -> int:
     elif args.what == "models":
         rows = [(n, models.models.get(n).description) for n in models.models.names()]
     elif args.what == "datasets":
-        rows = list(data.sources()) if hasattr(data, "sources") else [("samples", "bundled real photos")]
+        rows = list(data.sources())
     elif args.what == "defenses":
         rows = [(n, (defenses.defenses.get(n).__doc__ or "").strip().splitlines()[0] if defenses.defenses.get(n).__doc__ else "")
                 for n in defenses.defenses.names()]

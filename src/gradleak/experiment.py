@@ -16,7 +16,7 @@ import torch
 from . import data as data_mod
 from . import models as models_mod
 from .attacks import Reconstruction, attacks, create
-from .case import Case, DataSpec, Truth
+from .case import Case, Truth
 from .errors import ValidationError
 from .metrics import Scores, evaluate
 from .report import write_report
@@ -119,15 +119,10 @@ def _budget_options(cfg: AttackRun) -> dict[str, Any]:
 def load_data(cfg: AttackRun):
     """The dataset the run draws its private batch from."""
     source = cfg.images if cfg.images else cfg.dataset
-    load = getattr(data_mod, "load", None)
-    if load is None:  # minimal fallback while only the bundled photos exist
-        if source != "samples":
-            raise ValidationError("data", [f"unknown dataset {source!r}; expected 'samples'"])
-        return data_mod.samples(cfg.image_size or 32)
     kwargs = {"num_images": cfg.start + cfg.num_images}
     if cfg.image_size is not None:
         kwargs["image_size"] = cfg.image_size
-    return load(source, **kwargs)
+    return data_mod.load(source, **kwargs)
 
 
 def build_case(cfg: AttackRun) -> tuple[Case, Truth | None, list[str]]:
@@ -168,10 +163,7 @@ def build_case(cfg: AttackRun) -> tuple[Case, Truth | None, list[str]]:
     model = models_mod.build(cfg.model, input_shape=spec.shape, num_classes=spec.num_classes, seed=cfg.seed,
                              dtype=dtype, **cfg.model_options)
     if cfg.weights:
-        load_weights = getattr(models_mod, "load_weights", None)
-        if load_weights is None:
-            raise ValidationError("attack run", ["--weights needs gradleak.models.load_weights (not available)"])
-        model = load_weights(model, cfg.weights)
+        model = models_mod.load_weights(model, cfg.weights)
     defense = None
     if cfg.defenses:
         from . import defenses
