@@ -55,7 +55,6 @@ Example (one conv layer, one sample)::
 from __future__ import annotations
 
 import math
-import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Sequence
 

@@ -33,6 +33,7 @@ from functools import lru_cache
 from typing import Any, Callable, Union
 
 import numpy as np
+import torch
 
 from ..errors import ValidationError
 
@@ -79,15 +80,11 @@ def _resolve(activation: ActivationLike) -> tuple[str, Callable[[np.ndarray], np
     elif hasattr(activation, "activation") and isinstance(getattr(activation, "activation"), Activation):
         act = activation.activation  # an Act module
     if act is not None:
-        import torch
-
         def f(z: np.ndarray, _fn=act.fn) -> np.ndarray:
             return _fn(torch.as_tensor(z, dtype=torch.float64)).numpy()
 
         return act.name, f, act
     if callable(activation):
-        import torch
-
         def f(z: np.ndarray, _fn=activation) -> np.ndarray:
             try:
                 out = _fn(torch.as_tensor(z, dtype=torch.float64))
@@ -296,10 +293,6 @@ def identifiability_of_model(model, batch_size: int | None = None, **kw) -> Iden
 def _synthetic_problem(f, B: int, m: int, gen, dt):
     """A random two-layer gradient in B dimensions (the span coordinates): Gaussian samples X (B, B), weights
     Z (m, B), output weights +-1/sqrt(m), residuals of random sign and unit size. Returns (problem, X)."""
-    import torch
-
-    from ..attacks.tensor import _Problem
-
     X = torch.randn(B, B, generator=gen, dtype=dt)
     Z = torch.randn(m, B, generator=gen, dtype=dt)
     a = (torch.randint(0, 2, (1, m), generator=gen).to(dt) * 2 - 1) / math.sqrt(m)
@@ -329,8 +322,6 @@ def width_needed(activation: ActivationLike, d: int, batch_size: int, *, target_
       width reaching the target, else None. For a noise-free gradient the fit is often exact far below the
       tensor step's width; gradient noise (defenses) brings the tensor figure back into play.
     Real, correlated samples (images) need more width than Gaussian ones. Returns a dict (JSON-able)."""
-    import torch
-
     from ..tensor_moments import MomentTensor, cp_als_polish, cp_objective, direction_error, jennrich
 
     name, f, act = _resolve(activation)

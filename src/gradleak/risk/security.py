@@ -39,7 +39,7 @@ from torch import nn
 
 from .. import layers as L
 from ..case import Case
-from ..errors import RequirementError, ValidationError
+from ..errors import ValidationError
 
 __all__ = ["SecurityLayer", "SecurityReport", "security_analysis", "security_from_case", "security_index",
            "security_weights", "system_rank", "SOURCE_NOTE"]
