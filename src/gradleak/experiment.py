@@ -244,8 +244,10 @@ def compare(*, attacks: list[str], model: str, dataset: str = "samples", images:
             attack_options: dict[str, dict] | None = None, progress: bool = False) -> CompareResult:
     """Run several attacks on ONE simulated case and tabulate PSNR, SSIM, residual and seconds (the central
     comparison of the layer-wise paper). An attack that cannot handle the case gets a row with the reason."""
+    from .attacks import attacks as registry
     from .errors import RequirementError
 
+    attacks = [registry.canonical(a) for a in attacks]  # every unknown name fails before any work
     base = AttackRun(attack=attacks[0], model=model, dataset=dataset, images=images, num_images=num_images,
                      start=start, image_size=image_size, dtype=dtype, seed=seed, model_options=dict(model_options or {}))
     case, truth, notes = build_case(base)
