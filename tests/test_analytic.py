@@ -23,7 +23,7 @@ def test_fc_analytic_exact_float64(photos, index):
     x, y = photos.batch(1, index)
     case, truth = gl.simulate(model, x.double(), y, spec=photos.spec)
     rec = gl.create("fc-analytic").reconstruct(case)
-    assert rec.info["kind"] == "exact"
+    assert rec.kind == "exact"
     assert rec.inputs.dtype == torch.float64 and rec.inputs.shape == (1, 3, 32, 32)
     assert float((rec.inputs - truth.inputs).abs().max()) < 1e-10
     assert rec.info["row_spread"] < 1e-10
@@ -37,7 +37,7 @@ def test_fc_analytic_exact_under_fedavg(photos):
     case, truth = gl.simulate(model, x.double(), y, spec=photos.spec, protocol="fedavg", local_steps=3,
                               local_lr=0.05)
     rec = gl.create("fc-analytic").reconstruct(case)
-    assert rec.info["kind"] == "exact"
+    assert rec.kind == "exact"
     assert float((rec.inputs - truth.inputs).abs().max()) < 1e-10
 
 
@@ -57,7 +57,7 @@ def test_fc_analytic_batch_hidden_layer_groups_pure_rows(photos, dtype, tol):
     x, y = photos.batch(4, 2)
     case, truth = gl.simulate(model, x.to(dtype), y, spec=photos.spec, labels_known=False)
     rec = gl.create("fc-analytic").reconstruct(case)
-    assert rec.info["kind"] == "mixture" and rec.info["method"] == "grouped rows"
+    assert rec.kind == "mixture" and rec.info["method"] == "grouped rows"
     assert rec.inputs.shape == (4, 3, 32, 32)
     pure = rec.info["likely_pure"]
     assert sum(pure) >= 3
@@ -76,7 +76,7 @@ def test_fc_analytic_batch_classifier_label_rows(photos):
     x, y = photos.batch(4, 0)
     case, truth = gl.simulate(model, x.double(), y, spec=photos.spec)
     rec = gl.create("fc-analytic").reconstruct(case)
-    assert rec.info["kind"] == "mixture" and rec.info["method"] == "label rows"
+    assert rec.kind == "mixture" and rec.info["method"] == "label rows"
     for i in range(4):
         scores = [_psnr(rec.inputs[i], truth.inputs[j]) for j in range(4)]
         assert max(range(4), key=lambda j: scores[j]) == i

@@ -67,7 +67,7 @@ def test_attack_contract(name):
     assert rec.inputs.dtype == case.dtype and rec.inputs.device == case.device
     assert float(rec.inputs.min()) >= 0.0 and float(rec.inputs.max()) <= 1.0
     assert math.isfinite(rec.residual) and -1e-6 <= rec.residual <= 2.0
-    assert rec.attack == name and rec.info["kind"] in ("exact", "estimate", "mixture")
+    assert rec.attack == name and rec.kind in ("exact", "estimate", "mixture")
     assert torch.equal(rec.inputs, again.inputs), "same seed must give the same result"
     for k, v in model.state_dict().items():
         assert torch.equal(v, before_model[k]), f"caller's model changed at {k}"

@@ -213,7 +213,7 @@ def test_user_registered_activation_module():
         chain = L.walk(model, (4,))
         assert chain.supported and chain.layers[0].activation is cube and not chain.activation_problems()
     finally:
-        L._ACTIVATION_MODULES.pop(Cube)
+        gl.activations.unregister_module(Cube)
 
 
 def test_unknown_module_and_head_activation_reported():

@@ -36,7 +36,7 @@ def test_cnn2_c1_closed_form_is_exact_in_float64(photos32):
     case, truth = _case(model, photos32, 0)
     rec = create("layerwise", preset="closed-form").reconstruct(case)
     assert _mse(rec, truth) <= 1e-10
-    assert rec.info["kind"] == "exact"
+    assert rec.kind == "exact"
     assert rec.residual < 1e-12
     conv, head = rec.info["layers"]
     assert conv["label"] == "conv1" and head["kind"] == "head"

@@ -64,7 +64,7 @@ def cnn6_result():
 def test_cnn6_exact_float64(cnn6_result):
     case, truth, rec = cnn6_result
     assert _mse(rec, truth) <= 1e-12
-    assert rec.info["kind"] == "exact" and rec.info["deficient_layers"] == []
+    assert rec.kind == "exact" and rec.info["deficient_layers"] == []
     assert rec.inputs.shape == (1, 3, 32, 32) and rec.inputs.dtype == torch.float64
     assert rec.residual < 1e-10
     layers = rec.info["layers"]
@@ -82,7 +82,7 @@ def test_lenet_sigmoid_variant_28_exact_float64():
     case, truth = _case(model, 28, channels=1, start=2, labels=[0])
     rec = gl.create("rgap").reconstruct(case)
     assert _mse(rec, truth) <= 1e-12
-    assert rec.info["kind"] == "exact"
+    assert rec.kind == "exact"
     assert [l["activation"] for l in rec.info["layers"][:-1]] == ["sigmoid"] * 3
 
 
@@ -91,7 +91,7 @@ def test_fcn3_28_exact_float64():
     case, truth = _case(model, 28, channels=1, start=0, labels=[1])
     rec = gl.create("rgap").reconstruct(case)
     assert _mse(rec, truth) <= 1e-12
-    assert rec.info["kind"] == "exact"
+    assert rec.kind == "exact"
     head = rec.info["head"]
     # this photo is classified correctly: two roots; the bias-free leaky-ReLU network maps them to inputs that
     # differ by a scale and give the SAME gradient; the image range picks the right one
@@ -119,7 +119,7 @@ def test_nonsquare_strides_padding_biases_and_a_user_activation():
     case, truth = _case(model, (10, 14), start=4, labels=[2])
     rec = gl.create("rgap").reconstruct(case)
     assert rec.inputs.shape == (1, 3, 10, 14)
-    assert _mse(rec, truth) <= 1e-12 and rec.info["kind"] == "exact"
+    assert _mse(rec, truth) <= 1e-12 and rec.kind == "exact"
     assert [l["activation"] for l in rec.info["layers"][:-1]] == [name, "leaky-relu(0.1)"]
 
 
@@ -132,7 +132,7 @@ def test_bias_free_multiclass_head_solves_the_rank_one_scale(loss, known):
     case, truth = _case(model, 8, start=2, labels=[3], loss=loss, labels_known=known)
     rec = gl.create("rgap").reconstruct(case)
     assert rec.info["head"]["type"] == "rank-one" and rec.info["head"]["scale_mismatch"] < 1e-12
-    assert _mse(rec, truth) <= 1e-12 and rec.info["kind"] == "exact" and rec.labels.tolist() == [3]
+    assert _mse(rec, truth) <= 1e-12 and rec.kind == "exact" and rec.labels.tolist() == [3]
 
 
 def test_unknown_label_on_the_logistic_head_tries_both_signs():
@@ -161,7 +161,7 @@ def test_float32_case_works_in_its_dtype_and_says_estimate():
     rec = gl.create("rgap").reconstruct(case)
     assert rec.inputs.dtype == torch.float32
     assert 10 * math.log10(1 / _mse(rec, truth)) > 40
-    assert rec.info["kind"] == "estimate" and any("float32" in n for n in rec.info["notes"])
+    assert rec.kind == "estimate" and any("float32" in n for n in rec.info["notes"])
 
 
 # ---- honest failure --------------------------------------------------------------------------------------
@@ -173,7 +173,7 @@ def test_cnn6_d_conv2_reported_rank_deficient():
     conv2 = rec.info["layers"][1]
     assert conv2["label"] == "conv2" and conv2["deficient"] and conv2["deficiency"] >= 200
     assert rec.info["deficient_layers"] == ["conv2"]
-    assert rec.info["kind"] == "estimate"
+    assert rec.kind == "estimate"
     assert any("rank-deficient" in n for n in rec.info["notes"])
     assert _mse(rec, truth) > 1e-3  # the minimum-norm answer is not the input
     assert all(not l["deficient"] for i, l in enumerate(rec.info["layers"]) if i != 1)
@@ -190,7 +190,7 @@ def test_impossible_logistic_score_is_reported():
     bad = case.with_observation(g)
     rec = gl.create("rgap").reconstruct(bad)
     assert rec.info["head"]["status"] == "impossible" and rec.info["head"]["s"] == pytest.approx(-1.0)
-    assert rec.info["kind"] == "estimate"
+    assert rec.kind == "estimate"
 
 
 def test_unsupported_layers_raise_before_any_work_naming_each():
@@ -217,7 +217,7 @@ def test_batch_on_fcn3_gives_one_mixture_in_the_span():
     model = gl.models.build("fcn3", input_shape=(1, 28, 28), dtype=torch.float64)
     case, truth = _case(model, 28, channels=1, batch=2, labels=[1, 1])
     rec = gl.create("rgap").reconstruct(case)
-    assert rec.info["kind"] == "mixture" and rec.inputs.shape == (1, 1, 28, 28)
+    assert rec.kind == "mixture" and rec.inputs.shape == (1, 1, 28, 28)
     assert rec.info["mixture"]["batch_size"] == 2 and rec.info["mixture"]["span_rank"] == 2
     # the combination lies in span{x_1, x_2, 1} (image space; pixels the [0, 1] clamp did not touch)
     y = rec.inputs.reshape(-1)
@@ -247,7 +247,7 @@ def test_hybrid_rgap_then_inverting_gradients_improves_a_deficient_case():
     model.num_outputs = 4
     case, truth = _case(model, 10, start=1, labels=[1])
     rec = gl.create("rgap").reconstruct(case)
-    assert rec.info["kind"] == "estimate" and rec.info["deficient_layers"] == ["conv2"]
+    assert rec.kind == "estimate" and rec.info["deficient_layers"] == ["conv2"]
     assert rec.residual > 1e-3
     refined = gl.create("inverting-gradients", init=rec, max_iterations=100, optimizer="lbfgs", lr=1.0,
                         distance="l2", tv=0.0).reconstruct(case)

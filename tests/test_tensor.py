@@ -151,7 +151,7 @@ def test_relu_d50_b4_every_sample_recovered_with_sign():
     rec = gl.create("tensor").reconstruct(case, seed=0)
     cos = _signed_cos(rec, case, truth)
     assert cos.min() >= 0.99, cos
-    assert rec.info["order"] == 4 and rec.info["kind"] == "estimate"
+    assert rec.info["order"] == 4 and rec.kind == "estimate"
     assert rec.residual < 1e-8  # the norms follow from the loss residual: the gradient is matched exactly
     assert evaluate(rec, truth).cosine_per_image == pytest.approx([1.0] * 4, abs=1e-6)
     assert rec.info["batch_size_gap_estimate"] == 4

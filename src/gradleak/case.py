@@ -109,6 +109,14 @@ class FedSGD:
     def with_tensors(self, tensors: Mapping[str, torch.Tensor]) -> "FedSGD":
         return FedSGD(dict(tensors))
 
+    def as_gradient(self) -> Mapping[str, torch.Tensor]:
+        """The observation in gradient units: the gradient itself."""
+        return self.gradients
+
+    def gradient_is_exact(self, batch_size: int) -> bool:
+        """Whether :meth:`as_gradient` is the batch-mean gradient at the sent parameters (always, for FedSGD)."""
+        return True
+
     def describe(self) -> dict:
         return {"protocol": "fedsgd"}
 
@@ -130,6 +138,17 @@ class FedAvg:
 
     def with_tensors(self, tensors: Mapping[str, torch.Tensor]) -> "FedAvg":
         return replace(self, delta=dict(tensors))
+
+    def as_gradient(self) -> Mapping[str, torch.Tensor]:
+        """The observation in gradient units: ``-delta / (local_lr * local_steps)``, the mean of the local
+        gradients (the batch-mean gradient at the sent parameters for one full-batch step, see
+        :meth:`gradient_is_exact`)."""
+        scale = -1.0 / (self.local_lr * self.local_steps)
+        return {k: v * scale for k, v in self.delta.items()}
+
+    def gradient_is_exact(self, batch_size: int) -> bool:
+        """One local step on the whole batch: the update is exactly ``-local_lr`` times the gradient."""
+        return self.local_steps == 1 and self.local_batch_size >= batch_size
 
     def describe(self) -> dict:
         return {"protocol": "fedavg", "local_steps": self.local_steps, "local_lr": self.local_lr,
@@ -243,10 +262,9 @@ class Case:
                 object.__setattr__(self, "labels", lab.to(torch.long).to(self.device))
         if isinstance(self.spec, DataSpec) and not problems:
             out = self.num_outputs
-            expected_out = 1 if self.loss == "logistic" else self.spec.num_classes
-            if out != expected_out and self.loss != "mse":
-                problems.append(f"the model has {out} output(s) but the {self.loss} loss with "
-                                f"{self.spec.num_classes} classes needs {expected_out}")
+            bad = self.loss_fn.output_problem(out, self.spec.num_classes)
+            if bad:
+                problems.append(bad)
         if problems:
             raise ValidationError("Case", problems)
         Fn.set_bn_mode(model, self.bn_mode)

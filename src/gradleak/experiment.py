@@ -96,7 +96,7 @@ class RunResult:
                 "ssim_per_image": s.get("ssim_per_image"), "mse": s.get("mse"), "cosine": s.get("cosine"),
                 "label_accuracy": s.get("label_accuracy"), "residual": r.residual, "seconds": r.seconds,
                 "iterations": len(r.history) if r.history else r.info.get("iterations"),
-                "kind": r.info.get("kind"), "interrupted": r.info.get("interrupted", False),
+                "kind": r.kind, "interrupted": r.info.get("interrupted", False),
                 "out": str(self.out_dir) if self.out_dir else None, "notes": self.notes}
 
 
@@ -267,7 +267,7 @@ def compare(*, attacks: list[str], model: str, dataset: str = "samples", images:
             continue
         sc = evaluate(rec, truth)
         rows.append({"attack": rec.attack, "psnr": sc.psnr, "ssim": sc.ssim, "mse": sc.mse, "residual": rec.residual,
-                     "seconds": rec.seconds, "kind": rec.info.get("kind")})
+                     "seconds": rec.seconds, "kind": rec.kind})
         if out_dir is not None:
             write_report(out_dir / rec.attack, rec, truth=truth, scores=sc, case=case, config=cfg.to_dict())
     res = CompareResult(model=model, rows=rows, out_dir=out_dir)

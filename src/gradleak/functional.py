@@ -7,6 +7,7 @@ differentiated with respect to the inputs (what gradient-matching attacks need).
 
 from __future__ import annotations
 
+import math
 from typing import Mapping
 
 import torch
@@ -105,16 +106,30 @@ def flat(tensors: Mapping[str, torch.Tensor], names: list[str] | None = None) ->
 
 
 def cosine_distance(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], names=None, weights=None):
-    """1 - cosine between two update dicts over their concatenation (sums over layers first, then divide),
-    optionally with per-layer weights. Returns a 0-d tensor (differentiable)."""
+    """1 - cosine between two update dicts over their concatenation, optionally with per-layer weights w_k
+    (the inner product sum_k w_k <a_k, b_k>). Returns a 0-d float64 tensor (differentiable), in [0, 2].
+
+    Computed as 0.5 * ||a/|a| - b/|b|||^2, which equals 1 - cos without its cancellation near 0 (an exact
+    match gives 0, not a rounding error of the size of eps), after dividing each side by its largest entry
+    (the same value for updates scaled by 1e-30 or 1e30) and in float64. A side that is all zero has no
+    direction: the result is then 1 (orthogonal), as for a zero cosine."""
     names = list(b) if names is None else list(names)
-    dot = 0.0
-    na = 0.0
-    nb = 0.0
-    for i, k in enumerate(names):
-        w = 1.0 if weights is None else weights[i]
-        dot = dot + w * (a[k] * b[k]).sum()
-        na = na + w * a[k].pow(2).sum()
-        nb = nb + w * b[k].pow(2).sum()
-    denom = (na.sqrt() * nb.sqrt()).clamp_min(torch.finfo(b[names[0]].dtype).tiny)
-    return 1.0 - dot / denom
+    w = [1.0] * len(names) if weights is None else [float(v) for v in weights]
+
+    def unit(d):
+        parts = [d[k].to(torch.float64).reshape(-1) for k in names]
+        scale = max(float(p.detach().abs().max()) if p.numel() else 0.0 for p in parts)
+        if not math.isfinite(scale):
+            return None
+        if scale == 0.0:
+            return [torch.zeros_like(p) for p in parts]
+        parts = [p / scale for p in parts]
+        norm = sum(wk * p.pow(2).sum() for wk, p in zip(w, parts)).sqrt()
+        return [p / norm for p in parts]
+
+    ua, ub = unit(a), unit(b)
+    if ua is None or ub is None:
+        return torch.tensor(float("nan"), dtype=torch.float64)
+    if not any(bool(p.any()) for p in ua) or not any(bool(p.any()) for p in ub):
+        return torch.ones((), dtype=torch.float64)
+    return 0.5 * sum(wk * (pa - pb).pow(2).sum() for wk, pa, pb in zip(w, ua, ub))

@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Sequence
+from typing import ClassVar, Sequence
 
 import numpy as np
 import scipy.linalg as sla
@@ -67,7 +67,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn import grad as nn_grad
 
-from .activations import Act, Activation, activations
+from .activations import Activation, activations, is_activation_function, register_module
+from .activations import resolve as resolve_activation
 from .errors import RequirementError, ValidationError
 
 __all__ = [
@@ -90,73 +91,18 @@ def _prod(shape: Sequence[int]) -> int:
 
 
 # =====================================================================================================
-# Activation modules -> registry activations
+# Activation modules -> registry activations (the resolver lives in gradleak.activations)
 # =====================================================================================================
-
-_ACTIVATION_MODULES: dict[type, Callable[[nn.Module], Activation]] = {}
-
 
 def register_activation_module(module_type: type):
     """Decorator: ``@register_activation_module(nn.ELU) def f(module) -> Activation`` tells the layer walker
-    what an activation module computes (give the Activation an ``inverse`` for the recursive attacks)."""
-
-    def deco(fn: Callable[[nn.Module], Activation]):
-        _ACTIVATION_MODULES[module_type] = fn
-        return fn
-
-    return deco
-
-
-def _leaky(slope: float) -> Activation:
-    if abs(slope - 0.2) < 1e-12:
-        return activations.get("leaky-relu")
-    if slope <= 0:
-        return Activation(f"leaky-relu({slope:g})", lambda z: F.leaky_relu(z, slope),
-                          lambda z: torch.where(z >= 0, torch.ones_like(z), torch.full_like(z, slope)), None, True)
-    return Activation(f"leaky-relu({slope:g})", lambda z: F.leaky_relu(z, slope),
-                      lambda z: torch.where(z >= 0, torch.ones_like(z), torch.full_like(z, slope)),
-                      lambda y: torch.where(y >= 0, y, y / slope), True)
-
-
-register_activation_module(Act)(lambda m: m.activation)
-register_activation_module(nn.ReLU)(lambda m: activations.get("relu"))
-register_activation_module(nn.LeakyReLU)(lambda m: _leaky(float(m.negative_slope)))
-register_activation_module(nn.Sigmoid)(lambda m: activations.get("sigmoid"))
-register_activation_module(nn.Tanh)(lambda m: activations.get("tanh"))
-register_activation_module(nn.GELU)(lambda m: activations.get("gelu"))
-register_activation_module(nn.SiLU)(lambda m: activations.get("silu"))
-
-
-@register_activation_module(nn.Softplus)
-def _softplus_module(m: nn.Softplus) -> Activation:
-    if m.beta == 1:
-        return activations.get("softplus")
-    beta = float(m.beta)
-    return Activation(f"softplus(beta={beta:g})", lambda z: F.softplus(z, beta), lambda z: torch.sigmoid(beta * z),
-                      lambda y: (y * beta + torch.log(-torch.expm1(-y * beta))) / beta)
-
-
-_ACTIVATION_FUNCTIONS: dict[Any, Callable[[fx.Node], Activation]] = {
-    torch.sigmoid: lambda n: activations.get("sigmoid"),
-    torch.tanh: lambda n: activations.get("tanh"),
-    torch.relu: lambda n: activations.get("relu"),
-    F.relu: lambda n: activations.get("relu"),
-    F.sigmoid: lambda n: activations.get("sigmoid"),
-    F.tanh: lambda n: activations.get("tanh"),
-    F.softplus: lambda n: activations.get("softplus"),
-    F.gelu: lambda n: activations.get("gelu"),
-    F.silu: lambda n: activations.get("silu"),
-    F.leaky_relu: lambda n: _leaky(float(n.kwargs.get("negative_slope", n.args[1] if len(n.args) > 1 else 0.01))),
-}
-_ACTIVATION_METHODS = {"sigmoid": "sigmoid", "tanh": "tanh", "relu": "relu"}
+    what an activation module computes (see :func:`gradleak.activations.register_module`)."""
+    return register_module(module_type)
 
 
 def activation_of(module: nn.Module) -> Activation | None:
     """The :class:`Activation` an activation module computes, or None if ``module`` is not one we know."""
-    for t in type(module).__mro__:
-        if t in _ACTIVATION_MODULES:
-            return _ACTIVATION_MODULES[t](module)
-    return None
+    return resolve_activation(module)
 
 
 # =====================================================================================================
@@ -845,10 +791,9 @@ def walk(model: nn.Module, input_shape: Sequence[int]) -> Chain:
                 shape, last, broken = None, None, True
         elif node.op in ("call_function", "call_method"):
             fn = node.target
-            if (node.op == "call_function" and fn in _ACTIVATION_FUNCTIONS) or \
-                    (node.op == "call_method" and fn in _ACTIVATION_METHODS):
-                act = (_ACTIVATION_FUNCTIONS[fn](node) if node.op == "call_function"
-                       else activations.get(_ACTIVATION_METHODS[fn]))
+            act = (resolve_activation(fn, node.args[1:], node.kwargs)
+                   if is_activation_function(fn) and node.op in ("call_function", "call_method") else None)
+            if act is not None:
                 if broken and last is None:
                     chain.loose_activations.append((node.name, act))
                 else:

@@ -1,15 +1,21 @@
-"""Losses a client may train with. Labels are always class indices (int64, shape (B,)); soft labels
-(float, shape (B, C), rows summing to one) are accepted by cross-entropy for attacks that optimise them.
+"""Losses a client may train with, as objects carrying what every method asks of them.
 
-- ``cross-entropy``: softmax cross-entropy over C >= 2 logits, batch mean.
+Labels are always class indices (int64, shape (B,)); soft labels (float, shape (B, C), rows summing to one) are
+accepted by cross-entropy and mse for attacks that optimise them.
+
+- ``cross-entropy``: softmax cross-entropy over C >= 2 logits, batch mean. dL/df = softmax(f) - onehot(y): the
+  label is the one negative entry of the head's bias gradient (iDLG's rule), certainly so for one sample.
 - ``logistic``: one output score f, label y in {0, 1} read as s = 2y - 1 in {-1, +1};
-  loss log(1 + exp(-s f)), batch mean (R-GAP's setting).
+  loss log(1 + exp(-s f)), batch mean (R-GAP's setting). dL/df = -s sigmoid(-s f) < 0 iff y = 1.
 - ``mse``: squared loss 0.5 (f - t)^2 against the one-hot label (or s = 2y - 1 for one output), batch mean.
+
+Adding a loss is ONE call: ``gradleak.losses.add(Loss(...))``.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +23,80 @@ import torch.nn.functional as F
 from .registry import Registry
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-losses: Registry[LossFn] = Registry("loss")
+#: (bias gradient k (C,), batch size) -> (label, certain) or None if the rule says nothing
+LabelRule = Callable[[torch.Tensor, int], Optional[tuple[int, bool]]]
+
+
+@dataclass(frozen=True)
+class Loss:
+    """fn(logits (B, K), labels) -> the batch-mean loss (0-d).
+
+    single_output: the model has ONE output score and labels are signs s = 2y - 1 (logistic); otherwise the
+        model has one output per class.
+    any_outputs: the loss is defined for any number of outputs (mse: one score or one per class).
+    label_from_bias: the rule reading a sample's label off the head's bias gradient k = dL/db (one sample),
+        returning (label, certain); None where the loss has no such rule.
+    counts_from_bias: a batch's bias gradient is mean(p) - counts / B with p in the simplex (softmax), so
+        every class present in the batch has a negative entry (the label-count rule of batch label recovery).
+    """
+
+    name: str
+    fn: LossFn
+    single_output: bool = False
+    any_outputs: bool = False
+    label_from_bias: Optional[LabelRule] = None
+    counts_from_bias: bool = False
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.fn(logits, labels)
+
+    # ---- what a model's head must be -----------------------------------------------------------------
+    def num_outputs(self, num_classes: int) -> int:
+        """The model outputs this loss expects with ``num_classes`` classes."""
+        return 1 if self.single_output else num_classes
+
+    def output_problem(self, outputs: int, num_classes: int) -> str | None:
+        """Why a head of ``outputs`` scores does not fit this loss with ``num_classes`` classes (None: it fits)."""
+        if self.any_outputs and outputs in (1, num_classes):
+            return None
+        need = self.num_outputs(num_classes)
+        if outputs == need:
+            return None
+        return f"the model has {outputs} output(s) but the {self.name} loss with {num_classes} classes needs {need}"
+
+    def label_problem(self, max_label: int, outputs: int) -> str | None:
+        """Why labels up to ``max_label`` do not fit a head of ``outputs`` scores (None: they fit)."""
+        if self.single_output or outputs == 1:
+            return None if max_label <= 1 else (
+                "the model has one output score: labels must be 0/1, got up to "
+                f"{max_label} (map them, e.g. labels % 2)")
+        if max_label >= outputs:
+            return f"labels go up to {max_label} but the model has {outputs} outputs"
+        return None
+
+    # ---- labels as optimisation variables ---------------------------------------------------------------
+    def label_logits_shape(self, batch_size: int, num_classes: int) -> tuple[int, ...]:
+        """Shape of the free variables that parameterise jointly optimised labels."""
+        return (batch_size,) if self.single_output else (batch_size, num_classes)
+
+    def soft_labels(self, logits: torch.Tensor) -> torch.Tensor:
+        """Soft labels from free variables: sigmoid (B,) for one score (a label in [0, 1], read as 2y - 1),
+        softmax (B, C) otherwise."""
+        return torch.sigmoid(logits) if self.single_output else torch.softmax(logits, dim=-1)
+
+    def hard_labels(self, logits: torch.Tensor) -> torch.Tensor:
+        """int64 (B,) labels from the free variables."""
+        if self.single_output:
+            return (logits > 0).to(torch.long)
+        return logits.argmax(dim=-1).to(torch.long)
+
+
+losses: Registry[Loss] = Registry("loss")
+
+
+def add(loss: Loss, aliases: tuple[str, ...] = (), overwrite: bool = False) -> Loss:
+    """Register a :class:`Loss` (usable as ``loss=`` in simulate / Case / train and by every attack)."""
+    return losses.register(loss.name, aliases=aliases, overwrite=overwrite)(loss)
 
 
 def _check_single(logits: torch.Tensor, who: str) -> torch.Tensor:
@@ -26,22 +105,31 @@ def _check_single(logits: torch.Tensor, who: str) -> torch.Tensor:
     return logits[:, 0]
 
 
-@losses.register("cross-entropy", aliases=("ce",))
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     if labels.is_floating_point():  # soft labels, (B, C)
         return torch.sum(-labels * F.log_softmax(logits, dim=-1), dim=-1).mean()
     return F.cross_entropy(logits, labels)
 
 
-@losses.register("logistic", aliases=("bce",))
-def logistic(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def _softmax_label(k: torch.Tensor, batch_size: int) -> tuple[int, bool]:
+    """k = softmax - onehot (one sample): the label is the one negative entry."""
+    k = k.reshape(-1)
+    y = int(torch.argmin(k))
+    return y, batch_size == 1 and bool(k[y] < 0) and int((k < 0).sum()) == 1
+
+
+def _logistic(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     f = _check_single(logits, "logistic")
     s = 2.0 * labels.to(f.dtype) - 1.0
     return F.softplus(-s * f).mean()
 
 
-@losses.register("mse", aliases=("squared",))
-def mse(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def _sign_label(k: torch.Tensor, batch_size: int) -> tuple[int, bool]:
+    """k = -s sigmoid(-s f): negative iff s = +1 (label 1); certain for one sample, or a batch of one label."""
+    return int(float(k.reshape(-1)[0]) < 0), batch_size == 1
+
+
+def _mse(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     if logits.shape[1] == 1:
         target = (2.0 * labels.to(logits.dtype) - 1.0)[:, None]
     elif labels.is_floating_point():
@@ -49,6 +137,20 @@ def mse(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     else:
         target = F.one_hot(labels, logits.shape[1]).to(logits.dtype)
     return 0.5 * ((logits - target) ** 2).sum(dim=1).mean()
+
+
+def _mse_label(k: torch.Tensor, batch_size: int) -> tuple[int, bool]:
+    """k = f - onehot(y): the label's entry is lowered by one, usually the most negative; never certain."""
+    k = k.reshape(-1)
+    if k.numel() == 1:
+        return int(float(k[0]) < 0), False
+    return int(torch.argmin(k)), False
+
+
+cross_entropy = add(Loss("cross-entropy", _cross_entropy, label_from_bias=_softmax_label, counts_from_bias=True),
+                    aliases=("ce",))
+logistic = add(Loss("logistic", _logistic, single_output=True, label_from_bias=_sign_label), aliases=("bce",))
+mse = add(Loss("mse", _mse, any_outputs=True, label_from_bias=_mse_label), aliases=("squared",))
 
 
 def default_loss_for(num_outputs: int) -> str:

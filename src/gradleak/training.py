@@ -235,11 +235,10 @@ def train(
         problems.append(f"the model was built for inputs {tuple(in_shape)}, the dataset has {tuple(spec.shape)}: "
                         "build it with input_shape=dataset.spec.shape")
     labels = dataset.labels.to(torch.long)
-    if single and labels.numel() and int(labels.max()) > 1:
-        problems.append("the model has one output score (logistic loss): labels must be 0/1, got up to "
-                        f"{int(labels.max())} (map them, e.g. labels % 2)")
-    elif not single and loss != "mse" and labels.numel() and int(labels.max()) >= _num_outputs(model):
-        problems.append(f"labels go up to {int(labels.max())} but the model has {_num_outputs(model)} outputs")
+    bad = (losses.get(loss).label_problem(int(labels.max()), _num_outputs(model))
+           if loss in losses and labels.numel() else None)
+    if bad:
+        problems.append(bad)
     if holdout != "auto" and isinstance(holdout, int) and holdout >= len(dataset):
         problems.append(f"holdout={holdout} leaves no training images (the dataset has {len(dataset)})")
     if problems:

@@ -228,9 +228,9 @@ class FCAnalytic(Attack):
             x = rec.least_squares.reshape(shape)
             # agreement of the rows: 0 for an exact single-sample update
             spread = (rec.candidates - rec.least_squares).norm(dim=1).max() / rec.least_squares.norm().clamp_min(1e-300)
-            info.update(kind="exact", row_spread=float(spread),
+            info.update(row_spread=float(spread),
                         note="one sample: every row ratio dW[i]/db[i] equals the layer input")
-            return Reconstruction(inputs=spec.denormalize(x), labels=labels, info=info)
+            return Reconstruction(inputs=spec.denormalize(x), labels=labels, info=info, claim="exact")
 
         mod = dict(case.model.named_modules())[layer]
         if mod.out_features == case.num_outputs and labels is not None and mod.out_features > 1:
@@ -242,7 +242,7 @@ class FCAnalytic(Attack):
                 out.append(rec.candidates[i] if i is not None else rec.least_squares)
                 support.append(1 if i is not None else 0)
             x = torch.stack(out).reshape(shape)
-            info.update(kind="mixture", method="label rows",
+            info.update(method="label rows",
                         note="batch: row y is sum_n delta_{n,y} h_n / sum_n delta_{n,y}, dominated by the samples of "
                              "label y; a mixture, not exact")
         else:
@@ -254,9 +254,9 @@ class FCAnalytic(Attack):
                 chosen.append(groups[len(chosen) % len(groups)])
             x = torch.stack([rec.candidates[g[1]].mean(0) for g in chosen]).to(case.dtype).reshape(shape)
             support = [len(g[1]) for g in chosen]
-            info.update(kind="mixture", method="grouped rows", group_tol=tol,
+            info.update(method="grouped rows", group_tol=tol,
                         note="batch: each row is a mixture of the samples active at that unit; rows that agree "
                              "(support >= 2) are most likely one sample's exact input")
         info["support"] = support
         info["likely_pure"] = [s >= 2 for s in support]
-        return Reconstruction(inputs=spec.denormalize(x), labels=labels, info=info)
+        return Reconstruction(inputs=spec.denormalize(x), labels=labels, info=info, claim="mixture")

@@ -14,7 +14,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Literal
 
 import torch
 
@@ -23,17 +23,39 @@ from ..errors import GradleakError, NumericalError, RequirementError, Validation
 from ..registry import Registry
 
 
+Kind = Literal["estimate", "exact", "mixture"]
+KINDS = ("estimate", "exact", "mixture")
+
+
+def exact_tolerance(dtype: torch.dtype) -> float:
+    """The largest residual (1 - cosine) an "exact" reconstruction may have in ``dtype``.
+
+    A reconstruction is called exact only when the update it produces matches the observed one to a relative
+    error delta = sqrt(2 * residual) of at most 1e4 machine epsilons of ``dtype`` (float64: 2.2e-12, float32:
+    1.2e-3); the tolerance returned is 0.5 * delta**2. Noise of that relative size or more on the update (a
+    defense, a rounding step) makes the result an estimate, whatever the attack's theory says."""
+    delta = 1e4 * torch.finfo(dtype).eps
+    return 0.5 * delta * delta
+
+
 @dataclass
 class Reconstruction:
     """What an attack returns.
 
     inputs: (B, *spec.shape) reconstructed batch in IMAGE space (spec.value_range, normally [0, 1]),
-        on the case's device and dtype.
+        on the case's device and dtype. A mixture may have another number of rows (see ``kind``).
     labels: int64 (B,) labels used or recovered (None if the attack produced none).
     residual: 1 - cosine between the update ``inputs`` produce and the observed update (see
-        :meth:`gradleak.Case.residual`); the same definition for every attack.
+        :meth:`gradleak.Case.residual`); the same definition for every attack. NaN only where it cannot be
+        computed, and then ``residual_note`` says why.
+    claim: what the attack's own theory says of its result: 'exact' (the system it solved was fully
+        determined: every rank checked), 'mixture' (rows are known to mix several samples) or 'estimate'.
+        Set by the attack.
+    kind: what the result IS, derived by the base class from ``claim`` and the residual (see
+        :func:`exact_tolerance`): 'exact' only when claimed AND the residual verifies it; ``info['kind_check']``
+        records the check. Attacks never set it.
     history: objective value per step where there is one.
-    info: attack-specific facts (timings, per-layer reports, 'kind': 'estimate' | 'exact' | 'mixture', ...).
+    info: attack-specific facts (timings, per-layer reports, ...).
     """
 
     inputs: torch.Tensor
@@ -42,10 +64,24 @@ class Reconstruction:
     history: list[float] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
     attack: str = ""
+    claim: Kind = "estimate"
+    kind: Kind = "estimate"
+    residual_note: str = ""
 
     @property
     def seconds(self) -> float:
         return float(self.info.get("seconds", float("nan")))
+
+
+@dataclass
+class Candidate:
+    """A result offered to the run context: kept if it scores lowest so far (an interrupted run returns it)."""
+
+    score: float
+    inputs: torch.Tensor
+    labels: torch.Tensor | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+    claim: Kind = "estimate"
 
 
 class RunContext:
@@ -56,7 +92,8 @@ class RunContext:
         self._progress = progress
         self._desc = desc
         self._bar = None
-        self.best: tuple[float, torch.Tensor, torch.Tensor | None, dict] | None = None
+        self.best: Candidate | None = None
+        self.start_point: Candidate | None = None
         self.history: list[float] = []
 
     def progress(self, total: int, desc: str | None = None):
@@ -80,16 +117,26 @@ class RunContext:
             self._bar.close()
             self._bar = None
 
-    def offer(self, score: float, inputs: torch.Tensor, labels: torch.Tensor | None = None, **info) -> bool:
+    def offer(self, score: float, inputs: torch.Tensor, labels: torch.Tensor | None = None, *,
+              claim: Kind = "estimate", **info) -> bool:
         """Offer a candidate (IMAGE-space inputs); kept if finite and its score is the lowest so far.
-        Returns whether it was kept. An interrupted run returns the best candidate offered."""
+        Returns whether it was kept. An interrupted run returns the best candidate offered. Scores of one
+        attack must be comparable (lower is better): the residual, or the attack's own objective."""
         score = float(score)
         if not math.isfinite(score) or not torch.isfinite(inputs).all():
             return False
-        if self.best is None or score < self.best[0]:
-            self.best = (score, inputs.detach().clone(), None if labels is None else labels.detach().clone(), info)
+        if self.best is None or score < self.best.score:
+            self.best = Candidate(score, inputs.detach().clone(), None if labels is None else labels.detach().clone(),
+                                  info, claim)
             return True
         return False
+
+    def start(self, inputs: torch.Tensor, labels: torch.Tensor | None = None, **info) -> None:
+        """Record the start point (IMAGE-space inputs) before the first step: a run interrupted before it
+        offers any candidate returns it, marked ``info['start_point_only'] = True``."""
+        if self.start_point is None and torch.isfinite(inputs).all():
+            self.start_point = Candidate(float("inf"), inputs.detach().clone(),
+                                         None if labels is None else labels.detach().clone(), info)
 
 
 def _coerce(name: str, value: Any, default: Any, hint: Any) -> tuple[Any, str | None]:
@@ -120,6 +167,8 @@ class Attack:
     name: ClassVar[str] = ""
     paper: ClassVar[str] = ""
     Options: ClassVar[type] = None  # a dataclass
+    budget_option: ClassVar[str | None] = None  # the option that sets the main budget (iterations), if any
+    restarts_option: ClassVar[str | None] = None  # the option that sets the number of independent trials, if any
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
     default_preset: ClassVar[str | None] = None
 
@@ -199,19 +248,22 @@ class Attack:
         try:
             rec = self._reconstruct(case, ctx)
         except KeyboardInterrupt:
-            if ctx.best is None:
+            kept = ctx.best if ctx.best is not None else ctx.start_point
+            if kept is None:
                 raise
             interrupted = True
-            score, inputs, labels, info = ctx.best
-            rec = Reconstruction(inputs=inputs, labels=labels, history=list(ctx.history),
-                                 info={**info, "best_score": score})
+            info = {**kept.info, "best_score": kept.score} if kept is ctx.best else {**kept.info, "start_point_only": True}
+            rec = Reconstruction(inputs=kept.inputs, labels=kept.labels, history=list(ctx.history), info=info,
+                                 claim=kept.claim)
         finally:
             ctx.close()
         seconds = time.perf_counter() - t0
         if not isinstance(rec, Reconstruction):
             raise TypeError(f"{type(self).__name__}._reconstruct must return a Reconstruction")
         expected = (case.batch_size, *case.spec.shape)
-        if rec.info.get("kind") != "mixture" and tuple(rec.inputs.shape) != expected:
+        if rec.claim not in KINDS:
+            raise TypeError(f"{type(self).__name__} returned claim {rec.claim!r}, expected one of {KINDS}")
+        if rec.claim != "mixture" and tuple(rec.inputs.shape) != expected:
             raise NumericalError(f"{self.name} returned inputs of shape {tuple(rec.inputs.shape)}, expected {expected}")
         if not torch.isfinite(rec.inputs).all():
             raise NumericalError(f"{self.name} produced no finite reconstruction (every trial diverged); "
@@ -221,20 +273,44 @@ class Attack:
         if rec.labels is None and case.labels is not None:
             rec.labels = case.labels.clone()
         rec.attack = self.name
-        rec.info.setdefault("kind", "estimate")
         rec.info.update(seconds=seconds, interrupted=interrupted, preset=self.preset,
                         options=dataclasses.asdict(self.options))
-        if rec.labels is not None and tuple(rec.inputs.shape) == expected:
+        if tuple(rec.inputs.shape) != expected:
+            rec.residual_note = (f"not computed: the result has {rec.inputs.shape[0]} rows (a mixture) where the "
+                                 f"update came from a batch of {case.batch_size}")
+        elif rec.labels is None:
+            rec.residual_note = "not computed: the labels are unknown and the attack recovered none"
+        else:
             try:
                 rec.residual = case.residual(rec.inputs, rec.labels)
             except GradleakError:
                 raise
             except Exception as e:  # residual must never hide the result
-                rec.info["residual_error"] = f"{type(e).__name__}: {e}"
+                rec.residual_note = f"not computed: {type(e).__name__}: {e}"
+        rec.kind = _derive_kind(rec, case)
         return rec
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.options})"
+
+
+def _derive_kind(rec: Reconstruction, case: Case) -> Kind:
+    """The one place a result's kind is decided: 'exact' only when the attack claims it and the residual
+    verifies it within :func:`exact_tolerance` of the case's dtype; the check goes into ``info['kind_check']``."""
+    if rec.claim == "mixture":
+        return "mixture"
+    if rec.claim != "exact":
+        return "estimate"
+    tol = exact_tolerance(case.dtype)
+    passed = math.isfinite(rec.residual) and rec.residual <= tol and not rec.info.get("interrupted")
+    rec.info["kind_check"] = {"claimed": "exact", "residual": rec.residual, "tolerance": tol, "passed": passed,
+                              "rule": "residual <= 0.5 * (1e4 * eps(dtype))**2"}
+    if not passed:
+        why = ("the residual could not be computed" if not math.isfinite(rec.residual) else
+               f"the residual {rec.residual:.3g} exceeds {tol:.3g}" if rec.residual > tol else "the run was interrupted")
+        rec.info.setdefault("warnings", []).append(
+            f"{rec.attack}: its system was determined but {why}: reported as an estimate, not exact")
+    return "exact" if passed else "estimate"
 
 
 def _has_default(f: dataclasses.Field) -> bool:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..case import Case, FedAvg
+from ..case import Case
 from ..errors import RequirementError
 
 __all__ = ["LabelEstimate", "recover_labels", "last_linear", "label_signal", "label_recovery_problems"]
@@ -86,13 +86,10 @@ def label_signal(case: Case) -> tuple[torch.Tensor | None, torch.Tensor]:
     if hit is None:
         raise RequirementError("label recovery", label_recovery_problems(case))
     name, mod = hit
-    obs = case.observed
-    scale = 1.0
-    if isinstance(case.observation, FedAvg):
-        scale = -1.0 / (case.observation.local_lr * case.observation.local_steps)
-    w = obs[_pname(name, "weight")] * scale
+    obs = case.observation.as_gradient()
+    w = obs[_pname(name, "weight")]
     bname = _pname(name, "bias")
-    b = obs[bname] * scale if (mod.bias is not None and bname in obs) else None
+    b = obs[bname] if (mod.bias is not None and bname in obs) else None
     return b, w
 
 
@@ -132,7 +129,8 @@ def recover_labels(case: Case, *, generator: torch.Generator | None = None, prob
     b, w = label_signal(case)
     B = case.batch_size
     dev = case.device
-    if case.loss == "logistic" or w.shape[0] == 1:
+    rule = case.loss_fn.label_from_bias
+    if case.loss_fn.single_output or w.shape[0] == 1:
         # one score f, label y in {0,1} read as s = 2y - 1: dL/df = -s * sigmoid(-s f) < 0 iff y = 1.
         if b is not None:
             sig, method, conf = b.reshape(-1)[0], "logistic-bias", B == 1
@@ -143,8 +141,7 @@ def recover_labels(case: Case, *, generator: torch.Generator | None = None, prob
 
     if B == 1:
         if b is not None:
-            y = int(torch.argmin(b))
-            conf = bool(b[y] < 0) and int((b < 0).sum()) == 1 and case.loss == "cross-entropy"
+            y, conf = rule(b, 1) if rule is not None else (int(torch.argmin(b)), False)
             method = "idlg-bias"
         else:
             rows = w.sum(1)
@@ -175,6 +172,6 @@ def recover_labels(case: Case, *, generator: torch.Generator | None = None, prob
         c = int(torch.argmax(est - counts))
         counts[c] += 1.0
     labels = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts.long())
-    confident = b is not None and int((sig < 0).sum()) == B and case.loss == "cross-entropy"
+    confident = b is not None and int((sig < 0).sum()) == B and case.loss_fn.counts_from_bias
     return LabelEstimate(labels.to(device=dev, dtype=torch.long), method, confident,
                          [float(v) for v in est.detach().cpu()] if math.isfinite(float(est.sum())) else None)

@@ -68,6 +68,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import layers as L
+from ..losses import cross_entropy
 from ..case import Case, FedSGD, Truth
 from ..errors import NumericalError, RequirementError
 from ..risk.security import security_index
@@ -81,8 +82,6 @@ OPTIMIZERS = ("lbfgs", "adam")
 SCHEDULES = ("constant", "step")
 WHEN = ("always", "deficient")
 
-#: activations whose output range is bounded; the inverse is taken after clamping into it with a margin
-_RANGES = {"tanh": (-1.0, 1.0), "sigmoid": (0.0, 1.0), "softplus": (0.0, math.inf)}
 
 
 @dataclass
@@ -215,7 +214,7 @@ def requirement_problems(case: Case) -> list[str]:
         problems.append(f"needs batch size 1 (the layer systems are per sample), got {case.batch_size}")
     if not isinstance(case.observation, FedSGD):
         problems.append(f"needs a FedSGD gradient (one exact gradient), got a {case.protocol} update")
-    if case.loss != "cross-entropy":
+    if case.loss_fn is not cross_entropy:  # the head and pull-back steps are written for softmax - onehot
         problems.append(f"needs the softmax cross-entropy loss (a multi-class head with a bias), got {case.loss!r}")
     chain = L.walk(case.model, case.spec.shape)
     problems += chain.problems
@@ -314,12 +313,9 @@ def _closed_form(system: L.LayerSystem, rtol: float, max_dense: int) -> tuple[L.
 # =====================================================================================================
 
 def _clamp_range(act: L.Activation, y: torch.Tensor, margin: float = 1e-6) -> torch.Tensor:
-    lo, hi = _RANGES.get(act.name, (-math.inf, math.inf))
-    if math.isfinite(lo) or math.isfinite(hi):
-        span = (hi - lo) if math.isfinite(hi) and math.isfinite(lo) else 1.0
-        return y.clamp(lo + margin * span if math.isfinite(lo) else None,
-                       hi - margin * span if math.isfinite(hi) else None)
-    return y
+    """An invertible activation's inverse is taken after clamping into its open output range with a margin
+    (a non-invertible one is left as it is)."""
+    return act.clamp_to_range(y, margin) if act.invertible else y
 
 
 def _inverse(act: L.Activation, y: torch.Tensor) -> torch.Tensor:
@@ -470,12 +466,12 @@ class LayerwiseTrace:
 
     def reconstruction(self, case: Case) -> Reconstruction:
         x = self.inputs[0].reshape(1, *case.spec.shape).to(case.dtype).to(case.device)
-        info: dict[str, Any] = {"kind": self.kind, "layers": self.layers, "security_index": self.security_index,
+        info: dict[str, Any] = {"layers": self.layers, "security_index": self.security_index,
                                 "labels": {"labels": [self.label], "method": self.label_source}}
         if self.errors is not None:
             info["layer_errors"] = self.errors
         return Reconstruction(inputs=case.spec.denormalize(x), labels=torch.tensor([self.label], device=case.device),
-                              history=list(self.history), info=info)
+                              history=list(self.history), info=info, claim=self.kind)
 
 
 def _label(case: Case, db: torch.Tensor) -> tuple[int, str]:

@@ -32,14 +32,14 @@ constraints, rank, deficiency, deficient, residual (relative, block-balanced), r
 residual_weight, condition (sigma_max / sigma_min estimate), method, clipped (activation inverses that left
 the domain), bias_residual (consistency of k with the observed bias gradient). A rank-deficient layer gives the
 minimum-norm solution, wrong in its null space, and the error propagates to every earlier layer: such a result
-has ``info['kind'] == 'estimate'`` and ``info['deficient_layers']`` names the layers. ``'exact'`` only when
+has ``kind == 'estimate'`` and ``info['deficient_layers']`` names the layers. ``'exact'`` only when
 every layer has full rank, every residual is below ``exact_tolerance`` and the head was consistent.
 Unsupported models (ReLU, pooling, BatchNorm, skip connections, ...) raise a
 :class:`~gradleak.errors.RequirementError` naming every offending module before any work.
 
 Batches. A gradient averaged over B > 1 samples cannot be split by R-GAP. On a fully connected network the
 recursion still runs and returns ONE input (shape (1, *shape)) that is a linear combination of the B inputs
-(exactly in their span: it is dL/dW_1^T k_1 / ||k_1||^2); ``info['kind'] == 'mixture'`` says so and
+(exactly in their span: it is dL/dW_1^T k_1 / ||k_1||^2); ``kind == 'mixture'`` says so and
 ``info['mixture']['span_rank']`` estimates how many distinct inputs the first layer's gradient spans.
 Convolutional networks need B = 1.
 
@@ -286,7 +286,6 @@ class RGAP(Attack):
                 notes.append(f"{len(ok_c)} starts reproduce the gradient exactly (rescaled inputs with the same "
                              "gradient); the one inside the image range was kept")
         info: dict[str, Any] = {
-            "kind": kind,
             "layers": reports,
             "deficient_layers": deficient,
             "head": head,
@@ -304,15 +303,12 @@ class RGAP(Attack):
             info["notes"] = notes
         if lab is None and labels is not None:
             lab = labels.clone()
-        return Reconstruction(inputs=img, labels=lab if batch == 1 else None, info=info)
+        return Reconstruction(inputs=img, labels=lab if batch == 1 else None, info=info, claim=kind)
 
     # ---- pieces -------------------------------------------------------------------------------------------
     @staticmethod
     def _gradients(case: Case, dtype) -> dict[str, torch.Tensor]:
-        obs = case.observation
-        if isinstance(obs, FedAvg):  # one local step: delta = -lr * gradient
-            return {k: (-v.detach() / obs.local_lr).to(dtype).cpu() for k, v in obs.delta.items()}
-        return {k: v.detach().to(dtype).cpu() for k, v in case.observed.items()}
+        return {k: v.detach().to(dtype).cpu() for k, v in case.observation.as_gradient().items()}
 
     def _starts(self, case, chain, params, grads, labels, dtype) -> tuple[list[_Start], dict]:
         head = chain.head
@@ -325,18 +321,15 @@ class RGAP(Attack):
         if gb is not None and float(gb.abs().max()) > 0:
             k = gb.reshape(-1)
             x = gW.T @ k / (k @ k)
-            label = None
-            if case.loss == "cross-entropy" and k.numel() > 1:
-                label = int(torch.argmin(k))
-            elif case.loss == "logistic" and k.numel() == 1:
-                label = int(float(k[0]) < 0)  # k = -y / (1 + e^mu): negative k <=> y = +1 <=> class 1
+            rule = case.loss_fn.label_from_bias
+            label = rule(k, 1)[0] if rule is not None else None
             info.update(type="bias", status="ok", label_source="bias gradient" if label is not None else "none")
             return [_Start(x, k, label, {"recovered_label": label})], info
         if float(gW.abs().max()) == 0:
             info.update(type="none", status="zero gradient")
             return [], info
         # (2) the paper's head: one score, logistic loss, no bias
-        if head.n_out == 1 and case.loss == "logistic":
+        if head.n_out == 1 and case.loss_fn.single_output:
             s = float((W * gW).sum())
             roots = logistic_mu_roots(s)
             status = "ok"
@@ -366,7 +359,7 @@ class RGAP(Attack):
         info["rank_one_ratio"] = float(S[1] / S[0]) if S.numel() > 1 else 0.0
         if labels is not None:
             cand_labels = [int(labels[0])]
-        elif case.loss == "cross-entropy":  # k = softmax - onehot: the label is the one entry of the other sign
+        elif case.loss_fn.counts_from_bias:  # k = softmax - onehot: the label is the one entry of the other sign
             cand_labels = sorted({int(torch.argmin(u)), int(torch.argmax(u))})
         else:
             cand_labels = list(range(case.spec.num_classes))

@@ -48,7 +48,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..activations import Act, Activation, activations
+from ..activations import Activation
+from ..activations import resolve as resolve_activation
 from ..case import Case, FedAvg
 from ..errors import RequirementError, ValidationError
 from ..tensor_moments import MomentTensor, cp_als_polish, cp_objective, jennrich
@@ -60,7 +61,6 @@ __all__ = ["TensorAttack", "TensorOptions", "TwoLayerView", "find_two_layer", "r
 PAPER = ("Wang, Lee, Lei. Reconstructing Training Data from Model Gradient, Provably. AISTATS 2023 "
          "(arXiv 2212.03714)")
 
-_TORCH_ACTS = {nn.ReLU: "relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.SiLU: "silu"}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -100,24 +100,6 @@ class TwoLayerView:
         return self.d_in + (1 if self.has_bias else 0)
 
 
-def _activation_of(module: nn.Module) -> Activation | None:
-    if isinstance(module, Act):
-        return module.activation
-    for cls, name in _TORCH_ACTS.items():
-        if type(module) is cls:
-            return activations.get(name)
-    if type(module) is nn.GELU and getattr(module, "approximate", "none") == "none":
-        return activations.get("gelu")
-    if type(module) is nn.LeakyReLU:
-        from ..activations import LEAKY_SLOPE
-
-        if abs(module.negative_slope - LEAKY_SLOPE) < 1e-12:
-            return activations.get("leaky-relu")
-    if type(module) is nn.Softplus and module.beta == 1:
-        return activations.get("softplus")
-    return None
-
-
 _TRIVIAL = (nn.Flatten, nn.Identity, nn.Dropout)
 
 
@@ -131,7 +113,7 @@ def find_two_layer(model: nn.Module) -> TwoLayerView | list[str]:
     problems = []
     if not isinstance(h, nn.Linear):
         problems.append(f"the third-last layer {hn!r} must be nn.Linear (the random first layer), got {type(h).__name__}")
-    act = _activation_of(a)
+    act = resolve_activation(a)
     if act is None:
         problems.append(f"the second-last layer {an!r} must be an activation gradleak knows (gradleak Act, nn.ReLU, "
                         f"nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU, nn.Softplus, nn.LeakyReLU(0.2)), got {type(a).__name__}")
@@ -225,10 +207,7 @@ class TensorOptions:
 # The gradient of the two-layer part, projected onto the span
 # ------------------------------------------------------------------------------------------------------------
 def _observed_gradient(case: Case, keys: list[str]) -> dict[str, torch.Tensor]:
-    obs = case.observed
-    if isinstance(case.observation, FedAvg):
-        lr = case.observation.local_lr
-        return {k: -obs[k] / lr for k in keys}
+    obs = case.observation.as_gradient()
     return {k: obs[k] for k in keys}
 
 
@@ -1003,7 +982,7 @@ class TensorAttack(Attack):
             problems.append(f"needs a plain two-layer network; this model has {len(view.body)} layer(s) before its "
                             "Linear-activation-Linear head (use gradleak.attacks.tensor.recover_head_features for "
                             "the head's input features)")
-        if view.activation.name == "identity":
+        if view.activation.linear:
             problems.append("the activation is linear: mu_p = 0 for every p >= 2, no sample is identifiable")
         else:
             from ..risk.identifiability import hermite_order
@@ -1033,7 +1012,7 @@ class TensorAttack(Attack):
         view = find_two_layer(case.model)
         spec = case.spec
         sol, prob, span, B, meta = _run(case, view, o, ctx)
-        info: dict[str, Any] = {"kind": "estimate", **meta}
+        info: dict[str, Any] = dict(meta)
         d = view.d_in
         X, labels, samples, lab_source = _resolve_samples(case, view, sol, prob, span, B, prior="box")
         n_missing = case.batch_size - B

@@ -307,8 +307,9 @@ def security_analysis(
     gen = torch.Generator().manual_seed(int(seed))
     if maps == "backprop":
         from ..case import _num_outputs
+        from ..losses import default_loss_for
 
-        head_loss = loss or ("logistic" if _num_outputs(net) == 1 else "cross-entropy")
+        head_loss = loss or default_loss_for(_num_outputs(net))
         x = torch.randn(chain.input_shape, generator=gen, dtype=torch.float64)
         ks = _backprop_maps(chain, params, x, 0, head_loss)
     else:

@@ -23,6 +23,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from ...activations import resolve as resolve_activation
 from ...case import Case, FedSGD
 from ..base import Reconstruction
 
@@ -615,18 +616,17 @@ _NON_SMOOTH = (torch.nn.ReLU, torch.nn.ReLU6, torch.nn.LeakyReLU, torch.nn.PReLU
                torch.nn.SELU, torch.nn.CELU, torch.nn.Hardtanh, torch.nn.Hardswish, torch.nn.Hardsigmoid,
                torch.nn.Threshold, torch.nn.Softshrink, torch.nn.Hardshrink,
                torch.nn.modules.pooling._MaxPoolNd, torch.nn.modules.pooling._AdaptiveMaxPoolNd)
-SMOOTH_ACTIVATIONS = ("identity", "sigmoid", "tanh", "softplus", "gelu", "silu")
 
 
 def non_smooth_parts(model: torch.nn.Module) -> list[str]:
-    """Modules that make the loss non-smooth in the input (ReLU family, max-pooling, gradleak ``Act`` layers
-    other than identity/sigmoid/tanh/softplus/gelu/silu). L-BFGS needs a twice-differentiable model to beat
-    signed Adam (DLG's observation); [] means the model looks smooth."""
+    """Modules that make the loss non-smooth in the input (activations that are not ``smooth``, max-pooling,
+    the hard-threshold torch modules). L-BFGS needs a twice-differentiable model to beat signed Adam (DLG's
+    observation); [] means the model looks smooth."""
     out = []
     for name, m in model.named_modules():
-        act = getattr(m, "activation", None)
-        if act is not None and getattr(act, "name", None) is not None:
-            if act.name not in SMOOTH_ACTIVATIONS:
+        act = resolve_activation(m)
+        if act is not None:
+            if not act.smooth:
                 out.append(f"{name} ({act.name})")
         elif isinstance(m, _NON_SMOOTH):
             out.append(f"{name} ({type(m).__name__})")
@@ -634,22 +634,17 @@ def non_smooth_parts(model: torch.nn.Module) -> list[str]:
 
 
 def soft_labels(case: Case, logits: torch.Tensor) -> torch.Tensor:
-    """Soft labels from optimised logits: softmax (B, C) for cross-entropy / mse, sigmoid (B,) for the
-    logistic loss (a label in [0, 1], read as 2y - 1 by the loss)."""
-    if case.loss == "logistic":
-        return torch.sigmoid(logits)
-    return torch.softmax(logits, dim=-1)
+    """Soft labels from optimised label variables (see :meth:`gradleak.losses.Loss.soft_labels`)."""
+    return case.loss_fn.soft_labels(logits)
 
 
 def hard_labels(case: Case, logits: torch.Tensor) -> torch.Tensor:
-    """int64 (B,) labels from optimised logits."""
-    if case.loss == "logistic":
-        return (logits > 0).to(torch.long)
-    return logits.argmax(dim=-1).to(torch.long)
+    """int64 (B,) labels from optimised label variables."""
+    return case.loss_fn.hard_labels(logits)
 
 
 def label_logits_shape(case: Case) -> tuple[int, ...]:
-    return (case.batch_size,) if case.loss == "logistic" else (case.batch_size, case.spec.num_classes)
+    return case.loss_fn.label_logits_shape(case.batch_size, case.spec.num_classes)
 
 
 def init_inputs(case: Case, init, generator: torch.Generator) -> torch.Tensor:

@@ -73,6 +73,8 @@ def _check(o: DLGOptions) -> list[str]:
 
 
 class _LBFGSMatching(Attack):
+    budget_option = "max_iterations"
+    restarts_option = "restarts"
     """Shared driver: L-BFGS trials with divergence restarts over (x) or (x, label logits)."""
 
     Options = DLGOptions
@@ -130,7 +132,6 @@ class _LBFGSMatching(Attack):
                 if trial.diverged_at is None:
                     break
         info: dict[str, Any] = {
-            "kind": "estimate",
             "trials": [t.summary() for t in trials],
             "retries": sum(1 for t in trials if t.diverged_at is not None),
             "labels": label_info,

@@ -79,6 +79,8 @@ class IGOptions:
 class InvertingGradients(Attack):
     """Inverting Gradients (Geiping et al., NeurIPS 2020): cosine gradient matching + TV, signed Adam, box
     constraint, restarts; FedAvg multi-step updates through the unrolled client computation."""
+    budget_option = "max_iterations"
+    restarts_option = "restarts"
 
     paper = "Geiping, Bauermeister, Droege, Moeller. Inverting Gradients - How easy is it to break privacy in " \
             "federated learning? NeurIPS 2020"
@@ -221,7 +223,6 @@ class InvertingGradients(Attack):
                                    offer_every=o.offer_every, **common)
             trials.append(trial)
         info: dict[str, Any] = {
-            "kind": "estimate",
             "restarts": [t.summary() for t in trials],
             "scores": [t.score if t.finite else None for t in trials],
             "score": "cosine distance over the matched layers, without TV",
