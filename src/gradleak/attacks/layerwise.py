@@ -63,7 +63,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -226,8 +225,8 @@ def requirement_problems(case: Case) -> list[str]:
                         "the layer-wise attack needs an invertible activation after each hidden layer (identity, "
                         "leaky-relu, sigmoid, tanh, softplus)")
     head = chain.head if not chain.issues else None
-    if head is not None and not isinstance(head, L.LinearLayer):
-        problems.append(f"the last layer '{head.name}' must be linear (nn.Linear), got {type(head.module).__name__}")
+    if head is not None and not head.can_be_head:
+        problems.append(f"the last layer '{head.name}' must be dense (like nn.Linear), got {type(head.module).__name__}")
     else:
         hit = last_linear(case)
         if hit is None:
@@ -245,67 +244,13 @@ def requirement_problems(case: Case) -> list[str]:
 # Closed-form solutions (from the smaller side)
 # =====================================================================================================
 
-class _RowSide:
-    """Minimum-norm least squares of an underdetermined balanced system A x = b through the row Gram
-    H = A A^T (m x m, m < n): x = A^T H^+ b (+ one refinement step), H^+ from the eigenvectors of H. Also the
-    null-space projector P g = g - A^T H^+ A g."""
-
-    def __init__(self, system: L.LayerSystem, rtol: float):
-        A, b = system.sparse()
-        self.A = A
-        self.AT = A.T.tocsr()
-        self.b = b
-        H = torch.from_numpy((A @ A.T).toarray())
-        lam, V = torch.linalg.eigh(H)
-        sig = lam.clamp_min(0).sqrt()
-        tol = rtol * math.sqrt(max(float(lam.clamp_min(0).sum()), 0.0))
-        keep = sig > tol
-        self.rank = int(keep.sum())
-        self.V = V[:, keep].contiguous()
-        self.lam = lam[keep].contiguous()
-        self.condition = float(sig.max() / sig[keep].min()) if self.rank else None
-
-    def hplus(self, v: np.ndarray) -> np.ndarray:
-        t = torch.from_numpy(np.ascontiguousarray(v))
-        return (self.V @ ((self.V.T @ t) / self.lam)).numpy()
-
-    def solve(self, refine: int = 1) -> np.ndarray:
-        x = self.AT @ self.hplus(self.b)
-        for _ in range(refine):
-            r = self.b - self.A @ x
-            x = x + self.AT @ self.hplus(r)
-        return x
-
-    def project(self, g: torch.Tensor) -> torch.Tensor:
-        """g minus its component in the row space: g - A^T H^+ A g (g: (n,) float64)."""
-        Ag = self.A @ g.detach().numpy()
-        return g - torch.from_numpy(self.AT @ self.hplus(Ag))
-
-
-class _ColumnNull:
-    """Null-space projector of a rank-deficient overdetermined system from the eigenvectors of A^T A."""
-
-    def __init__(self, system: L.LayerSystem, rtol: float):
-        G = system.gram().clone()
-        lam, V = torch.linalg.eigh(G)
-        tol = rtol * math.sqrt(max(float(lam.clamp_min(0).sum()), 0.0))
-        null = lam.clamp_min(0).sqrt() <= tol
-        self.N = V[:, null].contiguous()
-        self.rank = int(G.shape[0] - self.N.shape[1])
-
-    def project(self, g: torch.Tensor) -> torch.Tensor:
-        return self.N @ (self.N.T @ g)
-
-
-def _closed_form(system: L.LayerSystem, rtol: float, max_dense: int) -> tuple[L.Solution, _RowSide | None]:
-    n, m = system.unknowns, system.constraints
-    if m < n:
-        rs = _RowSide(system, rtol)
-        x = torch.from_numpy(rs.solve())
-        tot, rg, rw = system.residuals(x)
-        sol = L.Solution(x.reshape(system.layer.in_shape), rs.rank, n, m, tot, rg, rw, rs.condition, "rows-eigh", rtol)
-        return sol, rs
-    return system.solve(rtol=rtol, max_dense=max_dense), None
+def _closed_form(system: L.LayerSystem, rtol: float, max_dense: int) -> L.Solution:
+    """Step (a): the minimum-norm least-squares solution, from the smaller side (an underdetermined layer by
+    eigh of A A^T: the 'rows-eigh' strategy of the linear-algebra core, whose factorisation the null-space
+    projector of step (c) reuses)."""
+    if system.wide:
+        return system.solve(rtol=rtol, method="rows-eigh")
+    return system.solve(rtol=rtol, max_dense=max_dense)
 
 
 # =====================================================================================================
@@ -520,7 +465,7 @@ def _run(case: Case, o: LayerwiseOptions, ctx: RunContext) -> LayerwiseTrace:
     if kk == 0.0:
         raise NumericalError("layerwise: the bias gradient of the last layer is zero (a perfectly classified "
                              "sample leaks nothing through it)")
-    x_head = dWd.T @ k / kk
+    x_head = head.gradient_solve(k, dWd).reshape(-1)
     probs = torch.softmax(Wd @ x_head + bd, 0)
     onehot = F.one_hot(torch.tensor(label), head.n_out).to(dt)
     head_rep = {"index": head.index, "name": head.name, "label": head.label, "kind": "head", "unknowns": head.n_in,
@@ -552,7 +497,7 @@ def _run(case: Case, o: LayerwiseOptions, ctx: RunContext) -> LayerwiseTrace:
         delta = go * act.grad(z_hat)
         target = z_hat - (b.reshape(layer.bias_shape()) if b is not None else 0.0)
         system = L.LayerSystem(layer, W, delta, dW, target, weight_ratio=wr)
-        sol, rowside = _closed_form(system, o.rtol, o.max_dense)
+        sol = _closed_form(system, o.rtol, o.max_dense)
         x = sol.x.reshape(layer.in_shape).to(dt)
         x_cf = x.clone()
         rep: dict[str, Any] = {"index": layer.index, "name": layer.name, "label": layer.label, "kind": layer.kind,
@@ -582,7 +527,7 @@ def _run(case: Case, o: LayerwiseOptions, ctx: RunContext) -> LayerwiseTrace:
             history += pb.pop("_history")
         # (c) the null-space prior in a rank-deficient layer
         if o.prior_steps > 0 and sol.deficiency > 0:
-            projector = rowside if rowside is not None else _ColumnNull(system, o.rtol)
+            projector = system.null_projector(o.rtol)
             x, pr = _prior(case, i, layers, x, projector, o, ctx)
             rep["prior"] = pr
             history += pr.pop("_history")
@@ -629,7 +574,7 @@ def _pullback(prev: L.Layer, layer: L.Layer, params, grads, W, delta, x0: torch.
     d0 = gp * act.grad(u0)
     t0 = u0 - (bp.reshape(bshape) if bp is not None else 0.0)
     sys_p = L.LayerSystem(prev, Wp, d0, dWp, t0, weight_ratio=math.sqrt(o.weight_weight / o.gradient_weight))
-    sol_p, _ = _closed_form(sys_p, o.rtol, o.max_dense)
+    sol_p = _closed_form(sys_p, o.rtol, o.max_dense)
     y0 = sol_p.x.reshape(prev.in_shape).to(dt)
     u_ref2 = _nz(float(u0.pow(2).sum()))
     gp_ref2 = _nz(float(dWp.pow(2).sum()))

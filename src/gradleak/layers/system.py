@@ -211,7 +211,7 @@ class LayerSystem:
         (``info.side``). A dense layer (``layer.dense``) with k != 0 has K^T K = ||k||^2 I: its rank is full
         without a factorisation (method 'closed-form'). Leaves the cached Gram matrix intact."""
         n, m = self.unknowns, self.constraints
-        if self.use_grad and self.layer.dense and self.wg > 0 and not self.wide:
+        if self.use_grad and self.layer.dense and not self.wide and self.layer.grad_norm2(self.k) > 0:
             fro2 = self.wg ** 2 * self.layer.grad_norm2(self.k)
             if self.use_weight:
                 fro2 += self.ww ** 2 * self.layer.weight_norm2(self.weight)
