@@ -64,10 +64,9 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from .. import layers as L
-from ..losses import cross_entropy
+from ..losses import Loss
 from ..case import Case, FedSGD, Truth
 from ..errors import NumericalError, RequirementError
 from ..risk.security import security_index
@@ -102,6 +101,9 @@ class LayerwiseOptions:
     prior_steps / prior_lr: the null-space prior (step (c) of the module docstring; 0: skip) in each
         rank-deficient layer.
     max_dense: unknowns above which an overdetermined layer is solved by matrix-free LSQR.
+    exact_tolerance: the largest relative system residual (weight and gradient blocks of every layer, the
+        head's gradient and bias) for the result to be claimed exact (with every rank full); the base class
+        then checks the claim against the gradient residual.
     """
 
     rtol: float = L.DEFAULT_RTOL
@@ -123,6 +125,7 @@ class LayerwiseOptions:
     prior_steps: int = 0
     prior_lr: float = 0.1
     max_dense: int = 12000
+    exact_tolerance: float = 1e-6
 
 
 @register("layerwise", aliases=("copa", "layer-wise"))
@@ -186,6 +189,8 @@ class Layerwise(Attack):
                          f"second layer, deeper layers), got {v!r}")
         if not isinstance(o.correction_layers, int) or o.correction_layers < -1:
             p.append(f"correction_layers must be -1 (all) or an int >= 0, got {o.correction_layers!r}")
+        if not (isinstance(o.exact_tolerance, (int, float)) and o.exact_tolerance > 0):
+            p.append(f"exact_tolerance must be a positive number, got {o.exact_tolerance!r}")
         if not isinstance(o.max_dense, int) or o.max_dense < 1:
             p.append(f"max_dense must be a positive int, got {o.max_dense!r}")
         return p
@@ -213,8 +218,8 @@ def requirement_problems(case: Case) -> list[str]:
         problems.append(f"needs batch size 1 (the layer systems are per sample), got {case.batch_size}")
     if not isinstance(case.observation, FedSGD):
         problems.append(f"needs a FedSGD gradient (one exact gradient), got a {case.protocol} update")
-    if case.loss_fn is not cross_entropy:  # the head and pull-back steps are written for softmax - onehot
-        problems.append(f"needs the softmax cross-entropy loss (a multi-class head with a bias), got {case.loss!r}")
+    if case.labels is None and case.loss_fn.label_from_bias is None:
+        problems.append(f"the loss {case.loss!r} has no rule to read the label from the bias gradient: give the label")
     chain = L.walk(case.model, case.spec.shape)
     problems += chain.problems
     problems += chain.activation_problems()
@@ -234,9 +239,8 @@ def requirement_problems(case: Case) -> list[str]:
         elif hit[1].bias is None:
             problems.append(f"the last layer '{hit[0]}' has no bias: the layer-wise attack starts from "
                             "x_d = dW[j, :] / db[j] and needs the bias gradient")
-        elif hit[1].out_features < 2:
-            problems.append(f"the last layer '{hit[0]}' has {hit[1].out_features} output; softmax cross-entropy "
-                            "needs >= 2")
+        elif (p := case.loss_fn.output_problem(hit[1].out_features, case.spec.num_classes)) is not None:
+            problems.append(f"the last layer '{hit[0]}': {p}")
     return problems
 
 
@@ -285,16 +289,17 @@ class _Sub:
     biases: list[torch.Tensor | None]
     observed: list[torch.Tensor]  # per parameter tensor, in the order (w_i, b_i, w_i+1, b_i+1, ...), flat
     label: torch.Tensor
+    loss_fn: Loss
 
     @classmethod
-    def build(cls, layers: list[L.Layer], params: dict, grads: dict, label: int) -> "_Sub":
+    def build(cls, layers: list[L.Layer], params: dict, grads: dict, label: int, loss_fn: Loss) -> "_Sub":
         obs = []
         for l in layers:
             obs.append(grads[l.weight_name].reshape(-1))
             if l.has_bias:
                 obs.append(grads[l.bias_name].reshape(-1))
         return cls(list(layers), [params[l.weight_name] for l in layers],
-                   [params[l.bias_name] if l.has_bias else None for l in layers], obs, torch.tensor([label]))
+                   [params[l.bias_name] if l.has_bias else None for l in layers], obs, torch.tensor([label]), loss_fn)
 
     def match(self, x: torch.Tensor) -> torch.Tensor:
         """sum over the parameter tensors of layers j >= i of 1 - cos(dL/dtheta(x), observed); x (in_shape of
@@ -302,12 +307,10 @@ class _Sub:
         with torch.enable_grad():
             ws = [w.detach().requires_grad_(True) for w in self.weights]
             bs = [None if b is None else b.detach().requires_grad_(True) for b in self.biases]
-            h = x
-            for j, layer in enumerate(self.layers):
-                h = h.reshape(1, *layer.in_shape)
-                z = layer.add_bias(layer.apply_weight(h, ws[j]), bs[j])
-                h = z if j == len(self.layers) - 1 else layer.activation.fn(z)
-            loss = F.cross_entropy(h.reshape(1, -1), self.label)
+            named = {l.weight_name: w for l, w in zip(self.layers, ws)}
+            named.update({l.bias_name: b for l, b in zip(self.layers, bs) if b is not None})
+            out = L.forward(self.layers, x, named)[-1][1]
+            loss = self.loss_fn(out.reshape(1, -1), self.label)
             params = [t for pair in zip(ws, bs) for t in pair if t is not None]
             grads = torch.autograd.grad(loss, params, create_graph=x.requires_grad)
         out = x.new_zeros(())
@@ -408,11 +411,13 @@ class LayerwiseTrace:
     history: list[float] = field(default_factory=list)
     errors: list[dict] | None = None
     chain: L.Chain | None = None
+    claim_residual: float = math.nan  # the largest system residual the claim was decided on (see _claim)
 
     def reconstruction(self, case: Case) -> Reconstruction:
         x = self.inputs[0].reshape(1, *case.spec.shape).to(case.dtype).to(case.device)
         info: dict[str, Any] = {"layers": self.layers, "security_index": self.security_index,
-                                "labels": {"labels": [self.label], "method": self.label_source}}
+                                "labels": {"labels": [self.label], "method": self.label_source},
+                                "claim_residual": self.claim_residual if math.isfinite(self.claim_residual) else None}
         if self.errors is not None:
             info["layer_errors"] = self.errors
         return Reconstruction(inputs=case.spec.denormalize(x), labels=torch.tensor([self.label], device=case.device),
@@ -420,13 +425,14 @@ class LayerwiseTrace:
 
 
 def _label(case: Case, db: torch.Tensor) -> tuple[int, str]:
+    """The known label, or the loss's label-from-bias rule (certain for softmax cross-entropy)."""
     if case.labels is not None:
         return int(case.labels[0]), "known"
-    neg = (db < 0).nonzero().reshape(-1)
-    if neg.numel() == 0:
-        raise NumericalError("layerwise: the bias gradient of the last layer has no negative entry, so the label "
-                             "cannot be read from it (expected dL/db = softmax - onehot); give the label")
-    return int(db.argmin()), "bias-gradient"
+    label, certain = case.loss_fn.label_from_bias(db, 1)
+    if not certain and case.loss_fn.counts_from_bias:
+        raise NumericalError("layerwise: the bias gradient of the last layer has no single negative entry, so the "
+                             "label cannot be read from it (expected dL/db = softmax - onehot); give the label")
+    return int(label), "bias-gradient" if certain else "bias-gradient (uncertain)"
 
 
 def _run(case: Case, o: LayerwiseOptions, ctx: RunContext) -> LayerwiseTrace:
@@ -466,13 +472,14 @@ def _run(case: Case, o: LayerwiseOptions, ctx: RunContext) -> LayerwiseTrace:
         raise NumericalError("layerwise: the bias gradient of the last layer is zero (a perfectly classified "
                              "sample leaks nothing through it)")
     x_head = head.gradient_solve(k, dWd).reshape(-1)
-    probs = torch.softmax(Wd @ x_head + bd, 0)
-    onehot = F.one_hot(torch.tensor(label), head.n_out).to(dt)
+    with torch.enable_grad():  # dL/dz at the head for the recovered input, through the case's loss
+        z_head = (Wd @ x_head + bd).reshape(1, -1).requires_grad_(True)
+        k_model, = torch.autograd.grad(case.loss_fn(z_head, torch.tensor([label])), z_head)
     head_rep = {"index": head.index, "name": head.name, "label": head.label, "kind": "head", "unknowns": head.n_in,
                 "constraints": head.n_weights + head.n_out, "rank": head.n_in, "deficiency": 0,
                 "security_deficiency": None, "condition": 1.0, "method": "bias",
                 "residual_grad": float((torch.outer(k, x_head) - dWd).norm() / _nz(float(dWd.norm()))),
-                "residual_bias": float((probs - onehot - dbd).norm() / _nz(float(dbd.norm()))),
+                "residual_bias": float((k_model.reshape(-1) - dbd).norm() / _nz(float(dbd.norm()))),
                 "residual_weight": None, "residual_pullback": None, "seconds": time.perf_counter() - t0}
     reports: list[dict] = [head_rep]
     x_next = x_head.reshape(head.in_shape)
@@ -500,6 +507,8 @@ def _run(case: Case, o: LayerwiseOptions, ctx: RunContext) -> LayerwiseTrace:
         sol = _closed_form(system, o.rtol, o.max_dense)
         x = sol.x.reshape(layer.in_shape).to(dt)
         x_cf = x.clone()
+        if i == 0:  # the closed-form image: a candidate an interrupted refinement falls back to
+            _offer(case, ctx, x_cf, label, stage="closed-form")
         rep: dict[str, Any] = {"index": layer.index, "name": layer.name, "label": layer.label, "kind": layer.kind,
                                "activation": act.name, "unknowns": sol.unknowns, "constraints": sol.constraints,
                                "rank": sol.rank, "deficiency": sol.deficiency,
@@ -535,7 +544,7 @@ def _run(case: Case, o: LayerwiseOptions, ctx: RunContext) -> LayerwiseTrace:
         undetermined = undetermined or sol.deficiency > 0
         if corrected(i) and int(o.correction_steps[depth_of(i)]) > 0 and (o.correction_when == "always"
                                                                           or undetermined):
-            sub = _Sub.build(layers[i:], params, grads, label)
+            sub = _Sub.build(layers[i:], params, grads, label, case.loss_fn)
             x, cr = _correct(case, i, layers, x, sub, system_term, o, depth_of(i), ctx)
             rep["correction"] = cr
             history += cr.pop("_history")
@@ -552,10 +561,30 @@ def _run(case: Case, o: LayerwiseOptions, ctx: RunContext) -> LayerwiseTrace:
 
     hidden = reports[:-1]
     sec = security_index([r["security_deficiency"] for r in hidden], n) if n >= 1 else 0
-    kind = "exact" if all(r["deficiency"] == 0 for r in hidden) else "estimate"
-    ctx.offer(0.0, case.spec.denormalize(inputs[0].reshape(1, *case.spec.shape)))
+    kind, worst = _claim(reports, o.exact_tolerance)
+    _offer(case, ctx, inputs[0], label, claim=kind, stage="final")
     return LayerwiseTrace(inputs=inputs, closed_form=closed, layers=reports, label=label, label_source=label_source,
-                          security_index=sec, kind=kind, history=history, chain=chain)
+                          security_index=sec, kind=kind, history=history, chain=chain,
+                          claim_residual=worst)
+
+
+def _claim(reports: list[dict], tol: float) -> tuple[str, float]:
+    """'exact' only when every hidden layer has full rank AND every system the result must satisfy holds to
+    ``tol`` (relative residuals of each layer's final input, after any pull-back / prior / correction, and of
+    the head's gradient and bias): the ranks alone say nothing under noise, and a refinement step may move the
+    closed form. Returns (claim, the largest residual)."""
+    keys = ("residual_weight", "residual_grad", "residual_bias")
+    vals = [r[k] for r in reports for k in keys if r.get(k) is not None]
+    worst = max((v if math.isfinite(v) else math.inf for v in vals), default=math.inf)
+    full = all(r["deficiency"] == 0 for r in reports[:-1])
+    return ("exact" if full and worst <= tol else "estimate"), worst
+
+
+def _offer(case: Case, ctx: RunContext, x: torch.Tensor, label: int, *, claim: str = "estimate", stage: str) -> None:
+    """Offer the normalised input ``x`` scored by the case's residual (comparable across candidates)."""
+    img = case.spec.denormalize(x.reshape(1, *case.spec.shape).to(case.dtype).to(case.device))
+    lab = torch.tensor([label], device=case.device)
+    ctx.offer(case.residual(img, lab), img, lab, claim=claim, stage=stage)
 
 
 def _pullback(prev: L.Layer, layer: L.Layer, params, grads, W, delta, x0: torch.Tensor, system_term,
@@ -628,7 +657,8 @@ def _variable(case: Case, i: int, layers: list[L.Layer], x0: torch.Tensor, *, di
     layer = layers[i]
     if i == 0:
         lo, hi = case.spec.bounds(x0)
-        lo, hi = lo.to(x0.dtype), hi.to(x0.dtype)
+        full = torch.zeros(case.spec.shape, dtype=x0.dtype)  # per-channel bounds -> the layer's input shape
+        lo, hi = (lo.to(x0.dtype) + full).reshape(layer.in_shape), (hi.to(x0.dtype) + full).reshape(layer.in_shape)
         clamp = lambda v: torch.maximum(torch.minimum(v, hi), lo)  # noqa: E731
         return clamp(x0.reshape(layer.in_shape)), (lambda v: v), clamp, layer.in_shape
     act = layers[i - 1].activation
@@ -711,9 +741,8 @@ def layer_input_errors(case: Case, truth: Truth, inputs: Sequence[torch.Tensor],
     params = {k: v.detach().to(torch.float64).cpu() for k, v in case.parameters.items()}
     h = case.spec.normalize(truth.inputs[:1].detach().to(torch.float64).cpu())
     out = []
-    for layer, xr in zip(chain.layers, inputs):
-        h = h.reshape(1, *layer.in_shape)
-        xt = h[0]
+    for (layer, xr), (hin, _) in zip(zip(chain.layers, inputs), L.forward(chain.layers, h, params)):
+        xt = hin[0]
         xr = xr.reshape(layer.in_shape).to(torch.float64)
         mse = float((xr - xt).pow(2).mean())
         row = {"name": layer.name, "label": layer.label, "mse": mse,
@@ -724,9 +753,6 @@ def layer_input_errors(case: Case, truth: Truth, inputs: Sequence[torch.Tensor],
             m = float((a - t).pow(2).mean())
             row["psnr"] = 10 * math.log10(1.0 / m) if m > 0 else math.inf
         out.append(row)
-        b = params[layer.bias_name] if layer.has_bias else None
-        z = layer.add_bias(layer.apply_weight(h, params[layer.weight_name]), b)
-        h = layer.activation.fn(z)
     return out
 
 

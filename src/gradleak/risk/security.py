@@ -202,15 +202,9 @@ def _backprop_maps(chain: L.Chain, params: dict[str, torch.Tensor], x: torch.Ten
     """dL/dz_i (out_shape) of every layer for one input ``x`` (in_shape of layer 0), through the chain."""
     from ..losses import losses
 
-    zs = []
     h = x.detach().reshape(1, *chain.input_shape).requires_grad_(True)
     with torch.enable_grad():
-        for layer in chain.layers:
-            h = h.reshape(1, *layer.in_shape)
-            b = params[layer.bias_name] if layer.bias_name else None
-            z = layer.add_bias(layer.apply_weight(h, params[layer.weight_name]), b)
-            zs.append(z)
-            h = layer.activation.fn(z)
+        zs = [z for _, z in chain.forward(h, params)]
         out = zs[-1]
         y = torch.tensor([label])
         lossv = losses.get(loss)(out, y)
