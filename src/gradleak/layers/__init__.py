@@ -63,6 +63,7 @@ import numpy as np
 import torch
 
 from .rules import Layer, activation_of, layer_rules, register_activation_module, register_layer
+from .rules import unregister_layer
 from .linear import LinearLayer
 from .conv import Conv2dLayer
 from .walk import Chain, Issue, forward, require_chain, walk
@@ -74,7 +75,7 @@ from ..activations import Activation
 __all__ = [
     "DEFAULT_RTOL", "CERTIFICATE_MARGIN", "Layer", "LinearLayer", "Conv2dLayer", "Chain", "Issue", "LayerSystem",
     "Solution", "RankInfo", "NullProjector", "EigenPseudoInverse", "Activation",
-    "register_layer", "register_activation_module", "layer_rules", "walk", "require_chain", "forward",
+    "register_layer", "unregister_layer", "register_activation_module", "layer_rules", "walk", "require_chain", "forward",
     "reference_weight_matrix", "reference_grad_matrix", "numerical_rank", "activation_of", "tolerance",
     "head_solve", "psd_solver", "full_rank_certificate",
 ]

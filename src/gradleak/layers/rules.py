@@ -58,6 +58,11 @@ def register_layer(*module_types: type):
     return deco
 
 
+def unregister_layer(module_type: type) -> None:
+    """Remove the rule registered for ``module_type`` (tests, plug-ins that unload)."""
+    _LAYER_RULES.pop(module_type, None)
+
+
 def layer_rules() -> dict[type, type["Layer"]]:
     """A copy of the module type -> Layer class registry."""
     return dict(_LAYER_RULES)
