@@ -67,6 +67,9 @@ def test_cnn2_c2_closed_form_not_exact_refinement_improves(photos32):
     # the attack's own security index is the sum formula on its per-layer deficiencies
     assert tr.security_index == security_index([conv["security_deficiency"]], 2) == -1470
     assert tr.kind == "estimate"
+    # trace runs through the base class: its result carries the derived kind, the residual, the preset
+    assert tr.result.kind == "estimate" and tr.result.info["preset"] == "fast" and tr.result.residual > 0
+    assert tr.result.info["layers"] is tr.layers
     rec = tr.reconstruction(case)
     assert rec.info["layers"][0]["prior"]["tv_end"] < rec.info["layers"][0]["prior"]["tv_start"]
 

@@ -67,7 +67,7 @@ import torch
 
 from .. import layers as L
 from ..case import Case, FedSGD, Truth
-from ..errors import NumericalError, RequirementError
+from ..errors import NumericalError
 from ..risk.security import security_index
 from .base import Attack, Reconstruction, RunContext, create, register
 from .layerwise_steps import _closed_form, _correct, _inverse, _nz, _prior, _pullback, _rel2, _Sub
@@ -197,8 +197,14 @@ class Layerwise(Attack):
     def requirements(self, case: Case) -> list[str]:
         return requirement_problems(case)
 
+    #: the :class:`LayerwiseTrace` of this instance's latest completed run (None before one, or when the latest
+    #: was interrupted); :func:`trace` reads it after running through the base class's ``reconstruct``
+    last_trace: "LayerwiseTrace | None" = None
+
     def _reconstruct(self, case: Case, ctx: RunContext) -> Reconstruction:
+        self.last_trace = None
         run = _run(case, self.options, ctx)
+        self.last_trace = run
         return run.reconstruction(case)
 
 
@@ -260,11 +266,12 @@ class LayerwiseTrace:
     label: int
     label_source: str
     security_index: int | None
-    kind: str
+    kind: str  # the claim of the run; after trace(): the kind the base class derived (claim + residual)
     history: list[float] = field(default_factory=list)
     errors: list[dict] | None = None
     chain: L.Chain | None = None
     claim_residual: float = math.nan  # the largest system residual the claim was decided on (see _claim)
+    result: Reconstruction | None = None  # set by trace(): the base class's result (verified kind, residual)
 
     def reconstruction(self, case: Case) -> Reconstruction:
         x = self.inputs[0].reshape(1, *case.spec.shape).to(case.dtype).to(case.device)
@@ -478,15 +485,12 @@ def trace(case: Case, truth: Truth | None = None, *, attack: Layerwise | None = 
     never sees) the trace also holds ``errors``: the per-layer input errors of the final and of the closed-form
     reconstructions, and ``layers[i]['input_error']``. Raises RequirementError like ``reconstruct``."""
     att = attack if attack is not None else create("layerwise", preset=preset, **options)
-    problems = att.requirements(case)
-    if problems:
-        raise RequirementError(att.name, problems)
-    gen = torch.Generator().manual_seed(int(seed))
-    ctx = RunContext(gen, progress=progress, desc=att.name)
-    try:
-        tr = _run(case, att.options, ctx)
-    finally:
-        ctx.close()
+    rec = att.reconstruct(case, seed=seed, progress=progress)  # requirements, run context, kind: the base class
+    tr = att.last_trace
+    if tr is None or rec.info.get("interrupted"):
+        raise KeyboardInterrupt("layerwise.trace: the run was interrupted; its best candidate is not a trace")
+    tr.result = rec
+    tr.kind = rec.kind
     if truth is not None:
         final = layer_input_errors(case, truth, tr.inputs, tr.chain)
         cf = layer_input_errors(case, truth, tr.closed_form, tr.chain)
