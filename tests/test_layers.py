@@ -220,3 +220,99 @@ def test_unknown_module_and_head_activation_reported():
     model = nn.Sequential(nn.Linear(4, 3), Act("tanh"), nn.Linear(3, 2), nn.Sigmoid())
     probs = L.walk(model, (4,)).problems
     assert any("follows the output layer" in p for p in probs)
+
+
+# ---- a new layer type is ONE registration ----------------------------------------------------------------
+
+class _Scale(nn.Module):
+    """A bias-free per-feature scale z = s * x (not a module type gradleak knows)."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.weight = nn.Parameter(0.5 + torch.rand(n))
+
+    def forward(self, x):
+        return x * self.weight
+
+
+class _ScaleLayer(L.Layer):
+    """Its rule: W = diag(s), K(k) = diag(k) (dL/ds = k * x); not dense (one weight per input entry)."""
+
+    kind = "scale"
+
+    def output_shape(self, in_shape):
+        return in_shape
+
+    def problems(self):
+        return [] if self.in_shape == tuple(self.module.weight.shape) else ["flatten before a scale layer"]
+
+    def apply_weight(self, x, weight):
+        return x.reshape(x.shape[0], -1) * weight.reshape(-1)
+
+    def apply_weight_T(self, y, weight):
+        return y.reshape(y.shape[0], -1) * weight.reshape(-1)
+
+    def apply_grad(self, k, x):
+        return k.reshape(-1) * x.reshape(-1)
+
+    def apply_grad_T(self, k, g):
+        return g.reshape(-1) * k.reshape(-1)
+
+    def weight_matrix(self, weight):
+        import scipy.sparse as sp
+        return sp.csr_array(sp.diags(weight.detach().double().reshape(-1).numpy()))
+
+    def grad_matrix(self, k):
+        import scipy.sparse as sp
+        return sp.csr_array(sp.diags(k.detach().double().reshape(-1).numpy()))
+
+    def reference_weight_matrix(self, weight):
+        return np.diag(weight.detach().double().reshape(-1).numpy())
+
+    def reference_grad_matrix(self, k):
+        return np.diag(k.detach().double().reshape(-1).numpy())
+
+
+@pytest.fixture
+def scale_rule():
+    L.register_layer(_Scale)(_ScaleLayer)
+    yield _ScaleLayer
+    L.unregister_layer(_Scale)
+    assert _Scale not in L.layer_rules()
+
+
+def test_a_new_layer_type_is_one_registration(scale_rule, photos32):
+    from gradleak.risk.rank import rank_analysis
+    from gradleak.risk.security import security_analysis
+
+    torch.manual_seed(3)
+    model = gl.models.zoo.Sequential(nn.Flatten(), _Scale(48), Act("tanh"), nn.Linear(48, 10), num_outputs=10).double()
+    shape = (3, 4, 4)
+    chain = L.walk(model, shape)
+    assert chain.supported and [l.kind for l in chain.layers] == ["scale", "linear"]
+    layer = chain.layers[0]
+    k = torch.randn(48, dtype=torch.float64)
+    w = model[1].weight.detach()
+    np.testing.assert_allclose(layer.weight_matrix(w).toarray(), layer.reference_weight_matrix(w))
+    # rank: [diag(k); diag(s)] has full rank 48 (computed numerically: the rule is not dense)
+    rep = rank_analysis(model, shape)
+    assert [r.rank for r in rep.layers] == [48, 48] and rep.layers[0].method == "svd"
+    assert rep.exact_recovery_possible is True
+    sec = security_analysis(model, shape)
+    assert sec.index == 0 and sec.layers[0].method in ("certificate", "cholesky", "svd")
+    # rgap through the new layer: exact in float64
+    x, y = photos32.batch(1, 0)
+    x = F.interpolate(x, size=(4, 4), mode="bilinear", align_corners=False).clamp(0, 1).double()
+    case, truth = gl.simulate(model, x, y % 10, spec=gl.DataSpec(shape, 10))
+    rec = gl.create("rgap").reconstruct(case)
+    assert rec.kind == "exact"
+    assert float((rec.inputs - truth.inputs).abs().max()) < 1e-9
+    # a zero scale entry loses that input entry's weight constraint; a zero k entry its gradient one: with both at
+    # the same entry the rank drops by exactly one
+    s = w.clone()
+    s[5] = 0.0
+    k[5] = 0.0
+    assert L.LayerSystem(layer, s, k).rank().rank == 47
+    # the rule is not dense: batches on it are refused by rgap (one sample), as for convolutions
+    case2, _ = gl.simulate(model, x.repeat(2, 1, 1, 1), (y % 10).repeat(2), spec=gl.DataSpec(shape, 10))
+    assert any("non-fully-connected" in p for p in gl.create("rgap").requirements(case2))

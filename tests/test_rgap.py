@@ -171,7 +171,10 @@ def test_cnn6_d_conv2_reported_rank_deficient():
     case, truth = _case(model, 32, labels=[1])
     rec = gl.create("rgap").reconstruct(case)
     conv2 = rec.info["layers"][1]
-    assert conv2["label"] == "conv2" and conv2["deficient"] and conv2["deficiency"] >= 200
+    # 280 short: the count is derived in tests/test_risk.py::test_cnn6_d_conv2_is_deficient (with the actual,
+    # leaky-ReLU k it is the generic count)
+    assert conv2["label"] == "conv2" and conv2["deficient"] and conv2["deficiency"] == 280
+    assert conv2["rank"] == 3188 and conv2["unknowns"] == 3468
     assert rec.info["deficient_layers"] == ["conv2"]
     assert rec.kind == "estimate"
     assert any("rank-deficient" in n for n in rec.info["notes"])

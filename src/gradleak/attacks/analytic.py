@@ -28,6 +28,7 @@ from torch import nn
 
 from ..case import Case
 from ..errors import RequirementError
+from ..layers.linalg import head_solve
 from .base import Attack, Reconstruction, RunContext, register
 from .labels import label_recovery_problems, recover_labels
 
@@ -126,7 +127,7 @@ def recover_linear_input(case: Case, layer: str | None = None, *, rel_threshold:
     rows = torch.nonzero(mag > rel_threshold * top).flatten()
     rows = rows[torch.argsort(mag[rows], descending=True)]
     cand = dW[rows] / db[rows, None]
-    ls = (db[rows, None] * dW[rows]).sum(0) / (db[rows] ** 2).sum()
+    ls = head_solve(dW[rows], db[rows])  # dW^T db / ||db||^2 over the kept rows
     return LinearInput(layer, rows, cand, mag[rows], ls)
 
 

@@ -63,17 +63,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .. import layers as L
-from ..losses import cross_entropy
 from ..case import Case, FedSGD, Truth
-from ..errors import NumericalError, RequirementError
+from ..errors import NumericalError
 from ..risk.security import security_index
 from .base import Attack, Reconstruction, RunContext, create, register
-from .optimization.common import total_variation
+from .layerwise_steps import _closed_form, _correct, _inverse, _nz, _prior, _pullback, _rel2, _Sub
 
 __all__ = ["Layerwise", "LayerwiseOptions", "LayerwiseTrace", "trace", "layer_input_errors", "PULLBACK_MODES"]
 
@@ -103,6 +100,9 @@ class LayerwiseOptions:
     prior_steps / prior_lr: the null-space prior (step (c) of the module docstring; 0: skip) in each
         rank-deficient layer.
     max_dense: unknowns above which an overdetermined layer is solved by matrix-free LSQR.
+    exact_tolerance: the largest relative system residual (weight and gradient blocks of every layer, the
+        head's gradient and bias) for the result to be claimed exact (with every rank full); the base class
+        then checks the claim against the gradient residual.
     """
 
     rtol: float = L.DEFAULT_RTOL
@@ -124,6 +124,7 @@ class LayerwiseOptions:
     prior_steps: int = 0
     prior_lr: float = 0.1
     max_dense: int = 12000
+    exact_tolerance: float = 1e-6
 
 
 @register("layerwise", aliases=("copa", "layer-wise"))
@@ -187,6 +188,8 @@ class Layerwise(Attack):
                          f"second layer, deeper layers), got {v!r}")
         if not isinstance(o.correction_layers, int) or o.correction_layers < -1:
             p.append(f"correction_layers must be -1 (all) or an int >= 0, got {o.correction_layers!r}")
+        if not (isinstance(o.exact_tolerance, (int, float)) and o.exact_tolerance > 0):
+            p.append(f"exact_tolerance must be a positive number, got {o.exact_tolerance!r}")
         if not isinstance(o.max_dense, int) or o.max_dense < 1:
             p.append(f"max_dense must be a positive int, got {o.max_dense!r}")
         return p
@@ -194,8 +197,14 @@ class Layerwise(Attack):
     def requirements(self, case: Case) -> list[str]:
         return requirement_problems(case)
 
+    #: the :class:`LayerwiseTrace` of this instance's latest completed run (None before one, or when the latest
+    #: was interrupted); :func:`trace` reads it after running through the base class's ``reconstruct``
+    last_trace: "LayerwiseTrace | None" = None
+
     def _reconstruct(self, case: Case, ctx: RunContext) -> Reconstruction:
+        self.last_trace = None
         run = _run(case, self.options, ctx)
+        self.last_trace = run
         return run.reconstruction(case)
 
 
@@ -214,8 +223,8 @@ def requirement_problems(case: Case) -> list[str]:
         problems.append(f"needs batch size 1 (the layer systems are per sample), got {case.batch_size}")
     if not isinstance(case.observation, FedSGD):
         problems.append(f"needs a FedSGD gradient (one exact gradient), got a {case.protocol} update")
-    if case.loss_fn is not cross_entropy:  # the head and pull-back steps are written for softmax - onehot
-        problems.append(f"needs the softmax cross-entropy loss (a multi-class head with a bias), got {case.loss!r}")
+    if case.labels is None and case.loss_fn.label_from_bias is None:
+        problems.append(f"the loss {case.loss!r} has no rule to read the label from the bias gradient: give the label")
     chain = L.walk(case.model, case.spec.shape)
     problems += chain.problems
     problems += chain.activation_problems()
@@ -226,8 +235,8 @@ def requirement_problems(case: Case) -> list[str]:
                         "the layer-wise attack needs an invertible activation after each hidden layer (identity, "
                         "leaky-relu, sigmoid, tanh, softplus)")
     head = chain.head if not chain.issues else None
-    if head is not None and not isinstance(head, L.LinearLayer):
-        problems.append(f"the last layer '{head.name}' must be linear (nn.Linear), got {type(head.module).__name__}")
+    if head is not None and not head.can_be_head:
+        problems.append(f"the last layer '{head.name}' must be dense (like nn.Linear), got {type(head.module).__name__}")
     else:
         hit = last_linear(case)
         if hit is None:
@@ -235,211 +244,9 @@ def requirement_problems(case: Case) -> list[str]:
         elif hit[1].bias is None:
             problems.append(f"the last layer '{hit[0]}' has no bias: the layer-wise attack starts from "
                             "x_d = dW[j, :] / db[j] and needs the bias gradient")
-        elif hit[1].out_features < 2:
-            problems.append(f"the last layer '{hit[0]}' has {hit[1].out_features} output; softmax cross-entropy "
-                            "needs >= 2")
+        elif (p := case.loss_fn.output_problem(hit[1].out_features, case.spec.num_classes)) is not None:
+            problems.append(f"the last layer '{hit[0]}': {p}")
     return problems
-
-
-# =====================================================================================================
-# Closed-form solutions (from the smaller side)
-# =====================================================================================================
-
-class _RowSide:
-    """Minimum-norm least squares of an underdetermined balanced system A x = b through the row Gram
-    H = A A^T (m x m, m < n): x = A^T H^+ b (+ one refinement step), H^+ from the eigenvectors of H. Also the
-    null-space projector P g = g - A^T H^+ A g."""
-
-    def __init__(self, system: L.LayerSystem, rtol: float):
-        A, b = system.sparse()
-        self.A = A
-        self.AT = A.T.tocsr()
-        self.b = b
-        H = torch.from_numpy((A @ A.T).toarray())
-        lam, V = torch.linalg.eigh(H)
-        sig = lam.clamp_min(0).sqrt()
-        tol = rtol * math.sqrt(max(float(lam.clamp_min(0).sum()), 0.0))
-        keep = sig > tol
-        self.rank = int(keep.sum())
-        self.V = V[:, keep].contiguous()
-        self.lam = lam[keep].contiguous()
-        self.condition = float(sig.max() / sig[keep].min()) if self.rank else None
-
-    def hplus(self, v: np.ndarray) -> np.ndarray:
-        t = torch.from_numpy(np.ascontiguousarray(v))
-        return (self.V @ ((self.V.T @ t) / self.lam)).numpy()
-
-    def solve(self, refine: int = 1) -> np.ndarray:
-        x = self.AT @ self.hplus(self.b)
-        for _ in range(refine):
-            r = self.b - self.A @ x
-            x = x + self.AT @ self.hplus(r)
-        return x
-
-    def project(self, g: torch.Tensor) -> torch.Tensor:
-        """g minus its component in the row space: g - A^T H^+ A g (g: (n,) float64)."""
-        Ag = self.A @ g.detach().numpy()
-        return g - torch.from_numpy(self.AT @ self.hplus(Ag))
-
-
-class _ColumnNull:
-    """Null-space projector of a rank-deficient overdetermined system from the eigenvectors of A^T A."""
-
-    def __init__(self, system: L.LayerSystem, rtol: float):
-        G = system.gram().clone()
-        lam, V = torch.linalg.eigh(G)
-        tol = rtol * math.sqrt(max(float(lam.clamp_min(0).sum()), 0.0))
-        null = lam.clamp_min(0).sqrt() <= tol
-        self.N = V[:, null].contiguous()
-        self.rank = int(G.shape[0] - self.N.shape[1])
-
-    def project(self, g: torch.Tensor) -> torch.Tensor:
-        return self.N @ (self.N.T @ g)
-
-
-def _closed_form(system: L.LayerSystem, rtol: float, max_dense: int) -> tuple[L.Solution, _RowSide | None]:
-    n, m = system.unknowns, system.constraints
-    if m < n:
-        rs = _RowSide(system, rtol)
-        x = torch.from_numpy(rs.solve())
-        tot, rg, rw = system.residuals(x)
-        sol = L.Solution(x.reshape(system.layer.in_shape), rs.rank, n, m, tot, rg, rw, rs.condition, "rows-eigh", rtol)
-        return sol, rs
-    return system.solve(rtol=rtol, max_dense=max_dense), None
-
-
-# =====================================================================================================
-# Pieces of the objectives
-# =====================================================================================================
-
-def _clamp_range(act: L.Activation, y: torch.Tensor, margin: float = 1e-6) -> torch.Tensor:
-    """An invertible activation's inverse is taken after clamping into its open output range with a margin
-    (a non-invertible one is left as it is)."""
-    return act.clamp_to_range(y, margin) if act.invertible else y
-
-
-def _inverse(act: L.Activation, y: torch.Tensor) -> torch.Tensor:
-    return act.inverse(_clamp_range(act, y))
-
-
-def _rel2(r: torch.Tensor, ref2: float) -> torch.Tensor:
-    return r.pow(2).sum() / ref2
-
-
-def _nz(v: float) -> float:
-    return v if v > 0 else 1.0
-
-
-@dataclass
-class _Sub:
-    """The sub-network from layer i to the output, for the correction: its weights, biases, the observed
-    gradient of each parameter tensor and the label."""
-
-    layers: list[L.Layer]
-    weights: list[torch.Tensor]
-    biases: list[torch.Tensor | None]
-    observed: list[torch.Tensor]  # per parameter tensor, in the order (w_i, b_i, w_i+1, b_i+1, ...), flat
-    label: torch.Tensor
-
-    @classmethod
-    def build(cls, layers: list[L.Layer], params: dict, grads: dict, label: int) -> "_Sub":
-        obs = []
-        for l in layers:
-            obs.append(grads[l.weight_name].reshape(-1))
-            if l.has_bias:
-                obs.append(grads[l.bias_name].reshape(-1))
-        return cls(list(layers), [params[l.weight_name] for l in layers],
-                   [params[l.bias_name] if l.has_bias else None for l in layers], obs, torch.tensor([label]))
-
-    def match(self, x: torch.Tensor) -> torch.Tensor:
-        """sum over the parameter tensors of layers j >= i of 1 - cos(dL/dtheta(x), observed); x (in_shape of
-        layers[0]). Differentiable w.r.t. x."""
-        with torch.enable_grad():
-            ws = [w.detach().requires_grad_(True) for w in self.weights]
-            bs = [None if b is None else b.detach().requires_grad_(True) for b in self.biases]
-            h = x
-            for j, layer in enumerate(self.layers):
-                h = h.reshape(1, *layer.in_shape)
-                z = layer.add_bias(layer.apply_weight(h, ws[j]), bs[j])
-                h = z if j == len(self.layers) - 1 else layer.activation.fn(z)
-            loss = F.cross_entropy(h.reshape(1, -1), self.label)
-            params = [t for pair in zip(ws, bs) for t in pair if t is not None]
-            grads = torch.autograd.grad(loss, params, create_graph=x.requires_grad)
-        out = x.new_zeros(())
-        for g, ob in zip(grads, self.observed):
-            g = g.reshape(-1)
-            out = out + 1 - (g @ ob) / (g.norm() * ob.norm()).clamp_min(1e-300)
-        return out
-
-
-def _adam(loss_fn, var: torch.Tensor, steps: int, lr: float, *, clamp=None, project=None, ctx: RunContext | None,
-          tag: str, schedule: str = "step", anchor: torch.Tensor | None = None) -> tuple[torch.Tensor, list[float]]:
-    """Adam on ``var``; schedule 'step': learning rate x0.1 at 3/8, 5/8, 7/8 of the steps, 'constant': none.
-    Keeps the best iterate (by ``loss_fn``). ``clamp`` restores a box after each step; ``project`` (a map of
-    displacements) then keeps the iterate on the affine set anchor + range(project):
-    var <- anchor + project(var - anchor) (anchor: the start by default)."""
-    start = var.detach().clone()
-    anchor = start if anchor is None else anchor.detach()
-    var = start.clone().requires_grad_(True)
-    opt = torch.optim.Adam([var], lr=lr)
-    marks = {int(steps * f) for f in (3 / 8, 5 / 8, 7 / 8)} if schedule == "step" else set()
-    best, best_val, hist = var.detach().clone(), math.inf, []
-    for step in range(steps):
-        if step in marks:
-            for g in opt.param_groups:
-                g["lr"] *= 0.1
-        opt.zero_grad()
-        val = loss_fn(var)
-        v = float(val.detach())
-        if not math.isfinite(v):
-            break
-        hist.append(v)
-        if v < best_val:
-            best_val, best = v, var.detach().clone()
-        val.backward()
-        opt.step()
-        with torch.no_grad():
-            if clamp is not None:
-                var.copy_(clamp(var))
-            if project is not None:
-                var.copy_(anchor + project(var - anchor))
-        if ctx is not None:
-            ctx.update(1, loss=v, stage=tag)
-    v = float(loss_fn(var.detach()).detach())
-    if math.isfinite(v) and v < best_val:
-        best_val, best = v, var.detach().clone()
-    return best, hist
-
-
-def _lbfgs(loss_fn, var: torch.Tensor, steps: int, lr: float, *, ctx: RunContext | None,
-           tag: str) -> tuple[torch.Tensor, list[float]]:
-    """L-BFGS (strong Wolfe line search) on ``var``; keeps the best finite iterate."""
-    var = var.detach().clone().requires_grad_(True)
-    opt = torch.optim.LBFGS([var], lr=lr, max_iter=1, history_size=50, line_search_fn="strong_wolfe")
-    best, best_val, hist = var.detach().clone(), math.inf, []
-
-    def closure():
-        opt.zero_grad()
-        val = loss_fn(var)
-        val.backward()
-        return val
-
-    for _ in range(steps):
-        with torch.no_grad():
-            v = float(loss_fn(var))
-        if not math.isfinite(v):
-            break
-        hist.append(v)
-        if v < best_val:
-            best_val, best = v, var.detach().clone()
-        opt.step(closure)
-        if ctx is not None:
-            ctx.update(1, loss=v, stage=tag)
-    with torch.no_grad():
-        v = float(loss_fn(var.detach()))
-    if math.isfinite(v) and v < best_val:
-        best = var.detach().clone()
-    return best, hist
 
 
 # =====================================================================================================
@@ -459,15 +266,18 @@ class LayerwiseTrace:
     label: int
     label_source: str
     security_index: int | None
-    kind: str
+    kind: str  # the claim of the run; after trace(): the kind the base class derived (claim + residual)
     history: list[float] = field(default_factory=list)
     errors: list[dict] | None = None
     chain: L.Chain | None = None
+    claim_residual: float = math.nan  # the largest system residual the claim was decided on (see _claim)
+    result: Reconstruction | None = None  # set by trace(): the base class's result (verified kind, residual)
 
     def reconstruction(self, case: Case) -> Reconstruction:
         x = self.inputs[0].reshape(1, *case.spec.shape).to(case.dtype).to(case.device)
         info: dict[str, Any] = {"layers": self.layers, "security_index": self.security_index,
-                                "labels": {"labels": [self.label], "method": self.label_source}}
+                                "labels": {"labels": [self.label], "method": self.label_source},
+                                "claim_residual": self.claim_residual if math.isfinite(self.claim_residual) else None}
         if self.errors is not None:
             info["layer_errors"] = self.errors
         return Reconstruction(inputs=case.spec.denormalize(x), labels=torch.tensor([self.label], device=case.device),
@@ -475,13 +285,14 @@ class LayerwiseTrace:
 
 
 def _label(case: Case, db: torch.Tensor) -> tuple[int, str]:
+    """The known label, or the loss's label-from-bias rule (certain for softmax cross-entropy)."""
     if case.labels is not None:
         return int(case.labels[0]), "known"
-    neg = (db < 0).nonzero().reshape(-1)
-    if neg.numel() == 0:
-        raise NumericalError("layerwise: the bias gradient of the last layer has no negative entry, so the label "
-                             "cannot be read from it (expected dL/db = softmax - onehot); give the label")
-    return int(db.argmin()), "bias-gradient"
+    label, certain = case.loss_fn.label_from_bias(db, 1)
+    if not certain and case.loss_fn.counts_from_bias:
+        raise NumericalError("layerwise: the bias gradient of the last layer has no single negative entry, so the "
+                             "label cannot be read from it (expected dL/db = softmax - onehot); give the label")
+    return int(label), "bias-gradient" if certain else "bias-gradient (uncertain)"
 
 
 def _run(case: Case, o: LayerwiseOptions, ctx: RunContext) -> LayerwiseTrace:
@@ -520,14 +331,15 @@ def _run(case: Case, o: LayerwiseOptions, ctx: RunContext) -> LayerwiseTrace:
     if kk == 0.0:
         raise NumericalError("layerwise: the bias gradient of the last layer is zero (a perfectly classified "
                              "sample leaks nothing through it)")
-    x_head = dWd.T @ k / kk
-    probs = torch.softmax(Wd @ x_head + bd, 0)
-    onehot = F.one_hot(torch.tensor(label), head.n_out).to(dt)
+    x_head = head.gradient_solve(k, dWd).reshape(-1)
+    with torch.enable_grad():  # dL/dz at the head for the recovered input, through the case's loss
+        z_head = (Wd @ x_head + bd).reshape(1, -1).requires_grad_(True)
+        k_model, = torch.autograd.grad(case.loss_fn(z_head, torch.tensor([label])), z_head)
     head_rep = {"index": head.index, "name": head.name, "label": head.label, "kind": "head", "unknowns": head.n_in,
                 "constraints": head.n_weights + head.n_out, "rank": head.n_in, "deficiency": 0,
                 "security_deficiency": None, "condition": 1.0, "method": "bias",
                 "residual_grad": float((torch.outer(k, x_head) - dWd).norm() / _nz(float(dWd.norm()))),
-                "residual_bias": float((probs - onehot - dbd).norm() / _nz(float(dbd.norm()))),
+                "residual_bias": float((k_model.reshape(-1) - dbd).norm() / _nz(float(dbd.norm()))),
                 "residual_weight": None, "residual_pullback": None, "seconds": time.perf_counter() - t0}
     reports: list[dict] = [head_rep]
     x_next = x_head.reshape(head.in_shape)
@@ -552,9 +364,11 @@ def _run(case: Case, o: LayerwiseOptions, ctx: RunContext) -> LayerwiseTrace:
         delta = go * act.grad(z_hat)
         target = z_hat - (b.reshape(layer.bias_shape()) if b is not None else 0.0)
         system = L.LayerSystem(layer, W, delta, dW, target, weight_ratio=wr)
-        sol, rowside = _closed_form(system, o.rtol, o.max_dense)
+        sol = _closed_form(system, o.rtol, o.max_dense)
         x = sol.x.reshape(layer.in_shape).to(dt)
         x_cf = x.clone()
+        if i == 0:  # the closed-form image: a candidate an interrupted refinement falls back to
+            _offer(case, ctx, x_cf, label, stage="closed-form")
         rep: dict[str, Any] = {"index": layer.index, "name": layer.name, "label": layer.label, "kind": layer.kind,
                                "activation": act.name, "unknowns": sol.unknowns, "constraints": sol.constraints,
                                "rank": sol.rank, "deficiency": sol.deficiency,
@@ -582,7 +396,7 @@ def _run(case: Case, o: LayerwiseOptions, ctx: RunContext) -> LayerwiseTrace:
             history += pb.pop("_history")
         # (c) the null-space prior in a rank-deficient layer
         if o.prior_steps > 0 and sol.deficiency > 0:
-            projector = rowside if rowside is not None else _ColumnNull(system, o.rtol)
+            projector = system.null_projector(o.rtol)
             x, pr = _prior(case, i, layers, x, projector, o, ctx)
             rep["prior"] = pr
             history += pr.pop("_history")
@@ -590,7 +404,7 @@ def _run(case: Case, o: LayerwiseOptions, ctx: RunContext) -> LayerwiseTrace:
         undetermined = undetermined or sol.deficiency > 0
         if corrected(i) and int(o.correction_steps[depth_of(i)]) > 0 and (o.correction_when == "always"
                                                                           or undetermined):
-            sub = _Sub.build(layers[i:], params, grads, label)
+            sub = _Sub.build(layers[i:], params, grads, label, case.loss_fn)
             x, cr = _correct(case, i, layers, x, sub, system_term, o, depth_of(i), ctx)
             rep["correction"] = cr
             history += cr.pop("_history")
@@ -607,148 +421,30 @@ def _run(case: Case, o: LayerwiseOptions, ctx: RunContext) -> LayerwiseTrace:
 
     hidden = reports[:-1]
     sec = security_index([r["security_deficiency"] for r in hidden], n) if n >= 1 else 0
-    kind = "exact" if all(r["deficiency"] == 0 for r in hidden) else "estimate"
-    ctx.offer(0.0, case.spec.denormalize(inputs[0].reshape(1, *case.spec.shape)))
+    kind, worst = _claim(reports, o.exact_tolerance)
+    _offer(case, ctx, inputs[0], label, claim=kind, stage="final")
     return LayerwiseTrace(inputs=inputs, closed_form=closed, layers=reports, label=label, label_source=label_source,
-                          security_index=sec, kind=kind, history=history, chain=chain)
+                          security_index=sec, kind=kind, history=history, chain=chain,
+                          claim_residual=worst)
 
 
-def _pullback(prev: L.Layer, layer: L.Layer, params, grads, W, delta, x0: torch.Tensor, system_term,
-              o: LayerwiseOptions, ctx) -> tuple[torch.Tensor, dict]:
-    """Refine layer i's input x jointly with the preceding layer's input y under the pull-back penalty;
-    returns the new x and a report."""
-    dt = torch.float64
-    act = prev.activation
-    Wp = params[prev.weight_name]
-    bp = params[prev.bias_name] if prev.has_bias else None
-    dWp = grads[prev.weight_name]
-    bshape = prev.bias_shape()
-    gp = layer.apply_weight_T(delta.reshape(1, *layer.out_shape), W)[0].reshape(prev.out_shape)  # dL/dx_i
-    u0 = _inverse(act, x0.reshape(prev.out_shape))
-    # y0: the closed form of the preceding layer given x0
-    d0 = gp * act.grad(u0)
-    t0 = u0 - (bp.reshape(bshape) if bp is not None else 0.0)
-    sys_p = L.LayerSystem(prev, Wp, d0, dWp, t0, weight_ratio=math.sqrt(o.weight_weight / o.gradient_weight))
-    sol_p, _ = _closed_form(sys_p, o.rtol, o.max_dense)
-    y0 = sol_p.x.reshape(prev.in_shape).to(dt)
-    u_ref2 = _nz(float(u0.pow(2).sum()))
-    gp_ref2 = _nz(float(dWp.pow(2).sum()))
-    nu = u0.numel()
-    use_f = o.pullback in ("forward", "both")
-    use_g = o.pullback in ("gradient", "both")
-
-    def split(v):
-        return v[:nu].reshape(prev.out_shape), v[nu:].reshape(prev.in_shape)
-
-    def pb_term(u, y):
-        out = u.new_zeros(())
-        if use_f:
-            z = prev.apply_weight(y.reshape(1, *prev.in_shape), Wp)[0]
-            z = z + (bp.reshape(bshape) if bp is not None else 0.0)
-            out = out + _rel2(z - u, u_ref2)
-        if use_g:
-            dp = gp * act.grad(u)
-            out = out + _rel2(prev.apply_grad(dp, y) - dWp, gp_ref2)
-        return out
-
-    def objective(v):
-        u, y = split(v)
-        x = act.fn(u).reshape(layer.in_shape)
-        return (o.weight_weight + o.gradient_weight) * system_term(x) + o.pullback_weight * pb_term(u, y)
-
-    v0 = torch.cat([u0.reshape(-1), y0.reshape(-1)])
-    with torch.no_grad():
-        start = float(objective(v0))
-        pb_start = float(pb_term(u0, y0))
-    if o.pullback_optimizer == "lbfgs":
-        v, hist = _lbfgs(objective, v0, o.pullback_steps, o.pullback_lr, ctx=ctx, tag=f"pullback {layer.label}")
-    else:
-        v, hist = _adam(objective, v0, o.pullback_steps, o.pullback_lr, ctx=ctx, tag=f"pullback {layer.label}")
-    u, y = split(v)
-    with torch.no_grad():
-        end = float(objective(v))
-        pb_end = float(pb_term(u, y))
-    if not (math.isfinite(end) and end <= start):
-        u, end, pb_end = u0, start, pb_start
-    x = act.fn(u).reshape(layer.in_shape).detach()
-    return x, {"mode": o.pullback, "optimizer": o.pullback_optimizer, "steps": len(hist),
-               "objective_start": start, "objective_end": end, "residual_start": math.sqrt(pb_start),
-               "residual_end": math.sqrt(pb_end), "_history": hist}
+def _claim(reports: list[dict], tol: float) -> tuple[str, float]:
+    """'exact' only when every hidden layer has full rank AND every system the result must satisfy holds to
+    ``tol`` (relative residuals of each layer's final input, after any pull-back / prior / correction, and of
+    the head's gradient and bias): the ranks alone say nothing under noise, and a refinement step may move the
+    closed form. Returns (claim, the largest residual)."""
+    keys = ("residual_weight", "residual_grad", "residual_bias")
+    vals = [r[k] for r in reports for k in keys if r.get(k) is not None]
+    worst = max((v if math.isfinite(v) else math.inf for v in vals), default=math.inf)
+    full = all(r["deficiency"] == 0 for r in reports[:-1])
+    return ("exact" if full and worst <= tol else "estimate"), worst
 
 
-def _variable(case: Case, i: int, layers: list[L.Layer], x0: torch.Tensor, *, direct: bool):
-    """(var0, to_x, clamp, map_shape) for optimising layer i's input x0: the image (clamped to the data's box)
-    for i = 0; for i >= 1 either x itself clamped to the preceding activation's range (``direct``) or the
-    preceding layer's pre-activation u with x = sigma(u)."""
-    layer = layers[i]
-    if i == 0:
-        lo, hi = case.spec.bounds(x0)
-        lo, hi = lo.to(x0.dtype), hi.to(x0.dtype)
-        clamp = lambda v: torch.maximum(torch.minimum(v, hi), lo)  # noqa: E731
-        return clamp(x0.reshape(layer.in_shape)), (lambda v: v), clamp, layer.in_shape
-    act = layers[i - 1].activation
-    shape = layers[i - 1].out_shape
-    if direct:
-        return (_clamp_range(act, x0.reshape(layer.in_shape)), (lambda v: v),
-                (lambda v: _clamp_range(act, v)), shape)
-    return _inverse(act, x0.reshape(shape)), (lambda v: act.fn(v).reshape(layer.in_shape)), None, shape
-
-
-def _tv(x: torch.Tensor, shape) -> torch.Tensor:
-    return total_variation(x.reshape(1, *shape)) if len(shape) == 3 else x.new_zeros(())
-
-
-def _prior(case: Case, i: int, layers: list[L.Layer], x0: torch.Tensor, projector, o: LayerwiseOptions,
-           ctx) -> tuple[torch.Tensor, dict]:
-    """TV minimisation inside x0 + null(U_i) (Adam, step decay; box / range clamp, then re-projection)."""
-    var0, to_x, clamp, shape = _variable(case, i, layers, x0, direct=True)
-    project = lambda dv: projector.project(dv.reshape(-1)).reshape(dv.shape)  # noqa: E731
-    objective = lambda v: _tv(v, shape)  # noqa: E731
-    start = float(objective(var0))
-    v, hist = _adam(objective, var0, o.prior_steps, o.prior_lr, clamp=clamp, project=project, ctx=ctx,
-                    tag=f"prior {layers[i].label}", schedule="step", anchor=x0.reshape(var0.shape))
-    end = float(objective(v))
-    if not (math.isfinite(end) and end <= start):
-        v, end = var0, start
-    return to_x(v).detach().reshape(layers[i].in_shape), {
-        "steps": len(hist), "tv_start": start, "tv_end": end, "null_dim": int(layers[i].n_in - _rank_of(projector)),
-        "_history": hist}
-
-
-def _rank_of(projector) -> int:
-    return int(projector.rank)
-
-
-def _correct(case: Case, i: int, layers: list[L.Layer], x0: torch.Tensor, sub: "_Sub", system_term,
-             o: LayerwiseOptions, d: int, ctx) -> tuple[torch.Tensor, dict]:
-    """The per-layer gradient-matching correction (step (d)); returns the new x and a report."""
-    a, b, c = float(o.correction_match[d]), float(o.correction_tv[d]), float(o.correction_system[d])
-    steps = int(o.correction_steps[d])
-    layer = layers[i]
-    var0, to_x, clamp, shape = _variable(case, i, layers, x0, direct=False)
-
-    def objective(v):
-        x = to_x(v)
-        out = x.new_zeros(())
-        if a:
-            out = out + a * sub.match(x)
-        if b:
-            out = out + b * _tv(x, shape)
-        if c:
-            out = out + c * system_term(x)
-        return out
-
-    start = float(objective(var0).detach())
-    v, hist = _adam(objective, var0, steps, o.correction_lr, clamp=clamp, ctx=ctx, tag=f"correction {layer.label}",
-                    schedule=o.correction_schedule)
-    end = float(objective(v).detach())
-    if not (math.isfinite(end) and end <= start):
-        v, end = var0, start
-    x = to_x(v).detach().reshape(layer.in_shape)
-    with torch.no_grad():
-        match_end = float(sub.match(x).detach())
-    return x, {"steps": len(hist), "weights": [a, b, c], "objective_start": start, "objective_end": end,
-               "match_end": match_end, "_history": hist}
+def _offer(case: Case, ctx: RunContext, x: torch.Tensor, label: int, *, claim: str = "estimate", stage: str) -> None:
+    """Offer the normalised input ``x`` scored by the case's residual (comparable across candidates)."""
+    img = case.spec.denormalize(x.reshape(1, *case.spec.shape).to(case.dtype).to(case.device))
+    lab = torch.tensor([label], device=case.device)
+    ctx.offer(case.residual(img, lab), img, lab, claim=claim, stage=stage)
 
 
 # =====================================================================================================
@@ -766,9 +462,8 @@ def layer_input_errors(case: Case, truth: Truth, inputs: Sequence[torch.Tensor],
     params = {k: v.detach().to(torch.float64).cpu() for k, v in case.parameters.items()}
     h = case.spec.normalize(truth.inputs[:1].detach().to(torch.float64).cpu())
     out = []
-    for layer, xr in zip(chain.layers, inputs):
-        h = h.reshape(1, *layer.in_shape)
-        xt = h[0]
+    for (layer, xr), (hin, _) in zip(zip(chain.layers, inputs), L.forward(chain.layers, h, params)):
+        xt = hin[0]
         xr = xr.reshape(layer.in_shape).to(torch.float64)
         mse = float((xr - xt).pow(2).mean())
         row = {"name": layer.name, "label": layer.label, "mse": mse,
@@ -779,9 +474,6 @@ def layer_input_errors(case: Case, truth: Truth, inputs: Sequence[torch.Tensor],
             m = float((a - t).pow(2).mean())
             row["psnr"] = 10 * math.log10(1.0 / m) if m > 0 else math.inf
         out.append(row)
-        b = params[layer.bias_name] if layer.has_bias else None
-        z = layer.add_bias(layer.apply_weight(h, params[layer.weight_name]), b)
-        h = layer.activation.fn(z)
     return out
 
 
@@ -793,15 +485,12 @@ def trace(case: Case, truth: Truth | None = None, *, attack: Layerwise | None = 
     never sees) the trace also holds ``errors``: the per-layer input errors of the final and of the closed-form
     reconstructions, and ``layers[i]['input_error']``. Raises RequirementError like ``reconstruct``."""
     att = attack if attack is not None else create("layerwise", preset=preset, **options)
-    problems = att.requirements(case)
-    if problems:
-        raise RequirementError(att.name, problems)
-    gen = torch.Generator().manual_seed(int(seed))
-    ctx = RunContext(gen, progress=progress, desc=att.name)
-    try:
-        tr = _run(case, att.options, ctx)
-    finally:
-        ctx.close()
+    rec = att.reconstruct(case, seed=seed, progress=progress)  # requirements, run context, kind: the base class
+    tr = att.last_trace
+    if tr is None or rec.info.get("interrupted"):
+        raise KeyboardInterrupt("layerwise.trace: the run was interrupted; its best candidate is not a trace")
+    tr.result = rec
+    tr.kind = rec.kind
     if truth is not None:
         final = layer_input_errors(case, truth, tr.inputs, tr.chain)
         cf = layer_input_errors(case, truth, tr.closed_form, tr.chain)

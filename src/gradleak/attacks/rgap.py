@@ -198,7 +198,7 @@ class RGAP(Attack):
         chain = L.walk(case.model, case.spec.shape)
         problems = chain.all_problems(invertible=True)
         if not problems and case.batch_size > 1 and not chain.all_linear:
-            conv = [l.name for l in chain.layers if not isinstance(l, L.LinearLayer)]
+            conv = [l.name for l in chain.layers if not l.dense]
             problems.append(f"R-GAP recovers one sample: batch size {case.batch_size} on a network with "
                             f"non-fully-connected layers {conv} (a batch on a fully connected network gives "
                             "one mixture)")
@@ -320,7 +320,7 @@ class RGAP(Attack):
         # (1) a bias: k = dL/db exactly
         if gb is not None and float(gb.abs().max()) > 0:
             k = gb.reshape(-1)
-            x = gW.T @ k / (k @ k)
+            x = L.head_solve(gW, k)
             rule = case.loss_fn.label_from_bias
             label = rule(k, 1)[0] if rule is not None else None
             info.update(type="bias", status="ok", label_source="bias gradient" if label is not None else "none")
@@ -462,10 +462,9 @@ class RGAP(Attack):
             gW = grads[layer.weight_name]
             rep = {"index": layer.index, "name": layer.name, "label": layer.label, "kind": layer.kind,
                    "activation": layer.activation.name, "clipped": clipped}
-            if mixture and i == 0 and isinstance(layer, L.LinearLayer):
+            if mixture and i == 0 and layer.dense:
                 # the combination: dL/dW_1^T k_1 / ||k_1||^2 lies exactly in the span of the batch's inputs
-                kv = k.reshape(-1)
-                x = (gW.T @ kv) / (kv @ kv)
+                x = layer.gradient_solve(k, gW).reshape(-1)
                 system = L.LayerSystem(layer, W, k, gW, target, weight_ratio=o.weight_ratio)
                 tot, rg, rw = system.residuals(x)
                 rep.update(unknowns=layer.n_in, constraints=system.constraints, rank=layer.n_in, deficiency=0,

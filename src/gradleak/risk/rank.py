@@ -239,12 +239,12 @@ def rank_analysis(
     for i, layer in enumerate(chain.layers):
         rank = deficiency = cond = None
         how = "skipped"
-        is_head = i == len(chain.layers) - 1 and isinstance(layer, L.LinearLayer)
+        is_head = i == len(chain.layers) - 1 and layer.can_be_head
         if structural:
             how = "skipped"
         elif is_head:
             rank, deficiency, how = layer.n_in, 0, "head"
-        elif isinstance(layer, L.LinearLayer):
+        elif layer.dense:  # K^T K = ||k||^2 I: full rank for any non-zero k (the drawn k is)
             rank, deficiency, how, cond = layer.n_in, 0, "closed-form", 1.0
         elif min(layer.n_in, layer.n_weights + layer.n_out) > max_unknowns:
             undetermined.append(layer.label)

@@ -29,7 +29,6 @@ rank report (this module registers the analysis "security").
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
@@ -48,8 +47,7 @@ SOURCE_NOTE = ("security index S = sum_i round(d_i (L-1-i)/(L-1)), d_i = rank(U_
                "the layer-wise authors' later code (the 'COPA index'; Chen & Campbell 2021 describe the metric in "
                "words); 0 = every layer full rank (leaks most), more negative = more secure")
 
-#: Full-rank certificate margin: Cholesky of A^T A - (margin * tol)^2 I must succeed.
-CERTIFICATE_MARGIN = 100.0
+CERTIFICATE_MARGIN = L.CERTIFICATE_MARGIN
 
 
 # =====================================================================================================
@@ -104,42 +102,17 @@ class SystemRank:
         return self.rank - self.unknowns
 
 
-def _full_rank_certificate(G: torch.Tensor, tol: float, margin: float = CERTIFICATE_MARGIN) -> bool:
-    """True if Cholesky of G - (margin tol)^2 I succeeds, which proves sigma_min(A) > margin * tol (rounding in
-    the factorisation is ~ n eps ||A||_F^2, far below (margin tol)^2 for margin * rtol >> sqrt(n eps))."""
-    n = G.shape[0]
-    shift = (margin * tol) ** 2
-    _, info = torch.linalg.cholesky_ex(G - shift * torch.eye(n, dtype=G.dtype))
-    return int(info) == 0
-
-
 def system_rank(system: L.LayerSystem, *, rtol: float = L.DEFAULT_RTOL, method: str = "auto") -> SystemRank:
-    """Numerical rank of a :class:`gradleak.layers.LayerSystem`, computed from its smaller side.
+    """Numerical rank of a :class:`gradleak.layers.LayerSystem` (:meth:`~gradleak.layers.LayerSystem.rank`: the
+    one tolerance rule of :mod:`gradleak.layers.linalg`, from the smaller side).
 
     method: 'auto' (full-rank certificate first, then pivoted Cholesky), 'cholesky', or 'svd' (all singular values,
-    gives the condition number). The tolerance is the one of :func:`gradleak.layers.numerical_rank`: singular
-    values of the block-balanced system below ``rtol * ||A||_F`` count as zero. Does not modify the system's
-    cached Gram matrix."""
+    gives the condition number). Does not modify the system's cached Gram matrix."""
     if method not in ("auto", "cholesky", "svd"):
         raise ValidationError("system_rank", [f"method must be 'auto', 'cholesky' or 'svd', got {method!r}"])
-    n, m = system.unknowns, system.constraints
-    if m < n:
-        A, _ = system.sparse()
-        G = torch.from_numpy((A @ A.T).toarray())
-        side = "rows"
-    else:
-        G = system.gram().clone()
-        side = "columns"
-    fro2 = float(G.diagonal().sum())
-    if fro2 == 0.0:
-        return SystemRank(0, n, m, side, "zero", rtol)
-    tol = rtol * math.sqrt(fro2)
-    if method == "auto":
-        if _full_rank_certificate(G, tol):
-            return SystemRank(G.shape[0], n, m, side, "certificate", rtol)
-        method = "cholesky"
-    info = L.numerical_rank(G, rtol=rtol, method=method)
-    return SystemRank(info.rank, n, m, side, info.method, rtol, info.condition)
+    info = system.rank(rtol=rtol, method="certificate" if method == "auto" else method)
+    return SystemRank(info.rank, system.unknowns, system.constraints, info.side, info.method, rtol,
+                      info.condition if info.method in ("svd", "cholesky") else None)
 
 
 # =====================================================================================================
@@ -229,15 +202,9 @@ def _backprop_maps(chain: L.Chain, params: dict[str, torch.Tensor], x: torch.Ten
     """dL/dz_i (out_shape) of every layer for one input ``x`` (in_shape of layer 0), through the chain."""
     from ..losses import losses
 
-    zs = []
     h = x.detach().reshape(1, *chain.input_shape).requires_grad_(True)
     with torch.enable_grad():
-        for layer in chain.layers:
-            h = h.reshape(1, *layer.in_shape)
-            b = params[layer.bias_name] if layer.bias_name else None
-            z = layer.add_bias(layer.apply_weight(h, params[layer.weight_name]), b)
-            zs.append(z)
-            h = layer.activation.fn(z)
+        zs = [z for _, z in chain.forward(h, params)]
         out = zs[-1]
         y = torch.tensor([label])
         lossv = losses.get(loss)(out, y)
@@ -326,12 +293,7 @@ def security_analysis(
             rows.append(SecurityLayer(layer.index, layer.name, layer.label, layer.kind, layer.n_in, constraints,
                                       layer.n_in + d, d, w, int(round(d * w)), "", "given"))
             continue
-        if isinstance(layer, L.LinearLayer) and float(ks[i].abs().max()) > 0:
-            # K(k)^T K(k) = |k|^2 I: the gradient block alone has full rank
-            rows.append(SecurityLayer(layer.index, layer.name, layer.label, layer.kind, layer.n_in, constraints,
-                                      layer.n_in, 0, w, 0, "columns", "closed-form"))
-            continue
-        if min(layer.n_in, constraints) > max_unknowns:
+        if min(layer.n_in, constraints) > max_unknowns and not layer.dense:
             skipped.append(layer.label)
             rows.append(SecurityLayer(layer.index, layer.name, layer.label, layer.kind, layer.n_in, constraints,
                                       None, None, w, None, "", "skipped"))
