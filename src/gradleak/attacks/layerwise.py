@@ -68,7 +68,6 @@ import torch
 from .. import layers as L
 from ..case import Case, FedSGD, Truth
 from ..errors import NumericalError
-from ..risk.security import security_index
 from .base import Attack, Reconstruction, RunContext, create, register
 from .layerwise_steps import _closed_form, _correct, _inverse, _nz, _prior, _pullback, _rel2, _Sub
 
@@ -420,7 +419,7 @@ def _run(case: Case, o: LayerwiseOptions, ctx: RunContext) -> LayerwiseTrace:
             raise NumericalError(f"layerwise: layer {layer.label} ('{layer.name}') produced a non-finite input")
 
     hidden = reports[:-1]
-    sec = security_index([r["security_deficiency"] for r in hidden], n) if n >= 1 else 0
+    sec = L.security_index([r["security_deficiency"] for r in hidden], n) if n >= 1 else 0
     kind, worst = _claim(reports, o.exact_tolerance)
     _offer(case, ctx, inputs[0], label, claim=kind, stage="final")
     return LayerwiseTrace(inputs=inputs, closed_form=closed, layers=reports, label=label, label_source=label_source,

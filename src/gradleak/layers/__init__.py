@@ -70,9 +70,11 @@ from .walk import Chain, Issue, forward, require_chain, walk
 from .linalg import (CERTIFICATE_MARGIN, DEFAULT_RTOL, EigenPseudoInverse, RankInfo, full_rank_certificate,
                      head_solve, numerical_rank, psd_solver, tolerance)
 from .system import LayerSystem, NullProjector, Solution
+from .index import security_index, security_weights
 from ..activations import Activation
 
 __all__ = [
+    "security_index", "security_weights",
     "DEFAULT_RTOL", "CERTIFICATE_MARGIN", "Layer", "LinearLayer", "Conv2dLayer", "Chain", "Issue", "LayerSystem",
     "Solution", "RankInfo", "NullProjector", "EigenPseudoInverse", "Activation",
     "register_layer", "unregister_layer", "register_activation_module", "layer_rules", "walk", "require_chain", "forward",
