@@ -32,7 +32,7 @@ import torch
 import gradleak as gl
 from gradleak.attacks.tensor import recover_directions
 from gradleak.metrics import evaluate
-from gradleak.tensor_moments import direction_error
+from gradleak.attacks.tensor.moments import direction_error
 
 RESULTS = Path(__file__).resolve().parent / "results" / "tensor.json"
 

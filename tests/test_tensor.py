@@ -14,7 +14,7 @@ from gradleak.attacks.tensor import (TensorAttack, feature_matching_term, find_t
                                      recover_head_features, weight_normality)
 from gradleak.errors import RequirementError, ValidationError
 from gradleak.metrics import evaluate
-from gradleak.tensor_moments import (MomentTensor, cp_als_polish, cp_oracle, direction_error, full_moment_tensor,
+from gradleak.attacks.tensor.moments import (MomentTensor, cp_als_polish, cp_oracle, direction_error, full_moment_tensor,
                                      hermite_form, hermite_tensor, jennrich)
 
 F64 = torch.float64
@@ -118,7 +118,7 @@ def test_dense_cp_oracle_and_jennrich_agree_on_small_d():
     U, _ = torch.linalg.qr(X.T)
     T = MomentTensor(W @ U, order=4, y=G @ U)
     best = None
-    from gradleak.tensor_moments import cp_objective
+    from gradleak.attacks.tensor.moments import cp_objective
 
     for dr in jennrich(T, generator=g, draws=4):
         V, _ = cp_als_polish(T, dr.directions, sweeps=5)
