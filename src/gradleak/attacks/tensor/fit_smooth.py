@@ -48,6 +48,44 @@ def _smooth_residual(prob: SpanProblem, C: torch.Tensor, rho: torch.Tensor) -> f
     return res if C.requires_grad or rho.requires_grad else float(res)
 
 
+def _scale_grid(sub: SpanProblem) -> np.ndarray:
+    """Candidate norms of the span coordinates: a log grid around the weights' scale."""
+    zscale = float(sub.Z.std())
+    return np.exp(np.linspace(math.log(0.05), math.log(200.0), 36)) / max(zscale, 1e-12)
+
+
+def _common_scale(sub: SpanProblem, d: torch.Tensor, grid: np.ndarray) -> tuple[float, float]:
+    """The common norm t of the unit directions d (B, B) on ``grid`` fitting the gradient best (rho by linear
+    least squares at each point). Returns (relative residual, t)."""
+    best = None
+    for t in grid:
+        _, res = _rho_ls(sub, t * d)
+        if best is None or res < best[0]:
+            best = (res, float(t))
+    return best
+
+
+def fit_scale_only(prob: SpanProblem, dirs: torch.Tensor, odd: bool) -> tuple[torch.Tensor, torch.Tensor, float, dict]:
+    """The smooth model with the directions held FIXED (the tensor step's): a common norm from the log grid,
+    greedy sign flips (not for odd sigma) and the residuals rho by linear least squares. Nothing moves the
+    directions, so what comes out is what the tensor step alone identified. Returns (C, rho, residual, report)."""
+    d = dirs / dirs.norm(dim=1, keepdim=True)
+    sub = subproblem(prob, 8192)
+    res, t = _common_scale(sub, d, _scale_grid(sub))
+    C = t * d
+    flips = 0
+    if not odd:
+        for i in range(prob.B):
+            C2 = C.clone()
+            C2[i] = -C2[i]
+            _, r2 = _rho_ls(sub, C2)
+            if r2 < res:
+                C, res = C2, r2
+                flips += 1
+    rho, res = _rho_ls(prob, C)
+    return C, rho, res, {"initial_scale": t, "sign_flips": flips}
+
+
 def fit_smooth(prob: SpanProblem, dirs: torch.Tensor, rounds: int, odd: bool) -> tuple[torch.Tensor, torch.Tensor, float, dict]:
     """Non-linear least squares over span coordinates C (norms included) and residuals rho.
 
@@ -60,14 +98,8 @@ def fit_smooth(prob: SpanProblem, dirs: torch.Tensor, rounds: int, odd: bool) ->
     d = dirs / dirs.norm(dim=1, keepdim=True)
     full = prob
     sub = subproblem(prob, 8192)
-    zscale = float(sub.Z.std())
-    grid = np.exp(np.linspace(math.log(0.05), math.log(200.0), 36)) / max(zscale, 1e-12)
-    best = None
-    for t in grid:
-        _, res = _rho_ls(sub, t * d)
-        if best is None or res < best[0]:
-            best = (res, float(t))
-    res, t = best
+    grid = _scale_grid(sub)
+    res, t = _common_scale(sub, d, grid)
     C = t * d
     flips = 0
     fine = (0.6, 0.75, 0.87, 1.15, 1.33, 1.67)

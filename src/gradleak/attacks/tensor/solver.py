@@ -12,7 +12,7 @@ import torch
 from ...errors import RequirementError
 from ..base import RunContext
 from .fit_patterns import fit_patterns, pattern_ls, pattern_matrix
-from .fit_smooth import fit_smooth
+from .fit_smooth import fit_scale_only, fit_smooth
 from .moments import cp_als_polish, cp_objective, jennrich
 from .options import TensorOptions
 from .span import SpanProblem, moment_tensor, reduce_classes
@@ -31,8 +31,7 @@ def _fit_none(prob: SpanProblem, dirs: torch.Tensor) -> tuple[torch.Tensor, torc
             if r2 < res:
                 d, Q, res = d2, Q2, r2
         return d, Q, res, {}
-    C, rho, res, rep = fit_smooth(prob, dirs, rounds=0, odd=False)
-    return C, rho, res, rep
+    return fit_scale_only(prob, dirs, prob.act.odd)
 
 
 @dataclass
