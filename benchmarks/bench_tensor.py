@@ -45,12 +45,14 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 
 def git_state() -> dict:
-    """The commit and whether the working tree was clean (any tracked or untracked change)."""
+    """The commit and whether the working tree was clean (any tracked or untracked change outside
+    benchmarks/results/, where the benchmarks write their own output)."""
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               timeout=10).stdout.strip()
         status = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True,
                                 timeout=10).stdout.splitlines()
+        status = [line for line in status if not line[3:].startswith("benchmarks/results/")]
     except (OSError, subprocess.SubprocessError) as e:
         return {"commit": None, "tree_clean": None, "git_error": str(e)}
     return {"commit": head or None, "tree_clean": not status, "tree_changes": status[:20]}
@@ -166,7 +168,7 @@ def scale(m: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true",
-                    help="< 2 min: ReLU at widths 1e3, 1e4 and tanh at 1e3; B in 4, 8; random init; scale at m = 20,000")
+                    help="< 2 min: ReLU at widths 1e3, 1e4 and tanh at 1e3; B in 4, 8; random init; scale at m = 10,000")
     ap.add_argument("--only", choices=["quality", "scale"], default=None)
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/tensor[_quick].json)")
     args = ap.parse_args()
@@ -176,7 +178,7 @@ def main() -> None:
            "threads": 1, "torch": torch.__version__, "python": platform.python_version()}
     t0 = time.perf_counter()
     if args.only in (None, "scale"):
-        out["scale"] = scale(20_000 if args.quick else 40_000)
+        out["scale"] = scale(10_000 if args.quick else 40_000)
     if args.only in (None, "quality"):
         if args.quick:  # tanh at m = 1,000 only: its non-linear fit is the slow part
             out["quality"] = (quality((1_000, 10_000), (4, 8), ("relu",), ("random",))
