@@ -1,20 +1,26 @@
 """Quality and cost of the moment-tensor attack (Wang, Lee & Lei 2023) on bundled photos.
 
-1. ``quality``: mean / min per-image cosine (image space, after Hungarian alignment, gradleak.metrics.evaluate)
-   vs width m in {1e3, 1e4, 1e5} for batch sizes B in {2, 4, 8}, at d = 3*16*16 = 768 (the first B bundled
-   photos at 16x16, ImageNet normalisation, the zoo's ``two-layer`` network with one output per photo and
-   cross-entropy, labels known), ReLU and tanh, float32; the default random output weights ("random": at
-   |x| ~ 28 the logits saturate, and a sample the network already classifies correctly has a ~zero residual, so
-   it barely enters the gradient) and the mirrored initialisation ("mirrored": f = 0, every residual 1/K - e_y).
-   Also reported: the tensor step alone (``fit='none'``:
-   mean |cos| of the directions in the model's input space, before any gradient fit), the relative fit residual,
-   the gradient residual of the result, seconds and what fixed each norm / sign.
-2. ``scale``: d = 3*32*32 = 3072, B = 8, ReLU, m = 40,000, float32: seconds and memory (peak RSS before and
-   during the attack; the largest arrays the attack forms are m x (2B+10) and m x B, never d x d or d^p).
-   Target: every cosine >= 0.99.
+1. ``quality``: per width m and batch size B, at d = 3*16*16 = 768 (the first B bundled photos at 16x16, ImageNet
+   normalisation, the zoo's ``two-layer`` network with one output per photo and cross-entropy, labels known),
+   ReLU and tanh, float32, with the default random output weights ("random": at |x| ~ 28 the logits saturate, and
+   a sample the network already classifies correctly has a ~zero residual, so it barely enters the gradient) and
+   the mirrored initialisation ("mirrored": f = 0, every residual 1/K - e_y). Three stages, as separate fields:
+   - ``tensor_step_*``: the tensor step ALONE (``recover_directions(fit='none')``: Jennrich + CP-ALS directions,
+     only signs and a common scale fitted, the directions never moved): mean / min |cos| in the model's input
+     space after Hungarian alignment;
+   - ``after_fit_*``: the same measure for the directions after the gradient fit (``recover_directions`` with the
+     default fit); ``fit_adds_abs_cos_mean`` is the difference: what the gradient fit adds;
+   - ``attack_*``: the whole attack (norms, signs, labels; image space, gradleak.metrics.evaluate).
+2. ``scale``: d = 3*32*32 = 3072, B = 8, ReLU, float32: seconds and the attack's OWN memory: the process's
+   resident-set high-water mark is reset (Linux ``/proc/self/clear_refs``) after the case is built, so
+   ``attack_peak_rss_mb`` is the peak during the attack alone and ``attack_peak_increase_mb`` what it adds over
+   the resident size before it (the largest arrays the attack forms are m x (2B+10) and m x B, never d x d or
+   d^p). Target: every cosine >= 0.99.
 
-Run:  /work/venv/bin/python benchmarks/bench_tensor.py [--quick] [--only quality|scale]
-Writes benchmarks/results/tensor.json (one thread).
+Each run writes only what it ran, with its command line, the git commit and whether the tree was clean.
+
+Run:  /work/venv/bin/python benchmarks/bench_tensor.py [--quick] [--only quality|scale] [--out PATH]
+(full: benchmarks/results/tensor.json, ~12 min; --quick: benchmarks/results/tensor_quick.json, < 2 min; one thread)
 """
 
 from __future__ import annotations
@@ -23,22 +29,52 @@ import argparse
 import gc
 import json
 import platform
-import resource
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 import gradleak as gl
-from gradleak.attacks.tensor import recover_directions
+from gradleak.attacks.tensor import direction_error, recover_directions
 from gradleak.metrics import evaluate
-from gradleak.tensor_moments import direction_error
 
-RESULTS = Path(__file__).resolve().parent / "results" / "tensor.json"
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
 
 
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+def git_state() -> dict:
+    """The commit and whether the working tree was clean (any tracked or untracked change outside
+    benchmarks/results/, where the benchmarks write their own output)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True,
+                                timeout=10).stdout.splitlines()
+        status = [line for line in status if not line[3:].startswith("benchmarks/results/")]
+    except (OSError, subprocess.SubprocessError) as e:
+        return {"commit": None, "tree_clean": None, "git_error": str(e)}
+    return {"commit": head or None, "tree_clean": not status, "tree_changes": status[:20]}
+
+
+def _status_kb() -> dict[str, int]:
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                out[line.split(":")[0]] = int(line.split()[1])
+    return out
+
+
+def _reset_peak() -> bool:
+    """Reset the resident-set high-water mark (Linux); False where the system does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def _case(size: int, B: int, m: int, act: str, seed: int = 0, mirrored: bool = False):
@@ -51,93 +87,110 @@ def _case(size: int, B: int, m: int, act: str, seed: int = 0, mirrored: bool = F
     return case, truth
 
 
+def _abs_cos(case, truth, **options) -> tuple[float, float, float] | str:
+    t0 = time.perf_counter()
+    try:
+        dirs, _ = recover_directions(case, seed=0, **options)
+    except gl.GradleakError as e:  # reported, not hidden
+        return f"error: {e}"
+    xt = case.spec.normalize(truth.inputs.double()).flatten(1)
+    cos = direction_error(dirs.double(), xt)
+    return float(cos.mean()), float(cos.min()), time.perf_counter() - t0
+
+
 def quality(widths, batches, acts, inits) -> list[dict]:
     rows = []
     for init in inits:
-      for act in acts:  # noqa: E111
-        for B in batches:
-            for m in widths:
-                case, truth = _case(16, B, m, act, mirrored=init == "mirrored")
-                t0 = time.perf_counter()
-                rec = gl.create("tensor").reconstruct(case, seed=0)
-                secs = time.perf_counter() - t0
-                sc = evaluate(rec, truth)
-                t0 = time.perf_counter()
-                try:
-                    dirs, _ = recover_directions(case, seed=0, fit="none")
-                    xt = case.spec.normalize(truth.inputs.double()).flatten(1)
-                    tensor_only = float(direction_error(dirs.double(), xt).mean())
-                except gl.GradleakError as e:  # pragma: no cover - reported, not hidden
-                    tensor_only = f"error: {e}"
-                row = {"init": init, "activation": act, "batch_size": B, "width": m, "d": 768,
-                       "cosine_mean": sc.cosine, "cosine_min": min(sc.cosine_per_image),
-                       "cosine_per_image": sc.cosine_per_image, "psnr": sc.psnr,
-                       "label_accuracy": sc.label_accuracy, "tensor_only_abs_cos_mean": tensor_only,
-                       "fit_residual": rec.info["fit_residual"], "gradient_residual": rec.residual,
-                       "seconds": secs, "seconds_tensor_only": time.perf_counter() - t0,
-                       "norm_sources": sorted({s.get("norm", "") for s in rec.info["samples"]}),
-                       "sign_sources": sorted({s.get("sign", "") for s in rec.info["samples"]}),
-                       "warnings": rec.info["warnings"], "draws_run": len(rec.info["draws"])}
-                rows.append(row)
-                print(f"{init:8s} {act:5s} B={B} m={m:>6}: cos mean {sc.cosine:.4f} min {row['cosine_min']:.4f}  "
-                      f"tensor-only |cos| {tensor_only if isinstance(tensor_only, str) else f'{tensor_only:.4f}'}  "
-                      f"fit {row['fit_residual']:.1e}  {secs:.1f}s", flush=True)
-                del case, truth, rec
-                gc.collect()
+        for act in acts:
+            for B in batches:
+                for m in widths:
+                    case, truth = _case(16, B, m, act, mirrored=init == "mirrored")
+                    t0 = time.perf_counter()
+                    rec = gl.create("tensor").reconstruct(case, seed=0)
+                    secs = time.perf_counter() - t0
+                    sc = evaluate(rec, truth)
+                    row = {"init": init, "activation": act, "batch_size": B, "width": m, "d": 768}
+                    for stage, opts in (("tensor_step", {"fit": "none"}), ("after_fit", {})):
+                        r = _abs_cos(case, truth, **opts)
+                        if isinstance(r, str):
+                            row[f"{stage}_error"] = r
+                        else:
+                            row.update({f"{stage}_abs_cos_mean": r[0], f"{stage}_abs_cos_min": r[1],
+                                        f"{stage}_seconds": r[2]})
+                    if "tensor_step_abs_cos_mean" in row and "after_fit_abs_cos_mean" in row:
+                        row["fit_adds_abs_cos_mean"] = row["after_fit_abs_cos_mean"] - row["tensor_step_abs_cos_mean"]
+                    row.update({"attack_cosine_mean": sc.cosine, "attack_cosine_min": min(sc.cosine_per_image),
+                                "attack_cosine_per_image": sc.cosine_per_image, "attack_psnr": sc.psnr,
+                                "attack_label_accuracy": sc.label_accuracy, "attack_seconds": secs,
+                                "fit_residual": rec.info["fit_residual"], "gradient_residual": rec.residual,
+                                "norm_sources": sorted({s.get("norm", "") for s in rec.info["samples"]}),
+                                "sign_sources": sorted({s.get("sign", "") for s in rec.info["samples"]}),
+                                "warnings": rec.info["warnings"], "draws_run": len(rec.info["draws"])})
+                    rows.append(row)
+                    ts = row.get("tensor_step_abs_cos_mean", float("nan"))
+                    af = row.get("after_fit_abs_cos_mean", float("nan"))
+                    print(f"{init:8s} {act:5s} B={B} m={m:>6}: tensor step |cos| {ts:.4f} -> after fit {af:.4f}; "
+                          f"attack cos mean {sc.cosine:.4f} min {row['attack_cosine_min']:.4f}  "
+                          f"fit {row['fit_residual']:.1e}  {secs:.1f}s", flush=True)
+                    del case, truth, rec
+                    gc.collect()
     return rows
 
 
 def scale(m: int) -> dict:
-    before_build = _rss_mb()
     case, truth = _case(32, 8, m, "relu")
     gc.collect()
-    before = _rss_mb()
+    st = _status_kb()
+    build_peak, before = st["VmHWM"] / 1024, st["VmRSS"] / 1024
+    reset = _reset_peak()
     t0 = time.perf_counter()
     rec = gl.create("tensor").reconstruct(case, seed=0)
     secs = time.perf_counter() - t0
-    after = _rss_mb()
+    peak = _status_kb()["VmHWM"] / 1024 if reset else None
     sc = evaluate(rec, truth)
     d = 3 * 32 * 32
     row = {"d": d, "batch_size": 8, "width": m, "dtype": "float32", "seconds": secs,
            "cosine_mean": sc.cosine, "cosine_min": min(sc.cosine_per_image), "psnr": sc.psnr,
            "target_met": min(sc.cosine_per_image) >= 0.99,
-           "peak_rss_mb_before_model": before_build, "peak_rss_mb_before_attack": before,
-           "peak_rss_mb_after_attack": after, "attack_peak_increase_mb": after - before,
-           "weights_mb": m * d * 4 / 2 ** 20,
-           "d_cubed_float32_gb": d ** 3 * 4 / 2 ** 30,
+           "build_peak_rss_mb": build_peak, "rss_mb_before_attack": before, "attack_peak_rss_mb": peak,
+           "attack_peak_increase_mb": None if peak is None else peak - before,
+           "memory_method": ("VmHWM reset via /proc/self/clear_refs after building the case: the attack's own peak"
+                             if reset else "not measured: this system does not allow resetting the peak RSS"),
+           "weights_mb": m * d * 4 / 2 ** 20, "d_cubed_float32_gb": d ** 3 * 4 / 2 ** 30,
            "fit_residual": rec.info["fit_residual"], "draws_run": len(rec.info["draws"])}
-    print(f"scale d={d} B=8 m={m}: {secs:.1f}s, cos min {row['cosine_min']:.5f}, peak RSS {after:.0f} MB "
-          f"(+{after - before:.0f} MB during the attack; the weights alone are {row['weights_mb']:.0f} MB; "
-          f"a d^3 float32 array would be {row['d_cubed_float32_gb']:.0f} GB)", flush=True)
+    mem = (f"attack peak RSS {peak:.0f} MB (+{peak - before:.0f} MB over {before:.0f} MB before it)" if reset
+           else "attack memory not measured")
+    print(f"scale d={d} B=8 m={m}: {secs:.1f}s, cos min {row['cosine_min']:.5f}, {mem}; the weights alone are "
+          f"{row['weights_mb']:.0f} MB, a d^3 float32 array would be {row['d_cubed_float32_gb']:.0f} GB", flush=True)
     return row
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="widths 1e3, 1e4 and B in 2, 4 only")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true",
+                    help="< 2 min: ReLU at widths 1e3, 1e4 and tanh at 1e3; B in 4, 8; random init; scale at m = 10,000")
     ap.add_argument("--only", choices=["quality", "scale"], default=None)
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/tensor[_quick].json)")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    out = {"benchmark": "tensor", "machine": platform.processor() or platform.machine(), "threads": 1,
-           "torch": torch.__version__, "command": "python benchmarks/bench_tensor.py"
-           + (" --quick" if args.quick else "") + (f" --only {args.only}" if args.only else "")}
-    if RESULTS.exists():  # keep the other section when running one
-        try:
-            prev = json.loads(RESULTS.read_text())
-            out.update({k: v for k, v in prev.items() if k in ("quality", "scale")})
-        except (OSError, ValueError):
-            pass
+    out = {"benchmark": "tensor", "command": " ".join(["python", "benchmarks/bench_tensor.py", *sys.argv[1:]]),
+           "quick": args.quick, **git_state(), "machine": platform.processor() or platform.machine(),
+           "threads": 1, "torch": torch.__version__, "python": platform.python_version()}
     t0 = time.perf_counter()
     if args.only in (None, "scale"):
-        out["scale"] = scale(40_000)
+        out["scale"] = scale(10_000 if args.quick else 40_000)
     if args.only in (None, "quality"):
-        widths = (1_000, 10_000) if args.quick else (1_000, 10_000, 100_000)
-        batches = (2, 4) if args.quick else (2, 4, 8)
-        out["quality"] = quality(widths, batches, ("relu", "tanh"), ("random", "mirrored"))
+        if args.quick:  # tanh at m = 1,000 only: its non-linear fit is the slow part
+            out["quality"] = (quality((1_000, 10_000), (4, 8), ("relu",), ("random",))
+                              + quality((1_000,), (4, 8), ("tanh",), ("random",)))
+        else:
+            out["quality"] = quality((1_000, 10_000, 100_000), (2, 4, 8), ("relu", "tanh"), ("random", "mirrored"))
+    out["sections"] = [k for k in ("scale", "quality") if k in out]
     out["total_seconds"] = time.perf_counter() - t0
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(out, indent=1))
-    print(f"wrote {RESULTS}")
+    path = Path(args.out) if args.out else RESULTS / ("tensor_quick.json" if args.quick else "tensor.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1))
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

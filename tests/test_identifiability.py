@@ -120,3 +120,37 @@ def test_risk_report_extension():
     mlp = analyse_architecture("mlp", input_shape=(1, 8, 8), num_classes=10, width=50)
     assert mlp.extensions["identifiability"]["gaussian_first_layer"] is False  # PyTorch's uniform init
     assert "identifiability" not in analyse_architecture("lenet", input_shape=(3, 16, 16), num_classes=4).extensions
+
+
+def test_summary_without_width_estimate_and_batch_larger_than_d():
+    """A report without a width estimate (estimate_width=False) or with B > d states so in its summary, and the
+    risk analysis of such a model records the identifiability entry, not an error."""
+    from gradleak.risk import analyse_architecture
+
+    m = gl.models.build("two-layer", input_shape=(6,), num_classes=3, width=500)
+    rep = identifiability_of_model(m, batch_size=4, estimate_width=False)
+    assert rep.width is None and rep.summary().endswith("width not estimated")
+    big = identifiability_of_model(m, batch_size=8)
+    assert big.batch_ok is False and big.width is None
+    assert "B = 8 > d = 6" in big.summary() and "not identifiable" in big.summary()
+    risk = analyse_architecture("two-layer", input_shape=(6,), num_classes=3, batch_size=8, width=500)
+    ext = risk.extensions["identifiability"]
+    assert "error" not in ext, ext.get("error")
+    assert ext["batch_ok"] is False and ext["applies_to"] == "inputs"
+    assert any("not identifiable at any width" in n for n in risk.notes)
+    json.dumps(risk.to_dict())
+
+
+def test_hermite_coefficients_come_from_the_activation_object():
+    """One way to mu_p: an Activation (cached per object), its Act module and its registry name agree, and the
+    symmetries are the Activation's declared fields."""
+    from gradleak.activations import Act, activations
+
+    tanh = activations.get("tanh")
+    by_obj = hermite_coefficients(tanh, range(0, 6), 1.3)
+    assert by_obj == hermite_coefficients("tanh", range(0, 6), 1.3) == hermite_coefficients(Act("tanh"), range(0, 6), 1.3)
+    by_obj[3] = 123.0  # the cache hands out copies
+    assert hermite_coefficients(tanh, range(0, 6), 1.3)[3] != 123.0
+    props = activation_properties(tanh)
+    assert props["odd"] is tanh.odd is True and props["linear"] is False
+    assert activation_properties("identity")["linear"] is True

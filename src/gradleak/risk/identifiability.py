@@ -20,146 +20,28 @@ callable - can be analysed. What the gradient reveals then follows:
   prior. For other activations mu_p(s) depends on s and the norm is identifiable in principle (weakly so when
   |x| is large and sigma is nearly homogeneous there, e.g. GELU).
 
-Quadrature: Gauss-Hermite for smooth activations; kinks at 0 (ReLU family) defeat Gauss-Hermite (error O(1/n)),
-so every expectation is also computed with composite Gauss-Legendre panels split at 0 on [-12, 12] (the Gaussian
-mass outside is < 1e-32) and the split rule is used whenever the two disagree; the report says which.
+The coefficients, the tensor order and the symmetries come from the tensor attack's public API
+(:mod:`gradleak.attacks.tensor.hermite`, re-exported here); this module only reads from ``gradleak.attacks``,
+never the other way round.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from functools import lru_cache
-from typing import Any, Callable, Union
+from typing import Any
 
 import numpy as np
 import torch
 
+from ..attacks.tensor import (MomentTensor, SpanProblem, TensorOptions, activation_properties, cp_als_polish,
+                              cp_objective, direction_error, find_two_layer, hermite_coefficients, hermite_order,
+                              jennrich, normality_problem, solve, weight_normality)
+from ..attacks.tensor.hermite import ActivationLike, resolve_activation_like
 from ..errors import ValidationError
 
 __all__ = ["hermite_coefficients", "hermite_order", "identifiability", "identifiability_of_model",
            "IdentifiabilityReport", "width_needed", "activation_properties"]
-
-ActivationLike = Union[str, Callable[..., Any], Any]
-
-_L = 12.0
-
-
-@lru_cache(maxsize=None)
-def _split_rule(panels: int = 24, nodes: int = 24) -> tuple[np.ndarray, np.ndarray]:
-    """Composite Gauss-Legendre nodes/weights for E over N(0,1), panels on [-L, 0] and [0, L] (split at 0)."""
-    x, w = np.polynomial.legendre.leggauss(nodes)
-    edges = np.linspace(0.0, _L, panels + 1)
-    xs, ws = [], []
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        xs.append(0.5 * (hi - lo) * x + 0.5 * (hi + lo))
-        ws.append(0.5 * (hi - lo) * w)
-    xp, wp = np.concatenate(xs), np.concatenate(ws)
-    xx = np.concatenate([-xp[::-1], xp])
-    ww = np.concatenate([wp[::-1], wp]) * np.exp(-0.5 * xx ** 2) / math.sqrt(2 * math.pi)
-    return xx, ww
-
-
-@lru_cache(maxsize=None)
-def _gh_rule(n: int = 160) -> tuple[np.ndarray, np.ndarray]:
-    """Probabilists' Gauss-Hermite nodes and weights normalised to E over N(0, 1)."""
-    x, w = np.polynomial.hermite_e.hermegauss(n)
-    return x, w / math.sqrt(2 * math.pi)
-
-
-def _resolve(activation: ActivationLike) -> tuple[str, Callable[[np.ndarray], np.ndarray], Any]:
-    """(name, numpy function, registry Activation or None) for a registry name, an Activation, or a callable
-    (numpy or torch)."""
-    from ..activations import Activation, activations
-
-    act = None
-    if isinstance(activation, str):
-        act = activations.get(activation)
-    elif isinstance(activation, Activation):
-        act = activation
-    elif hasattr(activation, "activation") and isinstance(getattr(activation, "activation"), Activation):
-        act = activation.activation  # an Act module
-    if act is not None:
-        def f(z: np.ndarray, _fn=act.fn) -> np.ndarray:
-            return _fn(torch.as_tensor(z, dtype=torch.float64)).numpy()
-
-        return act.name, f, act
-    if callable(activation):
-        def f(z: np.ndarray, _fn=activation) -> np.ndarray:
-            try:
-                out = _fn(torch.as_tensor(z, dtype=torch.float64))
-                return np.asarray(out.detach().numpy() if hasattr(out, "detach") else out, dtype=np.float64)
-            except Exception:
-                return np.asarray(_fn(z), dtype=np.float64)
-
-        return getattr(activation, "__name__", "callable"), f, None
-    raise ValidationError("identifiability", [f"activation must be a registry name or a callable, got "
-                                              f"{type(activation).__name__}"])
-
-
-def _expect(f: Callable[[np.ndarray], np.ndarray], p: int, s: float, rule: str) -> float:
-    x, w = _split_rule() if rule == "split" else _gh_rule()
-    he = np.polynomial.hermite_e.hermeval(x, [0] * p + [1])
-    vals = f(s * x)
-    return float(np.sum(w * vals * he))
-
-
-def hermite_coefficients(activation: ActivationLike, orders=range(0, 7), scale: float = 1.0,
-                         *, return_method: bool = False):
-    """mu_p(s) = E_{z~N(0,1)}[sigma^(p)(s z)] = s^{-p} E[sigma(s z) He_p(z)] for each p in ``orders``.
-
-    activation: a registry name ('relu', 'tanh', ...), an :class:`~gradleak.activations.Activation`, an ``Act``
-    module, or any callable on a float64 tensor/array. scale: s > 0 (the norm of the input the neuron sees).
-    Returns {p: mu_p}; with ``return_method`` also 'gauss-hermite' or 'split-gauss-legendre' (used when the
-    two quadratures disagree, i.e. sigma has a kink at 0)."""
-    if not (isinstance(scale, (int, float)) and scale > 0 and math.isfinite(scale)):
-        raise ValidationError("hermite_coefficients", [f"scale must be a positive number, got {scale!r}"])
-    _, f, _ = _resolve(activation)
-    orders = [int(p) for p in orders]
-    if any(p < 0 for p in orders):
-        raise ValidationError("hermite_coefficients", [f"orders must be >= 0, got {orders}"])
-    gh = {p: _expect(f, p, scale, "gh") / scale ** p for p in orders}
-    sp = {p: _expect(f, p, scale, "split") / scale ** p for p in orders}
-    ref = max([abs(v) for v in sp.values()] + [1e-300])
-    agree = all(abs(gh[p] - sp[p]) <= 1e-9 * max(1.0, ref) for p in orders)
-    out, method = (gh, "gauss-hermite") if agree else (sp, "split-gauss-legendre")
-    out = {p: (0.0 if abs(v) < 1e-12 * max(1.0, ref) else v) for p, v in out.items()}
-    return (out, method) if return_method else out
-
-
-def activation_properties(activation: ActivationLike) -> dict[str, bool]:
-    """Numerical symmetry checks on [-8, 8]: odd (sigma(-z) = -sigma(z)), odd_part_linear (sigma(z) - sigma(-z)
-    = c z), positively_homogeneous (sigma(c z) = c sigma(z) for c > 0), constant_plus_odd (sigma - sigma(0) odd)."""
-    _, f, act = _resolve(activation)
-    z = np.linspace(-8, 8, 321)
-    fz, fm = f(z), f(-z)
-    scale = max(1.0, float(np.max(np.abs(fz))))
-    tol = 1e-9 * scale
-    odd = bool(np.max(np.abs(fz + fm)) <= tol)
-    f0 = float(f(np.zeros(1))[0])
-    const_odd = bool(np.max(np.abs((fz - f0) + (fm - f0))) <= tol)
-    op = 0.5 * (fz - fm)
-    c = float(np.dot(op, z) / np.dot(z, z))
-    odd_lin = bool(np.max(np.abs(op - c * z)) <= tol)
-    hom = bool(all(np.max(np.abs(f(k * z) - k * fz)) <= 1e-9 * max(1.0, k * scale) for k in (0.5, 2.0, 3.7)))
-    if act is not None:
-        hom = hom or bool(act.positively_homogeneous)
-    return {"odd": odd, "constant_plus_odd": const_odd, "odd_part_linear": odd_lin and not odd,
-            "positively_homogeneous": hom, "linear": odd and odd_lin and hom}
-
-
-def hermite_order(activation: ActivationLike, scale: float | None = None, max_order: int = 4) -> int | None:
-    """The tensor order p: the smallest p in 3..max_order with mu_p != 0 (checked at unit scale and at
-    ``scale`` if given). None when every mu_p (3 <= p <= max_order) vanishes: the tensor method cannot work."""
-    scales = [1.0] + ([float(scale)] if scale else []) + [0.5, 2.0]
-    for p in range(3, max_order + 1):
-        for s in scales:
-            mu = hermite_coefficients(activation, range(0, max_order + 1), s)
-            ref = max(abs(mu.get(1, 0.0)), abs(mu.get(2, 0.0)), 1e-12)
-            if abs(mu[p]) > 1e-8 * ref:
-                return p
-    return None
-
 
 @dataclass
 class IdentifiabilityReport:
@@ -200,7 +82,12 @@ class IdentifiabilityReport:
         ident = ", ".join(n for n, ok in (("directions", self.directions), ("signs", self.signs),
                                           ("norms", self.norms)) if ok) or "nothing"
         s = f"{self.activation}: order p = {self.order}; identifiable from the gradient: {ident}"
-        if self.width and self.width.get("width") is not None:
+        if self.batch_ok is False:
+            return s + (f"; but B = {self.batch_size} > d = {self.d}: the samples are linearly dependent and the "
+                        "batch is not identifiable at any width")
+        if not self.width:
+            return s + "; width not estimated"
+        if self.width.get("width") is not None:
             s += f"; width m ~ {self.width['width']:,} for the tensor step to reach {self.width['target']}"
         if self.width.get("attack_width"):
             s += f" (the full attack reached it at m = {self.width['attack_width']:,} in simulation)"
@@ -214,7 +101,7 @@ def identifiability(activation: ActivationLike, d: int | None = None, batch_size
     (directions, signs, norms) and - with d and batch_size - a rough width m for 1 - cos <= ``target_error``.
 
     Returns an :class:`IdentifiabilityReport` (``to_dict()`` for JSON, ``summary()`` for one line)."""
-    name, _, _ = _resolve(activation)
+    name, _, _ = resolve_activation_like(activation)
     problems = []
     if d is not None and (not isinstance(d, int) or d < 1):
         problems.append(f"d must be a positive int, got {d!r}")
@@ -272,8 +159,6 @@ def identifiability_of_model(model, batch_size: int | None = None, **kw) -> Iden
     """:func:`identifiability` for a two-layer model (the zoo's ``two-layer`` or any Linear-Act-Linear network):
     reads the activation and d from the model. Also notes a mirrored initialisation or a first-layer bias,
     which make norms (and signs) identifiable."""
-    from ..attacks.tensor import find_two_layer
-
     view = find_two_layer(model)
     if isinstance(view, list):
         raise ValidationError("identifiability", view)
@@ -322,9 +207,7 @@ def width_needed(activation: ActivationLike, d: int, batch_size: int, *, target_
       width reaching the target, else None. For a noise-free gradient the fit is often exact far below the
       tensor step's width; gradient noise (defenses) brings the tensor figure back into play.
     Real, correlated samples (images) need more width than Gaussian ones. Returns a dict (JSON-able)."""
-    from ..tensor_moments import MomentTensor, cp_als_polish, cp_objective, direction_error, jennrich
-
-    name, f, act = _resolve(activation)
+    name, f, act = resolve_activation_like(activation)
     B = int(batch_size)
     order = hermite_order(activation, math.sqrt(d))
     base = {"target": f"1-|cos| <= {target_error}", "target_error": target_error, "batch_size": B, "d": d,
@@ -351,10 +234,8 @@ def width_needed(activation: ActivationLike, d: int, batch_size: int, *, target_
                     best = (obj, V)
             e.append(float(1 - direction_error(best[1], X).mean()))
             if attack and act is not None and not reached:
-                from ..attacks.tensor import TensorOptions, _Problem, _solve
-
-                prob = _Problem(Z=Z, P=P, A=a, GA=GA, act=act, s=1.0)
-                sol, _ = _solve(prob, TensorOptions(draws=4, fit_rounds=20), order, gen, None, props["odd"])
+                prob = SpanProblem(Z=Z, P=P, A=a, GA=GA, act=act, s=1.0)
+                sol, _ = solve(prob, TensorOptions(draws=4, fit_rounds=20), order, gen, None)
                 ea.append(float(1 - direction_error(sol.coords, X, signed=not props["odd"]).mean()))
         errs.append(float(np.mean(e)))
         if ea:
@@ -386,7 +267,6 @@ def _add_to_rank_report(report, target, input_shape, **context) -> None:
     :func:`identifiability_of_model` (Hermite coefficients, order, identifiable parts, rough width); for a deep
     network ending in such a head, states that the head's input features are the identifiable part. Other
     architectures get no entry."""
-    from ..attacks.tensor import find_two_layer
     from ..case import Case
 
     model = target.model if isinstance(target, Case) else target
@@ -405,12 +285,10 @@ def _add_to_rank_report(report, target, input_shape, **context) -> None:
             **identifiability(view.activation, d=view.d_in, batch_size=B, estimate_width=False,
                               seed=int(context.get("seed") or 0)).to_dict()}
         return
-    from ..attacks.tensor import _normality_problem, weight_normality
-
     rep = identifiability_of_model(model, batch_size=B, seed=int(context.get("seed") or 0))
     params = dict(model.named_parameters())
     stats = weight_normality(params[view.weight_key], params[view.bias_key] if view.has_bias else None)
-    gaussian = _normality_problem(stats) is None
+    gaussian = normality_problem(stats) is None
     if not gaussian:
         rep.notes.append(f"these first-layer weights are not Gaussian (excess kurtosis {stats['excess_kurtosis']:+.2f}): "
                          "the attack refuses them; the analysis describes the same architecture with a random "

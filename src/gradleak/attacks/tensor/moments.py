@@ -30,7 +30,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .errors import ValidationError
+from ...errors import ValidationError
 
 __all__ = ["hermite_form", "hermite_tensor", "MomentTensor", "JennrichDraw", "jennrich", "cp_als_polish",
            "full_moment_tensor", "cp_oracle", "direction_error", "cp_objective"]
