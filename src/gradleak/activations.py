@@ -7,7 +7,7 @@ What the methods read:
 - the optimisation attacks: ``smooth`` (L-BFGS needs a twice-differentiable model to beat signed Adam);
 - the tensor attack and the identifiability analysis: ``odd`` (signs are identifiable only for a non-odd
   sigma) and the Hermite coefficients (computed from ``fn`` by quadrature in
-  :func:`gradleak.risk.identifiability.hermite_coefficients`).
+  :func:`gradleak.attacks.tensor.hermite_coefficients`).
 
 Adding an activation is ONE call: ``gradleak.activations.add(Activation(...), modules=(MyModule,),
 functions=(my_fn,))``; the layer walker, R-GAP, the risk analyses and the tensor attack then recognise it.
