@@ -61,12 +61,13 @@ def run(model_name: str, config: str, options: dict, budgets, photos_idx, photos
                 "psnr": psnr(rec.inputs, truth.inputs),
                 "ssim": float(ssim_fn(rec.inputs, truth.inputs, data_range=1.0)),
                 "seconds": sec, "s_per_iteration": sec / n, "residual": rec.residual,
-                "optimizer": rec.info["optimizer"], "evaluations": trial.get("evaluations", n),
+                "optimizer": rec.info["optimizer"],
+                "evaluations": trial.get("gradient_evaluations", trial.get("evaluations")),
                 "stopped": trial.get("reason"),
             }
             rows.append(row)
             print(f"{model_name:9s} {config:12s} {photos.names[i]:14s} {n:5d} its  PSNR {row['psnr']:6.2f} dB  "
-                  f"SSIM {row['ssim']:.3f}  {sec:7.1f} s  ({row['optimizer']}, {row['evaluations']} evals)",
+                  f"SSIM {row['ssim']:.3f}  {sec:7.1f} s  ({row['optimizer']}, {row['evaluations']} gradient evaluations)",
                   flush=True)
     return rows
 

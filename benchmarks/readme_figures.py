@@ -47,13 +47,13 @@ def ig_quality(d: dict) -> str:
             continue
         photos = summary[("lenet", config, budgets[0])]["photos"]
         psnrs = " / ".join(f"{summary[('lenet', config, n)]['mean_psnr']:.1f}" for n in budgets)
-        label = "default options" if config == "default" else "optimizer='signed-adam'"
-        parts.append(f"LeNet ({label}, optimiser {_opt(optimiser[('lenet', config)])}), {photos} photos: {psnrs} "
-                     f"dB mean PSNR at {' / '.join(map(str, budgets))} iterations")
+        how = ("default options" if config == "default" else "optimizer='signed-adam'")
+        parts.append(f"LeNet with {_opt(optimiser[('lenet', config)])} ({how}), {photos} photos: {psnrs} dB mean "
+                     f"PSNR at {' / '.join(map(str, budgets))} iterations")
     res = sorted(n for m, c, n in summary if m == "resnet18")
     if res:
         s = summary[("resnet18", "default", res[-1])]
-        parts.append(f"CIFAR ResNet-18 (optimiser {_opt(optimiser[('resnet18', 'default')])}), {s['photos']} photos: "
+        parts.append(f"CIFAR ResNet-18 with {_opt(optimiser[('resnet18', 'default')])} (default options), {s['photos']} photos: "
                      f"{s['mean_psnr']:.1f} dB at {res[-1]} iterations, {s['mean_s_per_iteration']:.2f} s/iteration")
     return "IG, untrained sigmoid LeNet / ResNet-18, 32x32, batch 1: " + "; ".join(parts)
 
@@ -114,7 +114,7 @@ def trained(d: dict) -> str:
         ig = " / ".join(f"{m['epochs'][e]['inverting-gradients']['psnr_mean']:.0f}" for e in eps)
         idlg = " / ".join(f"{m['epochs'][e]['idlg']['psnr_mean']:.0f}" for e in eps)
         first = m["epochs"][eps[0]]
-        parts.append(f"{name}: IG ({_opt(first['inverting-gradients']['options'].get('optimizer', 'default'))}) "
+        parts.append(f"{name}: IG with {_opt(first['inverting-gradients']['options'].get('optimizer', 'default options'))} "
                      f"{ig} dB, iDLG {idlg} dB")
     if not parts:
         return NOT_MEASURED

@@ -103,3 +103,28 @@ def test_tensor_row_says_not_measured_without_the_tensor_only_field():
 def test_missing_markers_are_an_error():
     with pytest.raises(ValueError, match="figures markers"):
         rf.readme_table("# no table here\n")
+
+
+def test_provenance_refuses_a_dirty_tree_but_ignores_results(tmp_path, monkeypatch, capsys):
+    import subprocess
+
+    spec = importlib.util.spec_from_file_location("bench_common", ROOT / "benchmarks" / "common.py")
+    common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)
+    git = lambda *a: subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True)  # noqa: E731
+    git("init", "-q")
+    (tmp_path / "a.py").write_text("x = 1\n")
+    git("add", "a.py")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "one")
+    monkeypatch.setattr(common, "ROOT", tmp_path)
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "benchmarks" / "results" / "x.json").write_text("{}")
+    state = common.refuse_if_dirty(False, "probe")
+    assert state["clean"] and len(state["commit"]) == 40
+    (tmp_path / "a.py").write_text("x = 2\n")
+    with pytest.raises(SystemExit) as e:
+        common.refuse_if_dirty(False, "probe")
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "dirty tree" in err and "--allow-dirty" in err
+    assert common.refuse_if_dirty(True, "probe")["clean"] is False
