@@ -101,7 +101,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer rounds (a rough look)")
     args = ap.parse_args()
     run_ = common.begin("ig_cost", args)
-    rounds, budget = (3, 0.5) if args.quick else (5, 1.5)
+    rounds, budget = (2, 0.3) if args.quick else (5, 1.5)
     out = []
     for name, opts in MODELS:
         for batch in (1, 4):
