@@ -37,6 +37,11 @@ def _range(values, fmt: str) -> str:
     return format(lo, fmt) if format(lo, fmt) == format(hi, fmt) else f"{lo:{fmt}}-{hi:{fmt}}"
 
 
+def _cos(x: float) -> str:
+    """A cosine near 1 without rounding it up to 1: 0.99999998, or 1 - 3.1e-12 beyond 8 decimals."""
+    return f"{x:.8f}" if round(x, 8) < 1 else f"1 - {1 - x:.1e}"
+
+
 def ig_quality(d: dict) -> str:
     summary = {(s["model"], s["config"], s["iterations"]): s for s in d["summary"]}
     optimiser = {(r["model"], r["config"]): r["optimizer"] for r in d["rows"]}
@@ -90,19 +95,37 @@ def layerwise(d: dict) -> str:
 
 
 def tensor(d: dict) -> str:
+    """The scale run, and for ReLU at B = 8 what the tensor step ALONE gives (directions before any gradient fit)
+    against the directions after the fit and the whole attack. Field names: bench_tensor.py's
+    ``tensor_step_abs_cos_mean`` / ``after_fit_abs_cos_mean`` / ``attack_cosine_mean`` (older JSONs:
+    ``tensor_only_abs_cos_mean`` / ``cosine_mean``)."""
     parts = []
     s = d.get("scale")
     if s:
-        parts.append(f"d = {s['d']}, B = {s['batch_size']}, m = {s['width']:,}: mean cosine {s['cosine_mean']:.8f} "
-                     f"in {s['seconds']:.1f} s")
+        cell = (f"d = {s['d']}, B = {s['batch_size']}, m = {s['width']:,}: mean cosine {_cos(s['cosine_mean'])} "
+                f"in {s['seconds']:.1f} s")
+        if isinstance(s.get("attack_peak_rss_mb"), (int, float)) and isinstance(s.get("attack_peak_increase_mb"),
+                                                                                  (int, float)):
+            cell += f", the attack's own peak adds {s['attack_peak_increase_mb']:.0f} MB to the resident size"
+        parts.append(cell)
     q = [r for r in d.get("quality", []) if r["activation"] == "relu" and r["batch_size"] == 8]
-    alone = [r["tensor_only_abs_cos_mean"] for r in q if isinstance(r.get("tensor_only_abs_cos_mean"), float)]
+
+    def field(r, *names):
+        return next((r[n] for n in names if isinstance(r.get(n), float)), None)
+
+    alone = [v for r in q if (v := field(r, "tensor_step_abs_cos_mean", "tensor_only_abs_cos_mean")) is not None]
+    fitted = [v for r in q if (v := field(r, "after_fit_abs_cos_mean")) is not None]
+    attack = [v for r in q if (v := field(r, "attack_cosine_mean", "cosine_mean")) is not None]
     if q and alone:
-        fitted = min(r["cosine_mean"] for r in q)
-        parts.append(f"ReLU, B = 8, d = {q[0]['d']}, {len(q)} runs (widths, inits): the tensor step alone gives mean "
-                     f"\\|cos\\| {_range(alone, '.2f')}; with the gradient fit, mean cosine >= {fitted:.8f}")
+        cell = (f"ReLU, B = {q[0]['batch_size']}, d = {q[0]['d']}, {len(q)} runs (widths, inits): the tensor step "
+                f"alone gives mean \\|cos\\| {_range(alone, '.2f')}")
+        if fitted:
+            cell += f", after the gradient fit >= {_cos(min(fitted))}"
+        if attack:
+            cell += f"; the whole attack's mean cosine >= {_cos(min(attack))} (image space)"
+        parts.append(cell)
     else:
-        parts.append(f"the tensor step alone: {NOT_MEASURED}")
+        parts.append(f"the tensor step alone (ReLU, B = 8): {NOT_MEASURED}")
     return "tensor attack: " + "; ".join(parts)
 
 
