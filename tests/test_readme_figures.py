@@ -35,9 +35,9 @@ def test_every_readme_figure_matches_its_json():
         got_fig, got_commit = readme[name]
         if got_fig != fig:
             a, b = NUMBER.findall(got_fig), NUMBER.findall(fig)
-            diff = [(x, y) for x, y in zip(a, b) if x != y] or "text differs"
-            wrong.append(f"{name}: README {diff if isinstance(diff, str) else [x for x, _ in diff]} vs JSON "
-                         f"{diff if isinstance(diff, str) else [y for _, y in diff]}")
+            diff = [(x, y) for x, y in zip(a, b) if x != y]
+            wrong.append(f"{name}: README {[x for x, _ in diff]} vs JSON {[y for _, y in diff]}" if diff else
+                         f"{name}: README {got_fig!r} vs JSON {fig!r}")
         if got_commit != commit:
             wrong.append(f"{name}: README says commit {got_commit!r}, the JSON {commit!r}")
     assert not wrong, "README figures disagree with benchmarks/results: " + "; ".join(wrong)
