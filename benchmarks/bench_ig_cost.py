@@ -10,27 +10,23 @@ Models at 3x32x32, 19 classes, untrained (zoo seed 0), BatchNorm in eval mode, b
 Measurements interleave the two kinds of step in rounds and take medians, so a shared, busy machine affects
 both alike. Target: ratio <= 3.
 
-Run:  /work/venv/bin/python benchmarks/bench_ig_cost.py [--quick]
+Run:  python benchmarks/bench_ig_cost.py [--quick]
 Writes benchmarks/results/ig_cost.json.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
+import common
 import gradleak as gl
 from gradleak import functional as Fn
 from gradleak.attacks.optimization import common as C
 
-RESULTS = Path(__file__).resolve().parent / "results" / "ig_cost.json"
 MODELS = [("lenet", {}), ("convnet", {}), ("resnet20", {}), ("resnet18", {})]
 
 
@@ -101,11 +97,11 @@ def measure(name, opts, batch, rounds, budget):
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = common.add_arguments(argparse.ArgumentParser())
     ap.add_argument("--quick", action="store_true", help="fewer rounds (a rough look)")
     args = ap.parse_args()
-    torch.set_num_threads(1)
-    rounds, budget = (3, 0.5) if args.quick else (5, 1.5)
+    run_ = common.begin("ig_cost", args)
+    rounds, budget = (2, 0.3) if args.quick else (5, 1.5)
     out = []
     for name, opts in MODELS:
         for batch in (1, 4):
@@ -113,15 +109,10 @@ def main():
             out.append(r)
             print(f"{name:10s} B={batch}  train {r['train_module_s'] * 1e3:8.2f} ms  IG step {r['ig_step_s'] * 1e3:8.2f} ms"
                   f"  ratio {r['ratio_vs_module']:.2f} (vs functional {r['ratio_vs_functional']:.2f})", flush=True)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({
-        "benchmark": "ig_cost", "target": "ig_step / training_step <= 3",
-        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
-                    "threads": torch.get_num_threads(), "load_average_1min": os.getloadavg()[0]},
-        "results": out,
+    common.finish(run_, {
+        "target": "ig_step / training_step <= 3", "results": out,
         "max_ratio_vs_module": max(r["ratio_vs_module"] for r in out),
-    }, indent=2))
-    print(f"wrote {RESULTS}")
+    })
 
 
 if __name__ == "__main__":

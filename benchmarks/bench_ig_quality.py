@@ -19,26 +19,24 @@ structural_similarity_index_measure (data_range 1, default Gaussian window).
 ResNet-18 is expensive on a shared 2-core CPU (~0.3-0.6 s per iteration): by default it runs the 100 and 500
 iteration budgets on the first ``--resnet-photos`` photos (default 4); ``--full`` runs all 8 photos and 2000.
 
-Run:  /work/venv/bin/python benchmarks/bench_ig_quality.py [--full] [--resnet-photos N] [--models lenet,resnet18]
+``--quick`` (a smoke run of the runner): LeNet on 2 photos at 100 / 300 iterations, ResNet-18 on 1 photo at 20.
+
+Run:  python benchmarks/bench_ig_quality.py [--quick | --full] [--resnet-photos N] [--models lenet,resnet18]
 Writes benchmarks/results/ig_quality.json.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
 from torchmetrics.functional import structural_similarity_index_measure as ssim_fn
 
+import common
 import gradleak as gl
 
-RESULTS = Path(__file__).resolve().parent / "results" / "ig_quality.json"
 REFERENCE = {"lenet": {"iterations": 2000, "psnr": 12.8, "s_per_iteration": 0.0049},
              "resnet18": {"iterations": 500, "psnr": 11.2, "s_per_iteration": 0.157}}
 
@@ -63,12 +61,13 @@ def run(model_name: str, config: str, options: dict, budgets, photos_idx, photos
                 "psnr": psnr(rec.inputs, truth.inputs),
                 "ssim": float(ssim_fn(rec.inputs, truth.inputs, data_range=1.0)),
                 "seconds": sec, "s_per_iteration": sec / n, "residual": rec.residual,
-                "optimizer": rec.info["optimizer"], "evaluations": trial.get("evaluations", n),
+                "optimizer": rec.info["optimizer"],
+                "evaluations": trial.get("gradient_evaluations", trial.get("evaluations")),
                 "stopped": trial.get("reason"),
             }
             rows.append(row)
             print(f"{model_name:9s} {config:12s} {photos.names[i]:14s} {n:5d} its  PSNR {row['psnr']:6.2f} dB  "
-                  f"SSIM {row['ssim']:.3f}  {sec:7.1f} s  ({row['optimizer']}, {row['evaluations']} evals)",
+                  f"SSIM {row['ssim']:.3f}  {sec:7.1f} s  ({row['optimizer']}, {row['evaluations']} gradient evaluations)",
                   flush=True)
     return rows
 
@@ -87,22 +86,27 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = common.add_arguments(argparse.ArgumentParser())
     ap.add_argument("--full", action="store_true", help="ResNet-18 on all 8 photos and at 2000 iterations too")
+    ap.add_argument("--quick", action="store_true", help="2 LeNet photos at 100/300, 1 ResNet-18 photo at 20")
     ap.add_argument("--resnet-photos", type=int, default=4)
     ap.add_argument("--models", default="lenet,resnet18")
     args = ap.parse_args()
-    torch.set_num_threads(1)
+    run_ = common.begin("ig_quality", args)
     photos = gl.data.samples(32, num_images=8)
     models = args.models.split(",")
+    n_lenet, lenet_budgets = (2, (100, 300)) if args.quick else (8, (100, 500, 2000))
     rows: list[dict] = []
     notes = []
     if "lenet" in models:
-        rows += run("lenet", "default", {}, (100, 500, 2000), range(8), photos)
-        rows += run("lenet", "signed-adam", {"optimizer": "signed-adam"}, (100, 500, 2000), range(8), photos)
+        rows += run("lenet", "default", {}, lenet_budgets, range(n_lenet), photos)
+        rows += run("lenet", "signed-adam", {"optimizer": "signed-adam"}, lenet_budgets, range(n_lenet), photos)
     if "resnet18" in models:
         if args.full:
             rows += run("resnet18", "default", {}, (100, 500, 2000), range(8), photos)
+        elif args.quick:
+            rows += run("resnet18", "default", {}, (20,), range(1), photos)
+            notes.append("--quick: a smoke run, not a figure")
         else:
             k = max(1, min(8, args.resnet_photos))
             rows += run("resnet18", "default", {}, (100, 500), range(k), photos)
@@ -112,15 +116,11 @@ def main():
     for s in summary:
         print(f"{s['model']:9s} {s['config']:12s} {s['iterations']:5d} its: mean PSNR {s['mean_psnr']:6.2f} dB "
               f"(min {s['min_psnr']:.2f}), mean SSIM {s['mean_ssim']:.3f}, {s['mean_s_per_iteration']:.4f} s/it")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({
-        "benchmark": "ig_quality", "reference": REFERENCE, "notes": notes,
+    common.finish(run_, {
+        "reference": REFERENCE, "notes": notes,
         "setting": "first 8 bundled photos 32x32, untrained zoo seed 0, batch 1, FedSGD, labels known, seed 0",
-        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
-                    "threads": torch.get_num_threads(), "load_average_1min": os.getloadavg()[0]},
         "summary": summary, "rows": rows,
-    }, indent=2))
-    print(f"wrote {RESULTS}")
+    })
 
 
 if __name__ == "__main__":

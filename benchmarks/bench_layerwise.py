@@ -17,28 +17,25 @@ Attacks and budgets (per image):
 Scores: PSNR (peak 1, images in [0, 1], capped at 300 dB per image as gradleak.metrics does) and SSIM averaged
 over the images, mean seconds, mean residual (1 - cosine of the update). One torch thread.
 
-Run:  /work/venv/bin/python benchmarks/bench_layerwise.py [--images 8] [--ig-iters 1000] [--quick]
+Run:  python benchmarks/bench_layerwise.py [--images 8] [--ig-iters 1000] [--quick]
 Writes benchmarks/results/layerwise.json.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
+import common
 import gradleak as gl
 from gradleak.attacks import create
 from gradleak.metrics import evaluate
 from gradleak.risk.security import security_analysis
 
-RESULTS = Path(__file__).resolve().parent / "results" / "layerwise.json"
 ARCHS = ["cnn2-c1", "cnn2-c2", "cnn3-c1"]
 
 
@@ -53,7 +50,6 @@ def attack_table(ig_iters: int, dlg_iters: int) -> list[tuple[str, str, dict]]:
 
 
 def run(images: int, ig_iters: int, dlg_iters: int, archs: list[str]) -> dict:
-    torch.set_num_threads(1)
     photos = gl.data.samples(32, num_images=images)
     spec = gl.DataSpec((3, 32, 32), 10, mean=photos.spec.mean, std=photos.spec.std, name="samples")
     table = attack_table(ig_iters, dlg_iters)
@@ -107,27 +103,21 @@ def run(images: int, ig_iters: int, dlg_iters: int, archs: list[str]) -> dict:
                        "ordered_as_index": all(p is not None for p in ps) and all(
                            ps[j] >= ps[j + 1] for j in range(len(ps) - 1))}
     out["ordering"] = checks
-    out["machine"] = {"python": platform.python_version(), "torch": torch.__version__,
-                      "processor": platform.processor() or platform.machine()}
     return out
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = common.add_arguments(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
     ap.add_argument("--images", type=int, default=8)
     ap.add_argument("--ig-iters", type=int, default=1000)
     ap.add_argument("--dlg-iters", type=int, default=300)
     ap.add_argument("--archs", nargs="*", default=ARCHS)
     ap.add_argument("--quick", action="store_true", help="2 images, short IG/DLG budgets (a smoke run)")
-    ap.add_argument("--out", default=str(RESULTS))
     a = ap.parse_args()
+    run_ = common.begin("layerwise", a)
     if a.quick:
         a.images, a.ig_iters, a.dlg_iters = 2, 100, 30
-    t0 = time.perf_counter()
     res = run(a.images, a.ig_iters, a.dlg_iters, a.archs)
-    res["seconds_total"] = time.perf_counter() - t0
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(res, indent=2))
     for arch, d in res["architectures"].items():
         print(f"\n{arch}: security index {d['security_index']} (d_i {d['deficiencies']})")
         for row, s in d["attacks"].items():
@@ -136,7 +126,7 @@ def main() -> None:
                 continue
             print(f"  {row:22s} PSNR {s['psnr_mean']:7.2f} dB  SSIM {s['ssim_mean']:.3f}  {s['seconds_mean']:6.1f} s")
     print("\nordering by index:", {k: v["ordered_as_index"] for k, v in res["ordering"].items()})
-    print(f"wrote {a.out}")
+    common.finish(run_, res)
 
 
 if __name__ == "__main__":

@@ -12,26 +12,22 @@ normalisation; one output score -> logistic loss with label (photo index mod 2).
 
 PSNR: per image, peak 1, on images clamped to [0, 1] (gradleak.metrics.psnr), capped at 300 dB.
 
-Run:  /work/venv/bin/python benchmarks/bench_rgap.py [--quick]
+Run:  python benchmarks/bench_rgap.py [--quick]
 Writes benchmarks/results/rgap.json.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
+import common
 import gradleak as gl
 from gradleak.metrics import psnr
 
-RESULTS = Path(__file__).resolve().parent / "results" / "rgap.json"
 CAP = 300.0
 
 CONFIGS = [
@@ -57,11 +53,11 @@ def run(name, shape, dtype, n):
         sec = time.perf_counter() - t
         p = min(float(psnr(rec.inputs, truth.inputs)[0]), CAP)
         mse = float(((rec.inputs.double().clamp(0, 1) - truth.inputs.double()) ** 2).mean())
-        rows.append({"image": ds.names[i], "psnr": p, "mse": mse, "seconds": sec, "kind": rec.info["kind"],
+        rows.append({"image": ds.names[i], "psnr": p, "mse": mse, "seconds": sec, "kind": rec.kind,
                      "residual": rec.residual, "deficient_layers": rec.info["deficient_layers"],
                      "max_layer_residual": max(l["residual"] for l in rec.info["layers"] if l["residual"] is not None),
                      "head": {k: rec.info["head"].get(k) for k in ("type", "status", "roots", "chosen_by")}})
-        print(f"{name:10s} {str(dtype)[6:]:8s} {ds.names[i]:14s} {p:7.1f} dB  {sec:6.2f} s  {rec.info['kind']}",
+        print(f"{name:10s} {str(dtype)[6:]:8s} {ds.names[i]:14s} {p:7.1f} dB  {sec:6.2f} s  {rec.kind}",
               flush=True)
     ps = [r["psnr"] for r in rows]
     secs = [r["seconds"] for r in rows]
@@ -98,35 +94,24 @@ def hybrid(n, steps=100):
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = common.add_arguments(argparse.ArgumentParser())
     ap.add_argument("--quick", action="store_true", help="2 images per configuration")
     args = ap.parse_args()
-    torch.set_num_threads(1)
-    try:
-        import threadpoolctl
-
-        threadpoolctl.threadpool_limits(1)
-    except ImportError:  # pragma: no cover
-        pass
+    run_ = common.begin("rgap", args)
     n = 2 if args.quick else 8
-    out = {"benchmark": "rgap", "command": "python benchmarks/bench_rgap.py" + (" --quick" if args.quick else ""),
-           "machine": {"platform": platform.platform(), "processor": platform.processor(), "torch": torch.__version__,
-                       "threads": 1, "load_average_at_start": list(os.getloadavg())},
-           "psnr": "per image, peak 1, clamped to [0, 1], capped at 300 dB", "results": []}
+    out = {"psnr": "per image, peak 1, clamped to [0, 1], capped at 300 dB", "results": []}
     for name, shape, dtype in CONFIGS:
         out["results"].append(run(name, shape, dtype, n))
     out["hybrid"] = hybrid(2 if args.quick else 4)
-    out["machine"]["load_average_at_end"] = list(os.getloadavg())
     c64 = next(r for r in out["results"] if r["model"] == "cnn6" and r["dtype"] == "float64")
     out["targets"] = {"cnn6_float64_psnr_min_ge_100dB": c64["psnr_min"] >= 100,
                       "cnn6_float64_seconds_max_lt_10": c64["seconds_max"] < 10}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(out, indent=1))
     for r in out["results"]:
         print(f"{r['model']:10s} {r['dtype']:8s} PSNR mean {r['psnr_mean']:.1f} dB (min {r['psnr_min']:.1f}), "
               f"{r['seconds_mean']:.2f} s/image (max {r['seconds_max']:.2f}), kinds {r['kinds']}")
     print("H-GAP on cnn6-d, mean PSNR:", out["hybrid"]["psnr_mean"])
-    print("targets:", out["targets"], "->", RESULTS)
+    print("targets:", out["targets"])
+    common.finish(run_, out)
 
 
 if __name__ == "__main__":

@@ -5,25 +5,22 @@ Every registered zoo model at 3x32x32 with 10 classes (zoo seed 0), plus the R-G
 analysis is registered, and seconds. ``gradleak.risk.analyse_architecture`` does the work (what
 ``gradleak risk --model NAME`` prints).
 
-Run:  /work/venv/bin/python benchmarks/bench_risk.py
-Writes benchmarks/results/risk.json and regenerates the table section of docs/risk.md.
+Run:  python benchmarks/bench_risk.py [--quick]
+Writes benchmarks/results/risk.json and regenerates the table section of docs/risk.md (``--quick``: the first
+four zoo models only, and docs/risk.md is left alone).
 """
 
 from __future__ import annotations
 
-import json
-import os
-import platform
+import argparse
 import time
 from pathlib import Path
 
-import torch
-
+import common
 import gradleak as gl
 from gradleak import risk
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results" / "risk.json"
 DOC = ROOT / "docs" / "risk.md"
 BEGIN, END = "<!-- risk-table:begin -->", "<!-- risk-table:end -->"
 EXTRA = [("lenet-rgap", (1, 28, 28)), ("fcn3", (1, 28, 28))]
@@ -75,29 +72,22 @@ def markdown(rows) -> str:
 
 
 def main():
-    torch.set_num_threads(1)
-    try:
-        import threadpoolctl
-
-        threadpoolctl.threadpool_limits(1)
-    except ImportError:  # pragma: no cover
-        pass
-    rows = [analyse(n, (3, 32, 32)) for n in gl.models.models.names()]
-    rows += [analyse(n, s) for n, s in EXTRA]
-    out = {"benchmark": "risk", "command": "python benchmarks/bench_risk.py",
-           "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": 1,
-                       "load_average": list(os.getloadavg())},
-           "results": rows}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(out, indent=1))
+    ap = common.add_arguments(argparse.ArgumentParser())
+    ap.add_argument("--quick", action="store_true", help="the first 4 zoo models; docs/risk.md is not touched")
+    args = ap.parse_args()
+    run_ = common.begin("risk", args)
+    names = gl.models.models.names()
+    rows = [analyse(n, (3, 32, 32)) for n in (names[:4] if args.quick else names)]
+    if not args.quick:
+        rows += [analyse(n, s) for n, s in EXTRA]
+    common.finish(run_, {"results": rows})
     table = markdown(rows)
-    if DOC.exists():
+    if not args.quick and DOC.exists():
         text = DOC.read_text()
         if BEGIN in text and END in text:
             text = text[:text.index(BEGIN) + len(BEGIN)] + "\n" + table + "\n" + text[text.index(END):]
             DOC.write_text(text)
     print(table)
-    print("->", RESULTS)
 
 
 if __name__ == "__main__":

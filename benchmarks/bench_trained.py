@@ -10,8 +10,8 @@ Part 2 (resnet18-224): one ImageNet-size reconstruction: the ImageNet-style ResN
 no ImageNet weights ship offline) on a bundled photo at 224x224, Inverting Gradients with a fixed small budget;
 seconds per IG iteration and per training step (forward + backward), PSNR/SSIM after the budget.
 
-Run:  /work/venv/bin/python benchmarks/bench_trained.py            (about 15 min on one shared core)
-      /work/venv/bin/python benchmarks/bench_trained.py --quick    (a smoke run: 2 images, epochs 0 and 1)
+Run:  python benchmarks/bench_trained.py            (about 15 min on one shared core)
+      python benchmarks/bench_trained.py --quick    (a smoke run: 2 images, epochs 0 and 1)
 Writes benchmarks/results/trained.json (written after each model, so a partial run keeps its results).
 """
 
@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import platform
 import statistics
 import tempfile
 import time
@@ -28,12 +26,12 @@ from pathlib import Path
 
 import torch
 
+import common
 import gradleak as gl
 from gradleak.metrics import evaluate
 from gradleak.models import build, load_weights
 from gradleak.training import train
 
-RESULTS = Path(__file__).resolve().parent / "results" / "trained.json"
 MODELS = {"lenet": ({}, 3e-3), "convnet": ({"width": 16}, 1e-3)}
 
 
@@ -61,7 +59,7 @@ def _attack(model, ds, idx, attack, iterations):
             "seconds_per_image": statistics.fmean(r["seconds"] for r in rows), "images": rows}
 
 
-def digits_study(args, out: dict) -> None:
+def digits_study(args, out: dict, run_) -> None:
     ds = gl.data.load("digits")
     epochs = [int(e) for e in args.epochs.split(",")]
     out["digits"] = {"setting": {"images": args.images, "epochs": epochs, "ig_iterations": args.ig_iterations,
@@ -89,10 +87,10 @@ def digits_study(args, out: dict) -> None:
                           f"{row[attack]['ssim_mean']:.3f}  {row[attack]['seconds_per_image']:.1f} s/img", flush=True)
                 entry["epochs"][str(e)] = row
             out["digits"]["models"][name] = entry
-            _write(out, args.out)
+            common.finish(run_, dict(out, complete=False))
 
 
-def resnet18_224(args, out: dict) -> None:
+def resnet18_224(args, out: dict, run_) -> None:
     photos = gl.data.load("samples", num_images=1, start=args.photo, image_size=224)
     spec = dataclasses.replace(photos.spec, num_classes=1000)
     model = build("resnet18", input_shape=(3, 224, 224), num_classes=1000, seed=0)
@@ -122,32 +120,11 @@ def resnet18_224(args, out: dict) -> None:
     print(f"resnet18 224x224 '{photos.names[0]}': {per_it:.2f} s/IG iteration ({per_it / step:.1f}x a training "
           f"step of {step:.2f} s); PSNR {s.psnr:.2f} dB, SSIM {s.ssim:.3f} after {args.resnet_iterations} iterations",
           flush=True)
-    _write(out, args.out)
-
-
-def _git_state() -> str:
-    """HEAD commit, and whether the attack code differs from it (results depend on the attack version)."""
-    import subprocess
-
-    root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                              timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "src"], cwd=root, capture_output=True, text=True,
-                               timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return head + (" (src has uncommitted changes)" if dirty else "")
-
-
-def _write(out: dict, path: str) -> None:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(out, indent=2))
+    common.finish(run_, dict(out, complete=False))
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = common.add_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     ap.add_argument("--parts", default="digits,resnet18")
     ap.add_argument("--models", default="", help="subset of lenet,convnet")
     ap.add_argument("--images", type=int, default=8)
@@ -157,24 +134,18 @@ def main() -> None:
     ap.add_argument("--resnet-iterations", type=int, default=100)
     ap.add_argument("--photo", type=int, default=0, help="index of the bundled photo for the ResNet-18 run")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
+    run_ = common.begin("trained", args)
     if args.quick:
         args.images, args.epochs, args.ig_iterations, args.idlg_iterations, args.resnet_iterations = 2, "0,1", 50, \
             20, 6
-    torch.set_num_threads(1)
     torch.set_flush_denormal(True)  # L-BFGS on tiny models slows ~10x on float32 denormals otherwise
-    out = {"benchmark": "trained", "torch": torch.__version__, "machine": platform.machine(), "threads": 1,
-           "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": "python benchmarks/bench_trained.py"
-           + (" --quick" if args.quick else "")}
-    out["git"] = _git_state()
-    t = time.perf_counter()
+    out: dict = {}
     if "digits" in args.parts:
-        digits_study(args, out)
+        digits_study(args, out, run_)
     if "resnet18" in args.parts:
-        resnet18_224(args, out)
-    out["seconds"] = time.perf_counter() - t
-    _write(out, args.out)
+        resnet18_224(args, out, run_)
+    common.finish(run_, dict(out, complete=True))
 
 
 if __name__ == "__main__":
