@@ -19,44 +19,22 @@
 
 Each run writes only what it ran, with its command line, the git commit and whether the tree was clean.
 
-Run:  /work/venv/bin/python benchmarks/bench_tensor.py [--quick] [--only quality|scale] [--out PATH]
-(full: benchmarks/results/tensor.json, ~12 min; --quick: benchmarks/results/tensor_quick.json, < 2 min; one thread)
+Run:  python benchmarks/bench_tensor.py [--quick] [--only quality|scale] [--allow-dirty]
+Writes benchmarks/results/tensor.json with the provenance of benchmarks/common.py (full ~12 min; --quick < 2 min;
+one thread).
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import json
-import platform
-import subprocess
-import sys
 import time
-from pathlib import Path
 
-import torch
 
+import common
 import gradleak as gl
 from gradleak.attacks.tensor import direction_error, recover_directions
 from gradleak.metrics import evaluate
-
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
-
-
-def git_state() -> dict:
-    """The commit and whether the working tree was clean (any tracked or untracked change outside
-    benchmarks/results/, where the benchmarks write their own output)."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=10).stdout.strip()
-        status = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True,
-                                timeout=10).stdout.splitlines()
-        status = [line for line in status if not line[3:].startswith("benchmarks/results/")]
-    except (OSError, subprocess.SubprocessError) as e:
-        return {"commit": None, "tree_clean": None, "git_error": str(e)}
-    return {"commit": head or None, "tree_clean": not status, "tree_changes": status[:20]}
-
 
 def _status_kb() -> dict[str, int]:
     out = {}
@@ -166,19 +144,15 @@ def scale(m: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = common.add_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     ap.add_argument("--quick", action="store_true",
-                    help="< 2 min: ReLU at widths 1e3, 1e4 and tanh at 1e3; B in 4, 8; random init; scale at m = 10,000")
+                    help="< 2 min: ReLU at widths 1e3, 1e4 and tanh at 1e3; B in 4, 8; random init; scale at m = 20,000")
     ap.add_argument("--only", choices=["quality", "scale"], default=None)
-    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/tensor[_quick].json)")
     args = ap.parse_args()
-    torch.set_num_threads(1)
-    out = {"benchmark": "tensor", "command": " ".join(["python", "benchmarks/bench_tensor.py", *sys.argv[1:]]),
-           "quick": args.quick, **git_state(), "machine": platform.processor() or platform.machine(),
-           "threads": 1, "torch": torch.__version__, "python": platform.python_version()}
-    t0 = time.perf_counter()
+    run_ = common.begin("tensor", args)
+    out = {"quick": args.quick}
     if args.only in (None, "scale"):
-        out["scale"] = scale(10_000 if args.quick else 40_000)
+        out["scale"] = scale(20_000 if args.quick else 40_000)
     if args.only in (None, "quality"):
         if args.quick:  # tanh at m = 1,000 only: its non-linear fit is the slow part
             out["quality"] = (quality((1_000, 10_000), (4, 8), ("relu",), ("random",))
@@ -186,11 +160,7 @@ def main() -> None:
         else:
             out["quality"] = quality((1_000, 10_000, 100_000), (2, 4, 8), ("relu", "tanh"), ("random", "mirrored"))
     out["sections"] = [k for k in ("scale", "quality") if k in out]
-    out["total_seconds"] = time.perf_counter() - t0
-    path = Path(args.out) if args.out else RESULTS / ("tensor_quick.json" if args.quick else "tensor.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1))
-    print(f"wrote {path}")
+    common.finish(run_, out)
 
 
 if __name__ == "__main__":
