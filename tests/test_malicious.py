@@ -213,3 +213,45 @@ def test_cli_attack_crafts_the_model(tmp_path):
     assert any("crafted the model" in n for n in res.notes)
     assert res.case.describe()["model"].startswith("imprint+")
     assert res.scores.psnr > 100 and (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_trap_weights_fedavg_on_an_mlp_reads_the_same_inputs():
+    data = gl.data.samples(16, num_images=8)
+    x, y = data.batch(8)
+    model = gl.models.build("mlp", input_shape=data.spec.shape, num_classes=data.spec.num_classes, width=256,
+                            dtype=torch.float64)
+    attack = gl.create("trap-weights")
+    crafted = attack.craft(model, data.spec)
+    sgd, truth = gl.simulate(crafted, x.double(), y, spec=data.spec)
+    avg, _ = gl.simulate(crafted, x.double(), y, spec=data.spec, protocol="fedavg", local_steps=4)
+    o_sgd = outcomes(attack.reconstruct(sgd), truth)
+    rec = attack.reconstruct(avg)
+    o_avg = outcomes(rec, truth)
+    assert o_sgd["exact"] >= 1 and o_avg["per_image"] == o_sgd["per_image"]
+    assert "single" not in rec.info["row_status"]  # a row's own gradient is not observed alone under FedAvg
+
+
+def test_imprint_unknown_labels_and_other_priors():
+    data = gl.data.samples(16, num_images=8)
+    x, y = data.batch(8)
+    model = gl.models.build("mlp", input_shape=data.spec.shape, num_classes=data.spec.num_classes, width=32,
+                            dtype=torch.float64)
+    attack = gl.create("imprint", bins=64)
+    case, truth = gl.simulate(attack.craft(model, data.spec), x.double(), y, spec=data.spec, labels_known=False)
+    rec = attack.reconstruct(case)
+    out = outcomes(rec, truth)
+    for j, st in enumerate(rec.info["row_status"]):
+        if st == "single":  # the label whose own gradient explains the row is the image's label
+            assert int(rec.labels[j]) == int(truth.labels[out["rows_matched_to"][j]])
+    # the brightness measurement is the mean image-space pixel; a public batch sets the prior
+    bright = gl.create("imprint", bins=16, measurement="brightness")
+    blk = bright.craft(model, data.spec).imprint
+    m = data.spec.normalize(x.double()).flatten(1) @ blk.bins.weight[0].detach() + blk.offset
+    torch.testing.assert_close(m, x.double().flatten(1).mean(1))
+    public = gl.data.samples(16).batch(19)[0][8:]
+    crafted = bright.craft(model, data.spec, public=public)
+    rec_prior = crafted.gradleak_crafted.facts
+    assert rec_prior["prior_source"].startswith("Gaussian fitted to 11 public")
+    assert rec_prior["prior_mean"] == pytest.approx(float(public.double().flatten(1).mean(1).mean()))
+    with pytest.raises(gl.ValidationError, match="public must be a tensor"):
+        bright.craft(model, data.spec, public=public[0])

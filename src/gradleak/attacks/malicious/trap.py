@@ -81,7 +81,7 @@ class TrapOptions:
     """layer: the nn.Linear (with bias) to trap ('' = the first one). margin: how far each row leans negative
     (larger: fewer samples activate a neuron; choose it for the batch size: about 1/B of the samples per neuron
     isolates most). group_tol: relative distance under which two rows' read-outs are the same sample (0 = 1e3
-    machine epsilons). fit_tol: a row is one sample when that candidate's own bias gradient explains the row to
+    machine epsilons for FedSGD, sqrt(eps) for FedAvg, whose delta is rounded at the size of the parameters). fit_tol: a row is one sample when that candidate's own bias gradient explains the row to
     this relative error (0 = sqrt(eps))."""
 
     layer: str = ""
@@ -245,7 +245,9 @@ class TrapWeights(Attack):
         cand = lin.candidates[:, :D]
         img = cand.reshape(-1, *spec.shape) if reads == "image" else spec.denormalize(cand.reshape(-1, *spec.shape))
         xn = spec.normalize(img)
-        groups = _group(img.flatten(1), o.group_tol or 1e3 * eps, max(len(img), 1))
+        # FedAvg: theta_K - theta_0 is rounded at the size of theta, so rows of one sample agree less closely
+        tol = o.group_tol or (1e3 * eps if case.observation.gradient_is_exact(B) else math.sqrt(eps))
+        groups = _group(img.flatten(1), tol, max(len(img), 1))
         reps = torch.tensor([gr[0] for gr in groups], dtype=torch.long)
         support = [len(gr[1]) for gr in groups]
         units = lin.rows[reps]
@@ -262,13 +264,14 @@ class TrapWeights(Attack):
         proven_mixture = ~(in_range & active).cpu()
         G = case.observation.as_gradient()
         fit_ok = per_sample_independent(case)
+        fit_exact = fit_ok and case.observation.gradient_is_exact(B)
         single = torch.zeros(len(reps), dtype=torch.bool)
         labels_all = None
         cost = None
         if fit_ok:
             cost = row_fit(case, layer, xn[reps], units, G[f"{layer}.bias"][units]).cpu()
             best = cost.amin(1)
-            if case.observation.gradient_is_exact(B):
+            if fit_exact:
                 single = (best <= (o.fit_tol or math.sqrt(eps))) & ~proven_mixture
         status = ["single" if s else "mixture" if pm else "unverified"
                   for s, pm in zip(single.tolist(), proven_mixture.tolist())]
@@ -299,7 +302,11 @@ class TrapWeights(Attack):
                 info["labels"] = {"source": "recovered: the label whose gradient best explains each row"}
             info["fit_cost"] = sub.amin(1).tolist()
         n_single = info["rows_single"]
-        claim = "exact" if n_single >= B and len(chosen) == B else "mixture"
+        # exact: B verified single rows; or (FedAvg on a layer reading the input, which does not change between
+        # local steps) B rows that several neurons agree on and none proven a mixture; the base class then verifies
+        # it by the residual. In a CNN the pass-through convolutions drift during the local steps: no such claim.
+        agreed = reads == "normalised" and all(status[i] != "mixture" and support[i] >= 2 for i in chosen)
+        claim = "exact" if len(chosen) == B and (n_single >= B or (not fit_exact and agreed)) else "mixture"
         info["share_single"] = n_single / B
         return Reconstruction(inputs=x, labels=None if labels is None else labels.to(case.device), info=info,
                               claim=claim)
