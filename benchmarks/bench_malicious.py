@@ -96,6 +96,7 @@ def main(argv=None):
     public = data.batch(PUBLIC, start=need)[0]  # disjoint from every client's images
     model = gl.models.build("resnet18", input_shape=data.spec.shape, num_classes=data.spec.num_classes,
                             dtype=torch.float64, width=args.width)
+    one(model, data, 4, 16, "fedsgd", 1)  # warm-up (first calls of the autograd/forward-mode machinery), not recorded
     rows = []
     t_all = time.perf_counter()
     grid = [(p, c, pub) for p in ("fedsgd", "fedavg") for c in (1, 4) for pub in (None, public)

@@ -10,17 +10,19 @@ model is the crafted one. ``requirements(case)`` refuses a case whose model the 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from ... import functional as Fn
 from ...case import Case, FedAvg
 
-__all__ = ["CraftRecord", "MARK", "crafted_record", "not_crafted_problem", "participation_scales", "row_fit",
-           "per_sample_independent"]
+__all__ = ["CraftRecord", "MARK", "crafted_record", "in_value_range", "not_crafted_problem", "pair_labels",
+           "participation_scales", "per_sample_independent", "pixel_stats", "row_fit"]
 
 #: the attribute a crafted model carries (a :class:`CraftRecord`); it survives the Case's deep copy
 MARK = "gradleak_crafted"
@@ -119,3 +121,31 @@ def row_fit(case: Case, layer: str, x: torch.Tensor, units: torch.Tensor, target
     t = target.to(dtype=dtype, device=device)
     err = (scales[None, None, :] * pred[:, :, None] - t[:, None, None]).abs().amin(-1)
     return err / t.abs().clamp_min(torch.finfo(dtype).tiny)[:, None]
+
+
+def pixel_stats(spec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-pixel (std, mean), each (*spec.shape) float64, of the spec's normalisation: x = std * xn + mean."""
+    ones = torch.ones((1, *spec.shape), dtype=torch.float64)
+    zero = torch.zeros_like(ones)
+    mean = spec.denormalize(zero)[0]
+    return spec.denormalize(ones)[0] - mean, mean
+
+
+def in_value_range(spec, images: torch.Tensor) -> torch.Tensor:
+    """(R,) whether each image-space row lies in ``spec.value_range`` up to 10 sqrt(eps) of the range."""
+    lo, hi = spec.value_range
+    tol = math.sqrt(torch.finfo(images.dtype).eps) * 10 * (hi - lo)
+    flat = images.flatten(1)
+    return ((flat.amin(1) >= lo - tol) & (flat.amax(1) <= hi + tol)).cpu()
+
+
+def pair_labels(cost: torch.Tensor, known: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
+    """Labels for the rows of a :func:`row_fit` cost (R, C): the known labels paired with the rows by a minimum-cost
+    assignment (R <= B), or, when unknown, the label whose gradient best explains each row."""
+    if known is not None:
+        lab = known.cpu()
+        rr, cc = linear_sum_assignment(cost[:, lab].numpy())
+        out = torch.empty(cost.shape[0], dtype=torch.long)
+        out[torch.as_tensor(rr)] = lab[torch.as_tensor(cc)]
+        return out, {"source": "known labels, paired with rows by their bias-gradient fit"}
+    return cost.argmin(1), {"source": "recovered: the label whose gradient best explains each row"}

@@ -40,14 +40,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 from scipy.stats import norm
 from torch import nn
 
 from ...case import Case, DataSpec, FedAvg, _num_outputs
 from ...errors import ValidationError
 from ..base import Attack, Reconstruction, RunContext, register
-from .crafted import MARK, CraftRecord, crafted_record, not_crafted_problem, per_sample_independent, row_fit
+from .crafted import (MARK, CraftRecord, crafted_record, in_value_range, not_crafted_problem, pair_labels,
+                      per_sample_independent, pixel_stats, row_fit)
 
 __all__ = ["Imprint", "ImprintBlock", "ImprintedModel", "expected_share", "interval_masses"]
 
@@ -118,12 +118,9 @@ def _measurement(spec: DataSpec, kind: str, generator: torch.Generator, dtype) -
     if kind == "random":
         w = torch.randn(D, generator=generator, dtype=torch.float64) / math.sqrt(D)
         return w.to(dtype), 0.0
-    # brightness: mean over image-space pixels = sum_j (std_c / D) xn_j + mean_j(mean_c)
-    ones = torch.ones((1, *spec.shape), dtype=torch.float64)
-    zero = torch.zeros_like(ones)
-    o = float(spec.denormalize(zero).mean())
-    w = (spec.denormalize(ones) - spec.denormalize(zero)).reshape(-1) / D
-    return w.to(dtype), o
+    # brightness: mean over image-space pixels = sum_j (std_j / D) xn_j + mean_j(mean_j)
+    std, mean = pixel_stats(spec)
+    return (std.reshape(-1) / D).to(dtype), float(mean.mean())
 
 
 def _box_min(spec: DataSpec, w: torch.Tensor, o: float) -> float:
@@ -282,11 +279,8 @@ class Imprint(Attack):
         hi_t = torch.cat([t[1:], torch.tensor([math.inf], dtype=torch.float64)])[rows]
         tol_m = math.sqrt(eps) * (1 + t[1:].abs().max().item())
         in_interval = (m > lo_t - tol_m) & (m <= hi_t + tol_m)
-        lo, hi = spec.value_range
-        tol_x = math.sqrt(eps) * 10 * (hi - lo)
-        flat = img.flatten(1)
-        in_range = (flat.amin(1) >= lo - tol_x) & (flat.amax(1) <= hi + tol_x)
-        proven_mixture = ~(in_interval & in_range).cpu()
+        in_range = in_value_range(spec, img)
+        proven_mixture = ~(in_interval.cpu() & in_range)
         R = int(rows.numel())
         deficit = B - R
         single = torch.zeros(R, dtype=torch.bool)
@@ -316,15 +310,7 @@ class Imprint(Attack):
                         single[r] = True
                         how[r] = f"fit: its own bias gradient explains the row to {float(best[r]):.1e}"
             info["fit_cost"] = best.tolist()
-            if case.labels is not None:
-                lab = case.labels.cpu()
-                rr, cc = linear_sum_assignment(cost[:, lab].numpy())
-                labels = torch.empty(R, dtype=torch.long)
-                labels[rr] = lab[cc]
-                label_info = {"source": "known labels, paired with rows by their bias-gradient fit"}
-            else:
-                labels = cost.argmin(1)
-                label_info = {"source": "recovered: the label whose gradient best explains each row"}
+            labels, label_info = pair_labels(cost, case.labels)
         else:
             label_info = {"source": "not paired: train-mode BatchNorm couples the samples, so a row's own "
                                     "gradient cannot be computed alone"}
@@ -342,12 +328,9 @@ class Imprint(Attack):
             proven_mixture = proven_mixture[sel]
             status = [status[r] for r in keep]
             how = [how[r] for r in keep]
-            labels = labels[sel] if labels is not None and case.labels is None else labels
-            if labels is not None and case.labels is not None and cost is not None:
-                lab = case.labels.cpu()
-                rr, cc = linear_sum_assignment(cost[sel][:, lab].numpy())
-                labels = torch.empty(B, dtype=torch.long)
-                labels[rr] = lab[cc]
+            if cost is not None:
+                cost = cost[sel]
+                labels, label_info = pair_labels(cost, case.labels)
             R = B
         info.update(rows=R, rows_dropped=dropped, counting_argument=counting, intervals=rows.tolist(), row_status=status, row_evidence=how,
                     rows_single=int(single.sum()), share_single=float(single.sum()) / B,

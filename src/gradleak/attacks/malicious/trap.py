@@ -26,14 +26,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from ...case import Case, DataSpec
 from ...errors import ValidationError
 from ..analytic import _group, recover_linear_input
 from ..base import Attack, Reconstruction, RunContext, register
-from .crafted import MARK, CraftRecord, crafted_record, not_crafted_problem, per_sample_independent, row_fit
+from .crafted import (MARK, CraftRecord, crafted_record, in_value_range, not_crafted_problem, pair_labels,
+                      per_sample_independent, pixel_stats, row_fit)
 
 __all__ = ["TrapWeights"]
 
@@ -160,12 +160,9 @@ class TrapWeights(Attack):
             W[:, :D] = u
             b = torch.zeros(rows, dtype=torch.float64)
         else:
-            ones = torch.ones((1, *spec.shape), dtype=torch.float64)
-            zero = torch.zeros_like(ones)
-            std = (spec.denormalize(ones) - spec.denormalize(zero)).reshape(-1)
-            mean = spec.denormalize(zero).reshape(-1)
-            W = u * std
-            b = u @ mean
+            std, mean = pixel_stats(spec)
+            W = u * std.reshape(-1)
+            b = u @ mean.reshape(-1)
         with torch.no_grad():
             lin.weight.copy_(W.to(dtype))
             lin.bias.copy_(b.to(dtype))
@@ -192,10 +189,7 @@ class TrapWeights(Attack):
                                         "image through (needs stride 1, 'same' padding, at least as many channels)")
                         continue
                     m.weight.zero_()
-                    ones = torch.ones((1, *spec.shape), dtype=torch.float64)
-                    zero = torch.zeros_like(ones)
-                    std = (spec.denormalize(ones) - spec.denormalize(zero))[0, :, 0, 0]
-                    mean = spec.denormalize(zero)[0, :, 0, 0]
+                    std, mean = (t[:, 0, 0] for t in pixel_stats(spec))
                     for c in range(C):
                         m.weight[c, c, k[0] // 2, k[1] // 2] = float(std[c]) if first else 1.0
                     if m.bias is not None:
@@ -252,21 +246,17 @@ class TrapWeights(Attack):
         support = [len(gr[1]) for gr in groups]
         units = lin.rows[reps]
         # proofs of a mixture: pixels outside the range, or the row's own neuron inactive for the candidate
-        lo, hi = spec.value_range
-        tol_x = math.sqrt(eps) * 10 * (hi - lo)
-        flat = img[reps].flatten(1)
-        in_range = (flat.amin(1) >= lo - tol_x) & (flat.amax(1) <= hi + tol_x)
+        in_range = in_value_range(spec, img[reps])
         Wl = case.parameters[f"{layer}.weight"]
         bl = case.parameters[f"{layer}.bias"]
         feats = (img[reps].flatten(1) if reads == "image" else xn[reps].flatten(1))
         pre = (feats * Wl[units, :D]).sum(1) + bl[units]
         active = pre > -math.sqrt(eps) * (1 + pre.abs())
-        proven_mixture = ~(in_range & active).cpu()
+        proven_mixture = ~(in_range & active.cpu())
         G = case.observation.as_gradient()
         fit_ok = per_sample_independent(case)
         fit_exact = fit_ok and case.observation.gradient_is_exact(B)
         single = torch.zeros(len(reps), dtype=torch.bool)
-        labels_all = None
         cost = None
         if fit_ok:
             cost = row_fit(case, layer, xn[reps], units, G[f"{layer}.bias"][units]).cpu()
@@ -291,15 +281,7 @@ class TrapWeights(Attack):
         labels = None
         if cost is not None:
             sub = cost[chosen]
-            if case.labels is not None and len(chosen) <= B:
-                lab = case.labels.cpu()
-                rr, cc = linear_sum_assignment(sub[:, lab].numpy())
-                labels = torch.empty(len(chosen), dtype=torch.long)
-                labels[rr] = lab[cc]
-                info["labels"] = {"source": "known labels, paired with rows by their bias-gradient fit"}
-            else:
-                labels = sub.argmin(1)
-                info["labels"] = {"source": "recovered: the label whose gradient best explains each row"}
+            labels, info["labels"] = pair_labels(sub, case.labels)
             info["fit_cost"] = sub.amin(1).tolist()
         n_single = info["rows_single"]
         # exact: B verified single rows; or (FedAvg on a layer reading the input, which does not change between
