@@ -124,9 +124,8 @@ def _measurement(spec: DataSpec, kind: str, generator: torch.Generator, dtype) -
 
 
 def _box_min(spec: DataSpec, w: torch.Tensor, o: float) -> float:
-    lo, hi = spec.bounds(w.double())
-    lo = lo.expand(spec.shape).reshape(-1) if lo.numel() == 1 else torch.broadcast_to(lo, spec.shape).reshape(-1)
-    hi = torch.broadcast_to(hi, spec.shape).reshape(-1)
+    """The smallest value of w . xn + o over the data's value box (in normalised space)."""
+    lo, hi = (torch.broadcast_to(b, spec.shape).reshape(-1) for b in spec.bounds(w.double()))
     wd = w.double()
     return float(torch.minimum(wd * lo, wd * hi).sum()) + o
 
