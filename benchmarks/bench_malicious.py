@@ -24,35 +24,22 @@ residual) and of the client's simulation; the share of images whose matched row 
 PSNR of the rows. "stopped" = no image recovered at >= 100 dB. The block's gain is 1e-3 (its gradient is small,
 so noise of 1e-6 on the update already drowns it; a server would raise the gain).
 
-Run:  /work/venv/bin/python benchmarks/bench_malicious.py [--quick]
-Writes benchmarks/results/malicious.json (with the git commit, whether the tree was clean, the command line).
+Run:  /work/venv/bin/python benchmarks/bench_malicious.py [--quick] [--allow-dirty]
+Writes benchmarks/results/malicious.json with its provenance (benchmarks/common.py: command, commit, clean tree).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import torch
 
+import common
 import gradleak as gl
 from gradleak.attacks.malicious import outcomes, secure_aggregate
 
-RESULTS = Path(__file__).resolve().parent / "results" / "malicious.json"
-ROOT = Path(__file__).resolve().parent.parent
 PUBLIC = 64  # public images the server may use to fit the prior of the measurement
-
-
-def _git() -> dict:
-    def run(*a):
-        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-
-    return {"commit": run("rev-parse", "HEAD"), "clean_tree": run("status", "--porcelain") == ""}
 
 
 def one(model, data, B, bins, protocol, clients, defense=None, seed=0, public=None):
@@ -87,13 +74,12 @@ def one(model, data, B, bins, protocol, clients, defense=None, seed=0, public=No
             "stopped": out["exact"] == 0}
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main():
+    ap = common.add_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     ap.add_argument("--quick", action="store_true", help="B = 8, k = 64 only; one defense row")
     ap.add_argument("--width", type=int, default=4, help="ResNet-18 base width (64 = the standard one)")
-    ap.add_argument("--out", default=str(RESULTS))
-    args = ap.parse_args(argv)
-    torch.set_num_threads(1)
+    args = ap.parse_args()
+    run_ = common.begin("malicious", args)
     sizes, bins_list = ((8,), (64,)) if args.quick else ((8, 32, 128), (64, 256))
     need = max(sizes) * 4
     data = gl.data.load("digits", num_images=need + PUBLIC, image_size=32, channels=3)
@@ -122,18 +108,14 @@ def main(argv=None):
         rows.append(r)
         print(f"defense {r['defense']}: {100 * r['share_recovered_100db']:.1f}% >= 100 dB, "
               f"{100 * r['share_recovered_30db']:.1f}% >= 30 dB, stopped={r['stopped']}", flush=True)
-    result = {"benchmark": "malicious", "mode": "quick" if args.quick else "full",
-              "command": " ".join([Path(sys.executable).name, *sys.argv]), **_git(),
-              "setting": {"attack": "imprint", "gain": gl.create("imprint").options.gain, "model": f"resnet18 (cifar stem, width {args.width})",
-                          "dtype": "float64", "data": "digits upscaled to 3x32x32", "labels_known": True,
-                          "fedavg": {"local_steps": 4, "local_lr": 1e-4, "local_batch": "full"},
-                          "secure_aggregation_clients": 4, "threshold_db": 100.0},
-              "machine": {"python": platform.python_version(), "torch": torch.__version__, "threads": 1,
-                          "platform": platform.platform()},
-              "seconds_total": time.perf_counter() - t_all, "rows": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.out} ({result['seconds_total']:.0f} s)")
+    common.finish(run_, {
+        "mode": "quick" if args.quick else "full",
+        "setting": {"attack": "imprint", "gain": gl.create("imprint").options.gain,
+                    "model": f"resnet18 (cifar stem, width {args.width})", "dtype": "float64",
+                    "data": "digits upscaled to 3x32x32", "labels_known": True,
+                    "fedavg": {"local_steps": 4, "local_lr": 1e-4, "local_batch": "full"},
+                    "secure_aggregation_clients": 4, "threshold_db": 100.0, "public_images": PUBLIC},
+        "seconds_grid": time.perf_counter() - t_all, "rows": rows})
 
 
 if __name__ == "__main__":
