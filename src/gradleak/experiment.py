@@ -180,6 +180,10 @@ def build_case(cfg: AttackRun) -> tuple[Case, Truth | None, list[str]]:
         truth = Truth(truth_inputs.to(dtype), truth_labels) if truth_inputs is not None else None
         return case, truth, notes
     gen = torch.Generator().manual_seed(cfg.seed)
+    attack_cls = attacks.get(cfg.attack)
+    if attack_cls.crafts_model:  # a malicious server: the client trains the model the attack sends
+        model = create(cfg.attack, preset=cfg.preset, **cfg.attack_options).craft(model, spec, generator=gen)
+        notes.append(f"{attack_cls.name} crafted the model the server sends (a malicious-server threat model)")
     case, truth = simulate(model, truth_inputs.to(dtype), truth_labels, protocol=cfg.protocol, spec=spec,
                            loss=cfg.loss, labels_known=cfg.labels_known, bn_mode=cfg.bn_mode,
                            local_steps=cfg.local_steps, local_lr=cfg.local_lr,

@@ -171,6 +171,9 @@ class Attack:
     restarts_option: ClassVar[str | None] = None  # the option that sets the number of independent trials, if any
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
     default_preset: ClassVar[str | None] = None
+    # True: the attack needs a malicious server (the right to modify the model it sends); an honest-but-curious
+    # threat model must skip it. Such an attack implements craft() and simulates the client on its result.
+    crafts_model: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
@@ -217,6 +220,11 @@ class Attack:
 
     def _reconstruct(self, case: Case, ctx: RunContext) -> Reconstruction:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def craft(self, model, spec, *, generator: torch.Generator | None = None, **kw):
+        """The model a malicious server sends instead of ``model`` (only where ``crafts_model``)."""
+        raise RequirementError(self.name, [f"{self.name} attacks the update of the model as it is: it does not "
+                                           "craft a model (crafts_model is False)"])
 
     # ---- the one public verb ---------------------------------------------------------------------
     def reconstruct(
