@@ -35,6 +35,7 @@ BENCHMARKS = {
     "trained": "bench_trained.py",
     "risk": "bench_risk.py",
     "optim": "bench_optim.py",
+    "malicious": "bench_malicious.py",
 }
 
 ONE_THREAD = {k: "1" for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
