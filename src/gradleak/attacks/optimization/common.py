@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 import torch
 
 from ...activations import resolve as resolve_activation
+from ... import functional as Fn
 from ...case import Case, FedSGD
 from ..base import Reconstruction
 
@@ -99,6 +100,11 @@ class GradientMatcher:
     or 'l2-relative' (the same divided by sum_l w_l |g*_l|^2, scale free: needed for FedAvg deltas).
     ``terms(x, labels)`` returns (data term, cosine distance), both 0-d tensors differentiable w.r.t. ``x``
     (normalised inputs (B, *shape)) and soft labels.
+
+    The cosine (and the norm that 'l2-relative' divides by) is computed scale free: the observed update is
+    stored divided by its largest |entry|, the candidate's is divided by its own before squaring, and the
+    per-tensor sums are combined in float64. An observed update x1e-30 or x1e30 (float32) gives the same
+    cosine, and so the same attack, as the unscaled one; nothing underflows to 0 or overflows to inf.
     """
 
     def __init__(self, case: Case, names: Sequence[str] | None = None, weights: Sequence[float] | None = None,
@@ -113,10 +119,11 @@ class GradientMatcher:
         obs = case.observed
         self.targets = [obs[k].detach().reshape(-1) for k in self.names]
         self.w = [1.0] * len(self.names) if weights is None else [float(v) for v in weights]
-        self.equal = all(v == 1.0 for v in self.w)
-        self.tnorm2 = sum(w * torch.dot(t, t) for w, t in zip(self.w, self.targets))
-        self.tnorm = self.tnorm2.sqrt()
-        self._tiny = torch.finfo(self.targets[0].dtype).tiny
+        self.tscale = float(Fn._max_abs(self.targets))                      # float64 python scalar
+        self.units = [t / self.tscale for t in self.targets]                # |entries| <= 1: squares are safe
+        unorm2 = sum(w * float(torch.dot(u, u)) for w, u in zip(self.w, self.units))
+        self.unorm = math.sqrt(unorm2)
+        self.tnorm2 = unorm2 * self.tscale ** 2                             # float64: |g*|_w^2 (may be 1e-60)
         # FedSGD: a private copy of the model whose own parameters are the leaves (no per-step parameter
         # swapping as in functional_call), differentiated only w.r.t. the matched ones. Train-mode BatchNorm
         # updates only this copy's running statistics, which its (batch-statistics) output does not use.
@@ -146,15 +153,27 @@ class GradientMatcher:
         if self.distance == "cosine":
             return data, data
         with torch.no_grad():
-            dot = sum(w * torch.dot(g, t) for w, g, t in zip(self.w, gs, self.targets))
-            gn2 = sum(w * torch.dot(g, g) for w, g in zip(self.w, gs))
-            cos = 1.0 - dot / (gn2.sqrt() * self.tnorm).clamp_min(self._tiny)
+            cos = data.new_tensor(self.cosine(gs)[0])
         return data, cos
+
+    def cosine(self, gs: Sequence[torch.Tensor]) -> tuple[float, float, float, float]:
+        """(1 - cos, <g/s, u>_w, |g/s|_w^2, s) for flat candidate tensors gs, with s = max |g| and u the stored
+        unit-scale target; float64 python scalars (the distance is 1 when the candidate update is zero)."""
+        st = Fn._max_abs(gs).to(gs[0].dtype)
+        w = torch.tensor(self.w, dtype=torch.float64, device=gs[0].device)
+        gh = [g.detach() / st for g in gs]
+        dots = torch.stack([torch.dot(g, u) for g, u in zip(gh, self.units)]).double()
+        sq = torch.stack([torch.dot(g, g) for g in gh]).double()
+        s, dot, gn2 = torch.stack([st.double(), (w * dots).sum(), (w * sq).sum()]).tolist()  # one sync
+        denom = math.sqrt(gn2) * self.unorm
+        if not denom > 0:
+            return 1.0, dot, gn2, s
+        return 1.0 - min(1.0, max(-1.0, dot / denom)), dot, gn2, s
 
 
 class _Match(torch.autograd.Function):
     """The matcher's data term over a list of flat update tensors, with a hand-written backward: one fused
-    pass per tensor (a*g + b*t) instead of autograd's five (two dot backwards, their sums). On large models
+    pass per tensor (a*g + b*u) instead of autograd's five (two dot backwards, their sums). On large models
     (ResNet-18: 11M parameters) this elementwise work is a noticeable part of an IG step."""
 
     @staticmethod
@@ -162,29 +181,29 @@ class _Match(torch.autograd.Function):
         ctx.m = m
         ctx.save_for_backward(*gs)
         if m.distance == "cosine":
-            if m.equal:
-                dot = sum(torch.dot(g, t) for g, t in zip(gs, m.targets))
-                gn2 = sum(torch.dot(g, g) for g in gs)
-            else:
-                dot = sum(w * torch.dot(g, t) for w, g, t in zip(m.w, gs, m.targets))
-                gn2 = sum(w * torch.dot(g, g) for w, g in zip(m.w, gs))
-            gn = gn2.sqrt()
-            denom = (gn * m.tnorm).clamp_min(m._tiny)
-            ctx.coef = (dot / (gn2 * denom).clamp_min(m._tiny), -1.0 / denom)  # d cos/dg = a*g + b*t (per w)
-            return 1.0 - dot / denom
-        l2 = sum(w * torch.dot(g - t, g - t) for w, g, t in zip(m.w, gs, m.targets))
-        scale = 1.0 / m.tnorm2.clamp_min(m._tiny) if m.distance == "l2-relative" else torch.ones_like(l2)
-        ctx.coef = (2.0 * scale, -2.0 * scale)
-        return l2 * scale
+            value, dot, gn2, s = m.cosine(gs)
+            denom = math.sqrt(gn2) * m.unorm
+            # with gh = g/s: d(1 - cos)/dg = (a*gh + b*u)/s, a = dot/(|gh|^2 denom), b = -1/denom
+            ctx.coef = ((dot / (gn2 * denom), -1.0 / denom) if denom > 0 else (0.0, 0.0), 1.0 / s)
+            return gs[0].new_tensor(value)
+        l2 = float(sum(w * torch.dot(g - t, g - t).double() for w, g, t in zip(m.w, gs, m.targets)))
+        scale = 1.0 / m.tnorm2 if (m.distance == "l2-relative" and m.tnorm2 > 0) else 1.0
+        ctx.coef = ((2.0 * scale, -2.0 * scale), None)
+        return gs[0].new_tensor(l2 * scale)
 
     @staticmethod
     def backward(ctx, go: torch.Tensor):
         m = ctx.m
         gs = ctx.saved_tensors
-        a, b = (float(go * c) for c in ctx.coef)
+        (a, b), inv = ctx.coef
+        a, b = float(go) * a, float(go) * b
         out = []
-        for w, g, t in zip(m.w, gs, m.targets):
-            out.append((g * (w * a)).add_(t, alpha=w * b))
+        if inv is None:  # squared L2: 2 scale (g - t)
+            for w, g, t in zip(m.w, gs, m.targets):
+                out.append((g * (w * a)).add_(t, alpha=w * b))
+        else:
+            for w, g, u in zip(m.w, gs, m.units):
+                out.append((g * inv).mul_(w * a).add_(u, alpha=w * b).mul_(inv))
         return (None, *out)
 
 
