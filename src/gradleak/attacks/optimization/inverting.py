@@ -36,8 +36,9 @@ LABEL_STRATEGIES = ("auto", "joint")
 
 @dataclass
 class IGOptions:
-    """max_iterations: optimiser iterations per restart (Adam steps, or L-BFGS iterations: each one gradient
-    evaluation plus the few extra a line search may take; run in outer steps of ``lbfgs_inner``).
+    """max_iterations: optimiser ITERATIONS per restart (Adam steps, or L-BFGS iterations: each one gradient
+    evaluation plus the few extra a line search may take; run in outer steps of ``lbfgs_inner``), the same
+    count as DLG/iDLG. ``rec.info`` reports ``iterations``, ``outer_steps`` and ``gradient_evaluations``.
     restarts: independent trials; the best by the matching cost without TV is returned.
     optimizer: 'signed-adam' (the paper), 'adam', 'lbfgs', or 'auto': L-BFGS when the model is smooth in its
     input (no ReLU family, no max-pooling: e.g. DLG's sigmoid LeNet, where it is far better at equal
@@ -198,7 +199,6 @@ class InvertingGradients(Attack):
             optimizer = "signed-adam" if rough else "lbfgs"
         ctx.progress(o.restarts * o.max_iterations)
         inner = min(o.lbfgs_inner, o.max_iterations)
-        outer = -(-o.max_iterations // inner)
 
         def on_step(step: int, total: float, score: float):
             ctx.history.append(total)
@@ -212,15 +212,11 @@ class InvertingGradients(Attack):
             v0 = [x0]
             if joint:
                 v0.append(C.randn(C.label_logits_shape(case), ctx.generator, case))
-            common = dict(project=project if o.boxed else None, on_step=on_step, on_offer=offer)
-            if optimizer == "lbfgs":
-                trial = C.run_lbfgs(objective, v0, steps=outer, lr=o.lbfgs_lr, inner=inner,
-                                    history_size=o.history_size, line_search=o.line_search,
-                                    offer_every=max(1, o.offer_every // inner), **common)
-            else:
-                trial = C.run_adam(objective, v0, steps=o.max_iterations, lr=o.lr,
-                                   signed=optimizer == "signed-adam", decay=o.lr_decay,
-                                   offer_every=o.offer_every, **common)
+            trial = C.run_trial(objective, v0, optimizer=optimizer, max_iterations=o.max_iterations,
+                                lr=o.lbfgs_lr if optimizer == "lbfgs" else o.lr, inner=inner,
+                                history_size=o.history_size, line_search=o.line_search, decay=o.lr_decay,
+                                project=project if o.boxed else None, on_step=on_step, on_offer=offer,
+                                offer_every=o.offer_every, name=f"{self.name} restart {r}")
             trials.append(trial)
         info: dict[str, Any] = {
             "restarts": [t.summary() for t in trials],
@@ -230,7 +226,7 @@ class InvertingGradients(Attack):
             "matched_tensors": len(names) if len(names) < len(case.observed) else "all",
             "optimizer": optimizer, "distance": o.distance,
             "protocol": case.protocol,
-            "iterations": sum((t.iterations if optimizer == "lbfgs" else t.steps) for t in trials),
+            **C.totals(trials),
         }
         if o.optimizer == "auto":
             info["optimizer_choice"] = (f"auto: signed Adam, the model is not smooth ({', '.join(rough[:3])}"
