@@ -10,9 +10,9 @@
 
 Seeds 0-4 for 1, 0-2 for 2 and 3 (CPU time). PSNR (peak 1, per image; a batch: mean over its images), then
 median / mean over seeds; seconds per run (one thread). Writes benchmarks/results/optim.json with the git
-commit and whether the tree was clean.
+commit and whether the tree was clean (benchmarks/common.py).
 
-    python benchmarks/bench_optim.py [--quick]
+    python benchmarks/bench_optim.py [--quick] [--allow-dirty]
 """
 
 from __future__ import annotations
@@ -20,29 +20,21 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-import gradleak as gl
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (benchmarks/common.py: provenance)
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results" / "optim.json"
+import gradleak as gl  # noqa: E402
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     mse = ((a.clamp(0, 1) - b) ** 2).flatten(1).mean(1)
     return float((10 * torch.log10(1.0 / mse)).mean())
-
-
-def git_state() -> dict:
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
-                           text=True).stdout.strip()
-    return {"commit": head, "clean": not dirty}
 
 
 def plain_loop(case, seed: int, *, outer: int, inner: int = 20, relative: bool = False, tv: float = 0.0):
@@ -106,8 +98,9 @@ def run_one(rows, section, case, truth, make_attack, seed, plain_kw):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="seeds 0-1 and smaller budgets (a smoke run)")
+    common.add_arguments(ap)
     args = ap.parse_args(argv)
-    torch.set_num_threads(1)
+    run = common.begin("optim", args)
     seeds1 = [0, 1] if args.quick else [0, 1, 2, 3, 4]
     seeds23 = [0, 1] if args.quick else [0, 1, 2]
     outer = 30 if args.quick else 300
@@ -136,8 +129,7 @@ def main(argv=None) -> int:
     for r in rows:
         sections.setdefault(r["section"], []).append(r)
     out = {
-        "command": "python benchmarks/bench_optim.py" + (" --quick" if args.quick else ""),
-        **git_state(), "torch": torch.__version__, "threads": 1,
+        "quick": args.quick,
         "summary": {k: {"gradleak_psnr": summary([r["gradleak_psnr"] for r in v]),
                         "plain_psnr": summary([r["plain_psnr"] for r in v]),
                         "gradleak_seconds_mean": round(statistics.mean(r["gradleak_seconds"] for r in v), 1),
@@ -145,9 +137,8 @@ def main(argv=None) -> int:
                         "seeds": [r["seed"] for r in v]} for k, v in sections.items()},
         "rows": rows,
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(out, indent=1) + "\n")
     print(json.dumps(out["summary"], indent=1))
+    common.finish(run, out)
     return 0
 
 

@@ -105,13 +105,6 @@ def flat(tensors: Mapping[str, torch.Tensor], names: list[str] | None = None) ->
     return torch.cat([tensors[k].reshape(-1) for k in names])
 
 
-def _max_abs(tensors) -> torch.Tensor:
-    """The largest |entry| over a list of tensors (detached, float64), 1 where all are zero: a scale to divide
-    by before squaring, so that squares neither underflow (updates ~1e-30) nor overflow (~1e30)."""
-    m = torch.stack([t.detach().abs().max().double() for t in tensors]).max()
-    return torch.where(m > 0, m, torch.ones_like(m))
-
-
 def cosine_distance(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], names=None, weights=None):
     """1 - cosine between two update dicts over their concatenation, optionally with per-layer weights w_k
     (the inner product sum_k w_k <a_k, b_k>). Returns a 0-d float64 tensor (differentiable), in [0, 2].

@@ -21,7 +21,6 @@ from typing import Callable, Sequence
 import torch
 
 from ...activations import resolve as resolve_activation
-from ... import functional as Fn
 from ...case import Case, FedSGD
 from ..base import Reconstruction
 from .driver import DivergenceWarning, Trial, run_adam, run_lbfgs, run_trial, totals  # noqa: F401 (the one driver)
@@ -88,6 +87,13 @@ def layer_weights(n: int, scheme: str) -> list[float]:
     raise ValueError(f"layer weight scheme must be one of {WEIGHT_SCHEMES}, got {scheme!r}")
 
 
+def max_abs(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The largest |entry| over a list of tensors (detached, float64, 0-d), 1 where all are zero: the scale to
+    divide by before squaring, so that squares neither underflow (updates ~1e-30) nor overflow (~1e30)."""
+    m = torch.stack([t.detach().abs().max().double() for t in tensors]).max()
+    return torch.where(m > 0, m, torch.ones_like(m))
+
+
 class GradientMatcher:
     """The gradient-matching data term of one case, with everything constant precomputed.
 
@@ -115,7 +121,7 @@ class GradientMatcher:
         obs = case.observed
         self.targets = [obs[k].detach().reshape(-1) for k in self.names]
         self.w = [1.0] * len(self.names) if weights is None else [float(v) for v in weights]
-        self.tscale = float(Fn._max_abs(self.targets))                      # float64 python scalar
+        self.tscale = float(max_abs(self.targets))                      # float64 python scalar
         self.units = [t / self.tscale for t in self.targets]                # |entries| <= 1: squares are safe
         unorm2 = sum(w * float(torch.dot(u, u)) for w, u in zip(self.w, self.units))
         self.unorm = math.sqrt(unorm2)
@@ -159,7 +165,7 @@ class GradientMatcher:
         is accurate to ~1e-14 near a match (the textbook 1 - <g, u>/(|g||u|) cancels to float32's 1e-7 there,
         a floor that stalled L-BFGS at ~27 dB on one LeNet photo). 1 (and no differences) when the candidate
         update is zero, NaN when it is not finite."""
-        st = Fn._max_abs(gs).to(gs[0].dtype)
+        st = max_abs(gs).to(gs[0].dtype)
         gh = [g.detach() / st for g in gs]
         w = self.w
         gn2 = float(sum(wl * torch.dot(g, g).double() for wl, g in zip(w, gh)))
