@@ -8,7 +8,7 @@
    torch.optim.LBFGS loop on squared L2 (relative to the observed norm) + TV 1e-4, 50 outer steps of 20.
 3. Batches: IG defaults (1,000 iterations) on B = 1, 2, 4, 8 bundled photos. Reference: as in 2 (FedSGD).
 
-Seeds 0-4 for 1, 0-2 for 2 and 3 (CPU time). PSNR (peak 1, per image; a batch: mean over its images), then
+Seeds 0-4 for 1, 0-2 for 2 and 3 by default (--seeds / --seeds23 change them: CPU time). PSNR (peak 1, per image; a batch: mean over its images), then
 median / mean over seeds; seconds per run (one thread). Writes benchmarks/results/optim.json with the git
 commit and whether the tree was clean (benchmarks/common.py).
 
@@ -98,11 +98,13 @@ def run_one(rows, section, case, truth, make_attack, seed, plain_kw):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="seeds 0-1 and smaller budgets (a smoke run)")
+    ap.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 for section 1 (default 5)")
+    ap.add_argument("--seeds23", type=int, default=3, help="seeds 0..N-1 for sections 2 and 3 (default 3)")
     common.add_arguments(ap)
     args = ap.parse_args(argv)
     run = common.begin("optim", args)
-    seeds1 = [0, 1] if args.quick else [0, 1, 2, 3, 4]
-    seeds23 = [0, 1] if args.quick else [0, 1, 2]
+    seeds1 = [0, 1] if args.quick else list(range(args.seeds))
+    seeds23 = [0, 1] if args.quick else list(range(args.seeds23))
     outer = 30 if args.quick else 300
     rows: list[dict] = []
     photos = gl.data.samples(32, num_images=8)

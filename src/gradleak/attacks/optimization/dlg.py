@@ -126,6 +126,7 @@ class _LBFGSMatching(Attack):
                 v0 = [C.randn((case.batch_size, *spec.shape), ctx.generator, case)]
                 if joint:
                     v0.append(C.randn(C.label_logits_shape(case), ctx.generator, case))
+                ctx.start(spec.denormalize(v0[0]), C.hard_labels(case, v0[1]) if joint else labels)
                 trial = C.run_trial(objective, v0, optimizer="lbfgs", max_iterations=o.max_iterations, lr=o.lr,
                                     inner=o.lbfgs_inner, history_size=o.history_size, line_search=o.line_search,
                                     project=project if o.boxed else None, on_step=on_step, on_offer=offer,

@@ -222,6 +222,7 @@ class InvertingGradients(Attack):
             v0 = [x0]
             if joint:
                 v0.append(C.randn(C.label_logits_shape(case), ctx.generator, case))
+            ctx.start(spec.denormalize(v0[0]), C.hard_labels(case, v0[1]) if joint else labels)
             trial = C.run_trial(objective, v0, optimizer=optimizer, max_iterations=o.max_iterations,
                                 lr=o.lbfgs_lr if optimizer == "lbfgs" else o.lr, inner=inner,
                                 history_size=o.history_size, line_search=o.line_search, decay=o.lr_decay,
