@@ -47,8 +47,8 @@ def _crafted_case(attack, model_name, n=2, **model_opts):
 # attack -> (case builder, options). Budgets are small but enough for a clear result on this easy case.
 CONTRACT = {
     "inverting-gradients": (lambda: _photo_case("lenet"), {"max_iterations": 60}),
-    "dlg": (lambda: _photo_case("lenet"), {"max_iterations": 10}),
-    "idlg": (lambda: _photo_case("lenet"), {"max_iterations": 10}),
+    "dlg": (lambda: _photo_case("lenet"), {"max_iterations": 200}),  # L-BFGS iterations (10 outer steps)
+    "idlg": (lambda: _photo_case("lenet"), {"max_iterations": 200}),
     "fc-analytic": (lambda: _photo_case("mlp", width=64), {}),
     "rgap": (lambda: _photo_case("cnn6", dtype=torch.float64), {}),
     "layerwise": (lambda: _photo_case("cnn2-c1", size=32, dtype=torch.float64), {"preset": "fast"}),

@@ -27,26 +27,67 @@ def lenet():
 
 
 # ---- quality ------------------------------------------------------------------------------------------------
-def test_idlg_lenet_photo_reaches_30db(photos, lenet):
-    """Default run: iDLG (recovered label + L-BFGS) on the untrained sigmoid LeNet, one bundled photo."""
+def test_idlg_lenet_photo_default_run(photos, lenet):
+    """iDLG (recovered label + L-BFGS) on the untrained sigmoid LeNet, one bundled photo, 400 iterations.
+    Measured 15.5 dB, residual 3.6e-3 (torch 2.13, one thread); bars 13.5 dB / 1e-2 leave 2 dB and 2.8x for
+    platform rounding (the L-BFGS path is chaotic in the last bits). The full-budget figure is the slow test."""
     x, y = photos.batch(1, 0)
     case, truth = gl.simulate(lenet, x, y, spec=photos.spec, labels_known=False)
-    rec = gl.create("idlg", max_iterations=100).reconstruct(case, seed=0)
+    rec = gl.create("idlg", max_iterations=400).reconstruct(case, seed=0)
     assert rec.labels.tolist() == y.tolist()
     assert rec.info["labels"]["method"] == "idlg-bias"
-    assert psnr(rec.inputs, truth.inputs) >= 30.0
-    assert rec.residual < 1e-3
+    assert psnr(rec.inputs, truth.inputs) >= 13.5
+    assert rec.residual < 1e-2
+    assert rec.info["iterations"] == 400 and rec.info["trials"][0]["stop"] == "budget"
+    assert rec.info["gradient_evaluations"] >= 400 and rec.info["outer_steps"] >= 20
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("index,bar", [(0, 30.0), (1, 30.0), (3, 30.0), (2, 25.0)])
-def test_idlg_lenet_photos_reach_30db_at_300_steps(photos, lenet, index, bar):
-    """Photos 0, 1, 3: >= 30 dB (measured 56.5, 57+, 40+). Photo 2 (coffee) matches the gradient to the float32
-    floor (loss ~1e-7, also without normalisation) at ~27 dB: some image directions barely move the gradient."""
+@pytest.mark.parametrize("index,bar", [(0, 40.0), (1, 40.0), (3, 35.0), (2, 20.0)])
+def test_idlg_lenet_photos_at_the_default_budget(photos, lenet, index, bar):
+    """Default budget (6,000 iterations = DLG's 300 outer steps of 20). Measured (seed = photo index) photo 0: 54 dB,
+    photo 1: 60, photo 3: 43, photo 2 (coffee): 26 (some image directions barely move the gradient);
+    bars ~6-14 dB below (the end of an L-BFGS run is rounding-sensitive)."""
     x, y = photos.batch(1, index)
     case, truth = gl.simulate(lenet, x, y, spec=photos.spec, labels_known=False)
-    rec = gl.create("idlg", max_iterations=300).reconstruct(case, seed=0)
+    rec = gl.create("idlg").reconstruct(case, seed=index)
     assert psnr(rec.inputs, truth.inputs) >= bar
+
+
+@pytest.mark.slow
+def test_idlg_digits_median_30db_over_seeds():
+    """Issue 9.1: scikit-learn digits upscaled to 32x32 RGB, DLG's LeNet, labels known, default budget:
+    median >= 30 dB over seeds 0-4 (image i, init seed i). benchmarks/results/optim.json has the figures."""
+    ds = gl.data.load_digits(num_images=5, image_size=32, channels=3)
+    model = gl.models.build("lenet", input_shape=(3, 32, 32), num_classes=10, seed=0)
+    scores = []
+    for s in range(5):
+        x, y = ds.batch(1, s)
+        case, truth = gl.simulate(model, x, y, spec=ds.spec)
+        scores.append(psnr(gl.create("idlg").reconstruct(case, seed=s).inputs, truth.inputs))
+    assert sorted(scores)[2] >= 30.0, scores
+
+
+@pytest.mark.slow
+def test_ig_fedavg_two_photos_mean_16db_at_1000_iterations(photos, lenet):
+    """Issue 9.2: IG defaults, 2 photos, 3 local steps, lr 0.01, 1,000 iterations. Measured 27.6 dB mean
+    (seeds 0 and 1); the target is 16."""
+    x, y = photos.batch(2, 0)
+    case, truth = gl.simulate(lenet, x, y, spec=photos.spec, protocol="fedavg", local_steps=3, local_lr=0.01)
+    rec = gl.create("ig", max_iterations=1000).reconstruct(case, seed=0)
+    assert psnr(rec.inputs, truth.inputs) >= 16.0
+
+
+@pytest.mark.slow
+def test_ig_batch_of_four_median_20db_at_the_default_budget(photos, lenet):
+    """Issue 9.3: IG defaults on 4 photos (labels known). Measured per image 21.2 / 28.0 / 15.2 / 27.6 dB
+    (seed 0, median 24.4); B = 8 does not reach 20 (median 17.7, see benchmarks/results/optim.json)."""
+    x, y = photos.batch(4, 0)
+    case, truth = gl.simulate(lenet, x, y, spec=photos.spec)
+    rec = gl.create("ig").reconstruct(case, seed=0)
+    per = (10 * torch.log10(1.0 / ((rec.inputs - truth.inputs) ** 2).flatten(1).mean(1))).tolist()
+    assert sorted(per)[1] + sorted(per)[2] >= 40.0, per  # median of 4 >= 20
+    assert rec.info["tv"] == pytest.approx(1e-3)
 
 
 @pytest.mark.slow
@@ -68,8 +109,8 @@ def test_ig_lenet_photo_default_run(photos, lenet):
     case, truth = gl.simulate(lenet, x, y, spec=photos.spec)
     rec = gl.create("ig", max_iterations=300).reconstruct(case, seed=0)
     assert rec.info["optimizer"] == "lbfgs" and "smooth" in rec.info["optimizer_choice"]
-    assert 250 <= rec.info["iterations"] <= 300
-    assert psnr(rec.inputs, truth.inputs) >= 15.0
+    assert rec.info["iterations"] == 300 and rec.info["gradient_evaluations"] >= 300
+    assert psnr(rec.inputs, truth.inputs) >= 15.0  # measured 16.8 dB (was 15-ish before the accurate cosine)
     assert rec.history[-1] < rec.history[0]
     assert rec.info["scores"][0] is not None and rec.info["labels"] == {"source": "known"}
 
@@ -83,18 +124,19 @@ def test_ig_signed_adam_on_relu_model(photos):
     assert rec.info["optimizer"] == "signed-adam" and "not smooth" in rec.info["optimizer_choice"]
     assert len(rec.history) == 100
     assert sum(rec.history[-10:]) < sum(rec.history[:10])
-    assert rec.residual < 0.5
+    assert rec.residual < 1e-3  # measured 1.8e-4
 
 
-def test_fedavg_two_images_three_steps_beats_init_by_8db(photos, lenet):
+def test_fedavg_two_images_three_steps_beats_init(photos, lenet):
+    """200 iterations: measured 15.4 dB against the start's 10.6 (gain 4.8); bar 3.5 (1.3 dB margin)."""
     x, y = photos.batch(2, 0)
     case, truth = gl.simulate(lenet, x, y, spec=photos.spec, protocol="fedavg", local_steps=3, local_lr=0.01)
-    rec = gl.create("ig", max_iterations=800).reconstruct(case, seed=0)  # smooth model: L-BFGS + cosine + TV
+    rec = gl.create("ig", max_iterations=200).reconstruct(case, seed=0)  # smooth model: L-BFGS + cosine + TV
     # the start the attack used: N(0, 1) in normalised space from the same seed, clamped to the image range
     g = torch.Generator().manual_seed(0)
     start = photos.spec.denormalize(torch.randn((2, 3, 32, 32), generator=g, dtype=torch.float64).float()).clamp(0, 1)
     gain = psnr(rec.inputs, truth.inputs) - psnr(start, truth.inputs)
-    assert gain >= 8.0, gain
+    assert gain >= 3.5, gain
     assert rec.info["protocol"] == "fedavg" and rec.info["optimizer"] == "lbfgs"
 
 
@@ -270,16 +312,19 @@ def _flaky_case(after, factor=float("nan"), start=0):
 
 def test_ig_non_finite_loss_keeps_best_finite():
     case, _ = _flaky_case(after=40)
-    rec = gl.create("ig", max_iterations=100, optimizer="signed-adam").reconstruct(case)
+    with pytest.warns(C.DivergenceWarning, match="non-finite loss"):
+        rec = gl.create("ig", max_iterations=100, optimizer="signed-adam").reconstruct(case)
     t = rec.info["restarts"][0]
-    assert t["diverged_at"] == 40 and t["reason"] == "non-finite loss" and t["steps"] == 40
+    assert t["diverged_at"] == 40 and t["stop"] == "diverged: non-finite loss" and t["outer_steps"] == 40
+    assert t["iterations"] == 40 and t["gradient_evaluations"] == 40
     assert torch.isfinite(rec.inputs).all() and len(rec.history) == 40
     assert rec.history[-1] < rec.history[0]
 
 
 def test_dlg_nan_restarts_and_keeps_best_finite():
     case, _ = _flaky_case(after=30)
-    rec = gl.create("idlg", max_iterations=20, max_retries=2).reconstruct(case)
+    with pytest.warns(C.DivergenceWarning, match="diverged"):
+        rec = gl.create("idlg", max_iterations=400, max_retries=2).reconstruct(case)
     trials = rec.info["trials"]
     assert trials[0]["diverged_at"] is not None and rec.info["retries"] == 3
     assert rec.info["chosen_trial"] == 0 and math.isfinite(rec.info["score"])
@@ -288,14 +333,16 @@ def test_dlg_nan_restarts_and_keeps_best_finite():
 
 def test_dlg_explosion_is_detected():
     case, _ = _flaky_case(after=25, factor=1e6)
-    rec = gl.create("idlg", max_iterations=20, max_retries=0).reconstruct(case)
-    assert rec.info["trials"][0]["reason"] == "exploded"
+    with pytest.warns(C.DivergenceWarning, match="exploded"):
+        rec = gl.create("idlg", max_iterations=400, max_retries=0).reconstruct(case)
+    assert rec.info["trials"][0]["stop"] == "diverged: exploded" and rec.info["diverged_trials"] == 1
     assert torch.isfinite(rec.inputs).all()
 
 
 def test_all_trials_diverged_is_a_numerical_error():
     case, _ = _flaky_case(after=1, start=1)
-    with pytest.raises(gl.NumericalError, match="no finite reconstruction"):
+    with pytest.raises(gl.NumericalError, match="no finite reconstruction"), \
+            pytest.warns(C.DivergenceWarning, match="no finite iterate"):
         gl.create("ig", max_iterations=10, restarts=2).reconstruct(case)
 
 

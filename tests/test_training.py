@@ -223,7 +223,7 @@ def test_idlg_and_ig_on_untrained_and_trained_models_slow(lenet_run, digits):
         idlg = []
         for i in idx:
             case, truth = gl.simulate(net, digits.images[i:i + 1], digits.labels[i:i + 1], spec=digits.spec)
-            rec = gl.create("idlg", max_iterations=100, restarts=2).reconstruct(case.to(dtype=torch.float64), seed=0)
+            rec = gl.create("idlg", max_iterations=2000, restarts=2).reconstruct(case.to(dtype=torch.float64), seed=0)
             idlg.append(float(psnr(rec.inputs.float(), truth.inputs)))
         assert sorted(idlg)[1] >= 30.0 and not any(math.isnan(v) for v in idlg), idlg
 

@@ -5,9 +5,8 @@
   and per-layer weights ('equal' | 'linear' | 'exp', as in Geiping et al. 2020).
 - :class:`GradientMatcher`: the data term between the update a candidate batch produces and the observed one
   (cosine over the concatenated update, or squared L2), with the constant parts precomputed once.
-- :func:`run_adam` (Adam on the sign of the gradient, step decay at 3/8, 5/8, 7/8, box clamp) and
-  :func:`run_lbfgs` (L-BFGS, DLG's optimiser): one trial each, with non-finite / explosion detection; a trial
-  that diverges stops and returns the best finite iterate it saw.
+- :func:`run_trial` (in :mod:`.driver`, re-exported): the one optimisation driver (signed Adam / Adam /
+  L-BFGS) with its stop criteria, counts and divergence detection.
 - :func:`soft_labels` / :func:`hard_labels`: jointly optimised label logits (B, C) (or (B,) for one score);
   :func:`init_inputs`: the start (N(0, 1) from the attack's generator, or a given image-space batch);
   :func:`non_smooth_parts`: what makes a model non-smooth in its input (IG's 'auto' optimizer uses it).
@@ -17,8 +16,6 @@ from __future__ import annotations
 
 import copy
 import math
-import time
-from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
@@ -26,8 +23,7 @@ import torch
 from ...activations import resolve as resolve_activation
 from ...case import Case, FedSGD
 from ..base import Reconstruction
-
-Objective = Callable[[list[torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
+from .driver import DivergenceWarning, Trial, run_adam, run_lbfgs, run_trial, totals  # noqa: F401 (the one driver)
 
 WEIGHT_SCHEMES = ("equal", "linear", "exp")
 
@@ -91,6 +87,13 @@ def layer_weights(n: int, scheme: str) -> list[float]:
     raise ValueError(f"layer weight scheme must be one of {WEIGHT_SCHEMES}, got {scheme!r}")
 
 
+def max_abs(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The largest |entry| over a list of tensors (detached, float64, 0-d), 1 where all are zero: the scale to
+    divide by before squaring, so that squares neither underflow (updates ~1e-30) nor overflow (~1e30)."""
+    m = torch.stack([t.detach().abs().max().double() for t in tensors]).max()
+    return torch.where(m > 0, m, torch.ones_like(m))
+
+
 class GradientMatcher:
     """The gradient-matching data term of one case, with everything constant precomputed.
 
@@ -99,6 +102,11 @@ class GradientMatcher:
     or 'l2-relative' (the same divided by sum_l w_l |g*_l|^2, scale free: needed for FedAvg deltas).
     ``terms(x, labels)`` returns (data term, cosine distance), both 0-d tensors differentiable w.r.t. ``x``
     (normalised inputs (B, *shape)) and soft labels.
+
+    The cosine (and the norm that 'l2-relative' divides by) is computed scale free: the observed update is
+    stored divided by its largest |entry|, the candidate's is divided by its own before squaring, and the
+    per-tensor sums are combined in float64. An observed update x1e-30 or x1e30 (float32) gives the same
+    cosine, and so the same attack, as the unscaled one; nothing underflows to 0 or overflows to inf.
     """
 
     def __init__(self, case: Case, names: Sequence[str] | None = None, weights: Sequence[float] | None = None,
@@ -113,10 +121,12 @@ class GradientMatcher:
         obs = case.observed
         self.targets = [obs[k].detach().reshape(-1) for k in self.names]
         self.w = [1.0] * len(self.names) if weights is None else [float(v) for v in weights]
-        self.equal = all(v == 1.0 for v in self.w)
-        self.tnorm2 = sum(w * torch.dot(t, t) for w, t in zip(self.w, self.targets))
-        self.tnorm = self.tnorm2.sqrt()
-        self._tiny = torch.finfo(self.targets[0].dtype).tiny
+        self.tscale = float(max_abs(self.targets))                      # float64 python scalar
+        self.units = [t / self.tscale for t in self.targets]                # |entries| <= 1: squares are safe
+        unorm2 = sum(w * float(torch.dot(u, u)) for w, u in zip(self.w, self.units))
+        self.unorm = math.sqrt(unorm2)
+        self.tnorm2 = unorm2 * self.tscale ** 2                             # float64: |g*|_w^2 (may be 1e-60)
+        self.vhat = [u / self.unorm for u in self.units] if self.unorm > 0 else self.units  # unit target
         # FedSGD: a private copy of the model whose own parameters are the leaves (no per-step parameter
         # swapping as in functional_call), differentiated only w.r.t. the matched ones. Train-mode BatchNorm
         # updates only this copy's running statistics, which its (batch-statistics) output does not use.
@@ -146,469 +156,69 @@ class GradientMatcher:
         if self.distance == "cosine":
             return data, data
         with torch.no_grad():
-            dot = sum(w * torch.dot(g, t) for w, g, t in zip(self.w, gs, self.targets))
-            gn2 = sum(w * torch.dot(g, g) for w, g in zip(self.w, gs))
-            cos = 1.0 - dot / (gn2.sqrt() * self.tnorm).clamp_min(self._tiny)
+            cos = data.new_tensor(self.cosine([g.detach() for g in gs])[0])
         return data, cos
+
+    def cosine(self, gs: Sequence[torch.Tensor]) -> tuple[float, list[torch.Tensor] | None, float]:
+        """(1 - cos, [g_l/|g|_w - u_l/|u|_w], s |g/s|_w) for flat candidate tensors gs (s = max |g|, u the stored
+        unit-scale target). 1 - cos is computed as 1/2 |g/|g| - u/|u||_w^2, a sum of squared differences, so it
+        is accurate to ~1e-14 near a match (the textbook 1 - <g, u>/(|g||u|) cancels to float32's 1e-7 there,
+        a floor that stalled L-BFGS at ~27 dB on one LeNet photo). 1 (and no differences) when the candidate
+        update is zero, NaN when it is not finite."""
+        st = max_abs(gs).to(gs[0].dtype)
+        gh = [g.detach() / st for g in gs]
+        w = self.w
+        gn2 = float(sum(wl * torch.dot(g, g).double() for wl, g in zip(w, gh)))
+        s = float(st)
+        if not math.isfinite(gn2):
+            return float("nan"), None, float("nan")
+        if gn2 == 0:
+            return 1.0, None, 0.0
+        inv = 1.0 / math.sqrt(gn2)
+        diffs = [g * inv - v for g, v in zip(gh, self.vhat)]
+        half = 0.5 * float(sum(wl * torch.dot(d, d).double() for wl, d in zip(w, diffs)))
+        return min(half, 2.0), diffs, s / inv
 
 
 class _Match(torch.autograd.Function):
     """The matcher's data term over a list of flat update tensors, with a hand-written backward: one fused
-    pass per tensor (a*g + b*t) instead of autograd's five (two dot backwards, their sums). On large models
-    (ResNet-18: 11M parameters) this elementwise work is a noticeable part of an IG step."""
+    pass per tensor instead of autograd's several. On large models (ResNet-18: 11M parameters) this
+    elementwise work is a noticeable part of an IG step.
+
+    Cosine: f = 1/2 |g^ - v^|_w^2 with g^ = g/|g|_w, v^ the unit target; df/dg_l = w_l (d_l - f g^_l)/|g|_w with
+    d_l = g^_l - v^_l (the exact derivative of 1 - <g^, v^>_w, written through the accurate differences)."""
 
     @staticmethod
     def forward(ctx, m: "GradientMatcher", *gs: torch.Tensor) -> torch.Tensor:
         ctx.m = m
-        ctx.save_for_backward(*gs)
         if m.distance == "cosine":
-            if m.equal:
-                dot = sum(torch.dot(g, t) for g, t in zip(gs, m.targets))
-                gn2 = sum(torch.dot(g, g) for g in gs)
-            else:
-                dot = sum(w * torch.dot(g, t) for w, g, t in zip(m.w, gs, m.targets))
-                gn2 = sum(w * torch.dot(g, g) for w, g in zip(m.w, gs))
-            gn = gn2.sqrt()
-            denom = (gn * m.tnorm).clamp_min(m._tiny)
-            ctx.coef = (dot / (gn2 * denom).clamp_min(m._tiny), -1.0 / denom)  # d cos/dg = a*g + b*t (per w)
-            return 1.0 - dot / denom
-        l2 = sum(w * torch.dot(g - t, g - t) for w, g, t in zip(m.w, gs, m.targets))
-        scale = 1.0 / m.tnorm2.clamp_min(m._tiny) if m.distance == "l2-relative" else torch.ones_like(l2)
+            value, diffs, gnorm = m.cosine(gs)
+            ctx.cos = (value, diffs, gnorm)
+            return gs[0].new_tensor(value)
+        ctx.save_for_backward(*gs)
+        l2 = float(sum(w * torch.dot(g - t, g - t).double() for w, g, t in zip(m.w, gs, m.targets)))
+        scale = 1.0 / m.tnorm2 if (m.distance == "l2-relative" and m.tnorm2 > 0) else 1.0
         ctx.coef = (2.0 * scale, -2.0 * scale)
-        return l2 * scale
+        return gs[0].new_tensor(l2 * scale)
 
     @staticmethod
     def backward(ctx, go: torch.Tensor):
         m = ctx.m
-        gs = ctx.saved_tensors
-        a, b = (float(go * c) for c in ctx.coef)
         out = []
+        if m.distance == "cosine":
+            value, diffs, gnorm = ctx.cos
+            if diffs is None:  # zero or non-finite candidate update: no direction to move in
+                return (None, *[torch.zeros_like(t) for t in m.targets])
+            c = float(go) / gnorm
+            for w, d, v in zip(m.w, diffs, m.vhat):
+                # g^ = d + v^, so d - f g^ = (1 - f) d - f v^
+                out.append(d.mul(w * c * (1.0 - value)).add_(v, alpha=-w * c * value))
+            return (None, *out)
+        gs = ctx.saved_tensors
+        a, b = (float(go) * c for c in ctx.coef)
         for w, g, t in zip(m.w, gs, m.targets):
             out.append((g * (w * a)).add_(t, alpha=w * b))
         return (None, *out)
-
-
-# ---------------------------------------------------------------------------------------------------------
-@dataclass
-class Trial:
-    """One optimisation run: the best finite iterate (variables), its score, the loss history, the number of
-    steps run, and the step at which it diverged (None if it did not)."""
-
-    variables: list[torch.Tensor] | None
-    score: float = float("inf")
-    history: list[float] = field(default_factory=list)
-    steps: int = 0
-    diverged_at: int | None = None
-    seconds: float = 0.0
-    reason: str = ""
-    evaluations: int = 0
-    iterations: int = 0
-
-    @property
-    def finite(self) -> bool:
-        return self.variables is not None and math.isfinite(self.score)
-
-    def summary(self) -> dict:
-        out = {"score": self.score if math.isfinite(self.score) else None, "steps": self.steps,
-               "diverged_at": self.diverged_at, "reason": self.reason or None, "seconds": round(self.seconds, 3)}
-        if self.evaluations:
-            out.update(lbfgs_iterations=self.iterations, evaluations=self.evaluations)
-        return out
-
-
-class _Best:
-    def __init__(self):
-        self.score = float("inf")
-        self.vars: list[torch.Tensor] | None = None
-        self.dirty = False
-
-    def see(self, score: float, variables: list[torch.Tensor]) -> None:
-        if math.isfinite(score) and score < self.score and all(bool(torch.isfinite(v).all()) for v in variables):
-            self.score = score
-            self.vars = [v.detach().clone() for v in variables]
-            self.dirty = True
-
-
-def _finite(t: torch.Tensor) -> bool:
-    return bool(torch.isfinite(t).all())
-
-
-class Adam:
-    """Adam (Kingma & Ba) on a list of tensors, optionally on the SIGN of the gradient (Geiping et al.).
-    Written here rather than taken from torch.optim, whose first use imports torch._dynamo (seconds)."""
-
-    def __init__(self, leaves: list[torch.Tensor], lr: float, betas=(0.9, 0.999), eps: float = 1e-8):
-        self.leaves, self.lr, self.b1, self.b2, self.eps = leaves, lr, betas[0], betas[1], eps
-        self.m = [torch.zeros_like(v) for v in leaves]
-        self.v = [torch.zeros_like(v) for v in leaves]
-        self.t = 0
-
-    @torch.no_grad()
-    def step(self, grads: list[torch.Tensor]) -> None:
-        self.t += 1
-        bc1 = 1 - self.b1 ** self.t
-        bc2 = 1 - self.b2 ** self.t
-        for x, g, m, v in zip(self.leaves, grads, self.m, self.v):
-            m.mul_(self.b1).add_(g, alpha=1 - self.b1)
-            v.mul_(self.b2).addcmul_(g, g, value=1 - self.b2)
-            denom = (v.sqrt() / math.sqrt(bc2)).add_(self.eps)
-            x.addcdiv_(m, denom, value=-self.lr / bc1)
-
-
-def run_adam(
-    objective: Objective,
-    variables: list[torch.Tensor],
-    *,
-    steps: int,
-    lr: float,
-    signed: bool = True,
-    decay: bool = True,
-    project: Callable[[list[torch.Tensor]], None] | None = None,
-    on_step: Callable[[int, float, float], None] | None = None,
-    on_offer: Callable[[float, list[torch.Tensor]], None] | None = None,
-    offer_every: int = 25,
-    explode_factor: float = 0.0,
-) -> Trial:
-    """Minimise ``objective(variables) -> (total, score)`` with Adam on the SIGN of the gradient (``signed``),
-    learning rate x0.1 at 3/8, 5/8 and 7/8 of ``steps`` (``decay``), ``project`` (e.g. a box clamp) after
-    every step. The best finite iterate by ``score`` is kept; a non-finite loss or gradient (or a total above
-    ``explode_factor`` x the first one, if > 0) stops the trial. ``on_offer(score, vars)`` is called every
-    ``offer_every`` steps when the best improved (Ctrl-C safety)."""
-    t0 = time.perf_counter()
-    leaves = [v.detach().clone().requires_grad_(True) for v in variables]
-    opt = Adam(leaves, lr=lr)
-    milestones = {int(steps * f) for f in (3 / 8, 5 / 8, 7 / 8)} if decay else set()
-    best = _Best()
-    trial = Trial(None)
-    first = None
-    for step in range(steps):
-        total, score = objective(leaves)
-        tval = float(total.detach())
-        sval = float(score.detach())
-        if first is None and math.isfinite(tval):
-            first = abs(tval)
-        exploded = (explode_factor > 0 and first is not None and math.isfinite(tval)
-                    and abs(tval) > explode_factor * max(first, 1e-30))
-        if not math.isfinite(tval) or exploded:
-            trial.diverged_at, trial.reason = step, ("exploded" if exploded else "non-finite loss")
-            break
-        grads = torch.autograd.grad(total, leaves)
-        if not all(_finite(g) for g in grads):
-            trial.diverged_at, trial.reason = step, "non-finite gradient"
-            break
-        best.see(sval, leaves)
-        trial.history.append(tval)
-        if step in milestones:
-            opt.lr *= 0.1
-        opt.step([g.sign() for g in grads] if signed else list(grads))
-        if project is not None:
-            with torch.no_grad():
-                project(leaves)
-        trial.steps = step + 1
-        if on_step is not None:
-            on_step(step, tval, sval)
-        if on_offer is not None and best.dirty and (step + 1) % offer_every == 0:
-            best.dirty = False
-            on_offer(best.score, best.vars)
-    else:
-        # score the final iterate too (the loop scored each iterate before its step)
-        total, score = objective(leaves)
-        if math.isfinite(float(total.detach())):
-            best.see(float(score.detach()), leaves)
-    trial.variables, trial.score = best.vars, best.score
-    trial.seconds = time.perf_counter() - t0
-    if on_offer is not None and best.vars is not None:
-        on_offer(best.score, best.vars)
-    return trial
-
-
-# ---- L-BFGS ---------------------------------------------------------------------------------------------------
-def _cubic_min(x1, f1, g1, x2, f2, g2, lo, hi) -> float:
-    """Minimiser of the cubic through (x1, f1, g1), (x2, f2, g2), clamped to [lo, hi]; bisection if none."""
-    try:
-        d1 = g1 + g2 - 3 * (f1 - f2) / (x1 - x2)
-        disc = d1 * d1 - g1 * g2
-        if disc >= 0 and math.isfinite(disc):
-            d2 = math.sqrt(disc) * (1.0 if x2 >= x1 else -1.0)
-            t = x2 - (x2 - x1) * ((g2 + d2 - d1) / (g2 - g1 + 2 * d2))
-            if math.isfinite(t):
-                return min(max(t, lo), hi)
-    except (ZeroDivisionError, OverflowError, ValueError):
-        pass
-    return (lo + hi) / 2
-
-
-class LBFGS:
-    """Limited-memory BFGS on one flat vector (Nocedal & Wright, Alg. 7.4/7.5), with an optional strong-Wolfe
-    line search (Alg. 3.5/3.6, cubic interpolation). ``step(fn)`` runs up to ``max_iter`` iterations like
-    ``torch.optim.LBFGS.step`` (whose semantics DLG's "iterations" refer to), keeping its state between calls.
-    ``fn(z) -> (loss float, grad flat tensor)``."""
-
-    def __init__(self, z: torch.Tensor, *, lr: float = 1.0, max_iter: int = 20, history_size: int = 100,
-                 line_search: bool = False, tolerance_grad: float = 1e-12, tolerance_change: float = 1e-14):
-        self.z = z
-        self.lr, self.max_iter, self.m = lr, max_iter, history_size
-        self.max_eval = max_iter * 5 // 4
-        self.line_search = line_search
-        self.tol_grad, self.tol_change = tolerance_grad, tolerance_change
-        self.S: list[torch.Tensor] = []
-        self.Y: list[torch.Tensor] = []
-        self.rho: list[float] = []
-        self.d: torch.Tensor | None = None
-        self.t = 0.0
-        self.g_prev: torch.Tensor | None = None
-        self.loss_prev: float | None = None
-        self.n_iter = 0
-        self.n_evals = 0
-        self.total_iter = 0
-
-    def reset(self) -> None:
-        """Forget the curvature pairs (after the iterate was moved from outside, e.g. projected)."""
-        self.S, self.Y, self.rho = [], [], []
-        self.n_iter = 0
-
-    def _direction(self, g: torch.Tensor) -> torch.Tensor:
-        q = -g
-        alpha = []
-        for s, y, rho in zip(reversed(self.S), reversed(self.Y), reversed(self.rho)):
-            a = rho * float(s @ q)
-            alpha.append(a)
-            q = q - a * y
-        if self.S:
-            y = self.Y[-1]
-            q = q * (float(self.S[-1] @ y) / float(y @ y))
-        for (s, y, rho), a in zip(zip(self.S, self.Y, self.rho), reversed(alpha)):
-            b = rho * float(y @ q)
-            q = q + (a - b) * s
-        return q
-
-    def _strong_wolfe(self, fn, z, t, d, f0, g0, gtd0, c1=1e-4, c2=0.9, max_ls=25):
-        """Returns (f, g, t, evaluations) at a step satisfying the strong Wolfe conditions (or the best found)."""
-        dnorm = float(d.abs().max())
-
-        def ev(step):
-            f, g = fn(z + step * d)
-            self.n_evals += 1
-            return f, g, float(g @ d)
-
-        f_new, g_new, gtd_new = ev(t)
-        evals = 1
-        t_prev, f_prev, g_prev, gtd_prev = 0.0, f0, g0, gtd0
-        bracket = None
-        done = False
-        it = 0
-        while it < max_ls:
-            if not math.isfinite(f_new) or f_new > f0 + c1 * t * gtd0 or (it > 0 and f_new >= f_prev):
-                bracket = [(t_prev, f_prev, g_prev, gtd_prev), (t, f_new, g_new, gtd_new)]
-                break
-            if abs(gtd_new) <= -c2 * gtd0:
-                return f_new, g_new, t, evals
-            if gtd_new >= 0:
-                bracket = [(t_prev, f_prev, g_prev, gtd_prev), (t, f_new, g_new, gtd_new)]
-                break
-            lo, hi = t + 0.01 * (t - t_prev), t * 10
-            t_next = _cubic_min(t_prev, f_prev, gtd_prev, t, f_new, gtd_new, lo, hi)
-            t_prev, f_prev, g_prev, gtd_prev = t, f_new, g_new, gtd_new
-            t = t_next
-            f_new, g_new, gtd_new = ev(t)
-            evals += 1
-            it += 1
-        if bracket is None:  # ran out of evaluations while extrapolating
-            return f_new, g_new, t, evals
-        # zoom: bracket[0] is the low (better) end
-        if not (math.isfinite(bracket[1][1])) or bracket[1][1] < bracket[0][1]:
-            if math.isfinite(bracket[1][1]):
-                bracket.reverse()
-        insufficient = False
-        while not done and it < max_ls:
-            (ta, fa, ga, gtda), (tb, fb, gb, gtdb) = bracket
-            if abs(tb - ta) * dnorm < self.tol_change:
-                break
-            lo_t, hi_t = min(ta, tb), max(ta, tb)
-            if math.isfinite(fb):
-                t = _cubic_min(ta, fa, gtda, tb, fb, gtdb, lo_t, hi_t)
-            else:
-                t = (ta + tb) / 2
-            eps = 0.1 * (hi_t - lo_t)
-            if min(hi_t - t, t - lo_t) < eps:  # too close to an end: move away (or bisect if stuck)
-                if insufficient or t >= hi_t or t <= lo_t:
-                    t = hi_t - eps if abs(t - hi_t) < abs(t - lo_t) else lo_t + eps
-                    insufficient = False
-                else:
-                    insufficient = True
-            else:
-                insufficient = False
-            f_new, g_new, gtd_new = ev(t)
-            evals += 1
-            it += 1
-            if not math.isfinite(f_new) or f_new > f0 + c1 * t * gtd0 or f_new >= fa:
-                bracket[1] = (t, f_new, g_new, gtd_new)
-            else:
-                if abs(gtd_new) <= -c2 * gtd0:
-                    done = True
-                elif gtd_new * (tb - ta) >= 0:
-                    bracket[1] = bracket[0]
-                bracket[0] = (t, f_new, g_new, gtd_new)
-            if bracket[1][1] < bracket[0][1] and math.isfinite(bracket[1][1]):
-                bracket.reverse()
-        ta, fa, ga, _ = bracket[0]
-        return fa, ga, ta, evals
-
-    def step(self, fn) -> float:
-        """Up to ``max_iter`` iterations; returns the loss at the start of the call (as torch does)."""
-        z = self.z
-        loss, g = fn(z)
-        self.n_evals += 1
-        orig = loss
-        self.current: float | None = loss
-        evals = 1
-        if not math.isfinite(loss) or float(g.abs().max()) <= self.tol_grad:
-            return orig
-        for _ in range(self.max_iter):
-            self.n_iter += 1
-            self.total_iter += 1
-            if self.n_iter == 1:
-                d = -g
-            else:
-                y = g - self.g_prev
-                s = self.d * self.t
-                ys = float(y @ s)
-                if ys > 1e-10 * float(y.norm() * s.norm()):  # scale free (the objective may be ~1e-6)
-                    if len(self.S) == self.m:
-                        self.S.pop(0), self.Y.pop(0), self.rho.pop(0)
-                    self.S.append(s)
-                    self.Y.append(y)
-                    self.rho.append(1.0 / ys)
-                d = self._direction(g)
-            self.g_prev = g.clone()
-            self.loss_prev = loss
-            t = min(1.0, 1.0 / float(g.abs().sum())) * self.lr if self.n_iter == 1 else self.lr
-            gtd = float(g @ d)
-            if gtd >= -1e-12 * float(g.norm() * d.norm()) and self.S:  # stale curvature: steepest descent
-                self.reset()
-                self.n_iter = 1
-                d = -g
-                t = min(1.0, 1.0 / float(g.abs().sum())) * self.lr
-                gtd = float(g @ d)
-            if not gtd < 0:  # zero gradient
-                break
-            if self.line_search:
-                loss, g, t, n = self._strong_wolfe(fn, z, t, d, loss, g, gtd)
-                z.add_(d, alpha=t)
-                evals += n
-                self.current = loss
-            else:
-                z.add_(d, alpha=t)
-                self.current = None
-                if _ + 1 != self.max_iter:
-                    loss, g = fn(z)
-                    evals += 1
-                    self.n_evals += 1
-                    self.current = loss
-            self.d, self.t = d, t
-            if _ + 1 == self.max_iter or evals >= self.max_eval:
-                break
-            if not math.isfinite(loss) or float(g.abs().max()) <= self.tol_grad:
-                break
-            if float(d.abs().max()) * t <= self.tol_change or abs(loss - self.loss_prev) < self.tol_change:
-                break
-        return orig
-
-
-def run_lbfgs(
-    objective: Objective,
-    variables: list[torch.Tensor],
-    *,
-    steps: int,
-    lr: float = 1.0,
-    inner: int = 20,
-    history_size: int = 100,
-    line_search: str = "",
-    project: Callable[[list[torch.Tensor]], None] | None = None,
-    on_step: Callable[[int, float, float], None] | None = None,
-    on_offer: Callable[[float, list[torch.Tensor]], None] | None = None,
-    offer_every: int = 5,
-    explode_factor: float = 1e4,
-    stall_steps: int = 5,
-) -> Trial:
-    """Minimise ``objective(variables) -> (total, score)`` with L-BFGS (``steps`` outer steps of up to
-    ``inner`` iterations each, as DLG's code). Every evaluation is watched: the best finite iterate by
-    ``score`` is kept; a non-finite loss or iterate, a loss above ``explode_factor`` x the first, or a loss
-    frozen for ``stall_steps`` outer steps at more than twice the best (a jump into a flat, saturated region)
-    ends the trial as diverged (L-BFGS is known to go NaN after 60-100 steps on some inputs). A loss frozen at
-    the best ends it as converged."""
-    t0 = time.perf_counter()
-    shapes = [v.shape for v in variables]
-    sizes = [v.numel() for v in variables]
-    z = torch.cat([v.detach().reshape(-1) for v in variables]).clone()
-    best = _Best()
-    trial = Trial(None)
-    state: dict = {"first": None, "best_total": float("inf")}
-
-    def unflat(flat: torch.Tensor) -> list[torch.Tensor]:
-        return [p.view(sh) for p, sh in zip(flat.split(sizes), shapes)]
-
-    def fn(zz: torch.Tensor) -> tuple[float, torch.Tensor]:
-        """Loss and flat gradient at zz; NaN (which the line search backs off from) if either is not finite."""
-        leaves = [p.detach().clone().requires_grad_(True) for p in unflat(zz)]
-        total, score = objective(leaves)
-        tval = float(total.detach())
-        if not math.isfinite(tval):
-            return float("nan"), torch.zeros_like(zz)
-        grads = torch.autograd.grad(total, leaves)
-        g = torch.cat([q.reshape(-1) for q in grads])
-        if not _finite(g):
-            return float("nan"), torch.zeros_like(zz)
-        best.see(float(score.detach()), leaves)
-        state["best_total"] = min(state["best_total"], tval)
-        return tval, g
-
-    opt = LBFGS(z, lr=lr, max_iter=inner, history_size=history_size,
-                line_search=line_search in ("strong-wolfe", "strong_wolfe"))
-    still, fresh = 0, False
-    for step in range(steps):
-        lval = opt.step(fn)
-        cur = opt.current
-        if math.isfinite(lval) and state["first"] is None:
-            state["first"] = abs(lval)
-        if not _finite(z):
-            trial.diverged_at, trial.reason = step, "non-finite iterate"
-        elif not math.isfinite(lval) or (cur is not None and not math.isfinite(cur)):
-            trial.diverged_at, trial.reason = step, "non-finite loss"
-        elif explode_factor > 0 and max(abs(lval), abs(cur or 0.0)) > explode_factor * max(state["first"], 1e-30):
-            trial.diverged_at, trial.reason = step, "exploded"
-        if trial.diverged_at is not None:
-            break
-        if project is not None:
-            with torch.no_grad():
-                project(unflat(z))
-        # a loss that no longer moves: converged, or stuck after a jump into a flat region (saturated units)
-        still = still + 1 if trial.history and abs(lval - trial.history[-1]) <= 1e-12 * max(abs(lval), 1e-30) else 0
-        trial.history.append(lval)
-        trial.steps = step + 1
-        if on_step is not None:
-            on_step(step, lval, best.score)
-        if on_offer is not None and best.dirty and (step + 1) % offer_every == 0:
-            best.dirty = False
-            on_offer(best.score, best.vars)
-        if still >= stall_steps:
-            if not fresh:  # first try again without the curvature memory
-                opt.reset()
-                still, fresh = 0, True
-                continue
-            if lval > 2.0 * state["best_total"] and state["best_total"] < float("inf"):
-                trial.diverged_at, trial.reason = step, "stalled after a jump"
-            else:
-                trial.reason = "converged"
-            break
-        if still == 0:
-            fresh = False
-    trial.variables, trial.score = best.vars, best.score
-    trial.seconds = time.perf_counter() - t0
-    trial.iterations, trial.evaluations = opt.total_iter, opt.n_evals
-    if on_offer is not None and best.vars is not None:
-        on_offer(best.score, best.vars)
-    return trial
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -32,7 +32,10 @@ SCALES = ("auto", "plain", "relative")
 
 @dataclass
 class DLGOptions:
-    """max_iterations: L-BFGS outer steps per trial (each up to ``lbfgs_inner`` evaluations, as DLG's code).
+    """max_iterations: L-BFGS ITERATIONS per trial (quasi-Newton updates, each one gradient evaluation plus
+    what the line search adds; as for IG), run in outer steps of ``lbfgs_inner`` (DLG's code counts outer steps:
+    its 300 are 6,000 iterations here, the default). ``rec.info`` reports ``iterations``, ``outer_steps`` and
+    ``gradient_evaluations``, summed over trials, and each trial's stop reason (driver.py).
     restarts: independent trials (best by the matching distance). lr: L-BFGS learning rate.
     line_search: 'strong-wolfe' (default: robust) or '' (DLG's plain L-BFGS, which often jumps into saturated
     regions and stalls there). max_retries: fresh starts after a divergence.
@@ -41,7 +44,7 @@ class DLGOptions:
     FedSGD, relative for FedAvg). boxed: clamp to the image box after every outer step (DLG does not).
     use_known_labels: use the case's labels when it has them (otherwise the paper's joint label logits)."""
 
-    max_iterations: int = 300
+    max_iterations: int = 6000
     restarts: int = 1
     lr: float = 1.0
     lbfgs_inner: int = 20
@@ -114,7 +117,7 @@ class _LBFGSMatching(Attack):
 
         def on_step(step, total, score):
             ctx.history.append(total)
-            ctx.update(1, loss=total)
+            ctx.update(o.lbfgs_inner, loss=total)
 
         ctx.progress(o.restarts * o.max_iterations)
         trials: list[C.Trial] = []
@@ -123,21 +126,22 @@ class _LBFGSMatching(Attack):
                 v0 = [C.randn((case.batch_size, *spec.shape), ctx.generator, case)]
                 if joint:
                     v0.append(C.randn(C.label_logits_shape(case), ctx.generator, case))
-                trial = C.run_lbfgs(objective, v0, steps=o.max_iterations, lr=o.lr, inner=o.lbfgs_inner,
-                                    history_size=o.history_size, line_search=o.line_search,
+                ctx.start(spec.denormalize(v0[0]), C.hard_labels(case, v0[1]) if joint else labels)
+                trial = C.run_trial(objective, v0, optimizer="lbfgs", max_iterations=o.max_iterations, lr=o.lr,
+                                    inner=o.lbfgs_inner, history_size=o.history_size, line_search=o.line_search,
                                     project=project if o.boxed else None, on_step=on_step, on_offer=offer,
-                                    explode_factor=o.explode_factor)
-                trial.reason = trial.reason or ""
+                                    offer_every=5 * o.lbfgs_inner, explode_factor=o.explode_factor,
+                                    name=f"{self.name} trial {len(trials)}")
                 trials.append(trial)
-                if trial.diverged_at is None:
+                if not trial.diverged:
                     break
         info: dict[str, Any] = {
             "trials": [t.summary() for t in trials],
-            "retries": sum(1 for t in trials if t.diverged_at is not None),
+            "retries": sum(1 for t in trials if t.diverged),
             "labels": label_info,
             "distance": f"squared L2 ({scale})",
             "protocol": case.protocol,
-            "iterations": sum(t.steps for t in trials),
+            **C.totals(trials),
         }
         rec, best = C.best_trial_result(case, trials, labels, joint, info, "chosen_trial")
         if best is not None:
@@ -155,8 +159,9 @@ class DLG(_LBFGSMatching):
     paper = "Zhu, Liu, Han. Deep Leakage from Gradients. NeurIPS 2019"
     presets = {
         # the paper's plain L-BFGS (no line search), joint labels even when the labels are known
-        "zhu2019": dict(max_iterations=300, lr=1.0, use_known_labels=False, line_search=""),
-        "zhu2019-images": dict(max_iterations=1200, lr=1.0, use_known_labels=False, line_search=""),
+        # (300 and 1,200 outer steps of 20 iterations: the paper's code's counts)
+        "zhu2019": dict(max_iterations=6000, lr=1.0, use_known_labels=False, line_search=""),
+        "zhu2019-images": dict(max_iterations=24000, lr=1.0, use_known_labels=False, line_search=""),
     }
 
     def _fixed_labels(self, case, ctx):
@@ -171,7 +176,7 @@ class IDLG(_LBFGSMatching):
     L-BFGS gradient matching on the input alone."""
 
     paper = "Zhao, Mopuri, Bilen. iDLG: Improved Deep Leakage from Gradients. arXiv:2001.02610, 2020"
-    presets = {"zhao2020": dict(max_iterations=300, lr=1.0, line_search="")}
+    presets = {"zhao2020": dict(max_iterations=6000, lr=1.0, line_search="")}  # 300 outer steps of 20
 
     def requirements(self, case: Case) -> list[str]:
         problems = super().requirements(case)

@@ -1,0 +1,503 @@
+"""The one optimisation driver of the gradient-matching attacks (DLG, iDLG, Inverting Gradients).
+
+:func:`run_trial` minimises ``objective(variables) -> (total, score)`` with signed Adam (Geiping et al.), Adam
+(both torch.optim.Adam) or L-BFGS (:class:`LBFGS` below, DLG's optimiser), and does for all of them what a
+trial needs: the best finite iterate by ``score``, non-finite / explosion / stall detection, the box
+projection, progress and best-so-far callbacks, the counts, and the reason it stopped.
+
+Budget and counts (the same for every attack): ``max_iterations`` counts optimiser ITERATIONS: Adam steps, or
+L-BFGS iterations (quasi-Newton updates; each takes one gradient evaluation, plus the extra ones its line
+search asks for). L-BFGS runs in OUTER steps of up to ``inner`` iterations (torch.optim.LBFGS.step with
+``max_iter=inner``, the unit DLG's code counts), so DLG's "300 steps" are 300 x 20 = 6,000 iterations. A
+:class:`Trial` records ``iterations``, ``outer_steps`` and ``gradient_evaluations``.
+
+Stop reasons (``Trial.stop``), each a checked criterion:
+- ``budget``: ``max_iterations`` iterations were run;
+- ``converged``: (L-BFGS) max |gradient| fell to ``tol_grad`` x its value at the start;
+- ``stalled``: (L-BFGS) the loss did not change by more than 1e-12 (relative) in ``stall_steps`` outer steps,
+  twice (the curvature memory is dropped in between), at its best value: no further progress is made;
+- ``diverged: ...``: a non-finite loss, gradient or iterate, a loss above ``explode_factor`` x the first one,
+  or a stall at more than twice the best loss (a jump into a flat, saturated region). A diverged trial
+  returns the best finite iterate it saw and emits a :class:`DivergenceWarning`.
+
+torch.optim's first use costs 0.85 s once per process (it imports torch._dynamo; measured with torch 2.13 on
+one CPU thread): the Adam steps use it. The L-BFGS is written here because torch's is not scale free (see
+:class:`LBFGS`); tests/test_optim_driver.py checks both against torch.optim on a smooth problem.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+Objective = Callable[[list[torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
+OPTIMIZERS = ("signed-adam", "adam", "lbfgs")
+
+
+class DivergenceWarning(RuntimeWarning):
+    """A trial of an optimisation attack diverged (its best finite iterate is kept; see ``rec.info``)."""
+
+
+@dataclass
+class Trial:
+    """One optimisation run: the best finite iterate (variables), its score, the loss history (one entry per
+    outer step), the counts, why it stopped, and the outer step at which it diverged (None if it did not)."""
+
+    variables: list[torch.Tensor] | None
+    score: float = float("inf")
+    history: list[float] = field(default_factory=list)
+    outer_steps: int = 0
+    iterations: int = 0
+    evaluations: int = 0
+    diverged_at: int | None = None
+    stop: str = ""
+    seconds: float = 0.0
+
+    @property
+    def finite(self) -> bool:
+        return self.variables is not None and math.isfinite(self.score)
+
+    @property
+    def diverged(self) -> bool:
+        return self.diverged_at is not None
+
+    def summary(self) -> dict:
+        return {"score": self.score if math.isfinite(self.score) else None, "iterations": self.iterations,
+                "outer_steps": self.outer_steps, "gradient_evaluations": self.evaluations,
+                "stop": self.stop, "diverged_at": self.diverged_at, "seconds": round(self.seconds, 3)}
+
+
+def totals(trials: list[Trial]) -> dict:
+    """Counts summed over trials, for ``rec.info`` (named as in :class:`Trial`)."""
+    return {"iterations": sum(t.iterations for t in trials), "outer_steps": sum(t.outer_steps for t in trials),
+            "gradient_evaluations": sum(t.evaluations for t in trials),
+            "diverged_trials": sum(1 for t in trials if t.diverged)}
+
+
+class _Best:
+    def __init__(self):
+        self.score = float("inf")
+        self.vars: list[torch.Tensor] | None = None
+        self.dirty = False
+
+    def see(self, score: float, variables: list[torch.Tensor]) -> None:
+        if math.isfinite(score) and score < self.score and all(bool(torch.isfinite(v).all()) for v in variables):
+            self.score = score
+            self.vars = [v.detach().clone() for v in variables]
+            self.dirty = True
+
+
+def _finite(t: torch.Tensor) -> bool:
+    return bool(torch.isfinite(t).all())
+
+
+def run_trial(
+    objective: Objective,
+    variables: list[torch.Tensor],
+    *,
+    optimizer: str,
+    max_iterations: int,
+    lr: float,
+    inner: int = 20,
+    history_size: int = 100,
+    line_search: str = "strong-wolfe",
+    decay: bool = True,
+    project: Callable[[list[torch.Tensor]], None] | None = None,
+    on_step: Callable[[int, float, float], None] | None = None,
+    on_offer: Callable[[float, list[torch.Tensor]], None] | None = None,
+    offer_every: int = 25,
+    explode_factor: float = 0.0,
+    stall_steps: int = 5,
+    tol_grad: float = 1e-10,
+    name: str = "trial",
+) -> Trial:
+    """One trial of ``optimizer`` ('signed-adam' | 'adam' | 'lbfgs') from ``variables`` for up to
+    ``max_iterations`` iterations (see the module docstring for counts and stop reasons).
+
+    Adam: lr x0.1 at 3/8, 5/8, 7/8 of ``max_iterations`` (``decay``); signed: the step uses sign(gradient).
+    L-BFGS: ``lr``, outer steps of ``inner`` iterations, ``history_size`` pairs, ``line_search``
+    ('strong-wolfe' or '' for DLG's fixed step). ``project`` (e.g. the box clamp) runs after every Adam step /
+    L-BFGS outer step. ``on_step(outer_step, total, best_score)``; ``on_offer(score, vars)`` every
+    ``offer_every`` iterations when the best improved, and at the end (Ctrl-C safety)."""
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+    t0 = time.perf_counter()
+    best = _Best()
+    trial = Trial(None)
+    if optimizer == "lbfgs":
+        _lbfgs(trial, best, objective, variables, max_iterations=max_iterations, lr=lr, inner=inner,
+               history_size=history_size, line_search=line_search, project=project, on_step=on_step,
+               on_offer=on_offer, offer_every=max(1, offer_every // max(inner, 1)),
+               explode_factor=explode_factor, stall_steps=stall_steps, tol_grad=tol_grad)
+    else:
+        _adam(trial, best, objective, variables, max_iterations=max_iterations, lr=lr,
+              signed=optimizer == "signed-adam", decay=decay, project=project, on_step=on_step,
+              on_offer=on_offer, offer_every=offer_every, explode_factor=explode_factor)
+    trial.variables, trial.score = best.vars, best.score
+    trial.seconds = time.perf_counter() - t0
+    if on_offer is not None and best.vars is not None:
+        on_offer(best.score, best.vars)
+    if trial.diverged:
+        warnings.warn(f"{name} {trial.stop} at outer step {trial.diverged_at} (after {trial.iterations} "
+                      f"iterations); " + ("the best finite iterate before it is kept" if trial.finite else
+                                          "it has no finite iterate"), DivergenceWarning, stacklevel=3)
+    return trial
+
+
+def _adam(trial, best, objective, variables, *, max_iterations, lr, signed, decay, project, on_step, on_offer,
+          offer_every, explode_factor) -> None:
+    leaves = [v.detach().clone().requires_grad_(True) for v in variables]
+    opt = torch.optim.Adam(leaves, lr=lr)
+    milestones = {int(max_iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)} if decay else set()
+    first = None
+    trial.stop = "budget"
+    for step in range(max_iterations):
+        total, score = objective(leaves)
+        tval = float(total.detach())
+        if first is None and math.isfinite(tval):
+            first = abs(tval)
+        exploded = (explode_factor > 0 and first is not None and math.isfinite(tval)
+                    and abs(tval) > explode_factor * max(first, 1e-300))
+        if not math.isfinite(tval) or exploded:
+            trial.diverged_at, trial.stop = step, ("diverged: exploded" if exploded else "diverged: non-finite loss")
+            break
+        grads = torch.autograd.grad(total, leaves)
+        trial.evaluations += 1
+        if not all(_finite(g) for g in grads):
+            trial.diverged_at, trial.stop = step, "diverged: non-finite gradient"
+            break
+        best.see(float(score.detach()), leaves)
+        trial.history.append(tval)
+        if step in milestones:
+            for group in opt.param_groups:
+                group["lr"] *= 0.1
+        for x, g in zip(leaves, grads):
+            x.grad = g.sign() if signed else g
+        opt.step()
+        if project is not None:
+            with torch.no_grad():
+                project(leaves)
+        trial.outer_steps = trial.iterations = step + 1
+        if on_step is not None:
+            on_step(step, tval, best.score)
+        if on_offer is not None and best.dirty and (step + 1) % offer_every == 0:
+            best.dirty = False
+            on_offer(best.score, best.vars)
+    else:
+        # score the final iterate too (the loop scored each iterate before its step)
+        total, score = objective(leaves)
+        if math.isfinite(float(total.detach())):
+            best.see(float(score.detach()), leaves)
+
+
+def _lbfgs(trial, best, objective, variables, *, max_iterations, lr, inner, history_size, line_search, project,
+           on_step, on_offer, offer_every, explode_factor, stall_steps, tol_grad) -> None:
+    shapes = [v.shape for v in variables]
+    sizes = [v.numel() for v in variables]
+    z = torch.cat([v.detach().reshape(-1) for v in variables]).clone()
+    state: dict = {"first": None, "best_total": float("inf")}
+
+    def unflat(flat: torch.Tensor) -> list[torch.Tensor]:
+        return [p.view(sh) for p, sh in zip(flat.split(sizes), shapes)]
+
+    def fn(zz: torch.Tensor) -> tuple[float, torch.Tensor]:
+        """Loss and flat gradient at zz; NaN (which the line search backs off from) if either is not finite."""
+        leaves = [p.detach().clone().requires_grad_(True) for p in unflat(zz)]
+        total, score = objective(leaves)
+        tval = float(total.detach())
+        if not math.isfinite(tval):
+            return float("nan"), torch.zeros_like(zz)
+        grads = torch.autograd.grad(total, leaves)
+        g = torch.cat([q.reshape(-1) for q in grads])
+        if not _finite(g):
+            return float("nan"), torch.zeros_like(zz)
+        best.see(float(score.detach()), leaves)
+        state["best_total"] = min(state["best_total"], tval)
+        return tval, g
+
+    opt = LBFGS(z, lr=lr, max_iter=inner, history_size=history_size, tolerance_grad=tol_grad,
+                line_search=line_search in ("strong-wolfe", "strong_wolfe"))
+    still, fresh = 0, False
+    trial.stop = "budget"
+    step = 0
+    while opt.total_iter < max_iterations:
+        opt.max_iter = min(inner, max_iterations - opt.total_iter)
+        opt.max_eval = opt.max_iter * 5 // 4
+        before = opt.total_iter
+        lval = opt.step(fn)
+        cur = opt.current
+        if math.isfinite(lval) and state["first"] is None:
+            state["first"] = abs(lval)
+        if not _finite(z):
+            trial.diverged_at, trial.stop = step, "diverged: non-finite iterate"
+        elif not math.isfinite(lval) or (cur is not None and not math.isfinite(cur)):
+            trial.diverged_at, trial.stop = step, "diverged: non-finite loss"
+        elif explode_factor > 0 and max(abs(lval), abs(cur or 0.0)) > explode_factor * max(state["first"], 1e-300):
+            trial.diverged_at, trial.stop = step, "diverged: exploded"
+        if trial.diverged_at is not None:
+            break
+        if project is not None:
+            with torch.no_grad():
+                project(unflat(z))
+        # a loss that no longer moves: stuck at its best (stalled), or after a jump into a flat region
+        still = still + 1 if trial.history and abs(lval - trial.history[-1]) <= 1e-12 * max(abs(lval), 1e-300) else 0
+        trial.history.append(lval)
+        step += 1
+        trial.outer_steps = step
+        if on_step is not None:
+            on_step(step - 1, lval, best.score)
+        if on_offer is not None and best.dirty and step % offer_every == 0:
+            best.dirty = False
+            on_offer(best.score, best.vars)
+        if opt.converged:
+            trial.stop = f"converged: max |gradient| <= {tol_grad:g} x its start value"
+            break
+        if opt.total_iter == before:  # no descent direction (zero gradient) and not converged
+            trial.stop = "stalled: no descent direction"
+            break
+        if still >= stall_steps:
+            if not fresh:  # first try again without the curvature memory
+                opt.reset()
+                still, fresh = 0, True
+                continue
+            if lval > 2.0 * state["best_total"] and state["best_total"] < float("inf"):
+                trial.diverged_at, trial.stop = step - 1, "diverged: stalled after a jump"
+            else:
+                trial.stop = (f"stalled: loss unchanged (relative 1e-12) for {stall_steps} outer steps, twice "
+                              "(curvature memory dropped in between)")
+            break
+        if still == 0:
+            fresh = False
+    trial.iterations, trial.evaluations = opt.total_iter, opt.n_evals
+
+
+def run_adam(objective: Objective, variables: list[torch.Tensor], *, steps: int, lr: float, signed: bool = True,
+             **kw) -> Trial:
+    """:func:`run_trial` with (signed) Adam for ``steps`` iterations."""
+    return run_trial(objective, variables, optimizer="signed-adam" if signed else "adam", max_iterations=steps,
+                     lr=lr, **kw)
+
+
+def run_lbfgs(objective: Objective, variables: list[torch.Tensor], *, max_iterations: int, lr: float = 1.0,
+              **kw) -> Trial:
+    """:func:`run_trial` with L-BFGS for ``max_iterations`` iterations."""
+    return run_trial(objective, variables, optimizer="lbfgs", max_iterations=max_iterations, lr=lr, **kw)
+
+
+# ---- L-BFGS ---------------------------------------------------------------------------------------------------
+def _cubic_min(x1, f1, g1, x2, f2, g2, lo, hi) -> float:
+    """Minimiser of the cubic through (x1, f1, g1), (x2, f2, g2), clamped to [lo, hi]; bisection if none."""
+    try:
+        d1 = g1 + g2 - 3 * (f1 - f2) / (x1 - x2)
+        disc = d1 * d1 - g1 * g2
+        if disc >= 0 and math.isfinite(disc):
+            d2 = math.sqrt(disc) * (1.0 if x2 >= x1 else -1.0)
+            t = x2 - (x2 - x1) * ((g2 + d2 - d1) / (g2 - g1 + 2 * d2))
+            if math.isfinite(t):
+                return min(max(t, lo), hi)
+    except (ZeroDivisionError, OverflowError, ValueError):
+        pass
+    return (lo + hi) / 2
+
+
+class LBFGS:
+    """Limited-memory BFGS on one flat vector (Nocedal & Wright, Alg. 7.4/7.5), with an optional strong-Wolfe
+    line search (Alg. 3.5/3.6, cubic interpolation). ``step(fn)`` runs up to ``max_iter`` iterations like
+    ``torch.optim.LBFGS.step`` (whose semantics DLG's "iterations" refer to), keeping its state between calls.
+    ``fn(z) -> (loss float, grad flat tensor)``.
+
+    Differences from torch.optim.LBFGS, all to make it independent of the objective's scale (a squared-L2
+    gradient distance may be 1e3 at the start and 1e-8 at the end): a curvature pair is kept when
+    y's > 1e-10 |y||s| (torch: y's > 1e-10), the loss-change test is relative (|f - f_prev| < tolerance_change
+    |f_prev|; torch: absolute 1e-9) and so is the gradient test (max |g| <= tolerance_grad x max |g| at the
+    first evaluation; torch: absolute 1e-7). Meeting the gradient test sets ``converged``. On a well-scaled
+    problem the iterates are torch's (tests/test_optim_driver.py)."""
+
+    def __init__(self, z: torch.Tensor, *, lr: float = 1.0, max_iter: int = 20, history_size: int = 100,
+                 line_search: bool = False, tolerance_grad: float = 1e-10, tolerance_change: float = 1e-12):
+        self.z = z
+        self.lr, self.max_iter, self.m = lr, max_iter, history_size
+        self.max_eval = max_iter * 5 // 4
+        self.line_search = line_search
+        self.tol_grad, self.tol_change = tolerance_grad, tolerance_change
+        self.S: list[torch.Tensor] = []
+        self.Y: list[torch.Tensor] = []
+        self.rho: list[float] = []
+        self.d: torch.Tensor | None = None
+        self.t = 0.0
+        self.g_prev: torch.Tensor | None = None
+        self.loss_prev: float | None = None
+        self.n_iter = 0
+        self.n_evals = 0
+        self.total_iter = 0
+        self.g0: float | None = None  # max |gradient| at the start: the gradient tolerance is relative to it
+        self.converged = False
+
+    def reset(self) -> None:
+        """Forget the curvature pairs (after the iterate was moved from outside, e.g. projected)."""
+        self.S, self.Y, self.rho = [], [], []
+        self.n_iter = 0
+
+    def _direction(self, g: torch.Tensor) -> torch.Tensor:
+        q = -g
+        alpha = []
+        for s, y, rho in zip(reversed(self.S), reversed(self.Y), reversed(self.rho)):
+            a = rho * float(s @ q)
+            alpha.append(a)
+            q = q - a * y
+        if self.S:
+            y = self.Y[-1]
+            q = q * (float(self.S[-1] @ y) / float(y @ y))
+        for (s, y, rho), a in zip(zip(self.S, self.Y, self.rho), reversed(alpha)):
+            b = rho * float(y @ q)
+            q = q + (a - b) * s
+        return q
+
+    def _strong_wolfe(self, fn, z, t, d, f0, g0, gtd0, c1=1e-4, c2=0.9, max_ls=25):
+        """Returns (f, g, t, evaluations) at a step satisfying the strong Wolfe conditions (or the best found)."""
+        dnorm = float(d.abs().max())
+
+        def ev(step):
+            f, g = fn(z + step * d)
+            self.n_evals += 1
+            return f, g, float(g @ d)
+
+        f_new, g_new, gtd_new = ev(t)
+        evals = 1
+        t_prev, f_prev, g_prev, gtd_prev = 0.0, f0, g0, gtd0
+        bracket = None
+        done = False
+        it = 0
+        while it < max_ls:
+            if not math.isfinite(f_new) or f_new > f0 + c1 * t * gtd0 or (it > 0 and f_new >= f_prev):
+                bracket = [(t_prev, f_prev, g_prev, gtd_prev), (t, f_new, g_new, gtd_new)]
+                break
+            if abs(gtd_new) <= -c2 * gtd0:
+                return f_new, g_new, t, evals
+            if gtd_new >= 0:
+                bracket = [(t_prev, f_prev, g_prev, gtd_prev), (t, f_new, g_new, gtd_new)]
+                break
+            lo, hi = t + 0.01 * (t - t_prev), t * 10
+            t_next = _cubic_min(t_prev, f_prev, gtd_prev, t, f_new, gtd_new, lo, hi)
+            t_prev, f_prev, g_prev, gtd_prev = t, f_new, g_new, gtd_new
+            t = t_next
+            f_new, g_new, gtd_new = ev(t)
+            evals += 1
+            it += 1
+        if bracket is None:  # ran out of evaluations while extrapolating
+            return f_new, g_new, t, evals
+        # zoom: bracket[0] is the low (better) end
+        if not (math.isfinite(bracket[1][1])) or bracket[1][1] < bracket[0][1]:
+            if math.isfinite(bracket[1][1]):
+                bracket.reverse()
+        insufficient = False
+        while not done and it < max_ls:
+            (ta, fa, ga, gtda), (tb, fb, gb, gtdb) = bracket
+            if abs(tb - ta) * dnorm < self.tol_change:
+                break
+            lo_t, hi_t = min(ta, tb), max(ta, tb)
+            if math.isfinite(fb):
+                t = _cubic_min(ta, fa, gtda, tb, fb, gtdb, lo_t, hi_t)
+            else:
+                t = (ta + tb) / 2
+            eps = 0.1 * (hi_t - lo_t)
+            if min(hi_t - t, t - lo_t) < eps:  # too close to an end: move away (or bisect if stuck)
+                if insufficient or t >= hi_t or t <= lo_t:
+                    t = hi_t - eps if abs(t - hi_t) < abs(t - lo_t) else lo_t + eps
+                    insufficient = False
+                else:
+                    insufficient = True
+            else:
+                insufficient = False
+            f_new, g_new, gtd_new = ev(t)
+            evals += 1
+            it += 1
+            if not math.isfinite(f_new) or f_new > f0 + c1 * t * gtd0 or f_new >= fa:
+                bracket[1] = (t, f_new, g_new, gtd_new)
+            else:
+                if abs(gtd_new) <= -c2 * gtd0:
+                    done = True
+                elif gtd_new * (tb - ta) >= 0:
+                    bracket[1] = bracket[0]
+                bracket[0] = (t, f_new, g_new, gtd_new)
+            if bracket[1][1] < bracket[0][1] and math.isfinite(bracket[1][1]):
+                bracket.reverse()
+        ta, fa, ga, _ = bracket[0]
+        return fa, ga, ta, evals
+
+    def step(self, fn) -> float:
+        self.converged = False
+        """Up to ``max_iter`` iterations; returns the loss at the start of the call (as torch does)."""
+        z = self.z
+        loss, g = fn(z)
+        self.n_evals += 1
+        orig = loss
+        self.current: float | None = loss
+        evals = 1
+        if self.g0 is None and math.isfinite(loss):
+            self.g0 = float(g.abs().max())
+        if not math.isfinite(loss) or self._small(g):
+            return orig
+        for _ in range(self.max_iter):
+            self.n_iter += 1
+            self.total_iter += 1
+            if self.n_iter == 1:
+                d = -g
+            else:
+                y = g - self.g_prev
+                s = self.d * self.t
+                ys = float(y @ s)
+                if ys > 1e-10 * float(y.norm() * s.norm()):  # scale free (the objective may be ~1e-6)
+                    if len(self.S) == self.m:
+                        self.S.pop(0), self.Y.pop(0), self.rho.pop(0)
+                    self.S.append(s)
+                    self.Y.append(y)
+                    self.rho.append(1.0 / ys)
+                d = self._direction(g)
+            self.g_prev = g.clone()
+            self.loss_prev = loss
+            t = min(1.0, 1.0 / float(g.abs().sum())) * self.lr if self.n_iter == 1 else self.lr
+            gtd = float(g @ d)
+            if gtd >= -1e-12 * float(g.norm() * d.norm()) and self.S:  # stale curvature: steepest descent
+                self.reset()
+                self.n_iter = 1
+                d = -g
+                t = min(1.0, 1.0 / float(g.abs().sum())) * self.lr
+                gtd = float(g @ d)
+            if not gtd < 0:  # zero gradient
+                break
+            if self.line_search:
+                loss, g, t, n = self._strong_wolfe(fn, z, t, d, loss, g, gtd)
+                z.add_(d, alpha=t)
+                evals += n
+                self.current = loss
+            else:
+                z.add_(d, alpha=t)
+                self.current = None
+                if _ + 1 != self.max_iter:
+                    loss, g = fn(z)
+                    evals += 1
+                    self.n_evals += 1
+                    self.current = loss
+            self.d, self.t = d, t
+            if _ + 1 == self.max_iter or evals >= self.max_eval:
+                break
+            if not math.isfinite(loss) or self._small(g):
+                break
+            if float(d.abs().max()) * t <= self.tol_change or \
+                    abs(loss - self.loss_prev) < self.tol_change * abs(self.loss_prev):
+                break
+        return orig
+
+    def _small(self, g: torch.Tensor) -> bool:
+        """The stop criterion: max |g| <= tolerance_grad x max |g0| (sets ``converged``)."""
+        if self.g0 is not None and float(g.abs().max()) <= self.tol_grad * self.g0:
+            self.converged = True
+        return self.converged
+
+
