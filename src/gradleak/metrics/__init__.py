@@ -119,6 +119,21 @@ class Scores:
     mse_per_image: list[float]
     cosine_per_image: list[float]
     order: list[int] = field(default_factory=list)
+    unmatched_reconstructions: int = 0
+    unmatched_truths: int = 0
+
+    @property
+    def notes(self) -> list[str]:
+        """Sentences about what the scores do not cover (samples left out of the matching)."""
+        out = []
+        if self.unmatched_reconstructions:
+            out.append(f"the reconstruction holds {self.unmatched_reconstructions} more sample(s) than the truth: "
+                       "each truth image is scored against its best-matching reconstruction, the others are not "
+                       "scored")
+        if self.unmatched_truths:
+            out.append(f"the reconstruction holds {self.unmatched_truths} fewer sample(s) than the truth (a "
+                       "mixture): each reconstructed sample is scored against its best-matching truth image")
+        return out
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -130,7 +145,10 @@ class Scores:
                 return [clean(x) for x in v]
             return v
 
-        return {k: clean(v) for k, v in d.items()}
+        out = {k: clean(v) for k, v in d.items()}
+        if self.notes:
+            out["score_notes"] = self.notes
+        return out
 
     def summary(self) -> str:
         lab = "n/a" if self.label_accuracy is None else f"{100 * self.label_accuracy:.0f}%"
@@ -142,7 +160,9 @@ def evaluate(rec, truth) -> Scores:
     (or a tensor). Aligns the batch first (Hungarian on MSE); PSNR is averaged over images after capping each
     at 300 dB (an exact reconstruction would otherwise give +inf). If the reconstruction holds fewer samples than
     the truth (a mixture), each reconstructed sample is scored against the truth sample it matches best
-    (distinct ones), and ``order`` lists those truth indices."""
+    (distinct ones), and ``order`` lists those truth indices. ``unmatched_reconstructions`` /
+    ``unmatched_truths`` count the samples left out of the matching, and ``notes`` says so. Non-finite truth
+    or reconstruction values are a :class:`~gradleak.errors.ValidationError`."""
     r_in = getattr(rec, "inputs", rec)
     r_lab = getattr(rec, "labels", None)
     t_in = getattr(truth, "inputs", truth)
@@ -152,6 +172,10 @@ def evaluate(rec, truth) -> Scores:
     if r_in.shape[1:] != t_in.shape[1:] or r_in.shape[0] < 1:
         raise ValidationError("evaluate", [f"reconstruction {tuple(r_in.shape)} does not fit truth {tuple(t_in.shape)}: "
                                            "expected the same sample shape"])
+    bad = [f"{who} holds {int((~torch.isfinite(v)).sum())} NaN/inf value(s)" for who, v in
+           (("the truth", t_in), ("the reconstruction", r_in)) if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValidationError("evaluate", bad + ["expected finite images in the value range"])
     order = align(r_in, t_in)
     idx = torch.as_tensor(order)
     if r_in.shape[0] < t_in.shape[0]:  # fewer reconstructions (a mixture): score each against its matched truth
@@ -171,6 +195,8 @@ def evaluate(rec, truth) -> Scores:
     la = None
     if r_lab is not None and t_lab is not None and r_lab.shape[0] == r_in.shape[0]:
         la = label_accuracy(r_lab.cpu()[idx], t_lab.cpu())
+    n_rec, n_truth = int(r_in.shape[0]), int(t_in.shape[0])
     return Scores(psnr=_finite_mean(p), ssim=_finite_mean(s), mse=float(m.mean()), cosine=float(c.mean()),
                   label_accuracy=la, psnr_per_image=p.tolist(), ssim_per_image=s.tolist(), mse_per_image=m.tolist(),
-                  cosine_per_image=c.tolist(), order=order.tolist())
+                  cosine_per_image=c.tolist(), order=order.tolist(),
+                  unmatched_reconstructions=max(n_rec - n_truth, 0), unmatched_truths=max(n_truth - n_rec, 0))
