@@ -104,6 +104,8 @@ def _model_options(args) -> dict[str, Any]:
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="gradleak", description="How much private data leaks through federated-learning updates.")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
+    p.add_argument("--progress", action="store_true",
+                   help="show progress bars on stderr even when it is not a terminal (e.g. in a job's log)")
     p.add_argument("--threads", type=_positive, default=1,
                    help="torch CPU threads (default 1: the attacks' many small operations run fastest on one "
                         "thread; raise it for large models on an idle machine). Results are bit-reproducible "
@@ -198,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _progress_on(args) -> bool:
+    if getattr(args, "progress", False):
+        return True
     return not getattr(args, "json", False) and sys.stderr.isatty()
 
 
