@@ -202,7 +202,16 @@ def load_data(cfg: AttackRun):
     return data_mod.load(source, **kwargs)
 
 
-def check_memory(cfg: AttackRun, shape: tuple[int, ...], num_classes: int, max_memory=None) -> None:
+def _candidate_copies(attack) -> int:
+    """Copies of the candidate batch an attack's optimiser keeps: L-BFGS 2 x history_size (+ 4), else 4."""
+    o = getattr(attack, "options", None)
+    history = getattr(o, "history_size", None)
+    if isinstance(history, int) and getattr(o, "optimizer", "lbfgs") == "lbfgs":
+        return 2 * history + 4
+    return 4
+
+
+def check_memory(cfg: AttackRun, shape: tuple[int, ...], num_classes: int, max_memory=None, attack=None) -> None:
     """Refuse (:class:`~gradleak.errors.ResourceError`) an attack job whose estimated memory exceeds
     ``max_memory`` or the memory available (see :mod:`gradleak.resources`)."""
     from .errors import GradleakError
@@ -210,7 +219,8 @@ def check_memory(cfg: AttackRun, shape: tuple[int, ...], num_classes: int, max_m
     try:
         est = resources.estimate_attack(cfg.model, tuple(shape), int(num_classes), batch_size=cfg.num_images,
                                         dtype=DTYPES[cfg.dtype], model_options=dict(cfg.model_options),
-                                        local_steps=cfg.local_steps if cfg.protocol == "fedavg" else 1)
+                                        local_steps=cfg.local_steps if cfg.protocol == "fedavg" else 1,
+                                        candidate_copies=_candidate_copies(attack))
     except GradleakError:
         raise
     except Exception:  # a model option the zoo rejects: the real build below says so
@@ -219,11 +229,11 @@ def check_memory(cfg: AttackRun, shape: tuple[int, ...], num_classes: int, max_m
                            what=f"attacking {cfg.model} on {cfg.num_images} image(s) of shape {tuple(shape)}")
 
 
-def build_case(cfg: AttackRun, *, max_memory=None) -> tuple[Case, Truth | None, list[str]]:
+def build_case(cfg: AttackRun, *, max_memory=None, attack=None) -> tuple[Case, Truth | None, list[str]]:
     """Data + model + simulation (or the observed update) -> (case, truth or None, notes). The memory the job
     needs is estimated before the data are decoded (when the source's spec is known without decoding) or
     before the model is built, and refused above ``max_memory`` (bytes or '8GB'; default the memory
-    available)."""
+    available; ``attack``: the attack that will run, whose optimiser state counts too)."""
     problems = cfg.problems()
     if problems:
         raise ValidationError("attack run", problems)
@@ -233,12 +243,12 @@ def build_case(cfg: AttackRun, *, max_memory=None) -> tuple[Case, Truth | None, 
     source = cfg.images if cfg.images else cfg.dataset
     peek = data_mod.peek_spec(source, image_size=cfg.image_size)
     if peek is not None:
-        check_memory(cfg, peek[0], cfg.num_classes or peek[1], max_memory)
+        check_memory(cfg, peek[0], cfg.num_classes or peek[1], max_memory, attack)
     # The data source gives the spec (shape, classes, normalisation) and the private batch. With an observed
     # update the batch is the truth for scoring only when the user gave their own --images.
     ds = load_data(cfg)
     if peek is None:
-        check_memory(cfg, ds.spec.shape, cfg.num_classes or ds.spec.num_classes, max_memory)
+        check_memory(cfg, ds.spec.shape, cfg.num_classes or ds.spec.num_classes, max_memory, attack)
     notes += list(getattr(ds, "notes", ()))
     truth_inputs, truth_labels = ds.batch(cfg.num_images, cfg.start)
     spec = ds.spec
@@ -325,7 +335,7 @@ def run_attack(cfg: AttackRun, *, progress: bool = False, write: bool = True, ov
     try:
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
-        case, truth, notes = build_case(cfg, max_memory=max_memory)
+        case, truth, notes = build_case(cfg, max_memory=max_memory, attack=attack)
         rec = attack.reconstruct(case, seed=cfg.seed, progress=progress)
         scores = evaluate(rec, truth) if truth is not None else None
         if scores is not None:

@@ -7,8 +7,10 @@ the sizes of every leaf module's output for one sample are read off, and multipl
 job keeps alive:
 
 - attack: 6 copies of the parameters (client model, the case's copy, the observed update, the candidate's
-  update, its gradient, the optimiser state) and 4 of the activations per sample and per local step (forward
-  graph kept for a double backward), plus the decoded input images (float64 during resizing);
+  update, its gradient, the optimiser state); 4 of the activations per sample and per local step (forward
+  graph kept for a double backward) plus twice every convolution's unfolded input (kernel area x input
+  channels per output pixel, what the CPU convolution's backward materialises); the optimiser's copies of the
+  candidate batch (L-BFGS keeps 2 x history_size of them); the decoded input images (float64 while resizing);
 - training: 5 copies of the parameters (weights, gradients, two Adam moments, the caller's model) and 3 of the
   activations of a mini-batch, plus the whole dataset three times (images, normalised copy, training split).
 """
@@ -92,19 +94,22 @@ class Estimate:
 
 
 def _meta_sizes(model_name: str, input_shape: tuple[int, ...], num_classes: int,
-                model_options: dict[str, Any]) -> tuple[int, int]:
-    """(parameter count, activation elements per sample) of a zoo model, measured on the meta device."""
+                model_options: dict[str, Any]) -> tuple[int, int, int]:
+    """(parameter count, activation elements per sample, unfolded convolution inputs per sample) of a zoo
+    model, measured on the meta device."""
     from . import models
 
     with torch.device("meta"):
         net = models.build(model_name, input_shape=tuple(input_shape), num_classes=num_classes, seed=0,
                            **model_options)
     params = sum(p.numel() for p in net.parameters())
-    acts = [0]
+    acts = [0, 0]
 
-    def hook(_m, _i, out):
+    def hook(m, _i, out):
         if isinstance(out, torch.Tensor):
             acts[0] += out.numel()
+            if isinstance(m, torch.nn.modules.conv._ConvNd):
+                acts[1] += out.numel() // m.out_channels * (m.in_channels // m.groups) * math.prod(m.kernel_size)
 
     handles = [m.register_forward_hook(hook) for m in net.modules() if not list(m.children())]
     try:
@@ -113,18 +118,20 @@ def _meta_sizes(model_name: str, input_shape: tuple[int, ...], num_classes: int,
     finally:
         for h in handles:
             h.remove()
-    return int(params), int(acts[0])
+    return int(params), int(acts[0]), int(acts[1])
 
 
 def estimate_attack(model_name: str, input_shape: tuple[int, ...], num_classes: int, *, batch_size: int,
                     dtype: torch.dtype = torch.float32, model_options: dict[str, Any] | None = None,
-                    local_steps: int = 1) -> Estimate:
-    """Upper-bound estimate of an attack job's peak memory (see the module docstring)."""
+                    local_steps: int = 1, candidate_copies: int = 4) -> Estimate:
+    """Upper-bound estimate of an attack job's peak memory (see the module docstring). ``candidate_copies``:
+    how many copies of the candidate batch the attack's optimiser keeps (Adam: 4; L-BFGS: 2 x history + 4)."""
     b = torch.empty((), dtype=dtype).element_size()
-    params, acts = _meta_sizes(model_name, input_shape, num_classes, dict(model_options or {}))
+    params, acts, unfolded = _meta_sizes(model_name, input_shape, num_classes, dict(model_options or {}))
     pixels = math.prod(input_shape) * batch_size
-    parts = {"parameters": 6 * params * b, "activations": 4 * acts * batch_size * max(local_steps, 1) * b,
-             "images": 2 * pixels * 8}
+    parts = {"parameters": 6 * params * b,
+             "activations": (4 * acts + 2 * unfolded) * batch_size * max(local_steps, 1) * b,
+             "optimiser": candidate_copies * pixels * b, "images": 2 * pixels * 8}
     return Estimate(sum(parts.values()), parts)
 
 
@@ -133,8 +140,8 @@ def estimate_training(model_name: str, input_shape: tuple[int, ...], num_classes
                       model_options: dict[str, Any] | None = None) -> Estimate:
     """Upper-bound estimate of a training job's peak memory (see the module docstring)."""
     b = torch.empty((), dtype=dtype).element_size()
-    params, acts = _meta_sizes(model_name, input_shape, num_classes, dict(model_options or {}))
-    parts = {"parameters": 5 * params * b, "activations": 3 * acts * min(batch_size, num_images) * b,
+    params, acts, unfolded = _meta_sizes(model_name, input_shape, num_classes, dict(model_options or {}))
+    parts = {"parameters": 5 * params * b, "activations": (3 * acts + unfolded) * min(batch_size, num_images) * b,
              "dataset": 3 * math.prod(input_shape) * num_images * 4}
     return Estimate(sum(parts.values()), parts)
 
