@@ -362,11 +362,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         with interrupt_on_signals():
             import torch
 
+            threads = torch.get_num_threads()
             torch.set_flush_denormal(True)  # float32 L-BFGS on tiny gradients crawls through denormals otherwise
             try:
                 return _main(argv)
-            finally:
-                torch.set_flush_denormal(False)  # process-wide state: restore it for in-process callers
+            finally:  # process-wide state: restore it for in-process callers
+                torch.set_flush_denormal(False)
+                torch.set_num_threads(threads)
     except KeyboardInterrupt:  # during start-up or teardown, outside _main's own handling
         print("gradleak: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
