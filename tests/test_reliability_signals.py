@@ -135,3 +135,26 @@ def test_an_ignored_sigint_stays_ignored():
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, old)
+
+
+def test_an_interrupt_before_the_first_snapshot_reports_the_start_point(tmp_path, capsys, monkeypatch):
+    """An attack interrupted before it offered any candidate: the report holds its start point, marked."""
+    import torch
+
+    from gradleak.attacks import attacks
+
+    cls = attacks.get("ig")
+
+    def interrupted_at_once(self, case, ctx):
+        ctx.start(torch.full((case.batch_size, *case.spec.shape), 0.5, dtype=case.dtype), case.labels)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cls, "_reconstruct", interrupted_at_once)
+    out = tmp_path / "run"
+    code = main(["attack", "--attack", "ig", "--model", "lenet", "--image-size", "16", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 130, err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["interrupted"] is True and metrics["start_point_only"] is True
+    assert any("START point" in n for n in metrics["notes"])
+    assert "START point" in err

@@ -47,6 +47,7 @@ def metrics_of(rec, *, scores=None, case=None, extra: dict | None = None) -> dic
     info = rec.info
     metrics = {
         "attack": rec.attack,
+        "kind": getattr(rec, "kind", None),
         "residual": rec.residual,
         "seconds": info.get("seconds"),
         "num_images": int(rec.inputs.shape[0]),
@@ -54,6 +55,8 @@ def metrics_of(rec, *, scores=None, case=None, extra: dict | None = None) -> dic
         "interrupted": bool(info.get("interrupted", False)),
     }
     metrics.update(counts_of(rec))
+    if getattr(rec, "residual_note", ""):
+        metrics["residual_note"] = rec.residual_note
     if info.get("start_point_only"):
         metrics["start_point_only"] = True
     metrics["warnings"] = run_warnings(info)
