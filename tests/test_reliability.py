@@ -220,6 +220,15 @@ def test_warnings_an_attack_records_are_printed_and_in_metrics(tmp_path, capsys,
     assert metrics["warnings"] == ["step size shrank 8 times", "trial 2 diverged at step 40 (loss inf)"]
 
 
+def test_a_diverged_trial_is_a_warning():
+    from gradleak.report import run_warnings
+
+    info = {"trials": [{"steps": 40, "diverged_at": 40, "reason": "non-finite loss"},
+                       {"steps": 100, "diverged_at": None}]}
+    assert run_warnings(info) == ["trial 1 of 2 diverged at step 40 (non-finite loss)"]
+    assert run_warnings({"trials": [{"diverged_at": None}]}) == []
+
+
 def test_counts_are_named_for_what_they_count(tmp_path):
     from gradleak.report import metrics_of
 

@@ -18,8 +18,8 @@ COUNT_KEYS = ("outer_steps", "gradient_evaluations")
 
 
 def run_warnings(info: dict) -> list[str]:
-    """The warning lines an attack left in ``rec.info`` (``info['warnings']``, ``info['diverged']``), as
-    sentences, in order."""
+    """The warning lines an attack left in ``rec.info`` (``info['warnings']``, ``info['diverged']``, and every
+    trial of ``info['trials']`` that diverged), as sentences, in order."""
     w = info.get("warnings")
     out = [str(x) for x in w] if isinstance(w, (list, tuple)) else ([str(w)] if w else [])
     div = info.get("diverged")
@@ -29,6 +29,12 @@ def run_warnings(info: dict) -> list[str]:
         out.append("the attack diverged: the result is its best point before the divergence")
     elif div:
         out.append(f"the attack diverged ({div})")
+    trials = info.get("trials")
+    if isinstance(trials, (list, tuple)):
+        for i, t in enumerate(trials):
+            if isinstance(t, dict) and t.get("diverged_at") is not None:
+                why = f" ({t['reason']})" if t.get("reason") else ""
+                out.append(f"trial {i + 1} of {len(trials)} diverged at step {t['diverged_at']}{why}")
     return out
 
 
