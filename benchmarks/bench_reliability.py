@@ -5,8 +5,8 @@
 - memory: for a few attack jobs, the estimate of :mod:`gradleak.resources` against the growth of the peak RSS
   of a fresh process during ``run_attack`` (``ru_maxrss``); ratio = estimate / measured, >= 1 is an upper bound.
 
-Run:  /work/venv/bin/python benchmarks/bench_reliability.py [--quick]
-Writes benchmarks/results/reliability.json.
+Run:  python benchmarks/bench_reliability.py [--quick] [--allow-dirty]
+Writes benchmarks/results/reliability.json (with the provenance of benchmarks/common.py).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+import common
 
 PEAK = r'''
 import json, resource, sys, torch
@@ -38,10 +38,10 @@ print(json.dumps({"estimate_bytes": est.total, "measured_bytes": peak - base}))
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
+    ap = common.add_arguments(argparse.ArgumentParser())
+    ap.add_argument("--quick", action="store_true", help="one timing per refusal, two memory jobs")
     args = ap.parse_args()
-    torch.set_num_threads(1)
+    run_ = common.begin("reliability", args)
     from gradleak.cli import main as cli
 
     refusals = {}
@@ -69,10 +69,7 @@ def main() -> None:
                        "estimate_MB": round(d["estimate_bytes"] / 1e6, 1),
                        "measured_MB": round(d["measured_bytes"] / 1e6, 1),
                        "ratio": round(d["estimate_bytes"] / max(d["measured_bytes"], 1), 2)})
-    out = {"refusal": refusals, "memory": memory, "torch": torch.__version__, "threads": 1}
-    path = Path(__file__).resolve().parent / "results" / "reliability.json"
-    path.write_text(json.dumps(out, indent=2))
-    print(json.dumps(out, indent=2))
+    common.finish(run_, {"refusal": refusals, "memory": memory})
 
 
 if __name__ == "__main__":
