@@ -60,6 +60,8 @@ CLI_BAD = [
     (ATTACK + ["--defense", "noise:sigma=0.1", "--observed", "{d}/grad.safetensors"],
      "a defense applies to a SIMULATED update"),
     (ATTACK + ["--option", "max_iterations=5"], "--iterations 2 conflicts with --option max_iterations=5"),
+    (ATTACK + ["--restarts", "2", "--option", "restarts=3"], "--restarts 2 conflicts with --option restarts=3"),
+    (["attack", "--attack", "fc-analytic", "--model", "mlp", "--restarts", "2"], "--restarts does not apply"),
     (ATTACK + ["--defense", "noise:sigma=inf"], "noise defense: sigma must be finite"),
     (ATTACK + ["--defense", "noise:sigma=None"], "noise defense: option sigma='None' is not a float"),
     (ATTACK + ["--defense", "prune:ratio=nan"], "prune defense: ratio must be finite"),

@@ -26,7 +26,6 @@ from .report.writer import counts_of, write_files
 from .simulate import simulate
 from .validate import int_problems, is_int, labels_problems, number_problems, seed_problems
 
-RESTART_OPTIONS = ("restarts", "trials", "num_trials")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -38,8 +37,8 @@ class AttackRun:
     images: the user's own images (a folder of PNG/JPEG files or a tensor file).
     observed: a real observed gradient / update file (safetensors or .pt dict keyed like the model's
         state_dict); then there is no simulation and no truth unless ``images`` is also given.
-    iterations / restarts: mapped onto the attack's own budget options (its ``budget_option``); giving both
-        ``iterations`` and a different value of that option in ``attack_options`` is an error.
+    iterations / restarts: mapped onto the attack's own options (its ``budget_option`` and ``restarts_option``);
+        giving one of them and a different value of that option in ``attack_options`` is an error.
     threads: torch CPU threads (None: leave torch's setting); results are bit-reproducible only for the same
         thread count on the same machine and software, so ``config.json`` records the count used.
     labels: labels of an OBSERVED update (only with ``observed``); defenses apply to simulated updates only.
@@ -178,9 +177,8 @@ def _budget_options(cfg: AttackRun) -> dict[str, Any]:
     cls = attacks.get(cfg.attack)
     names = {f.name for f in dataclasses.fields(cls.Options)}
     opts = dict(cfg.attack_options)
-    restart = next((c for c in RESTART_OPTIONS if c in names), None)
     for value, hit, flag in ((cfg.iterations, cls.budget_option, "--iterations"),
-                             (cfg.restarts, restart, "--restarts")):
+                             (cfg.restarts, cls.restarts_option, "--restarts")):
         if value is None:
             continue
         if hit is None:
