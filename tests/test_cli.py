@@ -52,10 +52,10 @@ def test_fedavg_and_defense_flags_reach_the_case(tmp_path, capsys):
     (["attack", "--attack", "ig", "--model", "lenet", "--images", "/no/such/dir"], "/no/such/dir"),
     (["attack", "--attack", "fc-analytic", "--model", "mlp", "--iterations", "5"], "--iterations does not apply"),
     (["attack", "--attack", "ig", "--model", "lenet", "--dtype", "float16"], "invalid choice"),
-    (["attack", "--attack", "ig", "--model", "lenet", "--num-images", "0"], "num_images must be >= 1"),
+    (["attack", "--attack", "ig", "--model", "lenet", "--num-images", "0"], "num_images must be an int >= 1"),
     (["attack", "--attack", "ig", "--model", "lenet", "--option", "max_iteratons=3"], "unknown option"),
     (["attack", "--attack", "ig", "--model", "lenet", "--defense", "noise:sigma"], "key=value"),
-    (["attack", "--attack", "ig", "--model", "lenet", "--width", "x"], "invalid int value"),
+    (["attack", "--attack", "ig", "--model", "lenet", "--width", "x"], "expected an int >= 1"),
     (["attack", "--attack", "rgap", "--model", "convnet", "--width", "4", "--out", "/tmp/gl-never"], "rgap cannot run"),
     (["list", "things"], "invalid choice"),
 ])

@@ -77,3 +77,19 @@ def test_report_of_a_mixture(tmp_path):
     truth = gl.Truth(t, torch.tensor([0, 1]))
     out = gl.write_report(tmp_path / "r", rec, truth=truth, scores=gl.evaluate(rec, truth))
     assert (out / "reconstruction.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("shape", [(3, 3, 32, 32), (2, 1, 8, 8), (2, 3, 7, 9), (1, 1, 5, 5)])
+def test_ssim_equals_the_torchmetrics_definition(shape):
+    """The separable implementation gives torchmetrics' SSIM (Gaussian window, reflect padding) to rounding."""
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(*shape, generator=g, dtype=torch.float64)
+    b = (a + 0.3 * torch.rand(*shape, generator=g, dtype=torch.float64)).clamp(0, 1)
+    k = min(11, min(shape[-2:]))
+    k = k if k % 2 else k - 1
+    ref = structural_similarity_index_measure(a, b, data_range=1.0, kernel_size=k, sigma=1.5 * k / 11,
+                                              reduction="none")
+    assert torch.allclose(gl.metrics.ssim(a, b), ref, rtol=0, atol=1e-12)
+    assert torch.allclose(gl.metrics.ssim(a, a), torch.ones(shape[0], dtype=torch.float64), atol=1e-12)

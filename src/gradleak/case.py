@@ -165,6 +165,21 @@ class Truth:
     inputs: torch.Tensor
     labels: torch.Tensor
 
+    def __post_init__(self):
+        problems = []
+        if not isinstance(self.inputs, torch.Tensor):
+            problems.append(f"inputs must be a tensor (B, *shape), got {type(self.inputs).__name__}")
+        elif self.inputs.is_floating_point() and not torch.isfinite(self.inputs).all():
+            problems.append(f"inputs hold {int((~torch.isfinite(self.inputs)).sum())} NaN/inf value(s); expected "
+                            "finite images in the value range")
+        if self.labels is not None:
+            from .validate import labels_problems
+
+            n = self.inputs.shape[0] if isinstance(self.inputs, torch.Tensor) and self.inputs.ndim else None
+            problems += labels_problems(self.labels, batch_size=n)
+        if problems:
+            raise ValidationError("Truth", problems)
+
 
 def _check_tensor_dict(d: Mapping[str, Any], expected: Mapping[str, torch.Tensor], what: str) -> list[str]:
     problems = []
@@ -237,6 +252,9 @@ class Case:
                     problems.append(f"local_steps must be an int >= 1, got {o.local_steps!r}")
                 if not (isinstance(o.local_batch_size, int) and o.local_batch_size >= 1):
                     problems.append(f"local_batch_size must be an int >= 1, got {o.local_batch_size!r}")
+                elif isinstance(self.batch_size, int) and o.local_batch_size > self.batch_size:
+                    problems.append(f"local_batch_size ({o.local_batch_size}) must not exceed batch_size "
+                                    f"({self.batch_size})")
                 if not (isinstance(o.local_lr, (int, float)) and math.isfinite(o.local_lr) and o.local_lr > 0):
                     problems.append(f"local_lr must be a positive number, got {o.local_lr!r}")
         if not (isinstance(self.batch_size, int) and self.batch_size >= 1):
@@ -381,6 +399,10 @@ class Case:
         """
         if isinstance(observed, (str, Path)):
             observed = load_tensor_dict(observed)
+        elif not isinstance(observed, Mapping):
+            raise ValidationError("Case.from_observed", [f"observed must be a dict of parameter name -> tensor or the "
+                                                         f"path of a .safetensors / .pt file, got "
+                                                         f"{type(observed).__name__}"])
         if sign not in ("gradient", "server"):
             raise ValidationError("Case.from_observed", [f"sign must be 'gradient' or 'server', got {sign!r}"])
         if sign == "server":
@@ -420,8 +442,12 @@ def load_tensor_dict(path: str | Path) -> dict[str, torch.Tensor]:
         else:
             d = torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt or foreign file
-        raise DataError(f"cannot read {p} as a tensor dict ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                        "expected a .safetensors file or a torch.save()d dict of name -> tensor") from None
+        from .validate import file_format_hint
+
+        hint = file_format_hint(p)
+        first = str(e).splitlines()[0][:200] if str(e) else ""
+        raise DataError(f"cannot read {p} as a tensor dict ({hint or f'{type(e).__name__}: {first}'}); expected a "
+                        ".safetensors file or a torch.save()d dict of name -> tensor") from None
     if isinstance(d, Mapping) and "state_dict" in d and isinstance(d["state_dict"], Mapping):
         d = d["state_dict"]
     if not isinstance(d, Mapping) or not all(isinstance(v, torch.Tensor) for v in d.values()):

@@ -1,20 +1,58 @@
 """The ``gradleak`` command. Thin: every subcommand parses its arguments and makes one API call.
 
-Bad input prints one readable line on stderr and exits 2; Ctrl-C during an attack still writes the report of
-the best result so far.
+Exit codes: 0 done; 1 internal error (a bug: rerun with --debug for the traceback); 2 bad input, refused
+before any work, with one line on stderr; 130 interrupted (Ctrl-C or SIGTERM): an interrupted attack still
+writes the report of the best result so far. See docs/reliability.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import json
+import signal
 import sys
+import threading
 from typing import Any, Sequence
 
 from .errors import GradleakError
 
-MODEL_FLAGS = {"width": int, "width2": int, "depth": int, "activation": str, "norm": str, "stem": str}
+EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def _int_type(minimum: int | None = None, maximum: int | None = None, what: str = "an int"):
+    def parse(v: str) -> int:
+        try:
+            n = int(v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {v!r}") from None
+        if (minimum is not None and n < minimum) or (maximum is not None and n > maximum):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {v}")
+        return n
+
+    return parse
+
+
+def _int_list(minimum: int, what: str):
+    def parse(v: str) -> list[int]:
+        try:
+            out = [int(x) for x in v.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what} (comma-separated ints, e.g. 1,2), got {v!r}") from None
+        if not out or min(out) < minimum:
+            raise argparse.ArgumentTypeError(f"expected {what} (comma-separated ints >= {minimum}), got {v!r}")
+        return out
+
+    return parse
+
+
+_positive = _int_type(1, None, "an int >= 1")
+_count0 = _int_type(0, None, "an int >= 0")
+_seed = _int_type(0, 2 ** 64 - 1, "a seed: an int in [0, 2**64 - 1]")
+
+MODEL_FLAGS = {"width": _positive, "width2": _positive, "depth": _positive, "activation": str, "norm": str,
+               "stem": str}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -50,6 +88,13 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model-opt", action="append", default=[], metavar="KEY=VALUE", help="any other model option")
 
 
+def _add_output_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true", help="replace a previous run (or checkpoint) at --out")
+    p.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="refuse a job estimated to need more memory than SIZE, e.g. 8GB (default: the memory "
+                        "available now)")
+
+
 def _model_options(args) -> dict[str, Any]:
     opts = {k: getattr(args, k) for k in MODEL_FLAGS if getattr(args, k, None) is not None}
     opts.update(_kv(args.model_opt, "--model-opt"))
@@ -59,9 +104,12 @@ def _model_options(args) -> dict[str, Any]:
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="gradleak", description="How much private data leaks through federated-learning updates.")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--progress", action="store_true",
+                   help="show progress bars on stderr even when it is not a terminal (e.g. in a job's log)")
+    p.add_argument("--threads", type=_positive, default=1,
                    help="torch CPU threads (default 1: the attacks' many small operations run fastest on one "
-                        "thread; raise it for large models on an idle machine)")
+                        "thread; raise it for large models on an idle machine). Results are bit-reproducible "
+                        "for the same thread count on the same machine; config.json records it)")
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
 
     a = sub.add_parser("attack", help="simulate a client update (or read an observed one) and reconstruct its data")
@@ -71,20 +119,22 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--images", help="your own images: a folder of PNG/JPEG files or a tensor file")
     src.add_argument("--dataset", default="samples", help="samples | digits | cifar10:ROOT | folder:DIR")
     a.add_argument("--num-images", type=int, default=1)
-    a.add_argument("--start", type=int, default=0, help="index of the first image taken from the dataset")
-    a.add_argument("--image-size", type=int, default=None)
-    a.add_argument("--num-classes", type=int, default=None,
+    a.add_argument("--start", type=_count0, default=0, help="index of the first image taken from the dataset")
+    a.add_argument("--image-size", type=_positive, default=None)
+    a.add_argument("--num-classes", type=_positive, default=None,
                    help="classes of the model's head (default: the dataset's), e.g. 1000 for an ImageNet checkpoint")
-    a.add_argument("--iterations", type=int, default=None)
-    a.add_argument("--restarts", type=int, default=None)
-    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--iterations", type=_positive, default=None)
+    a.add_argument("--restarts", type=_positive, default=None)
+    a.add_argument("--seed", type=_seed, default=0)
     a.add_argument("--protocol", choices=["fedsgd", "fedavg"], default="fedsgd")
-    a.add_argument("--local-steps", type=int, default=5)
+    a.add_argument("--local-steps", type=_positive, default=5)
     a.add_argument("--local-lr", type=float, default=1e-4)
-    a.add_argument("--local-batch-size", type=int, default=None)
+    a.add_argument("--local-batch-size", type=_positive, default=None,
+                   help="fedavg mini-batch size, 1..--num-images (default: the whole batch)")
     a.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     a.add_argument("--unknown-labels", action="store_true", help="the attacker is not told the labels")
-    a.add_argument("--labels", default=None, help="labels of an observed update, comma-separated")
+    a.add_argument("--labels", type=_int_list(0, "labels"), default=None,
+                   help="labels of an --observed update, comma-separated ints")
     a.add_argument("--bn-mode", choices=["eval", "train"], default="eval")
     a.add_argument("--loss", default=None, help="loss name (default: follows the model's head)")
     a.add_argument("--preset", default=None, help="attack preset (paper settings)")
@@ -93,31 +143,37 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--observed", default=None, help="a real observed gradient/update (.safetensors or .pt dict keyed "
                    "like the model); the data options give its spec, and --images (if given) is the truth")
     a.add_argument("--defense", action="append", default=[], metavar="SPEC",
-                   help="defense applied to the simulated update, e.g. noise:sigma=0.01, prune:ratio=0.9")
-    a.add_argument("--out", default=None, help="run directory (default runs/ATTACK-MODEL-TIME)")
+                   help="defense applied to the SIMULATED update, e.g. noise:sigma=0.01, prune:ratio=0.9 (not "
+                        "with --observed)")
+    a.add_argument("--out", default=None, help="run directory (default runs/ATTACK-MODEL-TIME); refused when it "
+                   "holds a previous run, unless --overwrite")
+    _add_output_flags(a)
     a.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     _add_model_flags(a)
 
     r = sub.add_parser("risk", help="predict leakage of an architecture before any attack")
     r.add_argument("--model", required=True)
-    r.add_argument("--image-size", type=int, default=32)
-    r.add_argument("--channels", type=int, default=3)
-    r.add_argument("--num-classes", type=int, default=10)
-    r.add_argument("--batch-size", type=int, default=1)
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--image-size", type=_positive, default=32)
+    r.add_argument("--channels", type=_positive, default=3)
+    r.add_argument("--num-classes", type=_positive, default=10)
+    r.add_argument("--batch-size", type=_positive, default=1)
+    r.add_argument("--seed", type=_seed, default=0)
     r.add_argument("--json", action="store_true")
     _add_model_flags(r)
 
     t = sub.add_parser("train", help="train a zoo model and save checkpoints to audit")
     t.add_argument("--model", required=True)
     t.add_argument("--dataset", default="digits")
-    t.add_argument("--epochs", type=int, default=10)
+    t.add_argument("--epochs", type=_count0, default=10)
     t.add_argument("--lr", type=float, default=None)
-    t.add_argument("--batch-size", type=int, default=None)
-    t.add_argument("--image-size", type=int, default=None)
-    t.add_argument("--checkpoints", default=None, help="epochs to save, comma-separated (default: the last)")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--out", required=True, help="checkpoint file (.pt or .safetensors)")
+    t.add_argument("--batch-size", type=_positive, default=None)
+    t.add_argument("--image-size", type=_positive, default=None)
+    t.add_argument("--checkpoints", type=_int_list(0, "checkpoint epochs"), default=None,
+                   help="epochs to save, comma-separated (default: 1, 2, 10 up to --epochs)")
+    t.add_argument("--seed", type=_seed, default=0)
+    t.add_argument("--out", required=True, help="checkpoint file (.pt or .safetensors); refused when it exists, "
+                   "unless --overwrite")
+    _add_output_flags(t)
     t.add_argument("--json", action="store_true")
     _add_model_flags(t)
 
@@ -127,12 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dataset", default="samples")
     c.add_argument("--images", default=None)
     c.add_argument("--num-images", type=int, default=1)
-    c.add_argument("--start", type=int, default=0, help="index of the first image taken from the dataset")
-    c.add_argument("--image-size", type=int, default=None)
-    c.add_argument("--iterations", type=int, default=None)
+    c.add_argument("--start", type=_count0, default=0, help="index of the first image taken from the dataset")
+    c.add_argument("--image-size", type=_positive, default=None)
+    c.add_argument("--iterations", type=_positive, default=None)
     c.add_argument("--dtype", choices=["float32", "float64"], default="float64")
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--out", default=None)
+    c.add_argument("--seed", type=_seed, default=0)
+    c.add_argument("--out", default=None, help="run directory: comparison.json and one folder per attack")
+    _add_output_flags(c)
     c.add_argument("--json", action="store_true")
     _add_model_flags(c)
 
@@ -143,31 +200,43 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _progress_on(args) -> bool:
+    if getattr(args, "progress", False):
+        return True
     return not getattr(args, "json", False) and sys.stderr.isatty()
+
+
+def _warn(lines: Sequence[str]) -> None:
+    for line in lines:
+        print(f"warning: {line}", file=sys.stderr)
 
 
 def _cmd_attack(args) -> int:
     from .experiment import AttackRun, run_attack
+    from .report import run_warnings
 
     cfg = AttackRun(
         attack=args.attack, model=args.model, dataset=args.dataset, images=args.images, num_images=args.num_images,
-        start=args.start, image_size=args.image_size, num_classes=args.num_classes, iterations=args.iterations, restarts=args.restarts,
-        seed=args.seed, protocol=args.protocol, local_steps=args.local_steps, local_lr=args.local_lr,
-        local_batch_size=args.local_batch_size, dtype=args.dtype, labels_known=not args.unknown_labels,
-        labels=[int(v) for v in args.labels.split(",")] if args.labels else None, bn_mode=args.bn_mode,
-        loss=args.loss, preset=args.preset, model_options=_model_options(args),
-        attack_options=_kv(args.option, "--option"), weights=args.weights, observed=args.observed,
-        defenses=list(args.defense), out=args.out)
-    res = run_attack(cfg, progress=_progress_on(args))
+        start=args.start, image_size=args.image_size, num_classes=args.num_classes, iterations=args.iterations,
+        restarts=args.restarts, seed=args.seed, protocol=args.protocol, local_steps=args.local_steps,
+        local_lr=args.local_lr, local_batch_size=args.local_batch_size, dtype=args.dtype,
+        labels_known=not args.unknown_labels, labels=args.labels, bn_mode=args.bn_mode, loss=args.loss,
+        preset=args.preset, model_options=_model_options(args), attack_options=_kv(args.option, "--option"),
+        weights=args.weights, observed=args.observed, defenses=list(args.defense), out=args.out,
+        threads=args.threads)
+    res = run_attack(cfg, progress=_progress_on(args), overwrite=args.overwrite, max_memory=args.max_memory)
+    warnings = run_warnings(res.reconstruction.info)
     if args.json:
         from .report import to_jsonable
 
+        _warn(warnings)
         print(json.dumps(to_jsonable(res.to_json())))
     else:
         for n in res.notes:
-            print(f"note: {n}", file=sys.stderr)
+            if n not in warnings:
+                print(f"note: {n}", file=sys.stderr)
+        _warn(warnings)
         print(res.summary())
-    return 0
+    return EXIT_INTERRUPTED if res.reconstruction.info.get("interrupted") else EXIT_OK
 
 
 def _cmd_risk(args) -> int:
@@ -187,19 +256,21 @@ def _cmd_risk(args) -> int:
 
 
 def _cmd_train(args) -> int:
+    from .report import check_output_file
     from .training import train_from_names
 
-    ckpts = tuple(int(v) for v in args.checkpoints.split(",")) if args.checkpoints else None
+    check_output_file(args.out, overwrite=args.overwrite, what="the checkpoint")
     res = train_from_names(args.model, args.dataset, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                           image_size=args.image_size, checkpoint_epochs=ckpts, out=args.out, seed=args.seed,
-                           progress=_progress_on(args), model_options=_model_options(args))
+                           image_size=args.image_size, checkpoint_epochs=args.checkpoints, out=args.out,
+                           seed=args.seed, progress=_progress_on(args), model_options=_model_options(args),
+                           max_memory=args.max_memory)
     if args.json:
         from .report import to_jsonable
 
         print(json.dumps(to_jsonable(res.to_dict())))
     else:
         print(res.summary())
-    return 0
+    return EXIT_OK
 
 
 def _cmd_compare(args) -> int:
@@ -209,14 +280,17 @@ def _cmd_compare(args) -> int:
                   dataset=args.dataset, images=args.images, num_images=args.num_images, start=args.start,
                   image_size=args.image_size,
                   iterations=args.iterations, dtype=args.dtype, seed=args.seed, out=args.out,
-                  model_options=_model_options(args), progress=_progress_on(args))
+                  model_options=_model_options(args), progress=_progress_on(args), overwrite=args.overwrite,
+                  max_memory=args.max_memory)
+    for row in res.rows:
+        _warn(f"{row['attack']}: {w}" for w in row.get("warnings") or ())
     if args.json:
         from .report import to_jsonable
 
         print(json.dumps(to_jsonable(res.to_dict())))
     else:
         print(res.table())
-    return 0
+    return EXIT_INTERRUPTED if res.interrupted else EXIT_OK
 
 
 def _cmd_list(args) -> int:
@@ -254,15 +328,50 @@ def _cmd_list(args) -> int:
 COMMANDS = {"attack": _cmd_attack, "risk": _cmd_risk, "train": _cmd_train, "compare": _cmd_compare, "list": _cmd_list}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``gradleak`` console script. Returns the exit code (0 ok, 2 bad input)."""
-    import torch
+@contextlib.contextmanager
+def interrupt_on_signals():
+    """While active, SIGTERM (what ``timeout``, schedulers, ``docker stop`` send) and SIGINT raise
+    KeyboardInterrupt in the main thread, so a run stops the same way for both; the previous handlers are
+    restored after. A signal that was ignored (SIG_IGN, e.g. under ``nohup``) stays ignored. Does nothing
+    outside the main thread (signal handlers can only be set there)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
 
-    torch.set_flush_denormal(True)  # float32 L-BFGS on tiny gradients crawls through denormals otherwise
+    def handler(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    old = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        prev = signal.getsignal(sig)
+        if prev is signal.SIG_IGN:
+            continue
+        old[sig] = prev
+        signal.signal(sig, handler)
     try:
-        return _main(argv)
+        yield
     finally:
-        torch.set_flush_denormal(False)  # process-wide state: restore it for in-process callers
+        for sig, prev in old.items():
+            signal.signal(sig, prev if prev is not None else signal.SIG_DFL)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``gradleak`` console script. Returns the exit code: 0 done, 1 internal error,
+    2 bad input (one line on stderr, before any work), 130 interrupted (the partial report is written)."""
+    try:
+        with interrupt_on_signals():
+            import torch
+
+            threads = torch.get_num_threads()
+            torch.set_flush_denormal(True)  # float32 L-BFGS on tiny gradients crawls through denormals otherwise
+            try:
+                return _main(argv)
+            finally:  # process-wide state: restore it for in-process callers
+                torch.set_flush_denormal(False)
+                torch.set_num_threads(threads)
+    except KeyboardInterrupt:  # during start-up or teardown, outside _main's own handling
+        print("gradleak: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -270,36 +379,34 @@ def _main(argv: Sequence[str] | None) -> int:
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     try:
         args = parser.parse_args(argv)
-        if args.threads < 1:
-            raise _UsageError(f"gradleak: --threads must be >= 1, got {args.threads}")
         import torch
 
         torch.set_num_threads(args.threads)
         if not args.command:
             parser.print_help()
-            return 2
+            return EXIT_BAD_INPUT
         return COMMANDS[args.command](args)
     except _UsageError as e:
         print(str(e), file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     except GradleakError as e:
         if debug:
             raise
         print(f"gradleak: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        print("gradleak: interrupted", file=sys.stderr)
-        return 130
+        print("gradleak: interrupted (no report: nothing to report yet)", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except BrokenPipeError:  # output piped into `head` and the like
         import os
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+        return EXIT_OK
     except Exception as e:  # never a raw traceback for a user
         if debug:
             raise
         print(f"gradleak: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
-        return 1
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -50,6 +50,15 @@ class NumericalError(GradleakError):
     """A computation produced no finite result."""
 
 
+class OutputError(GradleakError):
+    """An output (run directory, checkpoint file) cannot be written: it is a file, not writable, holds a
+    previous run, or another run is writing it. Raised before any work."""
+
+
+class ResourceError(GradleakError):
+    """A job would need more memory (or another resource) than the machine has; raised before the work."""
+
+
 def raise_if(problems: list[str], what: str) -> None:
     """Raise a ValidationError listing ``problems`` when there are any."""
     if problems:

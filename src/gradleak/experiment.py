@@ -6,24 +6,26 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
 from . import data as data_mod
 from . import models as models_mod
+from . import resources
 from .attacks import Reconstruction, attacks, create
 from .case import Case, Truth
 from .errors import ValidationError
 from .metrics import Scores, evaluate
-from .report import write_report
+from .report import RunDirectory, environment, run_warnings, to_jsonable, write_report
+from .report.writer import counts_of, write_files
 from .simulate import simulate
+from .validate import int_problems, is_int, labels_problems, number_problems, seed_problems
 
-ITERATION_OPTIONS = ("max_iterations", "iterations", "steps", "num_steps")
-RESTART_OPTIONS = ("restarts", "trials", "num_trials")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -35,7 +37,11 @@ class AttackRun:
     images: the user's own images (a folder of PNG/JPEG files or a tensor file).
     observed: a real observed gradient / update file (safetensors or .pt dict keyed like the model's
         state_dict); then there is no simulation and no truth unless ``images`` is also given.
-    iterations / restarts: mapped onto the attack's own budget options.
+    iterations / restarts: mapped onto the attack's own options (its ``budget_option`` and ``restarts_option``);
+        giving one of them and a different value of that option in ``attack_options`` is an error.
+    threads: torch CPU threads (None: leave torch's setting); results are bit-reproducible only for the same
+        thread count on the same machine and software, so ``config.json`` records the count used.
+    labels: labels of an OBSERVED update (only with ``observed``); defenses apply to simulated updates only.
     """
 
     attack: str
@@ -65,9 +71,76 @@ class AttackRun:
     observed: str | None = None
     defenses: list[str] = field(default_factory=list)
     out: str | None = None
+    threads: int | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "AttackRun":
+        """The run a ``config.json`` describes (its ``environment`` record is not part of the run)."""
+        if not isinstance(d, Mapping):
+            raise ValidationError("attack run config", [f"expected a dict, got {type(d).__name__}"])
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(k for k in d if k not in names and k != "environment")
+        if unknown:
+            raise ValidationError("attack run config", [f"unknown key(s) {unknown} (expected {sorted(names)})"])
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "AttackRun":
+        """Read a run directory's ``config.json`` (or the directory itself) to re-run it."""
+        p = Path(path)
+        p = p / "config.json" if p.is_dir() else p
+        try:
+            d = json.loads(p.read_text())
+        except (OSError, ValueError) as e:
+            raise ValidationError("attack run config", [f"cannot read {p} as JSON ({type(e).__name__}: {e})"]) from None
+        return cls.from_dict(d)
+
+    def problems(self) -> list[str]:
+        """Every problem with the fields' types, ranges and combinations (checked before any work)."""
+        p: list[str] = []
+        for name in ("attack", "model", "dataset"):
+            v = getattr(self, name)
+            if not isinstance(v, str) or not v:
+                hint = " (a zoo name; pass a built model to gradleak.simulate instead)" if name == "model" else ""
+                p.append(f"{name} must be a name (str), got {type(v).__name__}{hint}")
+        p += int_problems(self.num_images, "num_images", minimum=1)
+        p += int_problems(self.start, "start", minimum=0)
+        p += int_problems(self.num_classes, "num_classes", minimum=1, optional=True)
+        p += int_problems(self.iterations, "iterations", minimum=1, optional=True)
+        p += int_problems(self.restarts, "restarts", minimum=1, optional=True)
+        p += int_problems(self.threads, "threads", minimum=1, optional=True)
+        p += int_problems(self.local_steps, "local_steps", minimum=1)
+        p += number_problems(self.local_lr, "local_lr", positive=True)
+        p += seed_problems(self.seed)
+        if self.image_size is not None and not (is_int(self.image_size) and self.image_size >= 1):
+            p.append(f"image_size must be an int >= 1 (or None for the source's size), got {self.image_size!r}")
+        if self.dtype not in DTYPES:
+            p.append(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.protocol not in ("fedsgd", "fedavg"):
+            p.append(f"protocol must be 'fedsgd' or 'fedavg', got {self.protocol!r}")
+        if self.local_batch_size is not None:
+            lbs = int_problems(self.local_batch_size, "local_batch_size", minimum=1)
+            if not lbs and is_int(self.num_images) and self.local_batch_size > self.num_images:
+                lbs = [f"local_batch_size ({self.local_batch_size}) must not exceed the batch "
+                       f"(num_images={self.num_images})"]
+            if not lbs and self.protocol != "fedavg":
+                lbs = ["local_batch_size only applies to protocol 'fedavg'"]
+            p += lbs
+        if self.labels is not None:
+            if self.observed is None:
+                p.append("labels are the labels of an observed update: give them only with observed "
+                         "(a simulated update takes its labels from the data)")
+            else:
+                p += labels_problems(self.labels, batch_size=self.num_images if is_int(self.num_images) else None)
+        if self.defenses and self.observed is not None:
+            p.append("a defense applies to a SIMULATED update; an observed update is attacked as it was received "
+                     "(apply the defense where the update is produced, then save it)")
+        if not isinstance(self.attack_options, Mapping) or not isinstance(self.model_options, Mapping):
+            p.append("attack_options and model_options must be dicts")
+        return p
 
 
 @dataclass
@@ -95,23 +168,25 @@ class RunResult:
                 "psnr": s.get("psnr"), "psnr_per_image": s.get("psnr_per_image"), "ssim": s.get("ssim"),
                 "ssim_per_image": s.get("ssim_per_image"), "mse": s.get("mse"), "cosine": s.get("cosine"),
                 "label_accuracy": s.get("label_accuracy"), "residual": r.residual, "seconds": r.seconds,
-                "iterations": len(r.history) if r.history else r.info.get("iterations"),
-                "kind": r.kind, "interrupted": r.info.get("interrupted", False),
-                "out": str(self.out_dir) if self.out_dir else None, "notes": self.notes}
+                **counts_of(r), "kind": r.kind, "interrupted": bool(r.info.get("interrupted", False)),
+                "warnings": run_warnings(r.info), "out": str(self.out_dir) if self.out_dir else None,
+                "notes": self.notes}
 
 
 def _budget_options(cfg: AttackRun) -> dict[str, Any]:
     cls = attacks.get(cfg.attack)
     names = {f.name for f in dataclasses.fields(cls.Options)}
     opts = dict(cfg.attack_options)
-    for value, candidates, flag in ((cfg.iterations, ITERATION_OPTIONS, "--iterations"),
-                                    (cfg.restarts, RESTART_OPTIONS, "--restarts")):
+    for value, hit, flag in ((cfg.iterations, cls.budget_option, "--iterations"),
+                             (cfg.restarts, cls.restarts_option, "--restarts")):
         if value is None:
             continue
-        hit = next((c for c in candidates if c in names), None)
         if hit is None:
             raise ValidationError(f"attack {cls.name}", [f"{flag} does not apply: this attack has no such budget "
                                                          f"(its options: {', '.join(sorted(names))})"])
+        if hit in opts and opts[hit] != value:
+            raise ValidationError(f"attack {cls.name}", [f"{flag} {value} conflicts with --option {hit}={opts[hit]}: "
+                                                         "give one of them"])
         opts[hit] = int(value)
     return opts
 
@@ -125,25 +200,53 @@ def load_data(cfg: AttackRun):
     return data_mod.load(source, **kwargs)
 
 
-def build_case(cfg: AttackRun) -> tuple[Case, Truth | None, list[str]]:
-    """Data + model + simulation (or the observed update) -> (case, truth or None, notes)."""
-    problems = []
-    if cfg.dtype not in DTYPES:
-        problems.append(f"dtype must be one of {sorted(DTYPES)}, got {cfg.dtype!r}")
-    if cfg.num_images < 1:
-        problems.append(f"num_images must be >= 1, got {cfg.num_images}")
-    if cfg.protocol not in ("fedsgd", "fedavg"):
-        problems.append(f"protocol must be 'fedsgd' or 'fedavg', got {cfg.protocol!r}")
-    if cfg.num_classes is not None and cfg.num_classes < 1:
-        problems.append(f"num_classes must be >= 1, got {cfg.num_classes}")
+def _candidate_copies(attack) -> int:
+    """Copies of the candidate batch an attack's optimiser keeps: L-BFGS 2 x history_size (+ 4), else 4."""
+    o = getattr(attack, "options", None)
+    history = getattr(o, "history_size", None)
+    if isinstance(history, int) and getattr(o, "optimizer", "lbfgs") == "lbfgs":
+        return 2 * history + 4
+    return 4
+
+
+def check_memory(cfg: AttackRun, shape: tuple[int, ...], num_classes: int, max_memory=None, attack=None) -> None:
+    """Refuse (:class:`~gradleak.errors.ResourceError`) an attack job whose estimated memory exceeds
+    ``max_memory`` or the memory available (see :mod:`gradleak.resources`)."""
+    from .errors import GradleakError
+
+    try:
+        est = resources.estimate_attack(cfg.model, tuple(shape), int(num_classes), batch_size=cfg.num_images,
+                                        dtype=DTYPES[cfg.dtype], model_options=dict(cfg.model_options),
+                                        local_steps=cfg.local_steps if cfg.protocol == "fedavg" else 1,
+                                        candidate_copies=_candidate_copies(attack))
+    except GradleakError:
+        raise
+    except Exception:  # a model option the zoo rejects: the real build below says so
+        return
+    resources.check_memory(est, max_memory=max_memory,
+                           what=f"attacking {cfg.model} on {cfg.num_images} image(s) of shape {tuple(shape)}")
+
+
+def build_case(cfg: AttackRun, *, max_memory=None, attack=None) -> tuple[Case, Truth | None, list[str]]:
+    """Data + model + simulation (or the observed update) -> (case, truth or None, notes). The memory the job
+    needs is estimated before the data are decoded (when the source's spec is known without decoding) or
+    before the model is built, and refused above ``max_memory`` (bytes or '8GB'; default the memory
+    available; ``attack``: the attack that will run, whose optimiser state counts too)."""
+    problems = cfg.problems()
     if problems:
         raise ValidationError("attack run", problems)
     dtype = DTYPES[cfg.dtype]
     notes: list[str] = []
     info = models_mod.models.get(cfg.model)
+    source = cfg.images if cfg.images else cfg.dataset
+    peek = data_mod.peek_spec(source, image_size=cfg.image_size)
+    if peek is not None:
+        check_memory(cfg, peek[0], cfg.num_classes or peek[1], max_memory, attack)
     # The data source gives the spec (shape, classes, normalisation) and the private batch. With an observed
     # update the batch is the truth for scoring only when the user gave their own --images.
     ds = load_data(cfg)
+    if peek is None:
+        check_memory(cfg, ds.spec.shape, cfg.num_classes or ds.spec.num_classes, max_memory, attack)
     notes += list(getattr(ds, "notes", ()))
     truth_inputs, truth_labels = ds.batch(cfg.num_images, cfg.start)
     spec = ds.spec
@@ -170,7 +273,7 @@ def build_case(cfg: AttackRun) -> tuple[Case, Truth | None, list[str]]:
 
         defense = defenses.compose(*[defenses.parse(d) for d in cfg.defenses])
     if cfg.observed is not None:
-        labels = torch.tensor(cfg.labels) if cfg.labels is not None else (
+        labels = torch.as_tensor(cfg.labels, dtype=torch.long) if cfg.labels is not None else (
             truth_labels if cfg.labels_known and truth_labels is not None else None)
         case = Case.from_observed(model, cfg.observed, spec=spec, batch_size=cfg.num_images, protocol=cfg.protocol,
                                   local_steps=cfg.local_steps, local_lr=cfg.local_lr,
@@ -192,22 +295,60 @@ def build_case(cfg: AttackRun) -> tuple[Case, Truth | None, list[str]]:
 
 
 def default_out(cfg: AttackRun) -> Path:
-    return Path("runs") / f"{attacks.canonical(cfg.attack)}-{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+    """``runs/ATTACK-MODEL-TIME`` (with a ``-2``, ``-3``, ... suffix when that directory exists already)."""
+    base = Path("runs") / f"{attacks.canonical(cfg.attack)}-{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out, k = base, 1
+    while out.exists():
+        k += 1
+        out = base.with_name(f"{base.name}-{k}")
+    return out
 
 
-def run_attack(cfg: AttackRun, *, progress: bool = False, write: bool = True) -> RunResult:
-    """Run one attack job end to end and (if ``write``) write its run directory. Ctrl-C during the attack
-    still writes the report of the best result so far."""
+def run_config(cfg: AttackRun, case: Case | None = None) -> dict:
+    """What ``config.json`` holds: the run (with the thread count used) and the software environment."""
+    d = cfg.to_dict()
+    d["threads"] = torch.get_num_threads()
+    d["environment"] = environment(device=None if case is None else case.device,
+                                   dtype=None if case is None else case.dtype)
+    return d
+
+
+def run_attack(cfg: AttackRun, *, progress: bool = False, write: bool = True, overwrite: bool = False,
+               max_memory=None) -> RunResult:
+    """Run one attack job end to end and (if ``write``) write its run directory.
+
+    Before any work: the configuration is checked, the output directory is reserved (refused when it is a
+    file, not writable, holds a previous run and ``overwrite`` is False, or another run is writing it) and
+    the memory the job needs is estimated (refused above ``max_memory`` or the memory available).
+    Ctrl-C (or SIGTERM under the CLI) during the attack still writes the report of the best result so far,
+    with ``metrics.json`` saying ``interrupted``. ``cfg.threads`` sets torch's CPU threads for the run.
+    """
+    problems = cfg.problems()
+    if problems:
+        raise ValidationError("attack run", problems)
     opts = _budget_options(cfg)
     attack = create(cfg.attack, preset=cfg.preset, **opts)
-    case, truth, notes = build_case(cfg)
-    rec = attack.reconstruct(case, seed=cfg.seed, progress=progress)
-    scores = evaluate(rec, truth) if truth is not None else None
-    out = None
-    if write:
-        out = Path(cfg.out) if cfg.out else default_out(cfg)
-        write_report(out, rec, truth=truth, scores=scores, case=case, config=cfg.to_dict(),
-                     extra={"notes": notes, "model": cfg.model})
+    run_dir = RunDirectory(Path(cfg.out) if cfg.out else default_out(cfg), overwrite=overwrite) if write else None
+    threads = torch.get_num_threads()
+    try:
+        if cfg.threads is not None:
+            torch.set_num_threads(cfg.threads)
+        case, truth, notes = build_case(cfg, max_memory=max_memory, attack=attack)
+        rec = attack.reconstruct(case, seed=cfg.seed, progress=progress)
+        scores = evaluate(rec, truth) if truth is not None else None
+        if scores is not None:
+            notes += scores.notes
+        notes += run_warnings(rec.info)
+        if rec.info.get("start_point_only"):
+            notes.append("interrupted before the attack's first result: the report shows its START point")
+        out = None
+        if run_dir is not None:
+            out = write_report(run_dir, rec, truth=truth, scores=scores, case=case, config=run_config(cfg, case),
+                               extra={"notes": notes, "model": cfg.model})
+    finally:
+        torch.set_num_threads(threads)
+        if run_dir is not None:
+            run_dir.release()
     return RunResult(cfg, case, truth, rec, scores, out, notes)
 
 
@@ -219,10 +360,11 @@ class CompareResult:
     rows: list[dict[str, Any]]
     out_dir: Path | None = None
     risk: dict[str, Any] | None = None
+    interrupted: bool = False
 
     def to_dict(self) -> dict:
         return {"model": self.model, "rows": self.rows, "out": str(self.out_dir) if self.out_dir else None,
-                "risk": self.risk}
+                "risk": self.risk, "interrupted": self.interrupted}
 
     def table(self) -> str:
         head = f"{'attack':<22}{'PSNR dB':>9}{'SSIM':>8}{'residual':>11}{'seconds':>9}  kind"
@@ -232,7 +374,10 @@ class CompareResult:
                 lines.append(f"{r['attack']:<22}  cannot run: {r['error']}")
                 continue
             lines.append(f"{r['attack']:<22}{_f(r['psnr'], 9, 2)}{_f(r['ssim'], 8, 3)}{_f(r['residual'], 11, 3, 'g')}"
-                         f"{_f(r['seconds'], 9, 1)}  {r.get('kind') or ''}")
+                         f"{_f(r['seconds'], 9, 1)}  {r.get('kind') or ''}"
+                         f"{' (interrupted: best so far)' if r.get('interrupted') else ''}")
+        if self.interrupted:
+            lines.append("interrupted: the attacks after the last row did not run")
         return "\n".join(lines)
 
 
@@ -245,41 +390,56 @@ def _f(v, w, p, kind="f") -> str:
 def compare(*, attacks: list[str], model: str, dataset: str = "samples", images: str | None = None,
             num_images: int = 1, start: int = 0, image_size: int | None = None, iterations: int | None = None,
             dtype: str = "float64", seed: int = 0, out: str | None = None, model_options: dict | None = None,
-            attack_options: dict[str, dict] | None = None, progress: bool = False) -> CompareResult:
+            attack_options: dict[str, dict] | None = None, progress: bool = False, overwrite: bool = False,
+            max_memory=None) -> CompareResult:
     """Run several attacks on ONE simulated case and tabulate PSNR, SSIM, residual and seconds (the central
-    comparison of the layer-wise paper). An attack that cannot handle the case gets a row with the reason."""
+    comparison of the layer-wise paper). An attack that cannot handle the case gets a row with the reason.
+    ``iterations`` goes to the attacks that have an iteration budget. ``out``: one run directory holding
+    ``comparison.json`` and one sub-directory per attack, written atomically like :func:`run_attack`'s. Ctrl-C
+    stops after the running attack's best result so far (the table says ``interrupted``)."""
     from .attacks import attacks as registry
     from .errors import RequirementError
 
     attacks = [registry.canonical(a) for a in attacks]  # every unknown name fails before any work
     base = AttackRun(attack=attacks[0], model=model, dataset=dataset, images=images, num_images=num_images,
                      start=start, image_size=image_size, dtype=dtype, seed=seed, model_options=dict(model_options or {}))
-    case, truth, notes = build_case(base)
-    rows = []
-    out_dir = Path(out) if out else None
-    for name in attacks:
-        cfg = dataclasses.replace(base, attack=name, iterations=iterations,
-                                  attack_options=dict((attack_options or {}).get(name, {})))
-        try:
-            opts = _budget_options(cfg) if iterations is not None else dict(cfg.attack_options)
-        except ValidationError:
-            opts = dict(cfg.attack_options)  # this attack has no iteration budget (closed form)
-        try:
-            rec = create(name, **opts).reconstruct(case, seed=seed, progress=progress)
-        except RequirementError as e:
-            rows.append({"attack": name, "error": "; ".join(e.problems)})
-            continue
-        sc = evaluate(rec, truth)
-        rows.append({"attack": rec.attack, "psnr": sc.psnr, "ssim": sc.ssim, "mse": sc.mse, "residual": rec.residual,
-                     "seconds": rec.seconds, "kind": rec.kind})
-        if out_dir is not None:
-            write_report(out_dir / rec.attack, rec, truth=truth, scores=sc, case=case, config=cfg.to_dict())
-    res = CompareResult(model=model, rows=rows, out_dir=out_dir)
-    if out_dir is not None:
-        import json
+    problems = base.problems()
+    if problems:
+        raise ValidationError("compare", problems)
+    run_dir = RunDirectory(out, overwrite=overwrite) if out else None
+    try:
+        case, truth, notes = build_case(base, max_memory=max_memory)
+        rows: list[dict[str, Any]] = []
+        recs = []
+        interrupted = False
+        for name in attacks:
+            cfg = dataclasses.replace(base, attack=name, attack_options=dict((attack_options or {}).get(name, {})))
+            if iterations is not None and registry.get(name).budget_option is not None:
+                cfg = dataclasses.replace(cfg, iterations=iterations)
+            try:
+                rec = create(name, **_budget_options(cfg)).reconstruct(case, seed=seed, progress=progress)
+            except RequirementError as e:
+                rows.append({"attack": name, "error": "; ".join(e.problems)})
+                continue
+            sc = evaluate(rec, truth)
+            rows.append({"attack": rec.attack, "psnr": sc.psnr, "ssim": sc.ssim, "mse": sc.mse,
+                         "residual": rec.residual, "seconds": rec.seconds, "kind": rec.kind,
+                         "interrupted": bool(rec.info.get("interrupted")), "warnings": run_warnings(rec.info)})
+            recs.append((rec, sc, cfg))
+            if rec.info.get("interrupted"):
+                interrupted = True
+                break
+        res = CompareResult(model=model, rows=rows, out_dir=Path(out) if out else None, interrupted=interrupted)
+        if run_dir is not None:
+            def fill(tmp: Path) -> None:
+                for rec, sc, cfg in recs:
+                    (tmp / rec.attack).mkdir()
+                    write_files(tmp / rec.attack, rec, truth=truth, scores=sc, case=case,
+                                config=run_config(cfg, case))
+                (tmp / "comparison.json").write_text(json.dumps(to_jsonable(res.to_dict()), indent=2))
 
-        from .report import to_jsonable
-
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "comparison.json").write_text(json.dumps(to_jsonable(res.to_dict()), indent=2))
+            run_dir.write(fill)
+    finally:
+        if run_dir is not None:
+            run_dir.release()
     return res

@@ -30,6 +30,8 @@ from .case import _num_outputs
 from .data import Dataset
 from .errors import NumericalError, ValidationError
 from .losses import default_loss_for, losses
+from .report.rundir import check_output_file
+from .validate import seed_problems
 
 OPTIMIZERS = ("sgd", "adam")
 AUGMENTATIONS = ("none", "crop", "flip", "crop+flip")
@@ -223,8 +225,11 @@ def train(
     ckpts = [] if checkpoint_epochs is None else list(checkpoint_epochs)
     if any(not isinstance(e, int) or isinstance(e, bool) or e < 0 for e in ckpts):
         problems.append(f"checkpoint_epochs must be ints >= 0, got {checkpoint_epochs!r}")
+    problems += seed_problems(seed)
     if problems:
         raise ValidationError("train", problems)
+    if out is not None:  # before any work: a directory, a device or a read-only folder is refused now
+        check_output_file(out, what="the checkpoint")
     single = _num_outputs(model) == 1
     loss = loss or default_loss_for(_num_outputs(model))
     if loss not in losses:
@@ -380,17 +385,24 @@ def train_from_names(
     seed: int = 0,
     progress: bool = False,
     model_options: dict[str, Any] | None = None,
+    max_memory: int | str | None = None,
     **train_options: Any,
 ) -> TrainResult:
     """The ``gradleak train`` job: load ``dataset`` (a :func:`gradleak.data.load` source; CIFAR-10 uses its
     training split), build the zoo ``model`` for it (seeded by ``seed``, with ``model_options``) and
     :func:`train` it. ``checkpoint_epochs`` None: (1, 2, 10) up to ``epochs``; the final model always goes
     to ``out``. One-score models (cnn6, fcn3) get labels ``label % 2`` (noted). Other keywords go to
-    :func:`train`."""
+    :func:`train`. The job's memory is estimated before the data are decoded and refused above
+    ``max_memory`` (bytes or '8GB'; default: the memory available), see :mod:`gradleak.resources`."""
     from . import data as data_mod
     from .models import build, models as registry
+    from .resources import check_training_job
 
     info = registry.get(model)
+    if out is not None:
+        check_output_file(out, what="the checkpoint")
+    check_training_job(info.name, dataset, image_size=image_size, batch_size=batch_size, num_images=num_images,
+                       model_options=model_options, max_memory=max_memory)
     kwargs: dict[str, Any] = {}
     if image_size is not None:
         kwargs["image_size"] = image_size

@@ -8,9 +8,14 @@
 from __future__ import annotations
 
 from ..errors import DataError, ValidationError
-from .loaders import (CIFAR10_MEAN, CIFAR10_STD, GREY_MEAN, GREY_STD, IMAGE_EXTENSIONS, PHOTO_MEAN, PHOTO_STD,
-                      TENSOR_EXTENSIONS, Dataset, _samples_range, crop_resize, digits_stats, load, load_cifar10,
-                      load_digits, load_folder, load_tensor_file, sources)
+from .cifar import load_cifar10
+from .dataset import CIFAR10_MEAN, CIFAR10_STD, GREY_MEAN, GREY_STD, PHOTO_MEAN, PHOTO_STD, Dataset
+from .digits import digits_stats, load_digits
+from .folders import load_folder
+from .images import IMAGE_EXTENSIONS, MAX_IMAGE_PIXELS, read_image
+from .loaders import _samples_range, load, peek_spec, sources
+from .tensors import TENSOR_EXTENSIONS, load_tensor_file
+from .transforms import crop_resize
 from .samples import SAMPLE_NAMES, cache_dir, load_photo
 
 
@@ -30,4 +35,4 @@ def samples(image_size: int = 32, num_images: int | None = None, channels: int =
 __all__ = ["Dataset", "load", "sources", "samples", "load_digits", "load_cifar10", "load_folder",
            "load_tensor_file", "load_photo", "crop_resize", "digits_stats", "cache_dir", "SAMPLE_NAMES",
            "PHOTO_MEAN", "PHOTO_STD", "GREY_MEAN", "GREY_STD", "CIFAR10_MEAN", "CIFAR10_STD", "IMAGE_EXTENSIONS",
-           "TENSOR_EXTENSIONS", "DataError"]
+           "TENSOR_EXTENSIONS", "MAX_IMAGE_PIXELS", "read_image", "peek_spec", "DataError"]

@@ -17,6 +17,7 @@ import torch
 
 from ..errors import ValidationError
 from ..registry import Registry
+from ..validate import int_problems, number_problems
 
 Update = Mapping[str, torch.Tensor]
 defenses: Registry[type] = Registry("defense")
@@ -52,9 +53,7 @@ class Noise(Defense):
     name = "noise"
 
     def __post_init__(self):
-        p = []
-        if not self.sigma >= 0:
-            p.append(f"sigma must be >= 0, got {self.sigma}")
+        p = number_problems(self.sigma, "sigma", minimum=0)
         if self.kind not in ("gaussian", "laplace"):
             p.append(f"kind must be 'gaussian' or 'laplace', got {self.kind!r}")
         if p:
@@ -75,8 +74,9 @@ class Clip(Defense):
     name = "clip"
 
     def __post_init__(self):
-        if not self.max_norm > 0:
-            raise ValidationError("clip defense", [f"max_norm must be > 0, got {self.max_norm}"])
+        p = number_problems(self.max_norm, "max_norm", positive=True)
+        if p:
+            raise ValidationError("clip defense", p)
 
     def __call__(self, update, generator=None):
         scale = min(1.0, self.max_norm / max(float(_global_norm(update)), 1e-300))
@@ -91,11 +91,8 @@ class DP(Defense):
     name = "dp"
 
     def __post_init__(self):
-        p = []
-        if not self.max_norm > 0:
-            p.append(f"max_norm must be > 0, got {self.max_norm}")
-        if not self.noise_multiplier >= 0:
-            p.append(f"noise_multiplier must be >= 0, got {self.noise_multiplier}")
+        p = number_problems(self.max_norm, "max_norm", positive=True)
+        p += number_problems(self.noise_multiplier, "noise_multiplier", minimum=0)
         if p:
             raise ValidationError("dp defense", p)
 
@@ -112,8 +109,8 @@ class Prune(Defense):
     name = "prune"
 
     def __post_init__(self):
-        p = []
-        if not 0 <= self.ratio < 1:
+        p = number_problems(self.ratio, "ratio", minimum=0)
+        if not p and not self.ratio < 1:
             p.append(f"ratio must be in [0, 1), got {self.ratio}")
         if self.scope not in ("layer", "global"):
             p.append(f"scope must be 'layer' or 'global', got {self.scope!r}")
@@ -146,8 +143,9 @@ class Quantize(Defense):
     name = "quantize"
 
     def __post_init__(self):
-        if not (isinstance(self.bits, int) and 1 <= self.bits <= 32):
-            raise ValidationError("quantize defense", [f"bits must be an int in 1..32, got {self.bits!r}"])
+        p = int_problems(self.bits, "bits", minimum=1, maximum=32)
+        if p:
+            raise ValidationError("quantize defense", p)
 
     def __call__(self, update, generator=None):
         out = {}
@@ -179,8 +177,28 @@ class Compose(Defense):
         return " + ".join(p.description for p in self.parts)
 
 
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def _convert(name: str, key: str, value, default):
+    """A CLI string to the type of the option's default; a bool is parsed, never ``bool("False")``."""
+    if not isinstance(value, str) or isinstance(default, str):
+        return value
+    v = value.strip()
+    if isinstance(default, bool):
+        if v.lower() in _TRUE + _FALSE:
+            return v.lower() in _TRUE
+        raise ValidationError(f"{name} defense", [f"option {key}={value!r} must be true or false"])
+    try:
+        return type(default)(v)
+    except ValueError:
+        raise ValidationError(f"{name} defense", [f"option {key}={value!r} is not a {type(default).__name__}"]) \
+            from None
+
+
 def create(name: str, **options) -> Defense:
-    """Build a defense by name: ``create("noise", sigma=0.01)``; unknown options are an error."""
+    """Build a defense by name: ``create("noise", sigma=0.01)``; unknown options are an error, and so is a
+    value of the wrong type (every error names the defense)."""
     cls = defenses.get(name)
     import dataclasses
 
@@ -188,13 +206,7 @@ def create(name: str, **options) -> Defense:
     bad = [k for k in options if k not in valid]
     if bad:
         raise ValidationError(f"{cls.name} defense", [f"unknown option(s) {bad}; valid: {sorted(valid)}"])
-    conv = {}
-    for k, v in options.items():
-        default = valid[k].default
-        try:
-            conv[k] = type(default)(v) if isinstance(v, str) and not isinstance(default, str) else v
-        except ValueError:
-            raise ValidationError(f"{cls.name} defense", [f"option {k}={v!r} is not a {type(default).__name__}"]) from None
+    conv = {k: _convert(cls.name, k, v, valid[k].default) for k, v in options.items()}
     return cls(**conv)
 
 

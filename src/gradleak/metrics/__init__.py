@@ -42,11 +42,40 @@ def psnr(rec: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
     return peak_signal_noise_ratio(r, t, data_range=1.0, reduction="none", dim=tuple(range(1, r.ndim)))
 
 
-def ssim(rec: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
-    """Per-image SSIM, (B,), Gaussian window (11, sigma 1.5; shrunk for images smaller than 11 px).
-    NaN for non-image data."""
-    from torchmetrics.functional.image import structural_similarity_index_measure
+def _window(k: int, sigma: float, dtype: torch.dtype) -> torch.Tensor:
+    """Normalised 1-D Gaussian window of odd length ``k`` centred on 0."""
+    x = torch.arange(k, dtype=dtype) - (k - 1) / 2
+    w = torch.exp(-0.5 * (x / sigma) ** 2)
+    return w / w.sum()
 
+
+def _ssim_map(x: torch.Tensor, y: torch.Tensor, sigma: float) -> torch.Tensor:
+    """SSIM (Wang et al. 2004, C1 = (0.01)^2, C2 = (0.03)^2 for data range 1) of each pixel, with local
+    statistics from a Gaussian window of std ``sigma`` (length 2 * int(3.5 sigma + 0.5) + 1) over a reflect-padded
+    image. The 2-D window is separable, so it is applied as two 1-D filters: memory O(image), not O(image x
+    window area) as a 2-D convolution's unfolding needs."""
+    k = 2 * int(3.5 * sigma + 0.5) + 1
+    pad = (k - 1) // 2
+    c = x.shape[1]
+    w = _window(k, sigma, x.dtype)
+    wh, ww = w.view(1, 1, k, 1).repeat(c, 1, 1, 1), w.view(1, 1, 1, k).repeat(c, 1, 1, 1)
+
+    def blur(t):
+        t = torch.nn.functional.pad(t, (pad, pad, pad, pad), mode="reflect")
+        return torch.nn.functional.conv2d(torch.nn.functional.conv2d(t, wh, groups=c), ww, groups=c)
+
+    mx, my = blur(x), blur(y)
+    vx = (blur(x * x) - mx * mx).clamp_min(0)
+    vy = (blur(y * y) - my * my).clamp_min(0)
+    cxy = blur(x * y) - mx * my
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    return ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+
+
+def ssim(rec: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """Per-image SSIM, (B,), Gaussian window (11, sigma 1.5; shrunk for images smaller than 11 px), reflect
+    padding, averaged over every pixel and channel (torchmetrics' convention). NaN for non-image data. Images
+    are scored one at a time with separable filtering, so memory stays a few copies of one image."""
     r, t = _pair(rec, truth, "ssim")
     if r.ndim != 4:
         return torch.full((r.shape[0],), float("nan"), dtype=torch.float64)
@@ -55,7 +84,7 @@ def ssim(rec: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
     if k < 3:
         return torch.full((r.shape[0],), float("nan"), dtype=torch.float64)
     sigma = 1.5 * k / 11
-    return structural_similarity_index_measure(r, t, data_range=1.0, kernel_size=k, sigma=sigma, reduction="none")
+    return torch.stack([_ssim_map(r[i:i + 1], t[i:i + 1], sigma).mean() for i in range(r.shape[0])])
 
 
 def cosine(rec: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
@@ -119,6 +148,21 @@ class Scores:
     mse_per_image: list[float]
     cosine_per_image: list[float]
     order: list[int] = field(default_factory=list)
+    unmatched_reconstructions: int = 0
+    unmatched_truths: int = 0
+
+    @property
+    def notes(self) -> list[str]:
+        """Sentences about what the scores do not cover (samples left out of the matching)."""
+        out = []
+        if self.unmatched_reconstructions:
+            out.append(f"the reconstruction holds {self.unmatched_reconstructions} more sample(s) than the truth: "
+                       "each truth image is scored against its best-matching reconstruction, the others are not "
+                       "scored")
+        if self.unmatched_truths:
+            out.append(f"the reconstruction holds {self.unmatched_truths} fewer sample(s) than the truth (a "
+                       "mixture): each reconstructed sample is scored against its best-matching truth image")
+        return out
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -130,7 +174,10 @@ class Scores:
                 return [clean(x) for x in v]
             return v
 
-        return {k: clean(v) for k, v in d.items()}
+        out = {k: clean(v) for k, v in d.items()}
+        if self.notes:
+            out["score_notes"] = self.notes
+        return out
 
     def summary(self) -> str:
         lab = "n/a" if self.label_accuracy is None else f"{100 * self.label_accuracy:.0f}%"
@@ -142,7 +189,9 @@ def evaluate(rec, truth) -> Scores:
     (or a tensor). Aligns the batch first (Hungarian on MSE); PSNR is averaged over images after capping each
     at 300 dB (an exact reconstruction would otherwise give +inf). If the reconstruction holds fewer samples than
     the truth (a mixture), each reconstructed sample is scored against the truth sample it matches best
-    (distinct ones), and ``order`` lists those truth indices."""
+    (distinct ones), and ``order`` lists those truth indices. ``unmatched_reconstructions`` /
+    ``unmatched_truths`` count the samples left out of the matching, and ``notes`` says so. Non-finite truth
+    or reconstruction values are a :class:`~gradleak.errors.ValidationError`."""
     r_in = getattr(rec, "inputs", rec)
     r_lab = getattr(rec, "labels", None)
     t_in = getattr(truth, "inputs", truth)
@@ -152,6 +201,10 @@ def evaluate(rec, truth) -> Scores:
     if r_in.shape[1:] != t_in.shape[1:] or r_in.shape[0] < 1:
         raise ValidationError("evaluate", [f"reconstruction {tuple(r_in.shape)} does not fit truth {tuple(t_in.shape)}: "
                                            "expected the same sample shape"])
+    bad = [f"{who} holds {int((~torch.isfinite(v)).sum())} NaN/inf value(s)" for who, v in
+           (("the truth", t_in), ("the reconstruction", r_in)) if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValidationError("evaluate", bad + ["expected finite images in the value range"])
     order = align(r_in, t_in)
     idx = torch.as_tensor(order)
     if r_in.shape[0] < t_in.shape[0]:  # fewer reconstructions (a mixture): score each against its matched truth
@@ -171,6 +224,8 @@ def evaluate(rec, truth) -> Scores:
     la = None
     if r_lab is not None and t_lab is not None and r_lab.shape[0] == r_in.shape[0]:
         la = label_accuracy(r_lab.cpu()[idx], t_lab.cpu())
+    n_rec, n_truth = int(r_in.shape[0]), int(t_in.shape[0])
     return Scores(psnr=_finite_mean(p), ssim=_finite_mean(s), mse=float(m.mean()), cosine=float(c.mean()),
                   label_accuracy=la, psnr_per_image=p.tolist(), ssim_per_image=s.tolist(), mse_per_image=m.tolist(),
-                  cosine_per_image=c.tolist(), order=order.tolist())
+                  cosine_per_image=c.tolist(), order=order.tolist(),
+                  unmatched_reconstructions=max(n_rec - n_truth, 0), unmatched_truths=max(n_truth - n_rec, 0))

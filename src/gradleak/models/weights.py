@@ -47,13 +47,17 @@ def _read(path: Path) -> Any:
             return load_file(str(path))
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
-        msg = re.sub(r"\x1b\[[0-9;]*m", "", str(e).splitlines()[0])[:200] if str(e) else ""
+        from ..validate import file_format_hint
+
+        what = f"{type(e).__name__}: " + (re.sub(r"\x1b\[[0-9;]*m", "", str(e).splitlines()[0])[:200] if str(e) else "")
         hint = ""
         if "weights_only" in str(e) or "Unsupported global" in str(e):
-            msg = "torch.load(weights_only=True) refused its Python objects"
+            what = "torch.load(weights_only=True) refused its Python objects"
             hint = (" - it seems to hold a pickled model object or other Python objects; save "
                     "model.state_dict() instead (gradleak never unpickles code)")
-        raise WeightsError(f"cannot read {path} ({type(e).__name__}: {msg}){hint}; expected a PyTorch state_dict "
+        else:
+            what = file_format_hint(path) or what
+        raise WeightsError(f"cannot read {path} ({what}){hint}; expected a PyTorch state_dict "
                            "saved with torch.save(model.state_dict(), ...) or a .safetensors file") from None
 
 
