@@ -140,6 +140,12 @@ API_BAD = [
         spec=d.spec, batch_size=1), gl.ValidationError, "must not exceed batch_size"),
     ("train(seed='abc')", lambda d, m, c, t: __import__("gradleak.training").training.train(
         m, d, epochs=0, seed="abc"), gl.ValidationError, "seed must be an int"),
+    ("reconstruct(seed='abc')", lambda d, m, c, t: gl.create("ig", max_iterations=1).reconstruct(c, seed="abc"),
+     gl.ValidationError, "seed must be an int"),
+    ("reconstruct(seed=2**70)", lambda d, m, c, t: gl.create("dlg", max_iterations=1).reconstruct(c, seed=2 ** 70),
+     gl.ValidationError, "seed must lie in"),
+    ("max_iterations=None", lambda d, m, c, t: gl.create("ig", max_iterations=None), gl.ValidationError,
+     "option 'max_iterations' must be int"),
 ]
 
 

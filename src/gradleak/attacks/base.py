@@ -21,6 +21,7 @@ import torch
 from ..case import Case
 from ..errors import GradleakError, NumericalError, RequirementError, ValidationError
 from ..registry import Registry
+from ..validate import require_seed
 
 
 Kind = Literal["estimate", "exact", "mixture"]
@@ -141,8 +142,10 @@ class RunContext:
 
 def _coerce(name: str, value: Any, default: Any, hint: Any) -> tuple[Any, str | None]:
     """Check an option value against its declared type; ints pass as floats."""
-    if default is None or value is None:
+    if default is None:
         return value, None
+    if value is None:
+        return value, f"option {name!r} must be {type(default).__name__} (default {default!r}), got None"
     if isinstance(default, bool):
         if isinstance(value, bool):
             return value, None
@@ -249,7 +252,7 @@ class Attack:
             raise RequirementError(self.name, problems)
         if generator is None:
             generator = torch.Generator(device="cpu")
-            generator.manual_seed(0 if seed is None else int(seed))
+            generator.manual_seed(0 if seed is None else require_seed(seed, f"{self.name} seed"))
         ctx = RunContext(generator, progress=progress, desc=self.name)
         t0 = time.perf_counter()
         interrupted = False
