@@ -152,16 +152,37 @@ def risk(d: dict) -> str:
 
 
 def optim(d: dict) -> str:
-    """bench_optim.py (the optimisation attacks): its JSON's 'summary' rows, whatever they measure."""
-    rows = d.get("summary")
+    """bench_optim.py: gradleak's optimisation attacks beside a plain torch.optim loop on the same cases."""
+    summ = d.get("summary")
+    if not isinstance(summ, dict) or not summ:
+        return NOT_MEASURED
+    names = {"idlg-digits": "iDLG, digits", "idlg-photos": "iDLG, photos", "ig-fedavg-2": "IG FedAvg (2 photos)"}
+    out = []
+    for key, r in summ.items():
+        g, p = r["gradleak_psnr"]["median"], r["plain_psnr"]["median"]
+        label = names.get(key, key.replace("ig-batch-", "IG B = "))
+        plain = "NaN (the plain loop diverged)" if p is None else f"{p:.1f} dB"
+        out.append(f"{label}: {g:.1f} dB vs {plain} ({len(r['seeds'])} seed{'s' * (len(r['seeds']) > 1)})")
+    return "median PSNR, gradleak vs a plain torch.optim loop at the same budget: " + "; ".join(out)
+
+
+def malicious(d: dict) -> str:
+    """bench_malicious.py: imprint (a server that modifies the model), share of images recovered >= 100 dB."""
+    rows = d.get("rows")
     if not isinstance(rows, list) or not rows:
         return NOT_MEASURED
-    out = []
-    for r in rows:
-        if "attack" in r and "psnr_median" in r:
-            out.append(f"{r['attack']}{' (' + r['setting'] + ')' if r.get('setting') else ''} "
-                       f"{r['psnr_median']:.1f} dB median")
-    return "; ".join(out) or NOT_MEASURED
+    st = d.get("setting", {})
+    plain = [r for r in rows if r["defense"] is None and r["clients"] == 1 and r["protocol"] == "fedsgd"
+             and str(r["prior"]).startswith("stated")]
+    cells = [f"B = {r['samples']}, {r['bins']} bins: {r['share_recovered_100db']:.2f} (expected "
+             f"{r['expected_share']:.2f})" for r in plain]
+    defended = sorted({r["defense"] for r in rows if r["defense"]})
+    stopped = [x for x in defended if all(r["share_recovered_30db"] == 0 for r in rows if r["defense"] == x)]
+    text = (f"imprint on {st.get('model', '?')}, {st.get('dtype', '')}, FedSGD: share of images recovered at >= 100 dB "
+            + "; ".join(cells))
+    if stopped:
+        text += f"; recovered at >= 30 dB under {', '.join(stopped)}: none"
+    return text
 
 
 # row order of the table: (benchmark name = JSON name, script, renderer)
@@ -173,6 +194,7 @@ ROWS = [
     ("tensor", "bench_tensor.py", tensor),
     ("trained", "bench_trained.py", trained),
     ("optim", "bench_optim.py", optim),
+    ("malicious", "bench_malicious.py", malicious),
     ("risk", "bench_risk.py", risk),
 ]
 
@@ -194,9 +216,30 @@ def figures(results: dict[str, dict]) -> dict[str, tuple[str, str]]:
     return {name: (fn(results[name]), commit_cell(results[name])) for name, _, fn in ROWS if name in results}
 
 
+def mode(results: dict[str, dict]) -> str:
+    """'quick', 'full' or 'mixed': the runner's mode the JSONs were produced in."""
+    modes = {"quick" if "--quick" in str(d.get("provenance", {}).get("command", "")) else "full"
+             for d in results.values()}
+    return modes.pop() if len(modes) == 1 else "mixed"
+
+
+def caption(results: dict[str, dict]) -> str:
+    """The line above the table: the one command the figures came from, and the machine."""
+    m = mode(results)
+    machines = {(d.get("provenance", {}).get("machine") or {}).get("cpu") for d in results.values()} - {None}
+    cores = {(d.get("provenance", {}).get("machine") or {}).get("cores") for d in results.values()} - {None}
+    where = f" on {'/'.join(sorted(map(str, machines)))} ({'/'.join(sorted(map(str, cores)))} cores)" if machines else ""
+    if m == "mixed":
+        return f"Figures from runs in different modes{where}: refresh with `python benchmarks/run.py`."
+    cmd = "python benchmarks/run.py" + (" --quick" if m == "quick" else "")
+    what = (" (quick mode: each benchmark's reduced setting, fewer images and smaller budgets, as each figure "
+            "states)" if m == "quick" else "")
+    return f"Figures from `{cmd}`{what}{where}, one torch thread per benchmark."
+
+
 def render(results: dict[str, dict]) -> str:
     figs = figures(results)
-    lines = list(HEADER)
+    lines = [caption(results), "", *HEADER]
     for name, script, _ in ROWS:
         if name in figs:
             fig, commit = figs[name]
@@ -211,11 +254,19 @@ def readme_table(text: str) -> str:
     return text[text.index(BEGIN) + len(BEGIN):text.index(END)].strip()
 
 
+def parse_caption(table: str) -> str:
+    """The caption line above the table ('' when there is none)."""
+    lines = table.splitlines()
+    return lines[0] if lines and not lines[0].startswith("|") else ""
+
+
 def parse_table(table: str) -> dict[str, tuple[str, str]]:
     """Markdown rows '| `script` | figure | commit |' -> {benchmark name: (figure, commit)}."""
     by_script = {script: name for name, script, _ in ROWS}
     out = {}
-    for line in table.splitlines()[len(HEADER):]:
+    lines = table.splitlines()
+    start = lines.index(HEADER[0]) if HEADER[0] in lines else 0
+    for line in lines[start + len(HEADER):]:
         cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
         if len(cells) != 3:
             raise ValueError(f"README figures row does not have 3 cells: {line!r}")

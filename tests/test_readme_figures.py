@@ -40,6 +40,9 @@ def test_every_readme_figure_matches_its_json():
                          f"{name}: README {got_fig!r} vs JSON {fig!r}")
         if got_commit != commit:
             wrong.append(f"{name}: README says commit {got_commit!r}, the JSON {commit!r}")
+    caption = rf.parse_caption(rf.readme_table((ROOT / "README.md").read_text()))
+    if caption != rf.caption(rf.load_results()):
+        wrong.append(f"caption: README {caption!r} vs JSONs {rf.caption(rf.load_results())!r}")
     assert not wrong, "README figures disagree with benchmarks/results: " + "; ".join(wrong)
 
 
@@ -53,11 +56,11 @@ def test_readme_figures_come_from_one_clean_commit():
             continue
         if not prov.get("clean"):
             problems.append(f"{name}.json was produced on a dirty tree ({prov.get('changes', [])[:2]})")
-        if "--quick" in prov.get("command", ""):
-            problems.append(f"{name}.json is a --quick run ({prov['command']})")
         commits.setdefault(prov["commit"][:10], []).append(name)
     if len(commits) > 1:
         problems.append(f"the JSONs come from different commits: {commits}")
+    if rf.mode(results) == "mixed":
+        problems.append("the JSONs come from different runner modes (--quick and full): one command made them all")
     assert not problems, ("; ".join(problems) + ". Refresh: python benchmarks/run.py && "
                           "python benchmarks/readme_figures.py --write")
 
@@ -128,3 +131,14 @@ def test_provenance_refuses_a_dirty_tree_but_ignores_results(tmp_path, monkeypat
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "dirty tree" in err and "--allow-dirty" in err
     assert common.refuse_if_dirty(True, "probe")["clean"] is False
+
+
+def test_the_caption_names_the_one_command_and_mixed_modes_are_flagged():
+    quick = {"provenance": {"command": "python benchmarks/bench_rgap.py --quick", "machine": {"cpu": "X", "cores": 2}}}
+    full = {"provenance": {"command": "python benchmarks/bench_tensor.py", "machine": {"cpu": "X", "cores": 2}}}
+    assert rf.mode({"rgap": quick}) == "quick" and "`python benchmarks/run.py --quick`" in rf.caption({"rgap": quick})
+    assert rf.mode({"tensor": full}) == "full" and "`python benchmarks/run.py`" in rf.caption({"tensor": full})
+    assert rf.mode({"rgap": quick, "tensor": full}) == "mixed"
+    assert "different modes" in rf.caption({"rgap": quick, "tensor": full})
+    table = "\n".join([rf.caption({"rgap": quick, "tensor": full}), "", *rf.HEADER])
+    assert rf.parse_table(table) == {} and rf.parse_caption(table) == rf.caption({"rgap": quick, "tensor": full})
