@@ -179,7 +179,7 @@ def test_an_unreported_client_is_audited_under_stated_assumptions(tmp_path):
     x, y = gl.data.load_digits(num_images=1, start=5).batch(1)
     sent, back = _client_update(model, x, y, steps=2, lr=0.1)
     truth = SimulationTruth(tmp_path / "truth")
-    truth.share("node-0", 1, x, y)
+    truth.share(12345678901234567890, 1, x, y)  # keyed by the node id
     auditor = Auditor(model, FED.spec, attack="fc-analytic", local_steps=2, local_lr=0.1, truth=truth,
                       out_dir=tmp_path / "out", dtype=torch.float64, verbose=False)
     rec = auditor.audit_update(1, 12345678901234567890, sent, back, num_examples=1, reported={})
@@ -210,24 +210,27 @@ def test_a_failed_attack_becomes_a_record_not_a_crash(tmp_path):
 def test_truth_channel_round_trip_and_refusal_outside_its_simulation(tmp_path):
     truth = SimulationTruth(tmp_path / "t")
     x, y = torch.rand(2, 1, 8, 8), torch.tensor([3, 1])
-    truth.share("client-0", 2, x, y)
-    got = truth.get("client-0", 2)
+    class Context:  # what a ClientApp gets: the node id is the key the server also sees
+        node_id = 4242
+
+    truth.share(Context(), 2, x, y)
+    got = truth.get(4242, 2)
     assert torch.equal(got.inputs, x) and torch.equal(got.labels, y)
-    assert truth.get("client-0", 1) is None and truth.get("client-1", 2) is None
+    assert truth.get(4242, 1) is None and truth.get(4243, 2) is None
     # a copy of the registry on a machine without its directory (a real deployment) refuses to share
     remote = pickle.loads(pickle.dumps(truth))
     remote.directory = tmp_path / "elsewhere"
     with pytest.raises(gl.GradleakError, match="not on this machine"):
-        remote.share("client-0", 3, x, y)
+        remote.share(4242, 3, x, y)
     # and a registry built by someone else (another token) over the same directory is not this one
     SimulationTruth(tmp_path / "t")
     with pytest.raises(gl.GradleakError, match="not on this machine"):
-        truth.share("client-0", 3, x, y)
+        truth.share(4242, 3, x, y)
 
 
 def test_truth_is_removed_on_close():
     truth = SimulationTruth()
-    truth.share("a", 1, torch.rand(1, 1, 2, 2), torch.tensor([0]))
+    truth.share(1, 1, torch.rand(1, 1, 2, 2), torch.tensor([0]))
     assert truth.directory.is_dir()
     truth.close()
     assert not truth.directory.exists()

@@ -214,7 +214,7 @@ class Auditor:
                                     bn_mode=self.bn_mode, dtype=self.dtype)
             recon = self.attack.reconstruct(case, seed=self.seed)
             rec.reconstruction, rec.residual, rec.kind, rec.claim = recon, recon.residual, recon.kind, recon.claim
-            truth = self.truth.get(name, server_round) if self.truth is not None else None
+            truth = self.truth.get(node_id, server_round) if self.truth is not None else None
             scores = None
             if truth is not None:
                 from ...metrics import evaluate

@@ -19,7 +19,7 @@ from torch import nn
 
 from ...case import DataSpec
 from ...errors import ValidationError
-from .contract import add_replay, client_name, replay_batches, replay_metrics
+from .contract import add_replay, replay_batches, replay_metrics
 from .truth import SimulationTruth
 
 
@@ -116,7 +116,7 @@ def _train_reply(fed: DigitsFederation, truth: SimulationTruth | None, msg, cont
     if fed.report:
         add_replay(content, **fed.replay(context, int(x.shape[0])))
     if truth is not None:
-        truth.share(client_name(context), server_round, x, y)
+        truth.share(context, server_round, x, y)
     return Message(content, reply_to=msg)
 
 
@@ -196,7 +196,7 @@ def _legacy_client_class():
             if self.fed.report:
                 metrics.update(replay_metrics(**self.fed.replay(self.context, int(x.shape[0]))))
             if self.truth is not None:
-                self.truth.share(client_name(self.context), server_round, x, y)
+                self.truth.share(self.context, server_round, x, y)
             return [v.detach().cpu().numpy() for v in model.state_dict().values()], int(x.shape[0]), metrics
 
     return DigitsClient

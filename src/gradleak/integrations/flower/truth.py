@@ -2,7 +2,7 @@
 that it can score its reconstructions (PSNR, SSIM); without it the audit reports the residual only.
 
 The batch never travels in a Flower message. :class:`SimulationTruth` is a registry on the local disk, keyed by
-round and client name, created by the process that starts the simulation (a fresh directory holding a random
+round and Flower node id, created by the process that starts the simulation (a fresh directory holding a random
 token). The ClientApp object that ``run_simulation`` hands to its Ray workers carries the registry; a client
 writes its batch with :meth:`SimulationTruth.share` only if that directory exists on its machine with the same
 token, which is true only for clients started by the same simulation on the same machine. In a real deployment
@@ -18,6 +18,7 @@ import secrets
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -49,8 +50,9 @@ class SimulationTruth:
     def __repr__(self) -> str:
         return f"SimulationTruth({str(self.directory)!r})"
 
-    def _path(self, client: str, server_round: int) -> Path:
-        return self.directory / f"round-{int(server_round):03d}" / f"{safe_name(client)}.pt"
+    def _path(self, node: Any, server_round: int) -> Path:
+        node_id = getattr(node, "node_id", node)  # a Flower Context, or the node id itself
+        return self.directory / f"round-{int(server_round):03d}" / f"node-{safe_name(str(node_id))}.pt"
 
     def _check_here(self) -> None:
         marker = self.directory / _MARKER
@@ -60,10 +62,10 @@ class SimulationTruth:
                 "truth channel works only for clients started by the same Flower simulation (run_simulation) as "
                 "the audit, never in a real deployment")
 
-    def share(self, client: str, server_round: int, inputs: torch.Tensor, labels: torch.Tensor) -> None:
-        """Client side: record the batch behind this round's update. ``inputs`` (B, *shape) in IMAGE space
-        (the data spec's value range, before normalisation), ``labels`` int (B,), in the order the client
-        trained on them."""
+    def share(self, context: Any, server_round: int, inputs: torch.Tensor, labels: torch.Tensor) -> None:
+        """Client side: record the batch behind this round's update, keyed by the node (``context``: the
+        ClientApp's Flower Context, or its node id). ``inputs`` (B, *shape) in IMAGE space (the data spec's
+        value range, before normalisation), ``labels`` int (B,), in the order the client trained on them."""
         self._check_here()
         if not isinstance(inputs, torch.Tensor) or not inputs.is_floating_point():
             raise ValidationError("SimulationTruth.share", ["inputs must be a floating-point tensor (B, *shape)"])
@@ -71,15 +73,15 @@ class SimulationTruth:
         if labels.ndim != 1 or labels.shape[0] != inputs.shape[0]:
             raise ValidationError("SimulationTruth.share", [f"labels must have shape ({inputs.shape[0]},), "
                                                             f"got {tuple(labels.shape)}"])
-        path = self._path(client, server_round)
+        path = self._path(context, server_round)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         torch.save({"inputs": inputs.detach().cpu().clone(), "labels": labels.detach().cpu().to(torch.long)}, tmp)
         tmp.replace(path)
 
-    def get(self, client: str, server_round: int) -> Truth | None:
-        """Server side: the batch ``client`` shared for ``server_round``, or None."""
-        path = self._path(client, server_round)
+    def get(self, node_id: Any, server_round: int) -> Truth | None:
+        """Server side: the batch node ``node_id`` shared for ``server_round``, or None."""
+        path = self._path(node_id, server_round)
         if not path.is_file():
             return None
         d = torch.load(path, map_location="cpu", weights_only=True)
