@@ -51,6 +51,15 @@ def test_a_strategy_the_audit_cannot_hook_is_an_error_at_start():
         _audit(_audit(FedAvg()))
 
 
+def test_every_message_strategy_flower_ships_uses_the_loop_the_audit_drives():
+    import flwr.serverapp.strategy as strategies
+
+    shipped = [c for c in vars(strategies).values() if isinstance(c, type) and issubclass(c, Strategy)
+               and c is not Strategy]
+    assert len(shipped) >= 10
+    assert all(c.start is Strategy.start for c in shipped), [c.__name__ for c in shipped if c.start is not Strategy.start]
+
+
 def test_an_attack_that_cannot_run_on_the_model_is_an_error_at_start():
     lenet = gl.models.build("lenet", input_shape=FED.spec.shape, num_classes=10)
     with pytest.raises(gl.RequirementError, match="fc-analytic"):

@@ -281,3 +281,40 @@ class Auditor:
 
         return leakage_summary(self.records, meta=self.describe(), root=self.out_dir)
 
+
+
+class AuditedStrategy:
+    """What both Flower wrappers share: the wrapped ``strategy``, the :class:`Auditor` and read access to it."""
+
+    strategy: Any
+    auditor: Auditor
+
+    def _setup(self, strategy, model: nn.Module, spec: DataSpec, options: dict[str, Any]) -> None:
+        self.strategy = strategy
+        self.auditor = Auditor(model, spec, **options)
+        self._sent: dict[int, dict[Any, Any]] = {}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.strategy!r}, attack={self.auditor.attack.name})"
+
+    @property
+    def records(self) -> list[AuditRecord]:
+        """Every :class:`AuditRecord` so far."""
+        return self.auditor.records
+
+    def summary_dict(self) -> dict[str, Any]:
+        """What ``leakage.json`` holds."""
+        return self.auditor.summary()
+
+
+def check_strategy_type(strategy: Any, wrapper: str, expected: type, expected_name: str, other: type | None,
+                        other_hint: str) -> None:
+    """Raise a clear error unless ``strategy`` is a plain (not yet audited) instance of ``expected``; name the
+    right wrapper when it is an ``other`` (the other Flower API's strategy)."""
+    if isinstance(strategy, AuditedStrategy):
+        raise ValidationError(wrapper, [f"the strategy is already wrapped in a {type(strategy).__name__}; wrap the "
+                                        "plain strategy once"])
+    if not isinstance(strategy, expected):
+        hint = f" {other_hint}" if other is not None and isinstance(strategy, other) else ""
+        raise ValidationError(wrapper, [f"expected {expected_name}, got "
+                                        f"{type(strategy).__module__}.{type(strategy).__name__}.{hint}"])

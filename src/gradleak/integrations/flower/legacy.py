@@ -7,8 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from ...errors import ValidationError
-from .auditor import Auditor
+from .auditor import AuditedStrategy, check_strategy_type
 from .contract import reported_from_metrics
 
 try:  # the class must derive from Flower's legacy Strategy; without flwr the module still imports
@@ -20,26 +19,14 @@ except ImportError:  # pragma: no cover - exercised only without the extra
 def check_legacy_strategy(strategy: Any, wrapper: str) -> None:
     """Raise a clear error unless ``strategy`` is a legacy Flower strategy."""
     from flwr.server.strategy import Strategy
+    from flwr.serverapp.strategy import Strategy as MessageStrategy
 
-    if isinstance(strategy, LegacyLeakageAudit):
-        raise ValidationError(wrapper, ["the strategy is already wrapped in a LegacyLeakageAudit; wrap the plain "
-                                        "strategy once"])
-    if not isinstance(strategy, Strategy):
-        hint = ""
-        try:
-            from flwr.serverapp.strategy import Strategy as MessageStrategy
-
-            if isinstance(strategy, MessageStrategy):
-                hint = (" It is a Message-API strategy (flwr.serverapp.strategy): use LeakageAudit, or "
-                        "gradleak.integrations.flower.wrap(), which picks the right wrapper.")
-        except ImportError:  # pragma: no cover
-            pass
-        raise ValidationError(wrapper, [f"expected a legacy Flower strategy (flwr.server.strategy.Strategy, e.g. "
-                                        f"FedAvg), got {type(strategy).__module__}.{type(strategy).__name__}."
-                                        + hint])
+    check_strategy_type(strategy, wrapper, Strategy, "a legacy Flower strategy (flwr.server.strategy.Strategy, e.g. "
+                        "FedAvg)", MessageStrategy, "It is a Message-API strategy (flwr.serverapp.strategy): use "
+                        "LeakageAudit, or gradleak.integrations.flower.wrap(), which picks the right wrapper.")
 
 
-class LegacyLeakageAudit(_Base):
+class LegacyLeakageAudit(AuditedStrategy, _Base):
     """A legacy Flower strategy that audits the strategy it wraps.
 
     ``configure_fit`` remembers the parameters sent to each client; ``aggregate_fit`` attacks every result
@@ -52,21 +39,7 @@ class LegacyLeakageAudit(_Base):
 
     def __init__(self, strategy, model, spec, **options: Any):
         check_legacy_strategy(strategy, "LegacyLeakageAudit")
-        self.strategy = strategy
-        self.auditor = Auditor(model, spec, **options)
-        self._sent: dict[int, dict[str, list[np.ndarray]]] = {}
-
-    def __repr__(self) -> str:
-        return f"LegacyLeakageAudit({self.strategy!r}, attack={self.auditor.attack.name})"
-
-    @property
-    def records(self):
-        """Every :class:`AuditRecord` so far."""
-        return self.auditor.records
-
-    def summary_dict(self) -> dict:
-        """What ``leakage.json`` holds."""
-        return self.auditor.summary()
+        self._setup(strategy, model, spec, options)
 
     # ---- what Flower calls ---------------------------------------------------------------------------------
     def initialize_parameters(self, client_manager):

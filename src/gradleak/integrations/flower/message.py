@@ -7,7 +7,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from ...errors import ValidationError
-from .auditor import Auditor
+from .auditor import AuditedStrategy, check_strategy_type
 from .contract import REPLAY_KEY
 
 
@@ -32,20 +32,10 @@ except ImportError:  # pragma: no cover - exercised only without the extra
 def check_message_strategy(strategy: Any, wrapper: str) -> None:
     """Raise a clear error unless ``strategy`` is a Message-API strategy whose round loop the audit drives."""
     Strategy = _message_strategy_base()
-    if isinstance(strategy, LeakageAudit):
-        raise ValidationError(wrapper, ["the strategy is already wrapped in a LeakageAudit; wrap the plain strategy "
-                                        "once"])
-    if not isinstance(strategy, Strategy):
-        hint = ""
-        try:
-            if isinstance(strategy, _legacy_strategy_base()):
-                hint = (" It is a legacy flwr.server.strategy.Strategy: use LegacyLeakageAudit, or "
-                        "gradleak.integrations.flower.wrap(), which picks the right wrapper.")
-        except ImportError:  # pragma: no cover
-            pass
-        raise ValidationError(wrapper, [f"expected a Flower Message-API strategy (flwr.serverapp.strategy.Strategy, "
-                                        f"e.g. FedAvg), got {type(strategy).__module__}.{type(strategy).__name__}."
-                                        + hint])
+    check_strategy_type(strategy, wrapper, Strategy, "a Flower Message-API strategy (flwr.serverapp.strategy."
+                        "Strategy, e.g. FedAvg)", _legacy_strategy_base(), "It is a legacy flwr.server.strategy."
+                        "Strategy: use LegacyLeakageAudit, or gradleak.integrations.flower.wrap(), which picks the "
+                        "right wrapper.")
     if type(strategy).start is not Strategy.start:
         raise ValidationError(wrapper, [f"{type(strategy).__name__} overrides Strategy.start(): its own round loop "
                                         "would call its configure_train/aggregate_train directly and the audit would "
@@ -53,7 +43,7 @@ def check_message_strategy(strategy: Any, wrapper: str) -> None:
                                         "(every strategy Flower ships)"])
 
 
-class LeakageAudit(_Base):
+class LeakageAudit(AuditedStrategy, _Base):
     """A Flower Message-API strategy that audits the strategy it wraps (FedAvg, FedProx, FedAdam, ...).
 
     ``configure_train`` remembers the ArrayRecord sent to each node; ``aggregate_train`` attacks every valid
@@ -80,21 +70,7 @@ class LeakageAudit(_Base):
 
     def __init__(self, strategy, model, spec, **options: Any):
         check_message_strategy(strategy, "LeakageAudit")
-        self.strategy = strategy
-        self.auditor = Auditor(model, spec, **options)
-        self._sent: dict[int, dict[int, dict[str, np.ndarray]]] = {}
-
-    def __repr__(self) -> str:
-        return f"LeakageAudit({self.strategy!r}, attack={self.auditor.attack.name})"
-
-    @property
-    def records(self):
-        """Every :class:`AuditRecord` so far."""
-        return self.auditor.records
-
-    def summary_dict(self) -> dict:
-        """What ``leakage.json`` holds."""
-        return self.auditor.summary()
+        self._setup(strategy, model, spec, options)
 
     # ---- what Flower calls ---------------------------------------------------------------------------------
     def summary(self) -> None:
