@@ -142,3 +142,22 @@ def test_legacy_api_audit_reconstructs_and_does_not_change_the_federation(legacy
     plain, audited = legacy_run["plain"].final, legacy_run["inner"].final
     assert len(plain) == len(audited)
     assert all(np.array_equal(a, b) for a, b in zip(plain, audited))
+
+
+@pytest.mark.slow
+def test_legacy_strategy_in_a_serverapp_built_from_server_fn_is_audited(tmp_path):
+    # the other legacy path: ServerApp(server_fn=...) returning ServerAppComponents, run by run_simulation
+    from flwr.client import ClientApp
+    from flwr.server import ServerApp, ServerAppComponents, ServerConfig
+    from flwr.simulation import run_simulation
+
+    truth = SimulationTruth()
+    audit = LegacyLeakageAudit(_legacy_strategy(), FED.build_model(), FED.spec, **_audit_options(tmp_path, truth))
+    server = ServerApp(server_fn=lambda context: ServerAppComponents(strategy=audit,
+                                                                     config=ServerConfig(num_rounds=ROUNDS)))
+    try:
+        run_simulation(server_app=server, client_app=ClientApp(client_fn=sim.legacy_client_fn(FED, truth)),
+                       num_supernodes=FED.clients, backend_config=sim.backend_config())
+    finally:
+        truth.close()
+    _check_audit(audit, tmp_path)
