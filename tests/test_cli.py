@@ -31,9 +31,11 @@ def test_attack_json_output(tmp_path, capsys):
     assert code == 0, err
     obj = json.loads(stdout)
     for key in ("attack", "model", "num_images", "psnr", "psnr_per_image", "ssim", "mse", "label_accuracy",
-                "residual", "seconds", "iterations"):
+                "residual", "seconds", "iterations", "outer_steps", "gradient_evaluations", "kind"):
         assert key in obj, key
     assert obj["attack"] == "idlg" and obj["num_images"] == 1 and obj["label_accuracy"] == 1.0
+    # --iterations counts optimiser iterations; L-BFGS groups them into outer steps, each needs >= 1 evaluation
+    assert obj["iterations"] <= 5 and obj["outer_steps"] <= obj["iterations"] <= obj["gradient_evaluations"]
     assert len(obj["psnr_per_image"]) == 1
 
 

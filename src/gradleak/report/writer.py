@@ -39,13 +39,13 @@ def run_warnings(info: dict) -> list[str]:
 
 
 def counts_of(rec) -> dict:
-    """How much work a run did, named for what is counted: ``outer_steps`` and ``gradient_evaluations`` when
-    the attack reports them (an L-BFGS step takes several evaluations), else ``iterations`` (the length of its
-    objective history, or what it reported as such)."""
-    counts = {k: rec.info[k] for k in COUNT_KEYS if rec.info.get(k) is not None}
+    """How much work a run did, named for what is counted: ``iterations`` (optimiser iterations: Adam steps or
+    L-BFGS iterations, what ``--iterations`` sets), ``outer_steps`` and ``gradient_evaluations`` when the attack
+    reports them (an L-BFGS outer step runs several iterations, an iteration one or more evaluations)."""
+    counts = {k: rec.info[k] for k in ("iterations", *COUNT_KEYS) if rec.info.get(k) is not None}
     if counts:
         return counts
-    return {"iterations": len(rec.history) if rec.history else rec.info.get("iterations")}
+    return {"iterations": len(rec.history) if rec.history else None}
 
 
 def metrics_of(rec, *, scores=None, case=None, extra: dict | None = None) -> dict:
