@@ -84,7 +84,9 @@ class DPSGD(Defense):
         return self._calibrated[key]
 
     def for_run(self, steps, sample_rate):
-        return dataclasses.replace(self, steps=int(steps), sample_rate=float(sample_rate))
+        run = dataclasses.replace(self, steps=int(steps), sample_rate=float(sample_rate))
+        run.sigma(run.steps, run.sample_rate)  # calibrate once; copies (one per client) keep the result
+        return run
 
     def privacy(self, steps_per_round=1):
         total = self.accounted_steps(steps_per_round)

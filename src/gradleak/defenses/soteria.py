@@ -72,21 +72,24 @@ class Soteria(Defense):
     def scores(self, model, module, params, buffers, x) -> torch.Tensor:
         """s_i = sum_b ||d r_{b,i} / d x_b|| / |r_{b,i}| for every feature i of the layer's input r."""
 
-        def representation(xi):
+        def representation(xb):
             seen = []
             hook = module.register_forward_hook(lambda m, inp, out: seen.append(inp[0]))
             try:
-                Fn.forward(model, params, buffers, xi.unsqueeze(0))
+                Fn.forward(model, params, buffers, xb)
             finally:
                 hook.remove()
             if seen[0].ndim != 2:
                 raise ValidationError("soteria defense", [f"the representation layer's input must be (B, F), "
                                                           f"got {tuple(seen[0].shape)}"])
-            return seen[0][0]
+            return seen[0]
 
-        r = torch.stack([representation(xi) for xi in x.detach()])  # (B, F)
-        jac = torch.func.vmap(torch.func.jacrev(representation))(x.detach())  # (B, F, *x.shape[1:])
-        dnorm = jac.reshape(jac.shape[0], jac.shape[1], -1).double().norm(dim=2)
+        x = x.detach()
+        r = representation(x)  # (B, F)
+        # examples are computed independently (eval mode), so d(sum_b r_{b,i}) / d x_b = d r_{b,i} / d x_b:
+        # one vector-Jacobian product per feature gives every example's row at once
+        jac = torch.func.jacrev(lambda xb: representation(xb).sum(0))(x)  # (F, B, *x.shape[1:])
+        dnorm = jac.reshape(jac.shape[0], jac.shape[1], -1).double().norm(dim=2).T  # (B, F)
         return (dnorm / r.detach().double().abs()).sum(0)
 
     def feature_mask(self, model, module, params, buffers, x) -> torch.Tensor:

@@ -254,7 +254,7 @@ def utility(
         d_run = d.for_run(rounds * local_steps, sample_rate)
         accs = run(d_run, d.description)
         priv = d_run.privacy(local_steps)
-        result.defenses.append(DefenseUtility(defense=d.description, accuracy=accs[-1],
+        result.defenses.append(DefenseUtility(defense=d_run.description, accuracy=accs[-1],
                                               accuracy_drop=base[-1] - accs[-1],
                                               epsilon=None if priv is None else priv.get("epsilon"), privacy=priv,
                                               accuracy_per_round=accs, seconds=time.perf_counter() - t))
