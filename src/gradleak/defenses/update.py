@@ -120,8 +120,9 @@ class Prune(Defense):
 @defenses.register("quantize")
 @dataclass
 class Quantize(Defense):
-    """Uniform quantisation to ``bits`` bits per tensor (symmetric, 2^(bits-1)-1 levels per sign;
-    bits=1: sign times the mean magnitude)."""
+    """Uniform quantisation to ``bits`` bits per tensor (bits=1: sign times the tensor's mean magnitude).
+
+    Symmetric: 2^(bits-1)-1 levels per sign, scaled by the tensor's largest magnitude."""
 
     bits: int = option(8, int, low=1, high=32)
     name: ClassVar[str] = "quantize"
@@ -144,8 +145,9 @@ class Quantize(Defense):
 @defenses.register("topk")
 @dataclass
 class TopK(Defense):
-    """Send only the ``ratio`` fraction of entries of largest magnitude over the whole update (top-k
-    sparsification), optionally with error feedback: what was not sent is added to the next update.
+    """Top-k sparsification: send the ``ratio`` fraction of largest-magnitude entries, with optional error feedback.
+
+    Over the whole update. With error feedback, what was not sent is added to the next update.
 
     Error feedback is client state: the defense object keeps the residual (what it withheld) and adds it to
     the next update it is given. For ONE update (``simulate``) the residual starts at zero, so the first update
