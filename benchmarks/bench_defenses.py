@@ -48,7 +48,9 @@ def git_state() -> dict:
     def run(*a):
         return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
-    return {"commit": run("rev-parse", "HEAD"), "clean_tree": run("status", "--porcelain") == ""}
+    # outputs under benchmarks/results/ (this run's and others') do not make the tree unclean
+    return {"commit": run("rev-parse", "HEAD"),
+            "clean_tree": run("status", "--porcelain", "--", ".", ":(exclude)benchmarks/results") == ""}
 
 
 def defense_grid(quick: bool) -> list[tuple[str, str, float | None]]:
@@ -111,9 +113,6 @@ def run_model(name: str, args) -> list[dict]:
     _, hold = split_holdout(data.labels, 0.2, torch.Generator().manual_seed(0))  # the utility run's hold-out
     model = gl.models.build(name, input_shape=data.spec.shape, num_classes=10, seed=0, **opts)
 
-    def factory(spec):
-        return gl.models.build(name, input_shape=spec.shape, num_classes=spec.num_classes, seed=0, **opts)
-
     # which closed-form attacks apply to this model (an undefended batch-1 case)
     x, y = data.images[hold[:1]], data.labels[hold[:1]]
     case, _ = gl.simulate(model, x, y, spec=data.spec)
@@ -135,7 +134,7 @@ def run_model(name: str, args) -> list[dict]:
             spec = f"dp-sgd:max_grad_norm=1,noise_multiplier={sigma:.6g}"
         specs.append((fam, spec, eps))
     t = time.perf_counter()
-    util = D.utility(factory, data, [s for _, s, _ in specs if s], **ukw, progress=False)
+    util = D.utility(name, data, [s for _, s, _ in specs if s], **ukw, model_options=opts, progress=False)
     print(f"{name}: utility of {len(specs) - 1} defenses in {time.perf_counter() - t:.0f} s; baseline accuracy "
           f"{util.baseline_accuracy:.3f}", flush=True)
     by_spec = dict(zip([s for _, s, _ in specs if s], util.defenses))

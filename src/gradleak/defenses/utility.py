@@ -109,12 +109,14 @@ def _round_batch(shard: torch.Tensor, size: int, seed: int, rnd: int, client: in
     return order[:size]
 
 
-def _build_model(model, spec, seed, dtype) -> tuple[nn.Module, str]:
+def _build_model(model, spec, seed, dtype, options) -> tuple[nn.Module, str]:
     from .. import models as models_mod
 
     if isinstance(model, str):
         return models_mod.build(model, input_shape=spec.shape, num_classes=spec.num_classes, seed=seed,
-                                dtype=dtype), model
+                                dtype=dtype, **options), model
+    if options:
+        raise ValidationError("utility", ["model_options apply to a zoo model name only"])
     if isinstance(model, nn.Module):
         return copy.deepcopy(model).to(dtype), getattr(model, "zoo_name", type(model).__name__)
     if callable(model):
@@ -141,12 +143,13 @@ def utility(
     holdout: float = 0.2,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    model_options: dict | None = None,
     progress: bool = False,
 ) -> UtilityResult:
     """Held-out accuracy of FedAvg training without and with each defense (see the module docstring).
 
-    model: a zoo name (built for the dataset's shape and classes from ``seed``), an nn.Module (copied) or a
-        factory ``spec -> nn.Module``.
+    model: a zoo name (built for the dataset's shape and classes from ``seed``, with ``model_options``), an
+        nn.Module (copied) or a factory ``spec -> nn.Module``.
     dataset: a source string for :func:`gradleak.data.load` ('digits', 'cifar10:ROOT', 'folder:DIR', a path)
         or a :class:`gradleak.data.Dataset`. A stratified ``holdout`` fraction is held out for accuracy.
     defenses: Defense objects or CLI specs ('prune:ratio=0.9', 'dp-sgd:max_grad_norm=1,target_epsilon=8').
@@ -175,7 +178,7 @@ def utility(
         raise ValidationError("utility", [f"dataset must be a source string or a gradleak Dataset, got "
                                           f"{type(dataset).__name__}"])
     defs = [as_defense(d) for d in defenses]
-    net, model_name = _build_model(model, ds.spec, seed, dtype)
+    net, model_name = _build_model(model, ds.spec, seed, dtype, dict(model_options or {}))
     outs = _num_outputs(net)
     if outs != ds.spec.num_classes:
         raise ValidationError("utility", [f"the model has {outs} outputs, the dataset {ds.spec.num_classes} classes"])
@@ -195,7 +198,7 @@ def utility(
                 "local_batch_size": local_batch_size, "split": "iid" if iid else f"dirichlet(alpha={alpha})",
                 "holdout": holdout, "train_examples": int(train_idx.numel()), "holdout_examples": int(hold_idx.numel()),
                 "shard_sizes": [int(s.numel()) for s in shards], "sample_rate": sample_rate, "seed": seed,
-                "protocol": "fedavg", "server_lr": 1.0}
+                "protocol": "fedavg", "server_lr": 1.0, "model_options": dict(model_options or {})}
 
     def accuracy(params) -> float:
         with torch.no_grad():
