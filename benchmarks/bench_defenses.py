@@ -25,10 +25,6 @@ benchmarks/results/defenses-frontier.png (x: accuracy drop, y: worst-case PSNR).
 from __future__ import annotations
 
 import argparse
-import json
-import math
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,19 +36,12 @@ from gradleak import defenses as D
 from gradleak.errors import RequirementError
 from gradleak.training import split_holdout
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (provenance: command, commit, clean tree)
+
+RESULTS = common.RESULTS_DIR
 MODELS = {"lenet": ({}, 1.0), "convnet": ({"width": 16}, 0.1)}  # model options, FedAvg local_lr
 CLOSED_FORM = ("rgap", "layerwise")
-
-
-def git_state() -> dict:
-    def run(*a):
-        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-
-    # outputs under benchmarks/results/ (this run's and others') do not make the tree unclean
-    return {"commit": run("rev-parse", "HEAD"),
-            "clean_tree": run("status", "--porcelain", "--", ".", ":(exclude)benchmarks/results") == ""}
 
 
 def defense_grid(quick: bool) -> list[tuple[str, str, float | None]]:
@@ -195,13 +184,14 @@ def frontier(rows, path: Path) -> None:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = common.add_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     p.add_argument("--quick", action="store_true", help="lenet, 2 images, 5 rounds, one strength per family")
     p.add_argument("--models", default=None, help="comma-separated (default: lenet)")
     p.add_argument("--iterations", type=int, default=None, help="IG budget (default 300, quick 50)")
     p.add_argument("--images", type=int, default=None, help="held-out images attacked (default 8, quick 2)")
     args = p.parse_args(argv)
-    torch.set_num_threads(1)
+    name = "defenses-quick" if args.quick else "defenses"
+    run_ = common.begin(name, args)
     args.iterations = args.iterations or (50 if args.quick else 300)
     args.images = args.images or (2 if args.quick else 8)
     models = (args.models or "lenet").split(",")
@@ -209,16 +199,12 @@ def main(argv=None) -> None:
     rows = []
     for m in models:
         rows += run_model(m, args)
-    out = {"benchmark": "defenses", **git_state(), "command": " ".join([Path(sys.executable).name, *sys.argv]),
-           "quick": args.quick, "iterations": args.iterations, "images": args.images, "models": models,
-           "torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
-           "seconds": time.perf_counter() - t, "rows": rows}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    name = "defenses-quick" if args.quick else "defenses"
-    (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=1, allow_nan=False, default=str))
     frontier(rows, RESULTS / f"{name}-frontier.png")
+    common.finish(run_, {"settings": {"quick": args.quick, "iterations": args.iterations, "images": args.images,
+                                      "models": models, "seconds": time.perf_counter() - t},
+                         "rows": rows})
     print(markdown(rows))
-    print(f"wrote {RESULTS / (name + '.json')} and {RESULTS / (name + '-frontier.png')} in {out['seconds']:.0f} s")
 
 
 if __name__ == "__main__":
