@@ -89,6 +89,20 @@ def _options(cls) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls) if "option" in f.metadata}
 
 
+def _meta(cls, key: str) -> dict | None:
+    """The option declaration of field ``key``; a plain dataclass field (no :func:`option`) is typed by its
+    default (so a subclass written without ``option`` still converts CLI strings)."""
+    for f in dataclasses.fields(cls):
+        if f.name == key and f.init and not f.name.startswith("_") and f.name != "parts":
+            if "option" in f.metadata:
+                return f.metadata["option"]
+            d = f.default
+            kind = type(d) if isinstance(d, (bool, int, float, str)) else str
+            return dict(kind=kind, low=None, high=None, low_open=False, high_open=False, choices=None,
+                        optional=d is None, doc="")
+    return None
+
+
 class Defense:
     """Base class. Subclasses are dataclasses whose fields are declared with :func:`option`; they set
     ``name`` (the registry name), and implement ``__call__`` (an update transform) or, with
@@ -208,8 +222,6 @@ def _convert(defense: str, key: str, value: Any, m: dict) -> Any:
     if not isinstance(value, str) or m["kind"] is str:
         return value
     v = value.strip()
-    if m["optional"] and v.lower() == "none":
-        return None
     if m["kind"] is bool:
         if v.lower() in _TRUE + _FALSE:
             return v.lower() in _TRUE
@@ -217,18 +229,20 @@ def _convert(defense: str, key: str, value: Any, m: dict) -> Any:
     try:
         return int(v) if m["kind"] is int else float(v)
     except ValueError:
-        raise ValidationError(f"{defense} defense", [f"option {key}={value!r} is not {'an int' if m['kind'] is int else 'a number'}"]) from None
+        raise ValidationError(f"{defense} defense", [f"option {key}={value!r} is not a{'n' if m['kind'] is int else ''} "
+                                                     f"{m['kind'].__name__}"]) from None
 
 
 def create(name: str, **options) -> Defense:
     """Build a defense by registry name: ``create("noise", sigma=0.01)``. Strings (from a CLI spec) are
     converted to the option's type; unknown options and bad values are one error naming the defense."""
     cls = defenses.get(name)
-    valid = _options(cls)
-    bad = [k for k in options if k not in valid]
+    metas = {k: _meta(cls, k) for k in options}
+    bad = [k for k, m in metas.items() if m is None]
     if bad:
-        raise ValidationError(f"{cls.name} defense", [f"unknown option(s) {bad}; valid: {sorted(valid)}"])
-    return cls(**{k: _convert(cls.name, k, v, valid[k].metadata["option"]) for k, v in options.items()})
+        valid = sorted(f.name for f in dataclasses.fields(cls) if _meta(cls, f.name) is not None)
+        raise ValidationError(f"{cls.name} defense", [f"unknown option(s) {bad}; valid: {valid}"])
+    return cls(**{k: _convert(cls.name, k, v, metas[k]) for k, v in options.items()})
 
 
 def parse(spec: str) -> Defense:
