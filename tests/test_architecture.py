@@ -13,12 +13,12 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "gradleak"
 #: top-level part of gradleak -> floor (docs/architecture.md, "The floors")
 FLOORS = {
     "errors": 1, "registry": 1, "validate": 1, "resources": 1,
-    "activations": 2, "losses": 2, "metrics": 2, "defenses": 2,
+    "activations": 2, "losses": 2, "metrics": 2,
     "functional": 3, "models": 3, "layers": 3,
     "case": 4, "simulate": 4, "data": 4,
     "attacks": 5,
     "risk": 6,
-    "training": 7, "experiment": 7, "report": 7, "integrations": 7,
+    "training": 7, "defenses": 7, "experiment": 7, "report": 7, "integrations": 7,
     "cli": 8, "__main__": 8, "__init__": 8,
 }
 MAX_LINES = 650

@@ -133,3 +133,24 @@ def cosine_distance(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]
     if not any(bool(p.any()) for p in ua) or not any(bool(p.any()) for p in ub):
         return torch.ones((), dtype=torch.float64)
     return 0.5 * sum(wk * (pa - pb).pow(2).sum() for wk, pa, pb in zip(w, ua, ub))
+
+
+def per_example_gradients(
+    model: nn.Module,
+    params: Params,
+    buffers: Params,
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    loss_fn: LossFn,
+) -> dict[str, torch.Tensor]:
+    """The gradient of each example's own loss: ``{name: (B, *param.shape)}``, row i equal to
+    :func:`gradient` on ``x[i:i+1]`` (``torch.func.vmap`` of ``torch.func.grad``). The model must treat
+    examples independently (no train-mode BatchNorm: batch statistics couple the examples)."""
+    names = list(params)
+    p = {k: params[k].detach() for k in names}
+
+    def one(pp, xi, yi):
+        return loss_fn(forward(model, pp, buffers, xi.unsqueeze(0)), yi.unsqueeze(0))
+
+    grads = torch.func.vmap(torch.func.grad(one), in_dims=(None, 0, 0), randomness="error")(p, x, labels)
+    return {k: grads[k].detach() for k in names}

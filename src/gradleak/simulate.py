@@ -2,16 +2,86 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Mapping
 
 import torch
 from torch import nn
 
+from . import functional as Fn
 from .case import Case, DataSpec, FedAvg, FedSGD, Truth, _num_outputs
 from .errors import ValidationError
 from .losses import default_loss_for, losses
 
 Defense = Callable[..., Mapping[str, torch.Tensor]]
+
+
+@dataclass
+class Client:
+    """One client's computation: its model (a private copy, BatchNorm mode already set), parameters, buffers,
+    normalised inputs, labels and protocol. ``simulate`` and ``gl.defenses.utility`` both build one and call
+    :meth:`send`, so the update an attack sees and the update a training run averages come from one code path.
+
+    protocol: 'fedsgd' (one gradient of the batch-mean loss) or 'fedavg' (``local_steps`` SGD steps of rate
+    ``local_lr`` on mini-batches of ``local_batch_size`` in :func:`gradleak.functional.minibatch_indices` order).
+    """
+
+    model: nn.Module
+    params: Mapping[str, torch.Tensor]
+    buffers: Mapping[str, torch.Tensor]
+    x: torch.Tensor
+    labels: torch.Tensor
+    loss_fn: Callable
+    protocol: str = "fedsgd"
+    local_steps: int = 1
+    local_lr: float = 1e-4
+    local_batch_size: int | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.x.shape[0])
+
+    @property
+    def steps(self) -> int:
+        """Gradient steps this client takes per update (1 for FedSGD)."""
+        return 1 if self.protocol == "fedsgd" else int(self.local_steps)
+
+    @property
+    def step_batch_size(self) -> int:
+        """Examples per gradient step."""
+        return self.batch_size if self.protocol == "fedsgd" else min(int(self.local_batch_size or self.batch_size),
+                                                                     self.batch_size)
+
+    def update(self) -> dict[str, torch.Tensor]:
+        """The undefended update (exactly what :meth:`gradleak.Case.update` computes for these inputs)."""
+        if self.protocol == "fedsgd":
+            return Fn.gradient(self.model, self.params, self.buffers, self.x, self.labels, self.loss_fn)
+        return Fn.fedavg_update(self.model, self.params, self.buffers, self.x, self.labels, self.loss_fn,
+                                local_steps=self.local_steps, local_lr=self.local_lr,
+                                local_batch_size=self.step_batch_size)
+
+    def train(self, step_gradient: Callable) -> dict[str, torch.Tensor]:
+        """The update when every gradient step is replaced by ``step_gradient(params, x, labels) -> grads``
+        (what an in-client defense such as DP-SGD does): FedSGD sends that one gradient, FedAvg takes
+        ``local_steps`` steps ``theta <- theta - local_lr * step_gradient(theta, batch)`` on the same
+        mini-batches as :meth:`update` and sends ``theta_K - theta_0``."""
+        params = {k: v.detach() for k, v in self.params.items()}
+        if self.protocol == "fedsgd":
+            return {k: v.detach() for k, v in step_gradient(params, self.x, self.labels).items()}
+        cur = dict(params)
+        for step in range(self.local_steps):
+            sl = Fn.minibatch_indices(self.batch_size, self.step_batch_size, step)
+            g = step_gradient(cur, self.x[sl], self.labels[sl])
+            cur = {k: (cur[k] - self.local_lr * g[k]).detach() for k in cur}
+        return {k: cur[k] - params[k] for k in params}
+
+    def send(self, defense=None, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """What the client sends with ``defense`` (None: the plain update)."""
+        if defense is None:
+            return self.update()
+        if getattr(defense, "acts_in_client", False):
+            return dict(defense.client_update(self, generator))
+        return dict(defense(self.update(), generator=generator))
 
 
 def simulate(
@@ -29,6 +99,7 @@ def simulate(
     local_batch_size: int | None = None,
     defense: Defense | None = None,
     generator: torch.Generator | None = None,
+    other_clients: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[Case, Truth]:
     """Simulate one client update and return ``(case, truth)``.
 
@@ -40,8 +111,13 @@ def simulate(
     loss: default follows the model's head (one output -> 'logistic', else 'cross-entropy').
     labels_known: whether the attacker is told the labels.
     bn_mode: how the client ran BatchNorm ('eval': running statistics; 'train': batch statistics).
-    defense: optional ``update -> update`` transform (see ``gradleak.defenses``), called as
-        ``defense(update, generator=generator)``.
+    defense: optional :class:`gradleak.defenses.Defense`. An update transform is called as
+        ``defense(update, generator=generator)``; an in-client one (``acts_in_client``, e.g. DP-SGD) computes the
+        client's update itself (:meth:`Client.send`). ``case.meta['defense']`` describes it and, for DP-SGD,
+        ``case.meta['privacy']`` holds the accountant's (epsilon, delta).
+    other_clients: for secure aggregation (``gl.defenses.create('secure-aggregation', clients=K)``, last in the
+        defense): (x, y) with (K-1)*B more images, the other clients' batches. The case then observes the
+        mean of the K clients' (each defended) updates, and the truth is all K*B images, the target's first.
     The caller's model and tensors are never modified.
     """
     problems = []
@@ -69,23 +145,82 @@ def simulate(
     if problems:
         raise ValidationError("simulate", problems)
 
+    aggregated = defense is not None and getattr(defense, "aggregates", False)
+    if aggregated:
+        others = _other_clients(other_clients, defense, inputs, spec, protocol)
+    elif other_clients is not None:
+        raise ValidationError("simulate", ["other_clients is only used with secure aggregation "
+                                           "(defense=gl.defenses.create('secure-aggregation', clients=K))"])
+
     dtype = next(model.parameters()).dtype
     device = next(model.parameters()).device
     params = {k: v.detach() for k, v in model.named_parameters()}
-    x = spec.normalize(inputs.detach().to(dtype=dtype, device=device))
-    y = labels.to(device=device, dtype=torch.long)
     zero = {k: torch.zeros_like(v) for k, v in params.items()}
     if protocol == "fedsgd":
         obs = FedSGD(zero)
     else:
         obs = FedAvg(zero, local_steps=int(local_steps), local_lr=float(local_lr),
                      local_batch_size=int(local_batch_size or inputs.shape[0]))
-    case = Case(model=model, observation=obs, spec=spec, batch_size=int(inputs.shape[0]), loss=loss,
-                labels=y if labels_known else None, bn_mode=bn_mode, meta={"source": "simulated"})
-    update = case.update(x, y)
-    meta = {"source": "simulated"}
+    all_x, all_y = inputs.detach(), labels.detach().to(torch.long)
+    if aggregated:
+        all_x = torch.cat([all_x] + [o[0].detach().to(all_x.dtype) for o in others])
+        all_y = torch.cat([all_y] + [o[1].detach().to(torch.long) for o in others])
+    case = Case(model=model, observation=obs, spec=spec, batch_size=int(all_x.shape[0]), loss=loss,
+                labels=all_y.to(device) if labels_known else None, bn_mode=bn_mode, meta={"source": "simulated"})
+
+    def client(xi, yi):
+        return Client(case.model, case.parameters, case.buffers,
+                      spec.normalize(xi.detach().to(dtype=dtype, device=device)), yi.to(device=device, dtype=torch.long),
+                      case.loss_fn, protocol, int(local_steps), float(local_lr),
+                      int(local_batch_size or inputs.shape[0]))
+
+    meta: dict = {"source": "simulated"}
+    target = client(inputs, labels)
+    if aggregated:
+        per_client = getattr(defense, "per_client", None)  # what each client applies before aggregation
+        aggregator = defense.parts[-1] if hasattr(defense, "parts") else defense
+        updates = [c.send(per_client, generator) for c in [target] + [client(ox, oy) for ox, oy in others]]
+        update, info = aggregator.aggregate(updates, generator)
+        meta["secure_aggregation"] = {**info, "target_rows": [0, int(inputs.shape[0])],
+                                      "note": "the observation is the mean of the clients' updates; the truth "
+                                              "is every client's batch, the target's first"}
+    else:
+        update = target.send(defense, generator)
     if defense is not None:
-        update = dict(defense(update, generator=generator))
         meta["defense"] = getattr(defense, "description", repr(defense))
+        privacy = defense.privacy(target.steps) if hasattr(defense, "privacy") else None
+        if privacy is not None:
+            meta["privacy"] = privacy
     case = case.with_observation(update, **meta)
-    return case, Truth(inputs=inputs.detach().clone(), labels=labels.detach().clone().to(torch.long))
+    return case, Truth(inputs=all_x.clone(), labels=all_y.clone())
+
+
+def _other_clients(other_clients, defense, inputs, spec, protocol):
+    """The other clients' batches (a list of (x, y), one per client) for secure aggregation, checked."""
+    agg = defense.parts[-1] if hasattr(defense, "parts") else defense
+    k, b = int(agg.clients), int(inputs.shape[0])
+    problems = []
+    if protocol != "fedsgd":
+        problems.append("secure aggregation is simulated for protocol='fedsgd' only: the mean of K FedAvg "
+                        "updates is not one client's update on the union of their batches, which is the case "
+                        "an attack is given")
+    if other_clients is None:
+        problems.append(f"secure aggregation over {k} clients needs other_clients=(x, y) with {k - 1} x {b} "
+                        f"more images (the other clients' batches, same batch size)")
+    else:
+        try:
+            ox, oy = other_clients
+        except (TypeError, ValueError):
+            raise ValidationError("simulate", ["other_clients must be a pair (x, y) of tensors"]) from None
+        oy = torch.as_tensor(oy)
+        if not isinstance(ox, torch.Tensor) or tuple(ox.shape) != ((k - 1) * b, *spec.shape):
+            problems.append(f"other_clients x must have shape {((k - 1) * b, *spec.shape)} ({k - 1} clients x "
+                            f"batch {b}), got {tuple(getattr(ox, 'shape', ()))}")
+        elif oy.shape != (ox.shape[0],):
+            problems.append(f"other_clients y must have shape ({ox.shape[0]},), got {tuple(oy.shape)}")
+        elif not torch.isfinite(ox).all() or ox.min() < spec.value_range[0] - 1e-6 or \
+                ox.max() > spec.value_range[1] + 1e-6:
+            problems.append(f"other_clients x must be finite and lie in the image range {spec.value_range}")
+    if problems:
+        raise ValidationError("simulate", problems)
+    return [(ox[j * b:(j + 1) * b], oy[j * b:(j + 1) * b]) for j in range(k - 1)]
