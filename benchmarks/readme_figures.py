@@ -185,6 +185,20 @@ def malicious(d: dict) -> str:
     return text
 
 
+def defenses(d: dict) -> str:
+    """bench_defenses.py: worst-case PSNR over the attacks and images beside the accuracy drop, per defense."""
+    rows = d.get("rows")
+    if not isinstance(rows, list) or not rows:
+        return NOT_MEASURED
+    model = rows[0].get("model", "?")
+    cells = []
+    for r in rows:
+        eps = f", eps {r['epsilon']:.3g}" if r.get("epsilon") is not None else ""
+        drop = "" if r.get("accuracy_drop") is None else f", accuracy drop {r['accuracy_drop']:.3f}"
+        cells.append(f"{r['defense']}{eps}: {r['worst_psnr']:.1f} dB{drop}")
+    return f"{model} on digits, worst-case PSNR over the attacks and images: " + "; ".join(cells)
+
+
 # row order of the table: (benchmark name = JSON name, script, renderer)
 ROWS = [
     ("ig_quality", "bench_ig_quality.py", ig_quality),
@@ -195,6 +209,7 @@ ROWS = [
     ("trained", "bench_trained.py", trained),
     ("optim", "bench_optim.py", optim),
     ("malicious", "bench_malicious.py", malicious),
+    ("defenses", "bench_defenses.py", defenses),
     ("risk", "bench_risk.py", risk),
 ]
 

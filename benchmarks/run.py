@@ -36,6 +36,7 @@ BENCHMARKS = {
     "risk": "bench_risk.py",
     "optim": "bench_optim.py",
     "malicious": "bench_malicious.py",
+    "defenses": "bench_defenses.py",
 }
 
 ONE_THREAD = {k: "1" for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
