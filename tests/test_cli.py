@@ -147,3 +147,28 @@ def test_attack_an_observed_gradient_file(tmp_path, capsys):
     code, _, err = _run(capsys, "attack", "--attack", "fc-analytic", "--model", "mlp", "--width", "16",
                         "--image-size", "16", "--observed", str(grad))
     assert code == 2 and "shape" in err
+
+
+def test_utility_json_puts_each_defense_beside_the_same_seeded_baseline(capsys):
+    code, stdout, err = _run(capsys, "utility", "--model", "mlp", "--width", "32", "--defense", "noise:sigma=0",
+                             "--defense", "noise:sigma=3", "--rounds", "3", "--clients", "2", "--local-lr", "1.0",
+                             "--json")
+    assert code == 0, err
+    obj = json.loads(stdout)
+    assert obj["baseline_accuracy"] > 0.3  # digits, 10 classes: well above chance after 3 rounds
+    zero, loud = obj["defenses"]
+    # sigma = 0 is the baseline run itself (same shards, batches, seeds); strong noise costs accuracy
+    assert zero["accuracy"] == obj["baseline_accuracy"] and zero["accuracy_drop"] == 0.0 and zero["epsilon"] is None
+    assert loud["accuracy_drop"] > 0.1 and loud["accuracy_drop"] == pytest.approx(
+        obj["baseline_accuracy"] - loud["accuracy"])
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["utility", "--model", "lenet"], "give at least one --defense"),
+    (["utility", "--model", "lenet", "--defense", "bogus:x=1"], "unknown defense 'bogus'"),
+    (["utility", "--model", "lenet", "--defense", "prune:ratio=1.5"], "prune"),
+    (["utility", "--model", "lenet", "--defense", "noise:sigma=0", "--rounds", "0"], "--rounds"),
+])
+def test_utility_bad_input_is_one_line_exit_2(capsys, argv, expected):
+    code, stdout, err = _run(capsys, *argv)
+    assert code == 2 and expected in err and len(err.strip().splitlines()) == 1, err

@@ -177,6 +177,25 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--json", action="store_true")
     _add_model_flags(t)
 
+    u = sub.add_parser("utility", help="the accuracy cost of defenses: FedAvg over simulated clients with and "
+                       "without each defense, same seeds")
+    u.add_argument("--model", required=True)
+    u.add_argument("--dataset", default="digits")
+    u.add_argument("--defense", action="append", default=[], metavar="SPEC",
+                   help="a defense applied to every client update, e.g. prune:ratio=0.9 or "
+                        "dp-sgd:max_grad_norm=1,noise_multiplier=1.1 (repeat for several)")
+    u.add_argument("--rounds", type=_positive, default=20)
+    u.add_argument("--clients", type=_positive, default=8)
+    u.add_argument("--local-steps", type=_positive, default=5)
+    u.add_argument("--local-lr", type=float, default=0.1)
+    u.add_argument("--local-batch-size", type=_positive, default=16)
+    u.add_argument("--non-iid", action="store_true", help="Dirichlet(--alpha) label skew instead of IID shards")
+    u.add_argument("--alpha", type=float, default=0.5)
+    u.add_argument("--holdout", type=float, default=0.2)
+    u.add_argument("--seed", type=_seed, default=0)
+    u.add_argument("--json", action="store_true", help="print one JSON object (baseline_accuracy, defenses)")
+    _add_model_flags(u)
+
     c = sub.add_parser("compare", help="run several attacks on the same case and tabulate them")
     c.add_argument("--attacks", default="rgap,layerwise,inverting-gradients,dlg")
     c.add_argument("--model", required=True)
@@ -273,6 +292,19 @@ def _cmd_train(args) -> int:
     return EXIT_OK
 
 
+def _cmd_utility(args) -> int:
+    from .defenses import utility
+
+    if not args.defense:
+        raise _UsageError("gradleak utility: give at least one --defense SPEC (the baseline runs without it)")
+    res = utility(args.model, args.dataset, args.defense, rounds=args.rounds, clients=args.clients,
+                  local_steps=args.local_steps, local_lr=args.local_lr, local_batch_size=args.local_batch_size,
+                  iid=not args.non_iid, alpha=args.alpha, holdout=args.holdout, seed=args.seed,
+                  model_options=_model_options(args), progress=_progress_on(args) and not args.json)
+    print(res.to_json() if args.json else res.table())
+    return EXIT_OK
+
+
 def _cmd_compare(args) -> int:
     from .experiment import compare
 
@@ -325,7 +357,8 @@ def _cmd_list(args) -> int:
     return 0
 
 
-COMMANDS = {"attack": _cmd_attack, "risk": _cmd_risk, "train": _cmd_train, "compare": _cmd_compare, "list": _cmd_list}
+COMMANDS = {"attack": _cmd_attack, "risk": _cmd_risk, "train": _cmd_train, "compare": _cmd_compare,
+            "utility": _cmd_utility, "list": _cmd_list}
 
 
 @contextlib.contextmanager
