@@ -146,6 +146,13 @@ API_BAD = [
      gl.ValidationError, "seed must lie in"),
     ("max_iterations=None", lambda d, m, c, t: gl.create("ig", max_iterations=None), gl.ValidationError,
      "option 'max_iterations' must be int"),
+    ("simulate(model as a string)", lambda d, m, c, t: gl.simulate("lenet", t.inputs, t.labels, spec=d.spec),
+     gl.ValidationError, "model must be a torch.nn.Module"),
+    ("simulate(labels out of range, unknown)", lambda d, m, c, t: gl.simulate(
+        m, t.inputs, torch.tensor([99]), spec=d.spec, labels_known=False), gl.ValidationError, "labels must lie in"),
+    ("simulate(local_batch_size=0)", lambda d, m, c, t: gl.simulate(
+        m, t.inputs, t.labels, spec=d.spec, protocol="fedavg", local_batch_size=0), gl.ValidationError,
+     "local_batch_size must be an int in [1, 1]"),
 ]
 
 

@@ -12,6 +12,7 @@ from . import functional as Fn
 from .case import Case, DataSpec, FedAvg, FedSGD, Truth, _num_outputs
 from .errors import ValidationError
 from .losses import default_loss_for, losses
+from .validate import int_problems, labels_problems, module_problems
 
 Defense = Callable[..., Mapping[str, torch.Tensor]]
 
@@ -120,10 +121,17 @@ def simulate(
         mean of the K clients' (each defended) updates, and the truth is all K*B images, the target's first.
     The caller's model and tensors are never modified.
     """
-    problems = []
+    problems = module_problems(model)
     if not isinstance(inputs, torch.Tensor) or not inputs.is_floating_point():
-        raise ValidationError("simulate", [f"inputs must be a floating-point tensor (B, C, H, W) or (B, D), "
-                                           f"got {type(inputs).__name__}"])
+        problems.append(f"inputs must be a floating-point tensor (B, C, H, W) or (B, D), got {type(inputs).__name__}")
+    if problems:
+        raise ValidationError("simulate", problems)
+    problems += labels_problems(labels, num_classes=spec.num_classes if spec is not None else None,
+                                batch_size=int(inputs.shape[0]))
+    problems += int_problems(local_batch_size, "local_batch_size", minimum=1, maximum=int(inputs.shape[0]),
+                             optional=True)
+    if problems:
+        raise ValidationError("simulate", problems)
     labels = torch.as_tensor(labels)
     if spec is None:
         outs = _num_outputs(model)
