@@ -15,7 +15,7 @@ Grid: per-client batch B in {8, 32, 128}, bins k in {64, 256}, FedSGD and FedAvg
 lr 1e-4), alone or under secure aggregation over 4 clients (the server sees only the sample-weighted mean of the
 4 updates: ``gradleak.attacks.malicious.secure_aggregate``; then 4B samples share the k bins).
 Defenses at B = 32, k = 256, FedSGD, one client: pruning (``gradleak.defenses.Prune``, per layer) at 50/90/99%,
-Gaussian noise on the update, and DP (clip the batch update to norm 1 + Gaussian noise).
+Gaussian noise on the update, and DP-SGD (per-example clipping to norm 1, noise multiplier 1e-3).
 
 Per row: share of the images recovered at >= 100 dB (Hungarian-matched, ``outcomes``), the imprint paper's
 expected share sum_i p_i (1 - p_i)^(N-1) for the N samples behind the update, the rows the attack itself proves
@@ -102,7 +102,8 @@ def main():
     d = gl.defenses
     Bd, kd = (8, 64) if args.quick else (32, 256)
     defs = [d.Prune(0.9)] if args.quick else [d.Prune(0.5), d.Prune(0.9), d.Prune(0.99), d.Noise(1e-6),
-                                              d.Noise(1e-3), d.DP(max_norm=1.0, noise_multiplier=1e-3)]
+                                              d.Noise(1e-3),
+                                              d.create("dp-sgd", max_grad_norm=1.0, noise_multiplier=1e-3)]
     for de in defs:
         r = one(model, data, Bd, kd, "fedsgd", 1, defense=de)
         rows.append(r)
