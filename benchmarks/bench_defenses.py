@@ -18,7 +18,7 @@ does not train under FedAvg (held-out accuracy stays at chance), so its accuracy
   Soteria (ratio 0.5); secure aggregation K in {2, 8}.
 
 Run:  /work/venv/bin/python benchmarks/bench_defenses.py [--quick] [--models lenet,convnet] [--iterations N]
-Writes benchmarks/results/defenses.json (and --quick: defenses-quick.json) and the frontier plot
+Writes benchmarks/results/defenses.json (its provenance says whether it was --quick) and the frontier plot
 benchmarks/results/defenses-frontier.png (x: accuracy drop, y: worst-case PSNR).
 """
 
@@ -190,8 +190,7 @@ def main(argv=None) -> None:
     p.add_argument("--iterations", type=int, default=None, help="IG budget (default 300, quick 50)")
     p.add_argument("--images", type=int, default=None, help="held-out images attacked (default 8, quick 2)")
     args = p.parse_args(argv)
-    name = "defenses-quick" if args.quick else "defenses"
-    run_ = common.begin(name, args)
+    run_ = common.begin("defenses", args)
     args.iterations = args.iterations or (50 if args.quick else 300)
     args.images = args.images or (2 if args.quick else 8)
     models = (args.models or "lenet").split(",")

@@ -126,13 +126,14 @@ def simulate(
         problems.append(f"inputs must be a floating-point tensor (B, C, H, W) or (B, D), got {type(inputs).__name__}")
     if problems:
         raise ValidationError("simulate", problems)
-    problems += labels_problems(labels, num_classes=spec.num_classes if spec is not None else None,
-                                batch_size=int(inputs.shape[0]))
-    problems += int_problems(local_batch_size, "local_batch_size", minimum=1, maximum=int(inputs.shape[0]),
-                             optional=True)
-    if problems:
-        raise ValidationError("simulate", problems)
-    labels = torch.as_tensor(labels)
+    # every problem at once: these join the shape, range and protocol checks below
+    label_problems = labels_problems(labels, num_classes=spec.num_classes if spec is not None else None)
+    problems += label_problems + int_problems(local_batch_size, "local_batch_size", minimum=1,
+                                              maximum=int(inputs.shape[0]), optional=True)
+    try:
+        labels = torch.as_tensor(labels)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValidationError("simulate", problems) from None
     if spec is None:
         outs = _num_outputs(model)
         spec = DataSpec(shape=tuple(inputs.shape[1:]), num_classes=2 if outs == 1 else outs)
