@@ -199,7 +199,7 @@ def main(argv=None) -> None:
     for m in models:
         rows += run_model(m, args)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    frontier(rows, RESULTS / f"{name}-frontier.png")
+    frontier(rows, RESULTS / "defenses-frontier.png")
     common.finish(run_, {"settings": {"quick": args.quick, "iterations": args.iterations, "images": args.images,
                                       "models": models, "seconds": time.perf_counter() - t},
                          "rows": rows})
