@@ -19,6 +19,20 @@ def _smooth_terms(prob: SpanProblem, C: torch.Tensor):
     return prob.act.grad(H), prob.act.fn(H)
 
 
+def _flip_signs(sub, C: torch.Tensor, res: float, count: int) -> tuple[torch.Tensor, float, int]:
+    """Greedy sign flips of the first ``count`` rows of C, each kept when it lowers the fit residual of ``sub``
+    (a non-odd activation tells a sample from its negative). Returns (C, residual, number of flips kept)."""
+    flips = 0
+    for i in range(count):
+        C2 = C.clone()
+        C2[i] = -C2[i]
+        _, r2 = _rho_ls(sub, C2)
+        if r2 < res:
+            C, res = C2, r2
+            flips += 1
+    return C, res, flips
+
+
 def _rho_ls(prob: SpanProblem, C: torch.Tensor) -> tuple[torch.Tensor, float]:
     """The residuals rho (B, K) minimising the fit for fixed span coordinates C (B, B) (a linear problem)."""
     B, K = prob.B, prob.K
@@ -75,13 +89,7 @@ def fit_scale_only(prob: SpanProblem, dirs: torch.Tensor, odd: bool) -> tuple[to
     C = t * d
     flips = 0
     if not odd:
-        for i in range(prob.B):
-            C2 = C.clone()
-            C2[i] = -C2[i]
-            _, r2 = _rho_ls(sub, C2)
-            if r2 < res:
-                C, res = C2, r2
-                flips += 1
+        C, res, flips = _flip_signs(sub, C, res, prob.B)
     rho, res = _rho_ls(prob, C)
     return C, rho, res, {"initial_scale": t, "sign_flips": flips}
 
@@ -126,13 +134,8 @@ def fit_smooth(prob: SpanProblem, dirs: torch.Tensor, rounds: int, odd: bool) ->
     alt = 0
     for alt in range(1, max(1, min(rounds, 8)) + 1):
         if not odd:
-            for i in range(B):
-                C2 = C.clone()
-                C2[i] = -C2[i]
-                _, r2 = _rho_ls(sub, C2)
-                if r2 < res:
-                    C, res = C2, r2
-                    flips += 1
+            C, res, n = _flip_signs(sub, C, res, B)
+            flips += n
         Q, _ = pattern_ls(sub, sub.act.grad(sub.Z @ C.T))
         nd = dirs_from_Q(Q, C / C.norm(dim=1, keepdim=True))
         Cn = nd * C.norm(dim=1, keepdim=True)
