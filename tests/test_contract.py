@@ -174,7 +174,7 @@ def test_reconstruct_rejects_a_non_case():
 
 
 def test_interrupt_returns_best_so_far():
-    from gradleak.attacks.base import Attack, Reconstruction, register
+    from gradleak.attacks.base import Attack
 
     class _Interrupted(Attack):
         name = "interrupt-probe"

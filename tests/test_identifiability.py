@@ -5,7 +5,6 @@ import json
 import math
 
 import pytest
-import torch
 
 import gradleak as gl
 from gradleak.errors import ValidationError

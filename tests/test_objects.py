@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradleak as gl
-from gradleak.activations import Activation, activations, resolve
+from gradleak.activations import activations, resolve
 from gradleak.losses import Loss, losses
 
 Z = torch.linspace(-6, 6, 2001, dtype=torch.float64)

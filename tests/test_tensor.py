@@ -1,7 +1,6 @@
 """The moment-tensor attack (Wang, Lee & Lei 2023): tensors, decomposition, the attack on synthetic and real data,
 its failure reports, and the deep-network feature recovery."""
 
-import dataclasses
 import math
 
 import pytest

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
