@@ -21,3 +21,7 @@ from .report import write_report  # noqa: E402
 from .experiment import AttackRun, run_attack  # noqa: E402
 
 __all__ += ["defenses", "metrics", "report", "risk", "evaluate", "write_report", "AttackRun", "run_attack"]
+
+from .audit import AuditResult, audit  # noqa: E402
+
+__all__ += ["audit", "AuditResult"]

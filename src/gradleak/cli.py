@@ -212,8 +212,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true")
     _add_model_flags(c)
 
-    ls = sub.add_parser("list", help="list attacks, models, datasets, defenses, losses or activations")
-    ls.add_argument("what", choices=["attacks", "models", "datasets", "defenses", "losses", "activations"])
+    from .audit import cli as audit_cli
+
+    audit_cli.add_parser(sub)
+
+    ls = sub.add_parser("list", help="list attacks, models, datasets, defenses, losses, activations or threat models")
+    ls.add_argument("what", choices=["attacks", "models", "datasets", "defenses", "losses", "activations",
+                                    "threat-models"])
     ls.add_argument("--json", action="store_true")
     return p
 
@@ -342,6 +347,10 @@ def _cmd_list(args) -> int:
     elif args.what == "defenses":
         rows = [(n, (defenses.defenses.get(n).__doc__ or "").strip().splitlines()[0] if defenses.defenses.get(n).__doc__ else "")
                 for n in defenses.defenses.names()]
+    elif args.what == "threat-models":
+        from .audit.threat import threat_models
+
+        rows = [(n, f"SoK {threat_models.get(n).sok}: {threat_models.get(n).title}") for n in threat_models.names()]
     elif args.what == "losses":
         rows = [(n, "") for n in losses.losses.names()]
     else:
@@ -357,7 +366,13 @@ def _cmd_list(args) -> int:
     return 0
 
 
-COMMANDS = {"attack": _cmd_attack, "risk": _cmd_risk, "train": _cmd_train, "compare": _cmd_compare,
+def _cmd_audit(args) -> int:
+    from .audit import cli as audit_cli
+
+    return audit_cli.run(args)
+
+
+COMMANDS = {"audit": _cmd_audit, "attack": _cmd_attack, "risk": _cmd_risk, "train": _cmd_train, "compare": _cmd_compare,
             "utility": _cmd_utility, "list": _cmd_list}
 
 

@@ -26,6 +26,8 @@ from ..validate import require_seed
 
 Kind = Literal["estimate", "exact", "mixture"]
 KINDS = ("estimate", "exact", "mixture")
+#: the audit's budgets, cheapest first; each attack declares its options for each in ``Attack.budgets``
+BUDGETS = ("quick", "standard", "thorough")
 
 
 def exact_tolerance(dtype: torch.dtype) -> float:
@@ -177,6 +179,9 @@ class Attack:
     # True: the attack needs a malicious server (the right to modify the model it sends); an honest-but-curious
     # threat model must skip it. Such an attack implements craft() and simulates the client on its result.
     crafts_model: ClassVar[bool] = False
+    # The options (and optionally a "preset") this attack runs with at each audit budget of BUDGETS. An attack
+    # without an entry runs with its defaults at that budget (a closed-form attack costs the same at every one).
+    budgets: ClassVar[dict[str, dict[str, Any]]] = {}
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
@@ -211,6 +216,14 @@ class Attack:
         problems = self.check_options(self.options)
         if problems:
             raise ValidationError(f"{self.name} options", problems)
+
+    @classmethod
+    def budget(cls, name: str) -> tuple[str | None, dict[str, Any]]:
+        """(preset, options) this attack runs with at audit budget ``name`` (one of :data:`BUDGETS`)."""
+        if name not in BUDGETS:
+            raise ValidationError("budget", [f"unknown budget {name!r}: expected one of {', '.join(BUDGETS)}"])
+        opts = dict(cls.budgets.get(name, {}))
+        return opts.pop("preset", None), opts
 
     # ---- hooks for subclasses --------------------------------------------------------------------
     def check_options(self, options) -> list[str]:

@@ -154,6 +154,8 @@ class Layerwise(Attack):
         "closed-form": dict(pullback="none", pullback_steps=0, correction_steps=(0, 0, 0), prior_steps=0),
     }
     default_preset = "fast"
+    # the closed form is the same at every budget; the correction steps are the fast preset's, then the paper's
+    budgets = {"thorough": {"preset": "paper"}}
 
     def check_options(self, o: LayerwiseOptions) -> list[str]:
         p = []

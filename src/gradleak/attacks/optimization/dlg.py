@@ -78,6 +78,9 @@ def _check(o: DLGOptions) -> list[str]:
 class _LBFGSMatching(Attack):
     budget_option = "max_iterations"
     restarts_option = "restarts"
+    # iterations of L-BFGS (20 per outer step): quick 15 outer steps, standard 100, thorough the papers' 300 x 2
+    budgets = {"quick": {"max_iterations": 300}, "standard": {"max_iterations": 2000},
+               "thorough": {"max_iterations": 6000, "restarts": 2}}
     """Shared driver: L-BFGS trials with divergence restarts over (x) or (x, label logits)."""
 
     Options = DLGOptions

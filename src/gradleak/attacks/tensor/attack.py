@@ -35,6 +35,7 @@ class TensorAttack(Attack):
         "tensor-only": dict(fit="none", draws=10),
         "thorough": dict(draws=16, polish_sweeps=8, fit_rounds=40, refine_steps=50),
     }
+    budgets = {"thorough": {"preset": "thorough"}}
 
     def check_options(self, o: TensorOptions) -> list[str]:
         return option_problems(o)

@@ -1,0 +1,409 @@
+"""``gl.audit(...)``: run every applicable attack and risk analysis on a deployment's settings, write one report.
+
+The run directory holds ``audit.json`` (schema in docs/audit.md), ``report.html`` (one self-contained page),
+``truth.safetensors`` (the audited images) and ``jobs/<id>/`` (one ``gradleak attack`` run directory per attack
+x defense x batch). ``audit.json`` is rewritten as each job ends, so an interrupted or killed audit keeps what
+finished; rerunning with the same ``out`` skips the finished jobs (resume).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import shlex
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .. import data as data_mod
+from .. import models as models_mod
+from ..errors import GradleakError, OutputError, ValidationError
+from ..report import environment, to_jsonable
+from . import threat as threat_mod
+from .plan import NO_DEFENSE, AuditConfig, Plan, plan
+from .schema import RECOGNISABLE_PSNR_DB, RECOGNISABLE_SSIM, SCHEMA_VERSION, THRESHOLD_JUSTIFICATION
+from .verdict import job_row, read_metrics, verdicts
+
+SCHEMA = "gradleak.audit"
+_RUN_KEYS_IGNORED = ("out", "threads", "environment")
+
+
+@dataclass
+class AuditResult:
+    """What :func:`audit` returns: ``data`` is audit.json's content, ``out_dir`` the run directory."""
+
+    data: dict[str, Any]
+    out_dir: Path
+    report: Path | None = None
+
+    @property
+    def verdict(self) -> list[dict[str, Any]]:
+        return self.data["verdict"]
+
+    @property
+    def jobs(self) -> list[dict[str, Any]]:
+        return self.data["jobs"]
+
+    @property
+    def interrupted(self) -> bool:
+        return bool(self.data.get("interrupted"))
+
+    def summary_dict(self) -> dict[str, Any]:
+        """What ``gradleak audit --json`` prints: the verdict and where the report is."""
+        d = self.data
+        return {"schema": d["schema"], "schema_version": d["schema_version"], "out": str(self.out_dir),
+                "report": str(self.report) if self.report else None, "threat_model": d["threat_model"]["name"],
+                "budget": d["budget"]["name"], "interrupted": d["interrupted"], "verdict": d["verdict"],
+                "jobs": {s: sum(1 for j in d["jobs"] if j["status"] == s)
+                         for s in sorted({j["status"] for j in d["jobs"]})},
+                "skipped": len(d["attacks"]["skipped"]), "warnings": d["warnings"]}
+
+    def summary(self) -> str:
+        lines = [f"audit of {self.data['model']['name']} under threat model {self.data['threat_model']['name']}"
+                 f" ({self.data['budget']['name']} budget) -> {self.out_dir}"]
+        lines += ["  " + v["statement"] for v in self.verdict]
+        if self.interrupted:
+            lines.append("  interrupted: the report shows the jobs that finished")
+        return "\n".join(lines)
+
+
+# ---- inputs --------------------------------------------------------------------------------------------
+def _stage_model(model: Any, out: Path) -> str:
+    """A model spec string workers can rebuild: names and spec strings as they are; an nn.Module is saved whole
+    to ``out/model.pt`` (its class must be importable by the workers)."""
+    if isinstance(model, str):
+        return model
+    if isinstance(model, nn.Module):
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / "model.pt"
+        torch.save(model, path)
+        return str(path)
+    raise ValidationError("audit", [f"model must be a zoo name, a spec 'FILE.py:NAME' / 'module:NAME' or an "
+                                    f"nn.Module, got {type(model).__name__}"])
+
+
+def _stage_data(data: Any, out: Path) -> dict[str, Any]:
+    """AuditConfig fields for ``data``: None (the config's own), a source string, or (images, labels) tensors
+    (saved to ``out/data.safetensors``)."""
+    if data is None:
+        return {}
+    if isinstance(data, (str, Path)):
+        return {"dataset": str(data), "images": None}
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+        from safetensors.torch import save_file
+
+        x, y = data
+        if x.ndim < 2 or y.ndim != 1 or y.shape[0] != x.shape[0]:
+            raise ValidationError("audit data", [f"expected (images (N, C, H, W), labels (N,)), got shapes "
+                                                 f"{tuple(x.shape)} and {tuple(y.shape)}"])
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / "data.safetensors"
+        save_file({"images": x.detach().cpu().contiguous(), "labels": y.detach().cpu().long().contiguous()}, str(path))
+        return {"images": str(path)}
+    raise ValidationError("audit data", ["expected a dataset source ('samples', 'digits', 'folder:DIR', a path) or a "
+                                         f"tuple (images, labels) of tensors, got {type(data).__name__}"])
+
+
+def to_command(cfg: AuditConfig, out: Path, *, workers: int | None, backend: str) -> str:
+    """The ``gradleak audit`` command line that re-runs ``cfg`` into ``out``."""
+    a = ["gradleak", "audit", "--model", cfg.model]
+    for k, v in cfg.model_options.items():
+        a += ["--model-opt", f"{k}={v}"]
+    if cfg.weights:
+        a += ["--weights", cfg.weights]
+    a += ["--images", cfg.images] if cfg.images else ["--dataset", cfg.dataset]
+    a += ["--num-images", str(cfg.num_images)]
+    if cfg.start:
+        a += ["--start", str(cfg.start)]
+    if cfg.image_size:
+        a += ["--image-size", str(cfg.image_size)]
+    a += ["--batch-sizes", ",".join(map(str, cfg.batch_sizes)), "--protocol", cfg.protocol]
+    if cfg.protocol == "fedavg":
+        a += ["--local-steps", str(cfg.local_steps), "--local-lr", str(cfg.local_lr)]
+        if cfg.local_batch_size:
+            a += ["--local-batch-size", str(cfg.local_batch_size)]
+    a += ["--threat-model", cfg.threat_model]
+    for d in cfg.defenses:
+        a += ["--defense", d]
+    a += ["--attacks", cfg.attacks if isinstance(cfg.attacks, str) else ",".join(cfg.attacks),
+          "--budget", cfg.budget, "--seed", str(cfg.seed), "--dtype", cfg.dtype, "--bn-mode", cfg.bn_mode]
+    if cfg.device:
+        a += ["--device", cfg.device]
+    if cfg.utility:
+        a += ["--utility", "--utility-dataset", cfg.utility_dataset, "--utility-rounds", str(cfg.utility_rounds)]
+    if workers:
+        a += ["--workers", str(workers)]
+    if backend != "local":
+        a += ["--backend", backend]
+    a += ["--out", str(out)]
+    return " ".join(shlex.quote(x) for x in a)
+
+
+# ---- pieces of audit.json --------------------------------------------------------------------------------
+def _risk(model: nn.Module, shape, num_classes: int, batch_sizes, seed: int) -> list[dict[str, Any]]:
+    """The risk analyses per batch size. An analysis that does not apply says why; it is never a verdict."""
+    from .. import risk
+
+    out = []
+    for b in sorted(set(batch_sizes)):
+        try:
+            rep = risk.analyse(model, tuple(shape), batch_size=b, num_classes=num_classes, seed=seed)
+        except GradleakError as e:
+            out.append({"analysis": "rgap-rank", "batch_size": b, "applies": False, "summary": "could not run",
+                        "reason": str(e), "detail": {}})
+            continue
+        d = to_jsonable(rep.to_dict())
+        problems = list(d.get("problems") or [])
+        out.append({"analysis": "rgap-rank", "title": "R-GAP rank analysis (Zhu & Blaschko 2021)", "batch_size": b,
+                    "applies": not problems, "summary": d.get("verdict"),
+                    "reason": "; ".join(problems) if problems else None,
+                    "detail": {k: d.get(k) for k in ("exact_recovery_possible", "ra_index", "deficient_layers", "notes")}})
+        for name, ext in (d.get("extensions") or {}).items():
+            err = ext.get("error") if isinstance(ext, dict) else None
+            na = ext.get("not_applicable") if isinstance(ext, dict) else None
+            applies = not err and not na and not problems if name == "security" else not err and not na
+            reason = err or na or ("the layer systems it reads do not apply: " + "; ".join(problems)
+                                   if (name == "security" and problems) else None)
+            summary = None
+            if applies and name == "security":
+                summary = f"security index {ext.get('index')} (0 = every layer full rank, leaks most)"
+            elif applies:
+                summary = ext.get("summary") or ext.get("verdict")
+            out.append({"analysis": name, "batch_size": b, "applies": bool(applies), "summary": summary,
+                        "reason": reason, "detail": ext})
+    return out
+
+
+def _defense_entries(cfg: AuditConfig, rows: list[dict], utility: dict | None) -> list[dict[str, Any]]:
+    util = {}
+    if utility:
+        for d in utility.get("defenses", []):
+            util[d["defense"]] = d
+    out = []
+    for spec in cfg.defenses:
+        priv = next((r.get("privacy") for r in rows if r["defense"] == spec and r.get("privacy")), None)
+        u = None
+        if utility and spec == NO_DEFENSE:
+            u = {"baseline_accuracy": utility["baseline_accuracy"], "accuracy": utility["baseline_accuracy"],
+                 "accuracy_drop": 0.0}
+        elif spec in util:
+            u = {"baseline_accuracy": utility["baseline_accuracy"], "accuracy": util[spec]["accuracy"],
+                 "accuracy_drop": util[spec]["accuracy_drop"]}
+        out.append({"spec": spec, "label": "no defense" if spec == NO_DEFENSE else spec,
+                    "epsilon": priv.get("epsilon") if priv else None, "delta": priv.get("delta") if priv else None,
+                    "accounting": (f"{priv.get('accountant')} accountant, {priv.get('steps')} step(s) at sample rate "
+                                   f"{priv.get('sample_rate')}; assumes {priv.get('assumes')}") if priv else None,
+                    "utility": u})
+    return out
+
+
+def _check_out(out: Path, cfg: AuditConfig, overwrite: bool) -> None:
+    """Refuse an ``out`` that holds something else than this audit (a resume needs the same settings)."""
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out} is a file; expected a directory for the audit")
+    prev = out / "audit.json"
+    if prev.is_file() and not overwrite:
+        try:
+            old = json.loads(prev.read_text()).get("settings")
+        except (OSError, ValueError):
+            old = None
+        if old != to_jsonable(cfg.to_dict()):
+            diff = sorted(k for k in cfg.to_dict() if (old or {}).get(k) != to_jsonable(cfg.to_dict()).get(k))
+            raise OutputError(f"{out} holds an audit with other settings ({', '.join(diff) or 'unreadable'}); "
+                              "rerun with the same settings to resume, or pass --overwrite / another --out")
+    elif out.is_dir() and any(out.iterdir()) and not prev.is_file() and not overwrite:
+        raise OutputError(f"{out} is not empty and holds no audit; pass --overwrite or another --out")
+    if overwrite and out.is_dir():
+        shutil.rmtree(out)
+
+
+def _finished(job) -> bool:
+    """Whether the job's directory holds a finished (not interrupted) run of exactly this job."""
+    out = Path(job.run.out)
+    m = read_metrics(out)
+    if m is None or m.get("interrupted"):
+        return False
+    try:
+        old = json.loads((out / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    mine = to_jsonable(job.run.to_dict())
+    return all(old.get(k) == v for k, v in mine.items() if k not in _RUN_KEYS_IGNORED)
+
+
+# ---- the audit ------------------------------------------------------------------------------------------
+def audit(model: Any, data: Any = None, *, out: str | Path | None = None, workers: int | None = None,
+          backend: str = "local", progress: bool = False, overwrite: bool = False, max_memory=None,
+          command: str | None = None, on_job: Callable[[dict], None] | None = None, **settings: Any) -> AuditResult:
+    """Audit a deployment: every applicable attack under ``threat_model`` on each defense and batch size, the
+    risk analyses, optionally each defense's accuracy cost; writes the run directory and returns an
+    :class:`AuditResult`.
+
+    model: a zoo name, ``'FILE.py:NAME'`` / ``'module.path:NAME'`` (a class or factory), or an nn.Module.
+    data: None (``dataset``/``images`` settings; default the bundled photos), a source string, or
+        ``(images, labels)`` tensors in image space.
+    settings: the fields of :class:`AuditConfig` (``num_images``, ``batch_sizes``, ``protocol``, ``local_steps``,
+        ``local_lr``, ``local_batch_size``, ``threat_model``, ``defenses``, ``attacks``, ``budget``, ``seed``,
+        ``dtype``, ``bn_mode``, ``device``, ``utility``, ...).
+    workers / backend: how jobs run ('local' process pool, 'ray' or 'ray:ADDRESS'); see
+        :func:`gradleak.audit.execute.run_jobs`. Ctrl-C stops the run and still writes the report.
+    """
+    from .execute import Job, run_jobs
+    from .report import write_report_html
+
+    t0 = time.perf_counter()
+    known = {f.name for f in dataclasses.fields(AuditConfig)}
+    bad = sorted(set(settings) - known)
+    if bad:
+        raise ValidationError("audit", [f"unknown setting(s) {bad}; expected some of {sorted(known - {'model'})}"])
+    out = Path(out) if out is not None else _default_out(model)
+    staged_model = model if isinstance(model, str) else None
+    cfg = AuditConfig(model=staged_model or "<module>", **settings)
+    problems = cfg.problems()
+    if problems:
+        raise ValidationError("audit", problems)
+    if staged_model is not None:  # data/model files are staged only after the settings are known to be valid
+        _check_out(out, cfg, overwrite)
+    if not isinstance(model, str):
+        if out.exists() and overwrite:
+            shutil.rmtree(out)
+        cfg.model = _stage_model(model, out)
+    cfg = dataclasses.replace(cfg, **_stage_data(data, out))
+    if staged_model is None:
+        _check_out(out, cfg, overwrite=False)
+    tm = threat_mod.get(cfg.threat_model)
+    the_plan = plan(cfg, out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    # the images audited (the truth every job's scores refer to) and the model, for the risk section
+    ds = data_mod.load(cfg.images or cfg.dataset, num_images=cfg.start + cfg.num_images,
+                       **({"image_size": cfg.image_size} if cfg.image_size else {}))
+    x, y = ds.batch(cfg.num_images, cfg.start)
+    from safetensors.torch import save_file
+
+    save_file({"inputs": x.detach().cpu().float().contiguous(), "labels": y.detach().cpu().contiguous()},
+              str(out / "truth.safetensors"))
+    num_classes = cfg.num_classes or ds.spec.num_classes
+    net = models_mod.build(cfg.model, input_shape=ds.spec.shape, num_classes=num_classes, seed=cfg.seed,
+                           **cfg.model_options)
+    if cfg.weights:
+        net = models_mod.load_weights(net, cfg.weights)
+    images = list(range(cfg.start, cfg.start + cfg.num_images))
+    doc: dict[str, Any] = {
+        "schema": SCHEMA, "schema_version": SCHEMA_VERSION,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": command or to_command(cfg, out, workers=workers, backend=backend),
+        "environment": environment(device=cfg.device or "cpu", dtype=cfg.dtype), "interrupted": False,
+        "seconds": None, "settings": to_jsonable(cfg.to_dict()),
+        "model": {"name": cfg.model, "options": cfg.model_options, "weights": cfg.weights,
+                  "parameters": sum(p.numel() for p in net.parameters()), "input_shape": list(ds.spec.shape),
+                  "num_classes": num_classes},
+        "data": {"source": cfg.images or cfg.dataset, "num_images": cfg.num_images, "start": cfg.start,
+                 "shape": list(ds.spec.shape), "value_range": list(ds.spec.value_range),
+                 "truth": "truth.safetensors", "labels": y.tolist(), "indices": images},
+        "protocol": {"name": cfg.protocol, "local_steps": cfg.local_steps if cfg.protocol == "fedavg" else None,
+                     "local_lr": cfg.local_lr if cfg.protocol == "fedavg" else None,
+                     "local_batch_size": cfg.local_batch_size if cfg.protocol == "fedavg" else None,
+                     "bn_mode": cfg.bn_mode},
+        "threat_model": tm.to_dict(),
+        "budget": {"name": cfg.budget, "per_attack": the_plan.budget},
+        "thresholds": {"recognisable_psnr_db": RECOGNISABLE_PSNR_DB, "recognisable_ssim": RECOGNISABLE_SSIM,
+                       "rule": f"an image is recognisable when its best reconstruction reaches PSNR >= "
+                               f"{RECOGNISABLE_PSNR_DB:g} dB or SSIM >= {RECOGNISABLE_SSIM:g}",
+                       "justification": THRESHOLD_JUSTIFICATION},
+        "batch_sizes": sorted(set(cfg.batch_sizes)),
+        "attacks": {"planned": the_plan.attacks, "skipped": the_plan.skipped},
+        "risk": _risk(net, ds.spec.shape, num_classes, cfg.batch_sizes, cfg.seed),
+        "jobs": [], "defenses": [], "verdict": [], "utility": None, "warnings": list(the_plan.notes),
+    }
+    if not the_plan.jobs:
+        doc["warnings"].append("no attack applies to these settings: see the skipped attacks and their reasons")
+
+    rows = {j.id: job_row(j, "pending", audit_dir=out) for j in the_plan.jobs}
+    todo = []
+    for j in the_plan.jobs:
+        if _finished(j):
+            rows[j.id] = job_row(j, "resumed", audit_dir=out)
+        else:
+            todo.append(j)
+    by_id = {j.id: j for j in the_plan.jobs}
+
+    def finish_doc(interrupted: bool) -> dict:
+        doc["jobs"] = [rows[j.id] for j in the_plan.jobs]
+        doc["interrupted"] = interrupted
+        doc["defenses"] = _defense_entries(cfg, doc["jobs"], doc["utility"])
+        doc["verdict"] = verdicts(doc["jobs"], doc["defenses"], images)
+        doc["warnings"] = list(dict.fromkeys(doc["warnings"] + _job_warnings(doc["jobs"])))
+        doc["seconds"] = time.perf_counter() - t0
+        tmp = out / "audit.json.tmp"
+        tmp.write_text(json.dumps(to_jsonable(doc), indent=2))
+        tmp.replace(out / "audit.json")
+        return doc
+
+    def on_outcome(o) -> None:
+        status = o.status
+        rows[o.id] = job_row(by_id[o.id], status, error=o.error, audit_dir=out)
+        if on_job is not None:
+            on_job(rows[o.id])
+        finish_doc(False)
+
+    finish_doc(False)
+    jobs = [Job(id=j.id, config=j.run.to_dict()) for j in todo]
+    outcomes = run_jobs(jobs, backend=backend, workers=workers, progress=progress, on_outcome=on_outcome,
+                        max_memory=max_memory) if jobs else []
+    interrupted = any(o.status in ("interrupted", "cancelled") for o in outcomes)
+    for o in outcomes:  # the executor's final word (a callback may have been missed on Ctrl-C)
+        if rows[o.id]["status"] == "pending":
+            rows[o.id] = job_row(by_id[o.id], o.status, error=o.error, audit_dir=out)
+    if cfg.utility and not interrupted:
+        doc["utility"] = _utility(cfg, doc)
+    finish_doc(interrupted)
+    report = write_report_html(out, doc)
+    return AuditResult(doc, out, report)
+
+
+def _utility(cfg: AuditConfig, doc: dict) -> dict | None:
+    from ..defenses import utility
+
+    specs = [d for d in cfg.defenses if d != NO_DEFENSE]
+    try:
+        res = utility(cfg.model, cfg.utility_dataset, [d for d in specs], rounds=cfg.utility_rounds,
+                      seed=cfg.seed, model_options=dict(cfg.model_options) or None)
+    except GradleakError as e:
+        doc["warnings"].append(f"utility not measured: {e}")
+        return None
+    d = to_jsonable(res.to_dict())
+    d["dataset"] = cfg.utility_dataset
+    for spec, entry in zip(specs, d.get("defenses", [])):
+        entry["defense"] = spec  # keyed by the audit's spec string
+    return d
+
+
+def _job_warnings(rows: list[dict]) -> list[str]:
+    out = []
+    for r in rows:
+        for w in r.get("warnings") or []:
+            out.append(f"{r['id']}: {w}")
+        if r["status"] == "failed":
+            out.append(f"{r['id']}: failed: {r['error']}")
+    return out
+
+
+def _default_out(model: Any) -> Path:
+    name = model if isinstance(model, str) else type(model).__name__
+    name = Path(name.split(":")[0]).stem if ("/" in name or ":" in name) else name
+    base = Path("runs") / f"audit-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out, k = base, 1
+    while out.exists():
+        k += 1
+        out = base.with_name(f"{base.name}-{k}")
+    return out
+
+
+__all__ = ["AuditConfig", "AuditResult", "Plan", "audit", "to_command"]
