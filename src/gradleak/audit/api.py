@@ -27,7 +27,6 @@ from ..errors import GradleakError, OutputError, ValidationError
 from ..report import environment, to_jsonable
 from . import threat as threat_mod
 from .plan import NO_DEFENSE, AuditConfig, Plan, plan
-from .schema import RECOGNISABLE_PSNR_DB, RECOGNISABLE_SSIM, SCHEMA_VERSION, THRESHOLD_JUSTIFICATION
 from .verdict import job_row, read_metrics, verdicts
 
 SCHEMA = "gradleak.audit"
@@ -256,6 +255,7 @@ def audit(model: Any, data: Any = None, *, out: str | Path | None = None, worker
     """
     from .execute import Job, run_jobs
     from .report import write_report_html
+    from .schema import RECOGNISABLE_PSNR_DB, RECOGNISABLE_SSIM, SCHEMA_VERSION, THRESHOLD_JUSTIFICATION
 
     t0 = time.perf_counter()
     known = {f.name for f in dataclasses.fields(AuditConfig)}

@@ -14,7 +14,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .schema import RECOGNISABLE_PSNR_DB, RECOGNISABLE_SSIM
 
 HISTORY_POINTS = 200
 
@@ -69,6 +68,8 @@ def read_metrics(run_dir: Path) -> dict | None:
 
 
 def is_recognisable(psnr: float | None, ssim: float | None) -> bool:
+    from .schema import RECOGNISABLE_PSNR_DB, RECOGNISABLE_SSIM
+
     return (psnr is not None and psnr >= RECOGNISABLE_PSNR_DB) or (ssim is not None and ssim >= RECOGNISABLE_SSIM)
 
 
@@ -94,6 +95,8 @@ def best_per_image(rows: list[dict], defense: str) -> dict[int, dict[str, Any]]:
 
 
 def verdicts(rows: list[dict], defenses: list[dict], images: list[int]) -> list[dict[str, Any]]:
+    from .schema import RECOGNISABLE_PSNR_DB, RECOGNISABLE_SSIM
+
     out = []
     for d in defenses:
         spec = d["spec"]
