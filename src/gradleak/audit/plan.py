@@ -157,6 +157,19 @@ def _local_batch(cfg: AuditConfig, b: int) -> int | None:
     return min(cfg.local_batch_size, b)
 
 
+def _probe(run: AttackRun, cfg: AuditConfig):
+    """The case every non-crafting attack of one (defense, batch size) is checked on. A model that fails on the
+    data is the user's input error, said in one line."""
+    try:
+        return build_case(run)[0]
+    except GradleakError:
+        raise
+    except Exception as e:  # a user's model that crashes on the data
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValidationError("audit", [f"model {cfg.model!r} fails on a batch of {run.num_images} image(s) from "
+                                        f"{cfg.images or cfg.dataset}: {type(e).__name__}: {msg}"]) from None
+
+
 def plan(cfg: AuditConfig, out: Path) -> Plan:
     """The jobs of an audit; builds one probe case per (defense, batch size) (and per crafting attack) to
     check each attack's requirements, so every skip has the attack's own reason."""
@@ -203,10 +216,12 @@ def plan(cfg: AuditConfig, out: Path) -> Plan:
                         case, _, _ = build_case(run, attack=attack)
                     else:
                         if probe is None:
-                            probe = build_case(run)[0]
+                            probe = _probe(run, cfg)
                         case = probe
                     reasons = attack.requirements(case)
                 except GradleakError as e:
+                    if probe is None and not cls.crafts_model:
+                        raise  # the settings themselves fail (data, model, defense): nothing can run
                     reasons = [str(e)]
                 if reasons:
                     skipped.append({"attack": name, "defense": spec, "batch_size": b, "reason": "; ".join(reasons)})

@@ -114,7 +114,11 @@ def verdicts(rows: list[dict], defenses: list[dict], images: list[int]) -> list[
              "worst_image": worst_img, "recognisable": len(rec), "images": len(images),
              "share_recognisable": len(rec) / len(images) if images else 0.0, "jobs_done": len(done),
              "jobs_failed": len(failed), "attacks_run": attacks_run}
-        if rec:
+        if not mine:
+            v["status"] = "incomplete"
+            v["statement"] = (f"{d['label']}: no attack applies to these settings (see the skipped attacks and their "
+                              "reasons): no conclusion from attacks; the risk analyses are all this audit has.")
+        elif rec:
             v["status"] = "leaks"
             v["statement"] = (f"{d['label']}: {len(rec)} of {len(images)} image(s) recognisable; the best reconstruction "
                               f"({w['attack']}, image {worst_img}) reaches {w['psnr']:.1f} dB PSNR.")
