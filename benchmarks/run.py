@@ -37,6 +37,7 @@ BENCHMARKS = {
     "optim": "bench_optim.py",
     "malicious": "bench_malicious.py",
     "defenses": "bench_defenses.py",
+    "audit": "bench_audit.py",
 }
 
 ONE_THREAD = {k: "1" for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}

@@ -1,0 +1,102 @@
+"""Wall time of `gradleak audit --budget quick` against the same jobs run one by one through `gradleak attack`.
+
+Setting (issue 12): the DLG LeNet on the bundled photos (8 in the full mode, 2 with --quick), defenses none,
+prune 0.9 and Gaussian noise sigma 0.01, the quick budget, every applicable attack (``--attacks auto``) under the
+default threat model. Three ways to run the same jobs, each a fresh process timed from outside:
+  audit-w1   `gradleak audit --workers 1` (in-process, one after another)
+  audit-w2   `gradleak audit --workers 2` (the local process pool)
+  attack-seq the audit's jobs as separate `gradleak attack` commands, one after another (each pays python and
+             torch start-up, as a shell loop would)
+The audit's verdict and each job's PSNR are recorded too: the three ways must agree on them (same seeds).
+
+Run:  python benchmarks/bench_audit.py [--quick] [--allow-dirty]
+Writes benchmarks/results/audit.json with its provenance (benchmarks/common.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import common
+
+DEFENSES = ["none", "prune:ratio=0.9", "noise:sigma=0.01"]
+
+
+def _gradleak(args: list[str]) -> tuple[float, subprocess.CompletedProcess]:
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, "-m", "gradleak.cli", *args], capture_output=True, text=True)
+    dt = time.perf_counter() - t0
+    if p.returncode != 0:
+        raise SystemExit(f"gradleak {shlex.join(args)} failed ({p.returncode}): {p.stderr.strip()[-400:]}")
+    return dt, p
+
+
+def audit_args(n: int, out: Path, workers: int) -> list[str]:
+    a = ["audit", "--model", "lenet", "--num-images", str(n), "--budget", "quick", "--workers", str(workers),
+         "--out", str(out), "--json"]
+    for d in DEFENSES:
+        a += ["--defense", d]
+    return a
+
+
+def attack_args(cfg: dict, out: Path) -> list[str]:
+    a = ["attack", "--attack", cfg["attack"], "--model", cfg["model"], "--num-images", str(cfg["num_images"]),
+         "--start", str(cfg["start"]), "--seed", str(cfg["seed"]), "--dtype", cfg["dtype"], "--out", str(out), "--json"]
+    if not cfg["labels_known"]:
+        a.append("--unknown-labels")
+    if cfg.get("preset"):
+        a += ["--preset", cfg["preset"]]
+    for k, v in (cfg.get("attack_options") or {}).items():
+        a += ["--option", f"{k}={v}"]
+    for d in cfg.get("defenses") or []:
+        a += ["--defense", d]
+    return a
+
+
+def main():
+    ap = common.add_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+    ap.add_argument("--quick", action="store_true", help="2 photos instead of 8")
+    args = ap.parse_args()
+    run = common.begin("audit", args)
+    n = 2 if args.quick else 8
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        docs = {}
+        for workers in (1, 2):
+            out = tmp / f"audit-w{workers}"
+            dt, _ = _gradleak(audit_args(n, out, workers))
+            doc = json.loads((out / "audit.json").read_text())
+            docs[workers] = doc
+            rows[f"audit-w{workers}"] = {"seconds": dt, "jobs": len(doc["jobs"]),
+                                         "failed": sum(j["status"] == "failed" for j in doc["jobs"])}
+            print(f"audit --workers {workers}: {dt:.1f} s for {len(doc['jobs'])} jobs", flush=True)
+        t_seq = 0.0
+        seq_psnr = {}
+        for j in docs[1]["jobs"]:
+            cfg = json.loads((tmp / "audit-w1" / j["dir"] / "config.json").read_text())
+            dt, p = _gradleak(attack_args(cfg, tmp / "seq" / j["id"]))
+            t_seq += dt
+            seq_psnr[j["id"]] = json.loads(p.stdout.strip().splitlines()[-1])["psnr"]
+        rows["attack-seq"] = {"seconds": t_seq, "jobs": len(seq_psnr), "failed": 0}
+        print(f"gradleak attack x {len(seq_psnr)}: {t_seq:.1f} s", flush=True)
+        agree = {}
+        for workers, doc in docs.items():
+            diffs = [abs((j["psnr"] or 0) - (seq_psnr.get(j["id"]) or 0)) for j in doc["jobs"]]
+            agree[f"audit-w{workers}"] = max(diffs) if diffs else None
+        verdict = [{k: v[k] for k in ("defense", "status", "worst_psnr", "worst_attack", "recognisable", "images")}
+                   for v in docs[1]["verdict"]]
+    common.finish(run, {"mode": "quick" if args.quick else "full", "setting": {
+        "model": "lenet", "images": n, "defenses": DEFENSES, "budget": "quick", "attacks": "auto"},
+        "rows": rows, "max_psnr_difference_vs_sequential_attack": agree, "verdict": verdict})
+
+
+if __name__ == "__main__":
+    main()
