@@ -254,3 +254,50 @@ def test_report_names_skipped_attacks_and_risk_never_reads_safe(tmp_path):
     assert res.verdict[0]["status"] == "incomplete"
     html = (tmp_path / "s" / "report.html").read_text()
     assert not re.search(r"\bsafe\b", html.lower().replace("unsafe", ""))
+
+
+# ---- execution: Ctrl-C and Ray --------------------------------------------------------------------------
+def test_ctrl_c_writes_the_report_of_what_finished(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "i"
+    env = {**os.environ, "PYTHONPATH": str(Path(gl.__file__).resolve().parents[1])}
+    p = subprocess.Popen([sys.executable, "-m", "gradleak.cli", "audit", "--model", "lenet", "--num-images", "4",
+                          "--attacks", "rgap", "--workers", "1", "--out", str(out)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 300
+    while time.time() < deadline:  # wait until the first job has finished
+        try:
+            doc = json.loads((out / "audit.json").read_text())
+            if any(j["status"] == "done" for j in doc["jobs"]):
+                break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.2)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 130, err
+    doc = json.loads((out / "audit.json").read_text())
+    assert doc["interrupted"] is True
+    done = [j for j in doc["jobs"] if j["status"] == "done"]
+    assert 1 <= len(done) < 4
+    assert (out / "report.html").is_file()
+    # the rerun finishes the rest without redoing the finished ones
+    again = gl.audit("lenet", num_images=4, attacks=["rgap"], out=out, workers=1)
+    kept = {j["id"] for j in again.jobs if j["status"] == "resumed"}
+    assert {j["id"] for j in done} <= kept and all(j["status"] in ("done", "resumed") for j in again.jobs)
+
+
+@pytest.mark.slow
+def test_ray_and_local_backends_give_the_same_scores(tmp_path):
+    kw = dict(num_images=2, attacks=["ig", "rgap"], defenses=["none", "noise:sigma=0.01"])
+    local = gl.audit("lenet", out=tmp_path / "local", workers=2, **kw)
+    ray = gl.audit("lenet", out=tmp_path / "ray", backend="ray", workers=2, **kw)
+    a = {j["id"]: j["psnr"] for j in local.jobs}
+    b = {j["id"]: j["psnr"] for j in ray.jobs}
+    assert a == b and len(a) == 8 and all(v is not None for v in a.values())
+    assert [v["status"] for v in local.verdict] == [v["status"] for v in ray.verdict]
