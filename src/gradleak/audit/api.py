@@ -24,7 +24,8 @@ from torch import nn
 from .. import data as data_mod
 from .. import models as models_mod
 from ..errors import GradleakError, OutputError, ValidationError
-from ..report import environment, to_jsonable
+from ..report import to_jsonable
+from ..report.environment import environment, hardware
 from . import threat as threat_mod
 from .plan import NO_DEFENSE, AuditConfig, Plan, plan
 from .verdict import job_row, read_metrics, verdicts
@@ -299,7 +300,8 @@ def audit(model: Any, data: Any = None, *, out: str | Path | None = None, worker
         "schema": SCHEMA, "schema_version": SCHEMA_VERSION,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": command or to_command(cfg, out, workers=workers, backend=backend),
-        "environment": environment(device=cfg.device or "cpu", dtype=cfg.dtype), "interrupted": False,
+        "environment": {**environment(device=cfg.device or "cpu", dtype=cfg.dtype), "hardware": hardware()},
+        "interrupted": False,
         "seconds": None, "settings": to_jsonable(cfg.to_dict()),
         "model": {"name": cfg.model, "options": cfg.model_options, "weights": cfg.weights,
                   "parameters": sum(p.numel() for p in net.parameters()), "input_shape": list(ds.spec.shape),

@@ -50,4 +50,29 @@ def environment(*, device=None, dtype=None) -> dict:
     }
 
 
-__all__ = ["environment"]
+def hardware() -> dict:
+    """The machine: CPU model, cores this process may use, total memory, and the CUDA devices torch sees."""
+    import os
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count()
+    memory = None
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        pass
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    return {"cpu": cpu, "cores": cores, "memory_bytes": memory, "gpus": gpus}
+
+
+__all__ = ["environment", "hardware"]
