@@ -194,10 +194,13 @@ def _defense_entries(cfg: AuditConfig, rows: list[dict], utility: dict | None) -
                  "accuracy_drop": 0.0}
         elif spec in util:
             u = {"baseline_accuracy": utility["baseline_accuracy"], "accuracy": util[spec]["accuracy"],
-                 "accuracy_drop": util[spec]["accuracy_drop"]}
+                 "accuracy_drop": util[spec]["accuracy_drop"], "epsilon": util[spec].get("epsilon"),
+                 "privacy": util[spec].get("privacy"),
+                 "run": f"FedAvg on {utility.get('dataset')}, {utility.get('settings', {}).get('rounds')} rounds"}
         out.append({"spec": spec, "label": "no defense" if spec == NO_DEFENSE else spec,
                     "epsilon": priv.get("epsilon") if priv else None, "delta": priv.get("delta") if priv else None,
-                    "accounting": (f"{priv.get('accountant')} accountant, {priv.get('steps')} step(s) at sample rate "
+                    "accounting": (f"the attacked update: {priv.get('accountant')} accountant, {priv.get('steps')} "
+                                   f"step(s) at sample rate "
                                    f"{priv.get('sample_rate')}; assumes {priv.get('assumes')}") if priv else None,
                     "utility": u})
     return out
@@ -371,11 +374,13 @@ def audit(model: Any, data: Any = None, *, out: str | Path | None = None, worker
 
 
 def _utility(cfg: AuditConfig, doc: dict) -> dict | None:
-    from ..defenses import utility
+    from ..defenses import compose, parse, utility
+    from .plan import defense_list
 
     specs = [d for d in cfg.defenses if d != NO_DEFENSE]
     try:
-        res = utility(cfg.model, cfg.utility_dataset, [d for d in specs], rounds=cfg.utility_rounds,
+        res = utility(cfg.model, cfg.utility_dataset, [compose(*map(parse, defense_list(d))) for d in specs],
+                      rounds=cfg.utility_rounds,
                       seed=cfg.seed, model_options=dict(cfg.model_options) or None)
     except GradleakError as e:
         doc["warnings"].append(f"utility not measured: {e}")
