@@ -76,14 +76,24 @@ class AuditResult:
 # ---- inputs --------------------------------------------------------------------------------------------
 def _stage_model(model: Any, out: Path) -> str:
     """A model spec string workers can rebuild: names and spec strings as they are; an nn.Module is saved whole
-    to ``out/model.pt`` (its class must be importable by the workers)."""
+    to ``out/model.pt`` with a loader ``out/model_loader.py:load`` (its class must be importable where the jobs
+    run: a module on the path, or ``workers=1`` for a class defined in a script or notebook)."""
     if isinstance(model, str):
         return model
     if isinstance(model, nn.Module):
         out.mkdir(parents=True, exist_ok=True)
-        path = out / "model.pt"
+        path = (out / "model.pt").resolve()
         torch.save(model, path)
-        return str(path)
+        loader = out / "model_loader.py"
+        loader.write_text(f'''"""Loads the nn.Module gl.audit was given (saved whole to {path.name})."""
+
+import torch
+
+
+def load(input_shape=None, num_classes=None):
+    return torch.load({str(path)!r}, map_location="cpu", weights_only=False)
+''')
+        return f"{loader.resolve()}:load"
     raise ValidationError("audit", [f"model must be a zoo name, a spec 'FILE.py:NAME' / 'module:NAME' or an "
                                     f"nn.Module, got {type(model).__name__}"])
 
