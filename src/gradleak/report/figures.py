@@ -28,6 +28,41 @@ def _as_hwc(img: torch.Tensor, shape_hint=None) -> np.ndarray:
     return a
 
 
+def image_uint8(img: torch.Tensor) -> np.ndarray:
+    """One image (C, H, W), (H, W) or flat (a square number of pixels) in [0, 1] as a uint8 array (H, W) or
+    (H, W, C), clamped to [0, 1] and rounded: what a PNG of it holds."""
+    return np.rint(_as_hwc(img) * 255.0).astype(np.uint8)
+
+
+def png_bytes(img: torch.Tensor | np.ndarray) -> bytes:
+    """The PNG encoding of one image (a tensor in [0, 1], or a uint8 array from :func:`image_uint8`)."""
+    import io
+
+    from PIL import Image
+
+    a = img if isinstance(img, np.ndarray) else image_uint8(img)
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def figure_png(fig, dpi: int = 100) -> bytes:
+    """The PNG encoding of a matplotlib figure (the figure is closed)."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def png_data_uri(png: bytes) -> str:
+    """A ``data:image/png;base64,...`` URI, to embed a PNG in a page that opens offline."""
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
 def image_grid(path: str | Path, rows: list[tuple[str, torch.Tensor]], captions: list[list[str]] | None = None,
                max_images: int = 16) -> Path:
     """Save a PNG grid: one row per (title, images (B, ...)) pair, optional caption under each image."""
@@ -60,7 +95,7 @@ def image_grid(path: str | Path, rows: list[tuple[str, torch.Tensor]], captions:
 
 
 def write_html(out: Path, metrics: dict, config: dict) -> None:
-    png = base64.b64encode((out / "reconstruction.png").read_bytes()).decode()
+    uri = png_data_uri((out / "reconstruction.png").read_bytes())
     keys = ["attack", "kind", "psnr", "ssim", "mse", "label_accuracy", "residual", "seconds", "outer_steps",
             "gradient_evaluations", "iterations", "num_images", "interrupted"]
     rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(_fmt(metrics.get(k)))}</td></tr>" for k in keys
@@ -76,7 +111,7 @@ def write_html(out: Path, metrics: dict, config: dict) -> None:
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>gradleak: {html.escape(str(metrics.get('attack')))}</title>
 <style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:2px 8px;text-align:left}}img{{max-width:100%}}</style></head><body>
-<h1>gradleak reconstruction report</h1><img src="data:image/png;base64,{png}" alt="truth above reconstruction">
+<h1>gradleak reconstruction report</h1><img src="{uri}" alt="truth above reconstruction">
 <h2>Scores</h2><table>{rows}</table>{layer_html}
 <h2>Configuration</h2><pre>{html.escape(json.dumps(to_jsonable(config), indent=2))}</pre></body></html>"""
     (out / "report.html").write_text(page)
