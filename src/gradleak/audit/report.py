@@ -35,8 +35,9 @@ padding:1.5em 2em 4em;line-height:1.45;font-size:15px}
 h1{font-size:1.7em;margin:.2em 0 .1em}h2{font-size:1.3em;border-bottom:2px solid #d5dbe1;padding-bottom:.15em;
 margin-top:2em}h3{font-size:1.05em;margin:1.2em 0 .4em}
 .meta{color:#5b6770;margin:0 0 1em}.note{color:#5b6770;font-size:.92em}
-table{border-collapse:collapse;margin:.5em 0 1em;font-size:.92em}
+table{border-collapse:collapse;margin:.5em 0 1em;font-size:.92em;max-width:100%}
 th,td{border:1px solid #d5dbe1;padding:3px 8px;text-align:left;vertical-align:top}
+td b,td code{overflow-wrap:anywhere}.na-text{color:#7a5300;font-weight:600}
 th{background:#f2f4f6}td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 .badge{display:inline-block;padding:1px 8px;border-radius:10px;font-weight:600;white-space:nowrap}
 .leaks{background:#fde2e1;color:#9b1c1c}.norec{background:#e3eefc;color:#1e4e8c}.incomplete{background:#eceff1;
@@ -85,12 +86,12 @@ def _g(v) -> str:
     return "&ndash;" if x is None else f"{x:.3g}"
 
 
-def _table(head: list[str], rows: list[list[str]], num_cols: tuple[int, ...] = ()) -> str:
-    """An HTML table; ``head`` is escaped here, cells are HTML already."""
-    h = "".join(f"<th>{_e(c)}</th>" for c in head)
+def _table(head: list[str] | None, rows: list[list[str]], num_cols: tuple[int, ...] = ()) -> str:
+    """An HTML table (``head`` None: no header row); ``head`` is escaped here, cells are HTML already."""
+    h = "<tr>" + "".join(f"<th>{_e(c)}</th>" for c in head) + "</tr>" if head else ""
     body = "".join("<tr>" + "".join(f'<td class="num">{c}</td>' if i in num_cols else f"<td>{c}</td>"
                                     for i, c in enumerate(r)) + "</tr>" for r in rows)
-    return f"<table><tr>{h}</tr>{body}</table>"
+    return f"<table>{h}{body}</table>"
 
 
 def _img(uri: str, alt: str, cls: str = "px") -> str:
@@ -259,30 +260,24 @@ def _threat(audit: dict) -> str:
 <h3>Assumptions every result below relies on</h3><ul class="tight">{assume}</ul>
 <h3>Assumptions that favour the attacker</h3><p class="note">A real server may not have these; where it does
 not, the figures below overstate what it recovers.</p><ul class="tight">{optim}</ul>
-<h3>The deployment audited</h3>{_table(['', ''], setup)}"""
+<h3>The deployment audited</h3>{_table(None, setup)}"""
 
 
-def _utility_of(audit: dict, d: dict) -> dict | None:
+def _utility_of(d: dict) -> dict | None:
     u = d.get("utility")
-    if isinstance(u, dict):
-        return u
-    for row in _list(_dict(audit.get("utility")).get("defenses")):
-        if isinstance(row, dict) and row.get("defense") == d.get("spec"):
-            return {"baseline_accuracy": _dict(audit.get("utility")).get("baseline_accuracy"), **row}
-    return None
+    return u if isinstance(u, dict) else None
 
 
 def _frontier_points(audit: dict) -> list[tuple[str, float, float | None, float | None]]:
     """(label, accuracy drop, worst PSNR, share recognisable) of every defense with a measured utility (no
     defense is at drop 0 by definition when utility was measured at all)."""
-    if audit.get("utility") is None and not any(isinstance(_dict(d).get("utility"), dict)
-                                                for d in _list(audit.get("defenses"))):
+    if not any(_utility_of(_dict(d)) for d in _list(audit.get("defenses"))):
         return []
     verdict = {_dict(v).get("defense"): _dict(v) for v in _list(audit.get("verdict"))}
     pts = []
     for d in _list(audit.get("defenses")):
         d = _dict(d)
-        u = _utility_of(audit, d)
+        u = _utility_of(d)
         drop = _num(_dict(u).get("accuracy_drop"))
         if drop is None and d.get("spec") == "none":
             drop = 0.0
@@ -300,36 +295,42 @@ def _frontier_png(pts, psnr_t: float) -> bytes:
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4 + 0.22 * ((len(pts) + 1) // 2)))
+    markers = "osD^vP*Xh<>"
     for ax, k, ylabel in ((axes[0], 2, "worst-case PSNR over attacks (dB)"),
                           (axes[1], 3, "share of images recognisable")):
-        for p in pts:
-            if p[k] is None:
-                continue
-            ax.plot(100 * p[1], p[k], "o", ms=7)
-            ax.annotate(p[0], (100 * p[1], p[k]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        for i, p in enumerate(pts):
+            if p[k] is not None:
+                ax.plot(100 * p[1], p[k], markers[i % len(markers)], ms=8, color=f"C{i % 10}", label=p[0])
         ax.set_xlabel("accuracy drop (percentage points, held-out)")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-    axes[0].axhline(psnr_t, ls="--", color="#9b1c1c", lw=1)
-    axes[0].text(axes[0].get_xlim()[0], psnr_t, f" recognisable at {psnr_t:g} dB", va="bottom", fontsize=8,
-                 color="#9b1c1c")
+        ax.margins(x=0.15, y=0.1)
+    axes[0].axhline(psnr_t, ls="--", color="#9b1c1c", lw=1, label=f"recognisable at {psnr_t:g} dB")
+    lo, hi = axes[0].get_ylim()
+    axes[0].set_ylim(lo, max(hi, psnr_t + 1.5))
     axes[1].set_ylim(-0.05, 1.05)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, frameon=False)
     fig.suptitle("privacy-utility frontier: lower and further left is better", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06 + 0.04 * ((len(pts) + 1) // 2), 1, 1))
     return figure_png(fig, dpi=100)
 
 
 def _defenses(audit: dict) -> str:
     verdict = {_dict(v).get("defense"): _dict(v) for v in _list(audit.get("verdict"))}
+    baseline = next((_num(u.get("baseline_accuracy")) for u in map(_utility_of, map(_dict, _list(audit.get("defenses"))))
+                     if u and _num(u.get("baseline_accuracy")) is not None), None)
     rows = []
     for d in _list(audit.get("defenses")):
         d = _dict(d)
-        u = _utility_of(audit, d)
+        u = _utility_of(d)
         v = verdict.get(d.get("spec"), {})
         eps = (f"{_g(d.get('epsilon'))}" if d.get("epsilon") is not None else "no accounting")
         delta = _g(d.get("delta")) if d.get("delta") is not None else "&ndash;"
-        if u:
+        if u is None and d.get("spec") == "none" and baseline is not None:
+            acc, drop = f"{_pct(baseline)} (the baseline)", "0 (by definition)"
+        elif u:
             acc = f"{_pct(u.get('baseline_accuracy'))} &rarr; {_pct(u.get('accuracy'))}"
             drop = f"{100 * _num(u.get('accuracy_drop')):+.1f} pp" if _num(u.get("accuracy_drop")) is not None else "&ndash;"
         else:
@@ -367,12 +368,10 @@ def _risk(audit: dict) -> str:
         r = _dict(r)
         if r.get("applies") is True:
             finding = _e(r.get("summary"))
-            state = "applied"
         else:
-            finding = f'<span class="badge na">did not apply</span> did not apply: {_e(r.get("reason") or "no reason recorded")}'
-            state = "did not apply"
-        rows.append([f"<b>{_e(r.get('analysis'))}</b>", _e(state), finding])
-    table = _table(["analysis", "", "finding"], rows) if rows else "<p>No risk analysis ran.</p>"
+            finding = f'<span class="na-text">did not apply:</span> {_e(r.get("reason") or "no reason recorded")}'
+        rows.append([f"<b>{_e(r.get('analysis'))}</b>", finding])
+    table = _table(["analysis", "finding"], rows) if rows else "<p>No risk analysis ran.</p>"
     return f"""<h2 id="risk">Risk analyses</h2>
 <p class="note">A risk analysis predicts leakage from the model and the update without attacking. One that
 did not apply says nothing either way about this deployment: it is not evidence of protection. The attacks
@@ -501,7 +500,7 @@ def _curves_png(by_attack: dict[str, list[tuple[str, list[float]]]]) -> bytes:
         ax.set_ylabel("objective", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
-        if len(curves) <= 8:
+        if len(curves) <= 12:
             ax.legend(fontsize=6)
     fig.tight_layout()
     return figure_png(fig, dpi=90)
@@ -578,8 +577,9 @@ def _environment(audit: dict) -> str:
     env = _dict(audit.get("environment"))
     rows = [["created", _e(audit.get("created"))],
             ["schema", f"{_e(audit.get('schema'))} version {_e(audit.get('schema_version'))}"]]
-    rows += [[_e(k), _e(json.dumps(v) if isinstance(v, (dict, list)) else v)] for k, v in env.items()]
-    return (f'<h2 id="environment">Environment</h2>{_table(["", ""], rows)}'
+    rows += [[_e(k), _e(json.dumps(v) if isinstance(v, (dict, list)) else ("not recorded" if v is None else v))]
+             for k, v in env.items()]
+    return (f'<h2 id="environment">Environment</h2>{_table(None, rows)}'
             f'<h2 id="command">Re-run this audit</h2><pre>{_e(audit.get("command") or "no command recorded")}</pre>'
             '<p class="note">With the same output directory, finished jobs are kept and only the rest run.</p>')
 
