@@ -112,8 +112,8 @@ def build_fixture(root: Path, *, attacks: dict[str, dict], defenses: list[str], 
                  "value_range": [0, 1], "truth": "truth.safetensors", "labels": y.tolist()},
         "protocol": {"name": "fedsgd", "local_steps": 1, "local_lr": 0.0001, "local_batch_size": None},
         "threat_model": {"name": "informed-eavesdropper", "title": "Informed eavesdropper",
-                         "description": "An honest-but-curious server that sees each client's update.",
-                         "sok": "B (informed eavesdropper)",
+                         "description": "(fixture text) An honest-but-curious server that sees each client's update.",
+                         "sok": "(fixture) informed eavesdropper",
                          "server_knows": {"parameters": True, "labels": True, "batch_size": True,
                                           "bn_statistics": False, "local_hyperparameters": True},
                          "may_modify_model": False,
@@ -125,16 +125,16 @@ def build_fixture(root: Path, *, attacks: dict[str, dict], defenses: list[str], 
         "batch_sizes": batch_sizes,
         "attacks": {"planned": list(attacks) + ["rgap"],
                     "skipped": [{"attack": "rgap", "defense": d, "batch_size": b,
-                                 "reason": "needs batch size 1 and a model without pooling"}
+                                 "reason": "(fixture) an unmet requirement of the attack"}
                                 for d in defenses for b in batch_sizes]},
-        "risk": [{"analysis": "rank", "applies": True, "summary": "the update determines the input (rank 3072 of 3072)",
+        "risk": [{"analysis": "rank", "applies": True, "summary": "(fixture) the one-line finding of an analysis that applies",
                   "reason": None, "detail": {}},
                  {"analysis": "rgap-security", "applies": False, "summary": "",
-                  "reason": "the model has max pooling, which R-GAP's analysis does not cover", "detail": {}}],
+                  "reason": "(fixture) the model has a layer the analysis' rules do not cover", "detail": {}}],
         "jobs": jobs,
         "verdict": _verdict(dlist, jobs, th["recognisable_psnr_db"], th["recognisable_ssim"]),
         "utility": utility,
-        "warnings": [f"batch {max(batch_sizes)}: inverting-gradients' residual stayed high"],
+        "warnings": [f"(fixture) batch {max(batch_sizes)}: an audit-wide warning"],
     }
     (root / "audit.json").write_text(json.dumps(audit, indent=1))
     return audit
@@ -205,7 +205,7 @@ def test_not_applicable_risk_analysis_is_never_safe(audit_dir):
     page = write_report_html(audit_dir, _load(audit_dir)).read_text()
     row = next(r for r in re.findall(r"<tr>.*?</tr>", page, flags=re.S) if "rgap-security" in r)
     text = re.sub(r"<[^>]+>", "", row)
-    assert "did not apply: the model has max pooling, which R-GAP&#x27;s analysis does not cover" in text
+    assert "did not apply: (fixture) the model has a layer the analysis&#x27; rules do not cover" in text
     assert "safe" not in text.lower()
     risk = page[page.index('id="risk"'):page.index('id="grid"')]
     assert "The attacks\nbelow are the evidence" in risk or "attacks below are the evidence" in " ".join(risk.split())
@@ -289,3 +289,16 @@ def test_every_schema_field_is_documented(audit_dir):
     assert not missing, f"fields of audit.json not in docs/audit.md: {missing}"
     assert f"`schema_version` is `{SCHEMA_VERSION}`" in doc
     assert f"PSNR >= {RECOGNISABLE_PSNR_DB:g} dB or SSIM >= {RECOGNISABLE_SSIM:g}" in doc
+
+
+def test_bare_audit_and_exact_reconstruction_render(audit_dir, tmp_path):
+    from gradleak.audit.report import render_report_html
+
+    page = render_report_html(tmp_path, {})  # nothing recorded: the page says so instead of raising
+    assert "No verdict was recorded" in page and "No risk analysis ran" in page
+    audit = _load(audit_dir)
+    exact = next(j for j in audit["jobs"] if j["status"] == "done" and j["defense"] == "none" and j["attack"] == "dlg")
+    exact["psnr_per_image"] = ["inf", exact["psnr_per_image"][1]]  # how audit.json writes an infinite PSNR
+    grid = render_report_html(audit_dir, audit)
+    grid = grid[grid.index('id="grid"'):grid.index('id="scores"')]
+    assert "#0: dlg (batch 2)<br><b>inf dB</b>" in grid  # the exact one is the best for image 0

@@ -62,11 +62,13 @@ def _e(v: Any) -> str:
 
 
 def _num(v) -> float | None:
-    """A finite float from a JSON value (None for null, strings such as 'inf', NaN)."""
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
+    """A float from a JSON value: ±inf for the strings 'inf' / '-inf' (how audit.json writes an infinite
+    PSNR), None for null, NaN and anything else."""
+    if v in ("inf", "-inf"):
+        return float(v)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
         return None
-    v = float(v)
-    return v if math.isfinite(v) else None
+    return float(v)
 
 
 def _f(v, digits: int = 2, unit: str = "") -> str:
@@ -300,7 +302,7 @@ def _frontier_png(pts, psnr_t: float) -> bytes:
     for ax, k, ylabel in ((axes[0], 2, "worst-case PSNR over attacks (dB)"),
                           (axes[1], 3, "share of images recognisable")):
         for i, p in enumerate(pts):
-            if p[k] is not None:
+            if p[k] is not None and math.isfinite(p[k]):
                 ax.plot(100 * p[1], p[k], markers[i % len(markers)], ms=8, color=f"C{i % 10}", label=p[0])
         ax.set_xlabel("accuracy drop (percentage points, held-out)")
         ax.set_ylabel(ylabel)
@@ -509,7 +511,7 @@ def _curves_png(by_attack: dict[str, list[tuple[str, list[float]]]]) -> bytes:
 def _curves(audit: dict) -> str:
     by_attack: dict[str, list[tuple[str, list[float]]]] = {}
     for j in _scored(audit):
-        h = [x for x in (_num(v) for v in _list(j.get("history"))) if x is not None]
+        h = [x for x in (_num(v) for v in _list(j.get("history"))) if x is not None and math.isfinite(x)]
         if h:
             by_attack.setdefault(str(j.get("attack")), []).append(
                 (f"{j.get('defense')} b{j.get('batch_size')} #{','.join(str(i) for i in _list(j.get('images')))}", h))
@@ -590,7 +592,8 @@ def render_report_html(audit_dir: str | Path, audit: dict) -> str:
     audit = to_jsonable(audit)
     files = _Files(audit_dir, audit)
     m, tm = _dict(audit.get("model")), _dict(audit.get("threat_model"))
-    title = f"gradleak privacy audit: {m.get('name')} under {tm.get('title') or tm.get('name')}"
+    title = (f"gradleak privacy audit: {m.get('name') or 'model not recorded'} under "
+             f"{tm.get('title') or tm.get('name') or 'a threat model not recorded'}")
     banner = ""
     if audit.get("interrupted"):
         banner = ('<div class="banner"><b>Interrupted:</b> this audit was stopped before every job ran. The page '
