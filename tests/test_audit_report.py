@@ -302,3 +302,18 @@ def test_bare_audit_and_exact_reconstruction_render(audit_dir, tmp_path):
     grid = render_report_html(audit_dir, audit)
     grid = grid[grid.index('id="grid"'):grid.index('id="scores"')]
     assert "#0: dlg (batch 2)<br><b>inf dB</b>" in grid  # the exact one is the best for image 0
+
+
+def test_verdict_names_the_recognisable_images_and_flags_a_disagreeing_count(audit_dir):
+    from gradleak.audit.report import render_report_html
+
+    audit = _load(audit_dir)
+    audit["thresholds"] = thresholds(psnr_db=0.0, ssim=1.0)  # every image reaches 0 dB ...
+    next(v for v in audit["verdict"] if v["defense"] == "none")["recognisable"] = 0  # ... the verdict says 0
+    best0 = max(p for j in audit["jobs"] if j["status"] == "done" and j["defense"] == "none"
+                for i, p in zip(j["images"], j["psnr_per_image"]) if i == 0)
+    page = render_report_html(audit_dir, audit)
+    verdict = page[page.index('id="verdict"'):page.index('id="threat"')]
+    assert f"<b>no defense</b>: #0 (PSNR {best0:.1f} dB), #1 (PSNR" in verdict
+    assert "(the verdict counts 0; the jobs&#x27; per-image scores give 2)" in verdict
+    assert "PSNR &gt;= 0 dB or SSIM &gt;= 1" in verdict  # the recorded thresholds, not the defaults

@@ -218,6 +218,7 @@ def _verdict(audit: dict) -> str:
     src = "" if recorded else " (the defaults of this gradleak version: audit.json records no thresholds)"
     statuses = "".join(f"<li>{_badge(k)} {_e(m)}</li>" for k, m in VERDICT_STATUSES.items())
     return f"""<h2 id="verdict">Verdict</h2>{table}
+{_recognisable_lines(audit, psnr_t, ssim_t)}
 <p><b>Thresholds</b>{_e(src)}: {_e(rule)}.</p>
 <p class="note">{_e(why)}</p>
 <p class="note"><b>Worst case</b> means the best reconstruction any attack got: for each image, the highest
@@ -408,21 +409,53 @@ def _all_images(audit: dict) -> list[int]:
     return sorted({i for j in _list(audit.get("jobs")) for i in _list(_dict(j).get("images"))})
 
 
+def _best_per_image(audit: dict, spec: str) -> dict[int, dict]:
+    """image -> {"psnr": (best PSNR, its job, index in the job) or None, "ssim": best SSIM or None} over the
+    scored jobs of one defense: the worst case for each image."""
+    out: dict[int, dict] = {}
+    for j in _scored(audit):
+        if str(j.get("defense")) != spec:
+            continue
+        for k, img in enumerate(_list(j.get("images"))):
+            b = out.setdefault(img, {"psnr": None, "ssim": None})
+            p, s = _num(_per_image(j, "psnr_per_image")[k]), _num(_per_image(j, "ssim_per_image")[k])
+            if p is not None and (b["psnr"] is None or p > b["psnr"][0]):
+                b["psnr"] = (p, j, k)
+            if s is not None and (b["ssim"] is None or s > b["ssim"]):
+                b["ssim"] = s
+    return out
+
+
+def _recognisable_lines(audit: dict, psnr_t: float, ssim_t: float) -> str:
+    """Which images are recognisable under each defense, and by which threshold (from the jobs' per-image
+    scores); a count that differs from the verdict's is said, not hidden."""
+    verdict = {_dict(v).get("defense"): _dict(v) for v in _list(audit.get("verdict"))}
+    items = []
+    for spec, label in _defense_order(audit):
+        why = []
+        for img, b in sorted(_best_per_image(audit, spec).items()):
+            p, s = (b["psnr"][0] if b["psnr"] else None), b["ssim"]
+            hit = ([f"PSNR {p:.1f} dB"] if p is not None and p >= psnr_t else []) + (
+                [f"SSIM {s:.2f}"] if s is not None and s >= ssim_t else [])
+            if hit:
+                why.append(f"#{img} ({' and '.join(hit)})")
+        n = verdict.get(spec, {}).get("recognisable")
+        differs = (f" (the verdict counts {n}; the jobs' per-image scores give {len(why)})"
+                   if isinstance(n, int) and n != len(why) else "")
+        if why or differs:
+            items.append(f"<li><b>{_e(label)}</b>: {_e(', '.join(why) or 'none')}{_e(differs)}</li>")
+    return f'<p>Recognisable images:</p><ul class="tight">{"".join(items)}</ul>' if items else ""
+
+
 def _grid(audit: dict, files: _Files) -> str:
     out = ['<h2 id="grid">Best reconstruction per image</h2><p class="note">For each defense and image: the truth '
            '(left) beside the reconstruction with the highest PSNR over every attack and batch size (right).</p>']
     images = _all_images(audit)
     for spec, label in _defense_order(audit):
-        jobs = [j for j in _scored(audit) if str(j.get("defense")) == spec]
+        bests = _best_per_image(audit, spec)
         cards = []
         for img in images:
-            best = None
-            for j in jobs:
-                if img in _list(j.get("images")):
-                    k = _list(j.get("images")).index(img)
-                    p = _num(_per_image(j, "psnr_per_image")[k])
-                    if p is not None and (best is None or p > best[0]):
-                        best = (p, j, k)
+            best = bests.get(img, {}).get("psnr")
             t = files.truth_uri(img)
             truth = _img(t, f"truth #{img}") if t else _missing("truth not available")
             if best is None:
