@@ -20,7 +20,7 @@ import torch
 
 from gradleak.audit.report import write_report_html
 from gradleak.audit.schema import (RECOGNISABLE_PSNR_DB, RECOGNISABLE_SSIM, SCHEMA, SCHEMA_VERSION,
-                                   SCORED_STATUSES, thresholds)
+                                   thresholds)
 from gradleak.experiment import AttackRun, run_attack
 from gradleak.report import environment
 from gradleak.report.figures import image_uint8
@@ -29,40 +29,19 @@ ROOT = Path(__file__).resolve().parents[1]
 BAD_ERROR = 'ValidationError: option <script>alert("x")</script> & "quotes" are not allowed'
 
 
-def _verdict(defenses, jobs, psnr_t, ssim_t):
-    """The verdict rows by the rule of docs/audit.md (best over attacks per image; recognisable by either
-    threshold)."""
-    out = []
-    for d in defenses:
-        mine = [j for j in jobs if j["defense"] == d["spec"]]
-        done = [j for j in mine if j["status"] in SCORED_STATUSES]
-        best: dict[int, tuple[float, float, str]] = {}
-        for j in done:
-            for img, p, s in zip(j["images"], j["psnr_per_image"], j["ssim_per_image"]):
-                bp, bs, ba = best.get(img, (-1e9, -1e9, ""))
-                best[img] = (max(bp, p), max(bs, s), j["attack"] if p > bp else ba)
-        rec = sum(1 for p, s, _ in best.values() if p >= psnr_t or s >= ssim_t)
-        failed = len(mine) - len(done)
-        worst = max(best.items(), key=lambda kv: kv[1][0]) if best else None
-        status = "leaks" if rec else ("incomplete" if failed else "no recognisable image")
-        out.append({"defense": d["spec"], "label": d["label"],
-                    "worst_psnr": worst[1][0] if worst else None,
-                    "worst_ssim": max(v[1] for v in best.values()) if best else None,
-                    "worst_attack": worst[1][2] if worst else None, "worst_image": worst[0] if worst else None,
-                    "recognisable": rec, "images": len(best), "share_recognisable": rec / len(best) if best else 0.0,
-                    "jobs_done": len(done), "jobs_failed": failed, "status": status,
-                    "statement": f"{rec} of {len(best)} images recognisable under {d['label']}"})
-    return out
-
-
 def build_fixture(root: Path, *, attacks: dict[str, dict], defenses: list[str], batch_sizes: list[int],
                   num_images: int, image_size: int, model: str = "lenet", fail: set[tuple[str, str]] = frozenset(),
                   utility: dict | None = None, epsilons: dict | None = None) -> dict:
     """Run every (attack, defense, batch, chunk) job for real into ``root/jobs/<id>`` except those in
-    ``fail`` (recorded as failed with :data:`BAD_ERROR`); save the truth; write and return audit.json."""
+    ``fail`` (recorded as failed with :data:`BAD_ERROR`); save the truth; write and return audit.json. The job
+    rows, verdicts and threat model come from the audit's own code; risk and skip texts are placeholders."""
+    from types import SimpleNamespace
+
     from safetensors.torch import save_file
 
     import gradleak as gl
+    from gradleak.audit.threat import threat_models
+    from gradleak.audit.verdict import job_row, verdicts
 
     torch.set_num_threads(1)
     root.mkdir(parents=True, exist_ok=True)
@@ -75,24 +54,16 @@ def build_fixture(root: Path, *, attacks: dict[str, dict], defenses: list[str], 
             for b in batch_sizes:
                 for start in range(0, num_images - b + 1, b):
                     jid = f"{attack}__{spec.replace(':', '-').replace('=', '')}__b{b}__i{start}"
-                    row = {"id": jid, "attack": attack, "defense": spec, "batch_size": b,
-                           "images": list(range(start, start + b)), "dir": f"jobs/{jid}", "warnings": [],
-                           "psnr": None, "psnr_per_image": [], "ssim": None, "ssim_per_image": [],
-                           "residual": None, "kind": None, "seconds": None, "history": [], "error": None}
+                    out = root / "jobs" / jid
+                    planned = SimpleNamespace(id=jid, attack=attack, defense=spec, batch_size=b,
+                                              images=list(range(start, start + b)), run=SimpleNamespace(out=str(out)))
                     if (attack, spec) in fail:
-                        row.update(status="failed", error=BAD_ERROR, seconds=0.1)
-                        jobs.append(row)
+                        jobs.append(job_row(planned, "failed", error=BAD_ERROR, audit_dir=root))
                         continue
-                    cfg = AttackRun(attack=attack, model=model, num_images=b, start=start, image_size=image_size,
-                                    attack_options=dict(opts), defenses=[] if spec == "none" else [spec],
-                                    out=str(root / "jobs" / jid))
-                    r = run_attack(cfg)
-                    res = r.to_json()
-                    hist = [float(v) for v in (r.reconstruction.history or [])][:200]
-                    row.update(status="done", psnr=res["psnr"], psnr_per_image=res["psnr_per_image"],
-                               ssim=res["ssim"], ssim_per_image=res["ssim_per_image"], residual=res["residual"],
-                               kind=res["kind"], seconds=res["seconds"], warnings=res["warnings"], history=hist)
-                    jobs.append(row)
+                    run_attack(AttackRun(attack=attack, model=model, num_images=b, start=start,
+                                         image_size=image_size, attack_options=dict(opts),
+                                         defenses=[] if spec == "none" else [spec], out=str(out)))
+                    jobs.append(job_row(planned, "done", audit_dir=root))
     th = thresholds()
     eps = epsilons or {}
     # gl.defenses.utility's rows are in the order of the defenses it was given (every one but "none")
@@ -105,20 +76,17 @@ def build_fixture(root: Path, *, attacks: dict[str, dict], defenses: list[str], 
         "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "created": "2026-12-01T15:00:00Z",
         "command": f"gradleak audit --model {model} --num-images {num_images} "
                    + " ".join(f"--defense {d}" for d in defenses) + " --budget quick --out " + str(root),
-        "environment": environment(), "interrupted": False, "seconds": sum(j["seconds"] or 0 for j in jobs),
+        "environment": environment(device="cpu", dtype="float32"), "interrupted": False,
+        "seconds": sum(j["seconds"] or 0 for j in jobs),
         "model": {"name": model, "options": {}, "weights": None, "parameters": 62006,
                   "input_shape": list(x.shape[1:]), "num_classes": 10},
+        "settings": {"model": model, "num_images": num_images, "batch_sizes": batch_sizes, "defenses": defenses},
         "data": {"source": "samples", "num_images": num_images, "start": 0, "shape": list(x.shape[1:]),
-                 "value_range": [0, 1], "truth": "truth.safetensors", "labels": y.tolist()},
-        "protocol": {"name": "fedsgd", "local_steps": 1, "local_lr": 0.0001, "local_batch_size": None},
-        "threat_model": {"name": "informed-eavesdropper", "title": "Informed eavesdropper",
-                         "description": "(fixture text) An honest-but-curious server that sees each client's update.",
-                         "sok": "(fixture) informed eavesdropper",
-                         "server_knows": {"parameters": True, "labels": True, "batch_size": True,
-                                          "bn_statistics": False, "local_hyperparameters": True},
-                         "may_modify_model": False,
-                         "assumptions": ["the server sees one client's update alone (no secure aggregation)"],
-                         "optimistic_for_attacker": ["the labels of the batch are known to the server"]},
+                 "value_range": [0, 1], "truth": "truth.safetensors", "labels": y.tolist(),
+                 "indices": list(range(num_images))},
+        "protocol": {"name": "fedsgd", "local_steps": None, "local_lr": None, "local_batch_size": None,
+                     "bn_mode": "eval"},
+        "threat_model": threat_models.get("informed-eavesdropper").to_dict(),
         "budget": {"name": "quick", "per_attack": attacks},
         "thresholds": th,
         "defenses": dlist,
@@ -127,12 +95,12 @@ def build_fixture(root: Path, *, attacks: dict[str, dict], defenses: list[str], 
                     "skipped": [{"attack": "rgap", "defense": d, "batch_size": b,
                                  "reason": "(fixture) an unmet requirement of the attack"}
                                 for d in defenses for b in batch_sizes]},
-        "risk": [{"analysis": "rank", "applies": True, "summary": "(fixture) the one-line finding of an analysis that applies",
+        "risk": [{"analysis": "rank", "batch_size": batch_sizes[0], "applies": True, "summary": "(fixture) the one-line finding of an analysis that applies",
                   "reason": None, "detail": {}},
-                 {"analysis": "rgap-security", "applies": False, "summary": "",
+                 {"analysis": "rgap-security", "batch_size": batch_sizes[0], "applies": False, "summary": "",
                   "reason": "(fixture) the model has a layer the analysis' rules do not cover", "detail": {}}],
         "jobs": jobs,
-        "verdict": _verdict(dlist, jobs, th["recognisable_psnr_db"], th["recognisable_ssim"]),
+        "verdict": verdicts(jobs, dlist, list(range(num_images))),
         "utility": utility,
         "warnings": [f"(fixture) batch {max(batch_sizes)}: an audit-wide warning"],
     }
@@ -183,7 +151,7 @@ def test_page_is_self_contained_and_names_the_threat_model(audit_dir):
     for ref in re.findall(r'(?:src|href)\s*=\s*["\']?([^"\'\s>]+)', page, flags=re.I):
         assert ref.startswith("data:image/png;base64,"), ref
     assert not re.search(r"url\(|@import|<script|<link", page, flags=re.I)
-    assert "Informed eavesdropper" in page and "informed-eavesdropper" in page
+    assert "Informed eavesdropper" in page and "informed-eavesdropper" in page and "(SoK: B)" in page
     assert f"PSNR &gt;= {RECOGNISABLE_PSNR_DB:g} dB or SSIM &gt;= {RECOGNISABLE_SSIM:g}" in page
     assert "root-mean-square error of 0.1" in page  # the justification, in words
     # the verdict comes first, the command last

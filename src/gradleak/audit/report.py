@@ -366,15 +366,19 @@ def _defenses(audit: dict) -> str:
 
 
 def _risk(audit: dict) -> str:
+    entries = [_dict(r) for r in _list(audit.get("risk"))]
+    batch = any("batch_size" in r for r in entries)
     rows = []
-    for r in _list(audit.get("risk")):
-        r = _dict(r)
+    for r in entries:
         if r.get("applies") is True:
-            finding = _e(r.get("summary"))
+            finding = _e(r.get("summary") or "applies (no summary recorded)")
         else:
             finding = f'<span class="na-text">did not apply:</span> {_e(r.get("reason") or "no reason recorded")}'
-        rows.append([f"<b>{_e(r.get('analysis'))}</b>", finding])
-    table = _table(["analysis", "finding"], rows) if rows else "<p>No risk analysis ran.</p>"
+        name = f"<b>{_e(r.get('analysis'))}</b>" + (f"<br><span class=\"note\">{_e(r['title'])}</span>"
+                                                    if r.get("title") else "")
+        rows.append([name] + ([_e(r.get("batch_size"))] if batch else []) + [finding])
+    table = (_table(["analysis"] + (["batch"] if batch else []) + ["finding"], rows) if rows
+             else "<p>No risk analysis ran.</p>")
     return f"""<h2 id="risk">Risk analyses</h2>
 <p class="note">A risk analysis predicts leakage from the model and the update without attacking. One that
 did not apply says nothing either way about this deployment: it is not evidence of protection. The attacks
@@ -559,19 +563,23 @@ def _curves(audit: dict) -> str:
 
 
 def _skipped(audit: dict) -> str:
-    sk = _list(_dict(audit.get("attacks")).get("skipped"))
+    sk = [_dict(x) for x in _list(_dict(audit.get("attacks")).get("skipped"))]
     planned = _list(_dict(audit.get("attacks")).get("planned"))
     head = (f'<h2 id="skipped">Attacks skipped</h2><p class="note">Planned: {_e(", ".join(map(str, planned)))}. '
             "An attack is skipped where the threat model or the case does not meet what it requires.</p>")
     if not sk:
         return head + "<p>None: every planned attack ran against every defense and batch size.</p>"
-    rows = [[_e(_dict(s).get("attack")), _e(_dict(s).get("defense")), _e(_dict(s).get("batch_size")),
-             _e(_dict(s).get("reason"))] for s in sk]
-    return head + _table(["attack", "defense", "batch", "reason"], rows)
+    groups: dict[tuple[str, str], tuple[dict, dict]] = {}  # (attack, reason) -> (defenses, batch sizes)
+    for x in sk:
+        d, b = groups.setdefault((str(x.get("attack")), str(x.get("reason"))), ({}, {}))
+        d[str(x.get("defense"))] = None
+        b[str(x.get("batch_size"))] = None
+    rows = [[_e(a), _e(", ".join(d)), _e(", ".join(b)), _e(r)] for (a, r), (d, b) in groups.items()]
+    return head + _table(["attack", "defenses", "batch sizes", "reason"], rows)
 
 
 def _failed(audit: dict) -> str:
-    bad = [_dict(j) for j in _list(audit.get("jobs")) if _dict(j).get("status") not in SCORED_STATUSES]
+    bad = [_dict(j) for j in _list(audit.get("jobs")) if _dict(j).get("status") not in ("done", "resumed")]
     head = '<h2 id="failed">Failed and unfinished jobs</h2>'
     if not bad:
         return head + "<p>None.</p>"
@@ -584,9 +592,11 @@ def _failed(audit: dict) -> str:
 
 
 def _warnings(audit: dict, files: _Files) -> str:
-    items = [_e(w) for w in _list(audit.get("warnings"))]
-    for j in map(_dict, _list(audit.get("jobs"))):
-        items += [f"<code>{_e(j.get('id'))}</code>: {_e(w)}" for w in _list(j.get("warnings"))]
+    top = [str(w) for w in _list(audit.get("warnings"))]
+    items = [_e(w) for w in top]
+    for j in map(_dict, _list(audit.get("jobs"))):  # a job's warnings, unless audit-wide ones repeat them
+        items += [f"<code>{_e(j.get('id'))}</code>: {_e(w)}" for w in _list(j.get("warnings"))
+                  if f"{j.get('id')}: {w}" not in top]
     items += [f"report: {_e(n)}" for n in files.notes]
     head = '<h2 id="warnings">Warnings</h2>'
     return head + (f'<ul class="tight">{"".join(f"<li>{i}</li>" for i in items)}</ul>' if items else "<p>None.</p>")

@@ -37,8 +37,8 @@ VERDICT_STATUSES = {
     "no recognisable image": ("every planned job finished and no image reached either threshold; this is "
                               "evidence from the attacks that ran at this budget, not a proof that no attack "
                               "can succeed"),
-    "incomplete": ("some jobs failed, were cancelled or were interrupted, and the ones that finished found no "
-                   "recognisable image: no conclusion can be drawn until the rest run"),
+    "incomplete": ("some jobs failed, were cancelled or were interrupted (or none finished), and no recognisable "
+                   "image was found: no conclusion can be drawn until the rest run"),
 }
 
 # The status of one job (audit.json "jobs"[i]["status"]).
