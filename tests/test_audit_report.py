@@ -48,6 +48,7 @@ def build_fixture(root: Path, *, attacks: dict[str, dict], defenses: list[str], 
     ds = gl.data.load("samples", num_images=num_images, image_size=image_size)
     x, y = ds.batch(num_images, 0)
     save_file({"inputs": x.contiguous(), "labels": y.contiguous()}, str(root / "truth.safetensors"))
+    tm = threat_models.get("informed-eavesdropper")
     jobs = []
     for attack, opts in attacks.items():
         for spec in defenses:
@@ -61,7 +62,7 @@ def build_fixture(root: Path, *, attacks: dict[str, dict], defenses: list[str], 
                         jobs.append(job_row(planned, "failed", error=BAD_ERROR, audit_dir=root))
                         continue
                     run_attack(AttackRun(attack=attack, model=model, num_images=b, start=start,
-                                         image_size=image_size, attack_options=dict(opts),
+                                         image_size=image_size, attack_options=dict(opts), labels_known=tm.labels,
                                          defenses=[] if spec == "none" else [spec], out=str(out)))
                     jobs.append(job_row(planned, "done", audit_dir=root))
     th = thresholds()
@@ -86,7 +87,7 @@ def build_fixture(root: Path, *, attacks: dict[str, dict], defenses: list[str], 
                  "indices": list(range(num_images))},
         "protocol": {"name": "fedsgd", "local_steps": None, "local_lr": None, "local_batch_size": None,
                      "bn_mode": "eval"},
-        "threat_model": threat_models.get("informed-eavesdropper").to_dict(),
+        "threat_model": tm.to_dict(),
         "budget": {"name": "quick", "per_attack": attacks},
         "thresholds": th,
         "defenses": dlist,

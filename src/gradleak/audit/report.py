@@ -257,7 +257,7 @@ def _threat(audit: dict) -> str:
                        for a, o in per.items())
     setup.append(["budget", f"{_e(b.get('name'))}" + (f" ({budget})" if budget else "")])
     return f"""<h2 id="threat">Threat model: {_e(tm.get('title') or tm.get('name'))}</h2>
-<p>Preset <b>{_e(tm.get('name'))}</b>{' (SoK: ' + _e(tm.get('sok')) + ')' if tm.get('sok') else ''}.
+<p>Preset <b>{_e(tm.get('name'))}</b>{' (SoK: ' + _e(tm.get('sok')) + ')' if tm.get('sok') else ''}:
 {_e(tm.get('description'))}</p>
 <h3>What the server knows</h3>{_table(['fact', 'known to the server'], rows)}
 <h3>Assumptions every result below relies on</h3><ul class="tight">{assume}</ul>
@@ -526,7 +526,8 @@ def _curves_png(by_attack: dict[str, list[tuple[str, list[float]]]]) -> bytes:
     n = len(by_attack)
     cols = min(n, 3)
     rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
+    legend_rows = max((len(c) + 1) // 2 if len(c) <= 12 else 0 for c in by_attack.values())
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, (3.0 + 0.16 * legend_rows) * rows), squeeze=False)
     for ax in axes.flat[n:]:
         ax.axis("off")
     for ax, (attack, curves) in zip(axes.flat, by_attack.items()):
@@ -539,8 +540,8 @@ def _curves_png(by_attack: dict[str, list[tuple[str, list[float]]]]) -> bytes:
         ax.set_ylabel("objective", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
-        if len(curves) <= 12:
-            ax.legend(fontsize=6)
+        if len(curves) <= 12:  # below the axes, where it hides no curve
+            ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
     fig.tight_layout()
     return figure_png(fig, dpi=90)
 
