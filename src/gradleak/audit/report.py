@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ..report.figures import figure_png, image_uint8, png_bytes, png_data_uri
+from ..report.figures import convergence_png, frontier_png, image_uint8, png_bytes, png_data_uri
 from ..report.jsonable import to_jsonable
 from .schema import (JOB_STATUSES, RECOGNISABLE_PSNR_DB, RECOGNISABLE_SSIM, SCORED_STATUSES,
                      THRESHOLD_JUSTIFICATION, VERDICT_STATUSES, threshold_rule)
@@ -292,34 +292,6 @@ def _frontier_points(audit: dict) -> list[tuple[str, float, float | None, float 
     return pts
 
 
-def _frontier_png(pts, psnr_t: float) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4 + 0.22 * ((len(pts) + 1) // 2)))
-    markers = "osD^vP*Xh<>"
-    for ax, k, ylabel in ((axes[0], 2, "worst-case PSNR over attacks (dB)"),
-                          (axes[1], 3, "share of images recognisable")):
-        for i, p in enumerate(pts):
-            if p[k] is not None and math.isfinite(p[k]):
-                ax.plot(100 * p[1], p[k], markers[i % len(markers)], ms=8, color=f"C{i % 10}", label=p[0])
-        ax.set_xlabel("accuracy drop (percentage points, held-out)")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        ax.margins(x=0.15, y=0.1)
-    axes[0].axhline(psnr_t, ls="--", color="#9b1c1c", lw=1, label=f"recognisable at {psnr_t:g} dB")
-    lo, hi = axes[0].get_ylim()
-    axes[0].set_ylim(lo, max(hi, psnr_t + 1.5))
-    axes[1].set_ylim(-0.05, 1.05)
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, frameon=False)
-    fig.suptitle("privacy-utility frontier: lower and further left is better", fontsize=10)
-    fig.tight_layout(rect=(0, 0.06 + 0.04 * ((len(pts) + 1) // 2), 1, 1))
-    return figure_png(fig, dpi=100)
-
-
 def _defenses(audit: dict) -> str:
     verdict = {_dict(v).get("defense"): _dict(v) for v in _list(audit.get("verdict"))}
     baseline = next((_num(u.get("baseline_accuracy")) for u in map(_utility_of, map(_dict, _list(audit.get("defenses"))))
@@ -355,7 +327,7 @@ def _defenses(audit: dict) -> str:
         where = ", ".join(f"{k} {v}" for k, v in settings.items() if k in ("rounds", "clients", "local_steps",
                                                                             "local_batch_size", "split"))
         ds = _dict(audit.get("utility")).get("dataset")
-        out.append(f'<h3>Privacy-utility frontier</h3><img class="plot" id="frontier" src="{png_data_uri(_frontier_png(pts, psnr_t))}" '
+        out.append(f'<h3>Privacy-utility frontier</h3><img class="plot" id="frontier" src="{png_data_uri(frontier_png(pts, psnr_t))}" '
                    f'alt="privacy-utility frontier">'
                    f'<p class="note">Utility from federated training{" on " + _e(ds) if ds else ""}'
                    f'{" (" + _e(where) + ")" if where else ""}.</p>')
@@ -517,35 +489,6 @@ def _scores(audit: dict, files: _Files) -> str:
     return "\n".join(out)
 
 
-def _curves_png(by_attack: dict[str, list[tuple[str, list[float]]]]) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    n = len(by_attack)
-    cols = min(n, 3)
-    rows = (n + cols - 1) // cols
-    legend_rows = max((len(c) + 1) // 2 if len(c) <= 12 else 0 for c in by_attack.values())
-    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, (3.0 + 0.16 * legend_rows) * rows), squeeze=False)
-    for ax in axes.flat[n:]:
-        ax.axis("off")
-    for ax, (attack, curves) in zip(axes.flat, by_attack.items()):
-        for label, h in curves:
-            ax.plot(range(1, len(h) + 1), h, lw=1.2, marker="o" if len(h) < 12 else None, ms=3, label=label)
-        if all(v > 0 for _, h in curves for v in h):
-            ax.set_yscale("log")
-        ax.set_title(attack, fontsize=10)
-        ax.set_xlabel("recorded step", fontsize=8)
-        ax.set_ylabel("objective", fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.grid(alpha=0.3)
-        if len(curves) <= 12:  # below the axes, where it hides no curve
-            ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
-    fig.tight_layout()
-    return figure_png(fig, dpi=90)
-
-
 def _curves(audit: dict) -> str:
     by_attack: dict[str, list[tuple[str, list[float]]]] = {}
     for j in _scored(audit):
@@ -558,7 +501,7 @@ def _curves(audit: dict) -> str:
         return head + "<p>No job recorded an objective history (closed-form attacks have none).</p>"
     no_hist = sorted({str(j.get("attack")) for j in _scored(audit)} - set(by_attack))
     extra = (f'<p class="note">No history (closed-form or one-shot): {_e(", ".join(no_hist))}.</p>' if no_hist else "")
-    return (head + f'<img class="plot" src="{png_data_uri(_curves_png(by_attack))}" alt="convergence curves">'
+    return (head + f'<img class="plot" src="{png_data_uri(convergence_png(by_attack))}" alt="convergence curves">'
             '<p class="note">The attack\'s objective per recorded step (at most 200 points per job, evenly '
             'downsampled). A curve still falling at its end suggests a larger budget would do better.</p>' + extra)
 
@@ -613,7 +556,7 @@ def _cost(audit: dict) -> str:
     total = sum(sum(v) for v in per.values())
     rows.append(["<b>all jobs</b>", str(sum(len(v) for v in per.values())), f"<b>{total:.1f}</b>", "&ndash;"])
     wall = _num(audit.get("seconds"))
-    return (f'<h2 id="cost">Cost</h2>' + _table(["attack", "jobs with a time", "seconds (sum)", "seconds per job"],
+    return ('<h2 id="cost">Cost</h2>' + _table(["attack", "jobs with a time", "seconds (sum)", "seconds per job"],
                                                  rows, (1, 2, 3))
             + f"<p>Wall time of the whole audit: <b>{_f(wall, 1, ' s')}</b> (jobs run in parallel when there are "
               "several workers, so it can be below the sum).</p>")
