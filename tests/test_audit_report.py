@@ -22,7 +22,7 @@ from gradleak.audit.report import write_report_html
 from gradleak.audit.schema import (RECOGNISABLE_PSNR_DB, RECOGNISABLE_SSIM, SCHEMA, SCHEMA_VERSION,
                                    thresholds)
 from gradleak.experiment import AttackRun, run_attack
-from gradleak.report import environment
+from gradleak.report.environment import environment, hardware
 from gradleak.report.figures import image_uint8
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,7 +77,7 @@ def build_fixture(root: Path, *, attacks: dict[str, dict], defenses: list[str], 
         "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "created": "2026-12-01T15:00:00Z",
         "command": f"gradleak audit --model {model} --num-images {num_images} "
                    + " ".join(f"--defense {d}" for d in defenses) + " --budget quick --out " + str(root),
-        "environment": environment(device="cpu", dtype="float32"), "interrupted": False,
+        "environment": {**environment(device="cpu", dtype="float32"), "hardware": hardware()}, "interrupted": False,
         "seconds": sum(j["seconds"] or 0 for j in jobs),
         "model": {"name": model, "options": {}, "weights": None, "parameters": 62006,
                   "input_shape": list(x.shape[1:]), "num_classes": 10},
@@ -158,6 +158,8 @@ def test_page_is_self_contained_and_names_the_threat_model(audit_dir):
     # the verdict comes first, the command last
     assert page.index('id="verdict"') < page.index('id="threat"') < page.index('id="risk"') < page.index('id="grid"')
     assert page.index('id="environment"') < page.index("gradleak audit --model lenet")
+    env = page[page.index('id="environment"'):]
+    assert "hardware: cpu" in env and "hardware: cores" in env and " GiB" in env
 
 
 def test_verdict_rows_carry_the_schema_figures(audit_dir):
@@ -211,13 +213,15 @@ def test_frontier_plot_iff_utility(audit_dir, tmp_path):
                          "baseline_accuracy": 0.9, "baseline_per_round": [0.5, 0.8, 0.9],
                          "defenses": [{"defense": "prune(ratio=0.99)", "accuracy": 0.7, "accuracy_drop": 0.2,
                                        "epsilon": None, "privacy": None, "accuracy_per_round": [], "seconds": 1.0}]}
-    with_u["defenses"][1]["utility"] = {"baseline_accuracy": 0.9, "accuracy": 0.7, "accuracy_drop": 0.2}
+    with_u["defenses"][1]["utility"] = {"baseline_accuracy": 0.9, "accuracy": 0.7, "accuracy_drop": 0.2,
+                                        "epsilon": 3.5, "privacy": None, "run": "FedAvg on digits, 3 rounds"}
     root = tmp_path / "u"
     shutil.copytree(audit_dir, root)
     page = write_report_html(root, with_u).read_text()
     assert 'id="frontier"' in page and "Utility was not measured" not in page
     defenses = page[page.index('id="defenses"'):page.index('id="risk"')]
     assert "90% &rarr; 70%" in defenses and "+20.0 pp" in defenses
+    assert "3.5 over the training run" in defenses and "FedAvg on digits, 3 rounds" in defenses
 
 
 def test_epsilon_is_shown_where_a_defense_has_accounting(audit_dir, tmp_path):

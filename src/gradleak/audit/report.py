@@ -302,11 +302,14 @@ def _defenses(audit: dict) -> str:
         u = _utility_of(d)
         v = verdict.get(d.get("spec"), {})
         eps = (f"{_g(d.get('epsilon'))}" if d.get("epsilon") is not None else "no accounting")
+        if u and _num(u.get("epsilon")) is not None:  # the utility run's own accounting (all its rounds)
+            eps += f"<br>{_g(u.get('epsilon'))} over the training run"
         delta = _g(d.get("delta")) if d.get("delta") is not None else "&ndash;"
         if u is None and d.get("spec") == "none" and baseline is not None:
             acc, drop = f"{_pct(baseline)} (the baseline)", "0 (by definition)"
         elif u:
-            acc = f"{_pct(u.get('baseline_accuracy'))} &rarr; {_pct(u.get('accuracy'))}"
+            acc = f"{_pct(u.get('baseline_accuracy'))} &rarr; {_pct(u.get('accuracy'))}" + (
+                f"<br><span class=\"note\">{_e(u.get('run'))}</span>" if u.get("run") else "")
             drop = f"{100 * _num(u.get('accuracy_drop')):+.1f} pp" if _num(u.get("accuracy_drop")) is not None else "&ndash;"
         else:
             acc, drop = "not measured", "&ndash;"
@@ -564,10 +567,16 @@ def _cost(audit: dict) -> str:
 
 def _environment(audit: dict) -> str:
     env = _dict(audit.get("environment"))
-    rows = [["created", _e(audit.get("created"))],
+    rows: list[list[str]] = [["created", _e(audit.get("created"))],
             ["schema", f"{_e(audit.get('schema'))} version {_e(audit.get('schema_version'))}"]]
-    rows += [[_e(k), _e(json.dumps(v) if isinstance(v, (dict, list)) else ("not recorded" if v is None else v))]
-             for k, v in env.items()]
+    for k, v in env.items():
+        for kk, vv in (v.items() if isinstance(v, dict) else [("", v)]):  # "hardware": one row per fact
+            if kk == "memory_bytes" and _num(vv) is not None:
+                kk, vv = "memory", f"{_num(vv) / 2 ** 30:.1f} GiB"
+            if isinstance(vv, list) and not vv:
+                vv = "none"
+            text = json.dumps(vv) if isinstance(vv, (dict, list)) else ("not recorded" if vv is None else vv)
+            rows.append([_e(f"{k}: {kk}" if kk else k), _e(text)])
     return (f'<h2 id="environment">Environment</h2>{_table(None, rows)}'
             f'<h2 id="command">Re-run this audit</h2><pre>{_e(audit.get("command") or "no command recorded")}</pre>'
             '<p class="note">With the same output directory, finished jobs are kept and only the rest run.</p>')
