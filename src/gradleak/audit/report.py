@@ -503,7 +503,7 @@ def _curves(audit: dict) -> str:
     if not by_attack:
         return head + "<p>No job recorded an objective history (closed-form attacks have none).</p>"
     no_hist = sorted({str(j.get("attack")) for j in _scored(audit)} - set(by_attack))
-    extra = (f'<p class="note">No history (closed-form or one-shot): {_e(", ".join(no_hist))}.</p>' if no_hist else "")
+    extra = (f'<p class="note">Without a recorded history: {_e(", ".join(no_hist))}.</p>' if no_hist else "")
     return (head + f'<img class="plot" src="{png_data_uri(convergence_png(by_attack))}" alt="convergence curves">'
             '<p class="note">The attack\'s objective per recorded step (at most 200 points per job, evenly '
             'downsampled). A curve still falling at its end suggests a larger budget would do better.</p>' + extra)
