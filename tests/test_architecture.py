@@ -19,7 +19,8 @@ FLOORS = {
     "attacks": 5,
     "risk": 6,
     "training": 7, "defenses": 7, "experiment": 7, "report": 7, "integrations": 7,
-    "cli": 8, "__main__": 8, "__init__": 8,
+    "audit": 8,
+    "cli": 9, "__main__": 9, "__init__": 9,
 }
 MAX_LINES = 650
 

@@ -30,7 +30,6 @@ from . import threat as threat_mod
 from .plan import NO_DEFENSE, AuditConfig, Plan, plan
 from .verdict import job_row, read_metrics, verdicts
 
-SCHEMA = "gradleak.audit"
 _RUN_KEYS_IGNORED = ("out", "threads", "environment")
 
 
@@ -269,7 +268,7 @@ def audit(model: Any, data: Any = None, *, out: str | Path | None = None, worker
     """
     from .execute import Job, run_jobs
     from .report import write_report_html
-    from .schema import RECOGNISABLE_PSNR_DB, RECOGNISABLE_SSIM, SCHEMA_VERSION, THRESHOLD_JUSTIFICATION
+    from .schema import SCHEMA, SCHEMA_VERSION, thresholds
 
     t0 = time.perf_counter()
     known = {f.name for f in dataclasses.fields(AuditConfig)}
@@ -328,10 +327,7 @@ def audit(model: Any, data: Any = None, *, out: str | Path | None = None, worker
                      "bn_mode": cfg.bn_mode},
         "threat_model": tm.to_dict(),
         "budget": {"name": cfg.budget, "per_attack": the_plan.budget},
-        "thresholds": {"recognisable_psnr_db": RECOGNISABLE_PSNR_DB, "recognisable_ssim": RECOGNISABLE_SSIM,
-                       "rule": f"an image is recognisable when its best reconstruction reaches PSNR >= "
-                               f"{RECOGNISABLE_PSNR_DB:g} dB or SSIM >= {RECOGNISABLE_SSIM:g}",
-                       "justification": THRESHOLD_JUSTIFICATION},
+        "thresholds": thresholds(),
         "batch_sizes": sorted(set(cfg.batch_sizes)),
         "attacks": {"planned": the_plan.attacks, "skipped": the_plan.skipped},
         "risk": _risk(net, ds.spec.shape, num_classes, cfg.batch_sizes, cfg.seed),

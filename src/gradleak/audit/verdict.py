@@ -120,8 +120,13 @@ def verdicts(rows: list[dict], defenses: list[dict], images: list[int]) -> list[
                               "reasons): no conclusion from attacks; the risk analyses are all this audit has.")
         elif rec:
             v["status"] = "leaks"
-            v["statement"] = (f"{d['label']}: {len(rec)} of {len(images)} image(s) recognisable; the best reconstruction "
-                              f"({w['attack']}, image {worst_img}) reaches {w['psnr']:.1f} dB PSNR.")
+            top = max(rec, key=lambda i: best[i]["psnr"] if best[i]["psnr"] is not None else -math.inf)
+            b = best[top]
+            how = (f"reaches {b['psnr']:.1f} dB PSNR" if b["psnr"] is not None and b["psnr"] >= RECOGNISABLE_PSNR_DB
+                   else f"reaches SSIM {b['ssim_best']:.2f}" + (f" (PSNR {b['psnr']:.1f} dB)" if b["psnr"] is not None else ""))
+            v["statement"] = (f"{d['label']}: {len(rec)} of {len(images)} image(s) recognisable (images "
+                              f"{', '.join(f'#{i}' for i in rec)}); the best reconstruction ({b['attack']}, image "
+                              f"#{top}) {how}.")
         elif failed or not done:
             v["status"] = "incomplete"
             v["statement"] = (f"{d['label']}: no recognisable image in the {len(done)} job(s) that finished, but "
