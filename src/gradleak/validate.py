@@ -103,6 +103,36 @@ def require_seed(seed: Any, what: str = "seed") -> int:
     return int(seed)
 
 
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+
+
+def require_device(device: Any, what: str = "device"):
+    """``device`` ('cpu', 'cuda', 'cuda:N', 'mps', a ``torch.device``; None: CPU) as a ``torch.device`` that
+    exists on this machine. A malformed name is a :class:`ValidationError`; a device this machine lacks is a
+    :class:`~gradleak.errors.ResourceError` with one line, e.g. "cuda requested but torch.cuda.is_available()
+    is False"."""
+    import torch
+
+    from .errors import ResourceError, ValidationError
+
+    if device is None:
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in DEVICE_TYPES:
+        raise ValidationError(what, [f"expected one of {', '.join(DEVICE_TYPES)} (or cuda:N), got {device!r}"])
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ResourceError(f"{dev} requested but torch.cuda.is_available() is False")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ResourceError(f"{dev} requested but torch.cuda.device_count() is {torch.cuda.device_count()}")
+    if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ResourceError(f"{dev} requested but torch.backends.mps.is_available() is False")
+    return dev
+
+
 def file_format_hint(path) -> str:
     """A short phrase on what a file that failed to load as tensors looks like (empty, text, not a zip/pickle
     torch.save file, not safetensors), for the error message; '' when nothing can be told."""
@@ -127,4 +157,4 @@ def file_format_hint(path) -> str:
 
 
 __all__ = ["file_format_hint", "SEED_MAX", "is_int", "seed_problems", "int_problems", "number_problems", "labels_problems",
-           "module_problems", "require_seed"]
+           "module_problems", "require_seed", "require_device", "DEVICE_TYPES"]
