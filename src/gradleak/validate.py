@@ -106,6 +106,22 @@ def require_seed(seed: Any, what: str = "seed") -> int:
 DEVICE_TYPES = ("cpu", "cuda", "mps")
 
 
+def device_problems(device: Any, name: str = "device") -> list[str]:
+    """Whether ``device`` names a device kind gradleak runs on ('cpu', 'cuda', 'cuda:N', 'mps', a
+    ``torch.device``; None means the CPU). Whether this machine has it is :func:`require_device`'s check."""
+    import torch
+
+    if device is None:
+        return []
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in DEVICE_TYPES:
+        return [f"{name} must be one of {', '.join(DEVICE_TYPES)} (or cuda:N), got {device!r}"]
+    return []
+
+
 def require_device(device: Any, what: str = "device"):
     """``device`` ('cpu', 'cuda', 'cuda:N', 'mps', a ``torch.device``; None: CPU) as a ``torch.device`` that
     exists on this machine. A malformed name is a :class:`ValidationError`; a device this machine lacks is a
@@ -113,16 +129,12 @@ def require_device(device: Any, what: str = "device"):
     is False"."""
     import torch
 
-    from .errors import ResourceError, ValidationError
+    from .errors import ResourceError
 
+    raise_if(device_problems(device), what)
     if device is None:
         return torch.device("cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        dev = None
-    if dev is None or dev.type not in DEVICE_TYPES:
-        raise ValidationError(what, [f"expected one of {', '.join(DEVICE_TYPES)} (or cuda:N), got {device!r}"])
+    dev = torch.device(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ResourceError(f"{dev} requested but torch.cuda.is_available() is False")
@@ -157,4 +169,4 @@ def file_format_hint(path) -> str:
 
 
 __all__ = ["file_format_hint", "SEED_MAX", "is_int", "seed_problems", "int_problems", "number_problems", "labels_problems",
-           "module_problems", "require_seed", "require_device", "DEVICE_TYPES"]
+           "module_problems", "require_seed", "require_device", "device_problems", "DEVICE_TYPES"]

@@ -115,7 +115,7 @@ def _probe(case: Case, name: str, n: int, generator: torch.Generator) -> tuple[t
     finally:
         hook.remove()
     p = torch.softmax(logits, dim=-1).mean(0)
-    h = feats[0].reshape(n, -1).sum(1).mean() if feats else torch.tensor(1.0)
+    h = feats[0].reshape(n, -1).sum(1).mean() if feats else torch.tensor(1.0, device=logits.device)
     return p, h
 
 
