@@ -92,3 +92,13 @@ def test_the_run_result_row_carries_the_warning():
     res = run_attack(AttackRun(attack="dlg", model="lenet", num_images=3, image_size=16, iterations=10), write=False)
     row = res.to_json()
     assert any(w.startswith("dlg on a batch of 3: residual ") for w in row["warnings"])
+
+
+def test_a_defended_update_is_not_judged_by_the_residual():
+    data = gl.data.samples(16, num_images=1)
+    model = gl.models.build("lenet", input_shape=data.spec.shape, num_classes=data.spec.num_classes)
+    case, _ = gl.simulate(model, *data.batch(1), spec=data.spec, defense=gl.defenses.parse("noise:sigma=0.1"),
+                          generator=torch.Generator().manual_seed(0))
+    rec = gl.create("ig", max_iterations=20).reconstruct(case, seed=0)
+    assert rec.residual > gl.create("ig").failed_residual  # noise keeps it high ...
+    assert not rec.info.get("warnings")  # ... but that says nothing of a batch of 1

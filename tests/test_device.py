@@ -261,3 +261,12 @@ def test_no_host_copies_outside_the_allow_list():
 def test_allow_list_names_existing_modules():
     for m in HOST_MODULES:
         assert (SRC / m).exists(), m
+
+
+def test_case_to_refuses_a_missing_device(monkeypatch):
+    case, _ = CASES["fc-analytic"][0]()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(gl.errors.ResourceError, match="cuda requested"):
+        case.to(device="cuda")
+    moved = case.to(device="cpu", dtype=torch.float64)
+    assert moved.device == torch.device("cpu") and moved.dtype == torch.float64

@@ -262,20 +262,21 @@ class Attack:
         if not facts:
             return []
         res = rec.residual
-        if not self._residual_failed(rec):
-            facts.append(f"its residual {res:.3g} is low, but a low residual does not show success here"
-                         if math.isfinite(res) else f"its residual was {rec.residual_note or 'not computed'}")
+        if not self._residual_failed(case, rec):
+            facts.append(f"its residual was {rec.residual_note or 'not computed'}" if not math.isfinite(res) else
+                         f"its residual {res:.3g} is against a defended update" if "defense" in case.meta else
+                         f"its residual {res:.3g} is low, but a low residual does not show success here")
         return [f"{self.name} on a batch of {case.batch_size}: " + "; ".join(facts) + f"; try {self.batch_advice}"]
 
     def batch_facts(self, case: Case, rec: Reconstruction) -> list[str]:
         """The facts that show the batch is beyond this attack ([] if none): a final residual above the attack's
-        ``failed_residual``; more unknown pixels than the update has values (no attack can then determine the
-        batch from the update alone); a batch above ``typical_max_batch``. Attacks with more facts (ranks,
-        unrecovered samples) extend this list."""
+        ``failed_residual`` (undefended updates only); more unknown pixels than the update has values (no attack
+        can then determine the batch from the update alone); a batch above ``typical_max_batch``. Attacks with
+        more facts (ranks, unrecovered samples) extend this list."""
         facts: list[str] = []
         b = case.batch_size
         res = rec.residual
-        if self._residual_failed(rec):
+        if self._residual_failed(case, rec):
             work = rec.info.get("iterations") or len(rec.history)
             facts.append(f"residual {res:.3g} stayed above {self.failed_residual:g} after "
                          f"{f'{work} iterations' if work else 'the run'} ({self.failed_residual_source})")
@@ -289,8 +290,11 @@ class Attack:
                          f"({self.typical_max_batch_source})")
         return facts
 
-    def _residual_failed(self, rec: Reconstruction) -> bool:
-        return self.failed_residual is not None and math.isfinite(rec.residual) and rec.residual > self.failed_residual
+    def _residual_failed(self, case: Case, rec: Reconstruction) -> bool:
+        """The residual is above ``failed_residual``, measured on undefended updates (a defense's noise or
+        pruning keeps any reconstruction's residual high, so a defended case is not judged by it)."""
+        return (self.failed_residual is not None and "defense" not in case.meta and math.isfinite(rec.residual)
+                and rec.residual > self.failed_residual)
 
     # ---- the one public verb ---------------------------------------------------------------------
     def reconstruct(
