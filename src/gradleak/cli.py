@@ -379,7 +379,7 @@ def _cmd_compare(args) -> int:
                   model_options=_model_options(args), progress=_progress_on(args), overwrite=args.overwrite,
                   max_memory=args.max_memory, device=args.device)
     for row in res.rows:
-        _warn(f"{row['attack']}: {w}" for w in row.get("warnings") or ())
+        _warn(w if w.startswith(f"{row['attack']} ") else f"{row['attack']}: {w}" for w in row.get("warnings") or ())
     if args.json:
         from .report import to_jsonable
 
