@@ -229,6 +229,7 @@ HOST_MODULES = {
     "metrics/": "scores on CPU float64 copies (SciPy's assignment for batches)",
     "data/": "decodes and resizes images with NumPy/PIL before the batch goes to the device",
     "integrations/": "Flower messages carry NumPy arrays",
+    "audit/api.py": "writes the audit's truth.safetensors from CPU copies",
     "layers/": "the closed-form layer systems are solved by SciPy in float64 on the CPU",
     "risk/": "architecture analyses run on CPU float64 copies (SciPy)",
     "attacks/rgap.py": "solves its systems with gradleak.layers on the CPU; reconstruct() moves the result back",
