@@ -356,7 +356,12 @@ class Case:
 
     # ---- derived cases ----------------------------------------------------------------------------
     def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> "Case":
-        """A copy of the case with model, observation and labels in ``dtype`` / on ``device``."""
+        """A copy of the case with model, observation and labels in ``dtype`` / on ``device`` ('cpu', 'cuda',
+        'cuda:N', 'mps'; a device this machine lacks is a :class:`~gradleak.errors.ResourceError`)."""
+        if device is not None:
+            from .validate import require_device
+
+            device = require_device(device, "Case.to device")
         model = copy.deepcopy(self.model).to(device=device, dtype=dtype)
         obs = self.observation.with_tensors({k: v.to(device=device, dtype=dtype) for k, v in self.observed.items()})
         labels = None if self.labels is None else self.labels.to(device)

@@ -89,6 +89,12 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model-opt", action="append", default=[], metavar="KEY=VALUE", help="any other model option")
 
 
+def _add_device_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", metavar="DEVICE",
+                   help="where the model, the simulated client and the attack run: cpu (default), cuda, cuda:N or "
+                        "mps; refused with one line when this machine lacks it")
+
+
 def _add_output_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a previous run (or checkpoint) at --out")
     p.add_argument("--max-memory", default=None, metavar="SIZE",
@@ -202,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "holds a previous run, unless --overwrite")
     _add_output_flags(a)
     a.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    _add_device_flag(a)
     _add_model_flags(a)
 
     r = sub.add_parser("risk", help="predict leakage of an architecture before any attack")
@@ -262,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=_seed, default=0)
     c.add_argument("--out", default=None, help="run directory: comparison.json and one folder per attack")
     _add_output_flags(c)
+    _add_device_flag(c)
     c.add_argument("--json", action="store_true")
     _add_model_flags(c)
 
@@ -297,7 +305,7 @@ def _cmd_attack(args) -> int:
         labels_known=not args.unknown_labels, labels=args.labels, bn_mode=args.bn_mode, loss=args.loss,
         preset=args.preset, model_options=_model_options(args), attack_options=_kv(args.option, "--option"),
         weights=args.weights, observed=args.observed, defenses=list(args.defense), out=args.out,
-        threads=args.threads)
+        threads=args.threads, device=args.device)
     res = run_attack(cfg, progress=_progress_on(args), overwrite=args.overwrite, max_memory=args.max_memory)
     warnings = run_warnings(res.reconstruction.info)
     if args.json:
@@ -369,9 +377,9 @@ def _cmd_compare(args) -> int:
                   image_size=args.image_size,
                   iterations=args.iterations, dtype=args.dtype, seed=args.seed, out=args.out,
                   model_options=_model_options(args), progress=_progress_on(args), overwrite=args.overwrite,
-                  max_memory=args.max_memory)
+                  max_memory=args.max_memory, device=args.device)
     for row in res.rows:
-        _warn(f"{row['attack']}: {w}" for w in row.get("warnings") or ())
+        _warn(w if w.startswith(f"{row['attack']} ") else f"{row['attack']}: {w}" for w in row.get("warnings") or ())
     if args.json:
         from .report import to_jsonable
 

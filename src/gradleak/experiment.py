@@ -24,7 +24,8 @@ from .metrics import Scores, evaluate
 from .report import RunDirectory, environment, run_warnings, to_jsonable, write_report
 from .report.writer import counts_of, write_files
 from .simulate import simulate
-from .validate import int_problems, is_int, labels_problems, number_problems, seed_problems
+from .validate import (device_problems, int_problems, is_int, labels_problems, number_problems, require_device,
+                       seed_problems)
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -41,6 +42,9 @@ class AttackRun:
         giving one of them and a different value of that option in ``attack_options`` is an error.
     threads: torch CPU threads (None: leave torch's setting); results are bit-reproducible only for the same
         thread count on the same machine and software, so ``config.json`` records the count used.
+    device: where the model, the simulated client and the attack run: 'cpu' (default), 'cuda', 'cuda:N', 'mps'.
+        A device this machine lacks is refused before any work. Seeded draws are made on the CPU and moved, so a
+        seed names the same start on every device (the arithmetic differs in rounding only).
     labels: labels of an OBSERVED update (only with ``observed``); defenses apply to simulated updates only.
     """
 
@@ -72,6 +76,7 @@ class AttackRun:
     defenses: list[str] = field(default_factory=list)
     out: str | None = None
     threads: int | None = None
+    device: str = "cpu"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -112,6 +117,7 @@ class AttackRun:
         p += int_problems(self.iterations, "iterations", minimum=1, optional=True)
         p += int_problems(self.restarts, "restarts", minimum=1, optional=True)
         p += int_problems(self.threads, "threads", minimum=1, optional=True)
+        p += device_problems(self.device)
         p += int_problems(self.local_steps, "local_steps", minimum=1)
         p += number_problems(self.local_lr, "local_lr", positive=True)
         p += seed_problems(self.seed)
@@ -235,6 +241,7 @@ def build_case(cfg: AttackRun, *, max_memory=None, attack=None) -> tuple[Case, T
     problems = cfg.problems()
     if problems:
         raise ValidationError("attack run", problems)
+    device = require_device(cfg.device)
     dtype = DTYPES[cfg.dtype]
     notes: list[str] = []
     info = models_mod.models.get(cfg.model)
@@ -279,7 +286,7 @@ def build_case(cfg: AttackRun, *, max_memory=None, attack=None) -> tuple[Case, T
                                   local_steps=cfg.local_steps, local_lr=cfg.local_lr,
                                   local_batch_size=cfg.local_batch_size, labels=labels, loss=cfg.loss,
                                   bn_mode=cfg.bn_mode)
-        case = case.to(dtype=dtype)
+        case = case.to(dtype=dtype, device=device)
         truth = Truth(truth_inputs.to(dtype), truth_labels) if truth_inputs is not None else None
         return case, truth, notes
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -290,7 +297,7 @@ def build_case(cfg: AttackRun, *, max_memory=None, attack=None) -> tuple[Case, T
     case, truth = simulate(model, truth_inputs.to(dtype), truth_labels, protocol=cfg.protocol, spec=spec,
                            loss=cfg.loss, labels_known=cfg.labels_known, bn_mode=cfg.bn_mode,
                            local_steps=cfg.local_steps, local_lr=cfg.local_lr,
-                           local_batch_size=cfg.local_batch_size, defense=defense, generator=gen)
+                           local_batch_size=cfg.local_batch_size, defense=defense, generator=gen, device=device)
     return case, truth, notes
 
 
@@ -326,6 +333,7 @@ def run_attack(cfg: AttackRun, *, progress: bool = False, write: bool = True, ov
     problems = cfg.problems()
     if problems:
         raise ValidationError("attack run", problems)
+    require_device(cfg.device)
     opts = _budget_options(cfg)
     attack = create(cfg.attack, preset=cfg.preset, **opts)
     run_dir = RunDirectory(Path(cfg.out) if cfg.out else default_out(cfg), overwrite=overwrite) if write else None
@@ -391,21 +399,24 @@ def compare(*, attacks: list[str], model: str, dataset: str = "samples", images:
             num_images: int = 1, start: int = 0, image_size: int | None = None, iterations: int | None = None,
             dtype: str = "float64", seed: int = 0, out: str | None = None, model_options: dict | None = None,
             attack_options: dict[str, dict] | None = None, progress: bool = False, overwrite: bool = False,
-            max_memory=None) -> CompareResult:
+            max_memory=None, device: str = "cpu") -> CompareResult:
     """Run several attacks on ONE simulated case and tabulate PSNR, SSIM, residual and seconds (the central
     comparison of the layer-wise paper). An attack that cannot handle the case gets a row with the reason.
     ``iterations`` goes to the attacks that have an iteration budget. ``out``: one run directory holding
     ``comparison.json`` and one sub-directory per attack, written atomically like :func:`run_attack`'s. Ctrl-C
-    stops after the running attack's best result so far (the table says ``interrupted``)."""
+    stops after the running attack's best result so far (the table says ``interrupted``). ``device``: as
+    :class:`AttackRun`'s (every attack runs on the case's device)."""
     from .attacks import attacks as registry
     from .errors import RequirementError
 
     attacks = [registry.canonical(a) for a in attacks]  # every unknown name fails before any work
     base = AttackRun(attack=attacks[0], model=model, dataset=dataset, images=images, num_images=num_images,
-                     start=start, image_size=image_size, dtype=dtype, seed=seed, model_options=dict(model_options or {}))
+                     start=start, image_size=image_size, dtype=dtype, seed=seed, model_options=dict(model_options or {}),
+                     device=device)
     problems = base.problems()
     if problems:
         raise ValidationError("compare", problems)
+    require_device(device)
     run_dir = RunDirectory(out, overwrite=overwrite) if out else None
     try:
         case, truth, notes = build_case(base, max_memory=max_memory)

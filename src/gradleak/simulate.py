@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
@@ -12,7 +13,7 @@ from . import functional as Fn
 from .case import Case, DataSpec, FedAvg, FedSGD, Truth, _num_outputs
 from .errors import ValidationError
 from .losses import default_loss_for, losses
-from .validate import int_problems, labels_problems, module_problems
+from .validate import int_problems, labels_problems, module_problems, require_device
 
 Defense = Callable[..., Mapping[str, torch.Tensor]]
 
@@ -101,6 +102,7 @@ def simulate(
     defense: Defense | None = None,
     generator: torch.Generator | None = None,
     other_clients: tuple[torch.Tensor, torch.Tensor] | None = None,
+    device: torch.device | str | None = None,
 ) -> tuple[Case, Truth]:
     """Simulate one client update and return ``(case, truth)``.
 
@@ -119,6 +121,10 @@ def simulate(
     other_clients: for secure aggregation (``gl.defenses.create('secure-aggregation', clients=K)``, last in the
         defense): (x, y) with (K-1)*B more images, the other clients' batches. The case then observes the
         mean of the K clients' (each defended) updates, and the truth is all K*B images, the target's first.
+    device: where the client computes and the case lives ('cpu', 'cuda', 'cuda:N', 'mps'; default: the model's
+        device); the model and data are copied there. A device this machine lacks is a ResourceError. Random
+        draws (defense noise) come from ``generator`` on the CPU and are moved, so a seed gives the same draws on
+        every device.
     The caller's model and tensors are never modified.
     """
     problems = module_problems(model)
@@ -153,6 +159,11 @@ def simulate(
         problems.append(f"unknown loss {loss!r}: expected one of {losses.names()}")
     if problems:
         raise ValidationError("simulate", problems)
+    if device is not None:
+        device = require_device(device, "simulate device")
+        if next(model.parameters()).device != device:
+            model = copy.deepcopy(model).to(device)
+        inputs = inputs.to(device)
 
     aggregated = defense is not None and getattr(defense, "aggregates", False)
     if aggregated:
@@ -172,8 +183,8 @@ def simulate(
                      local_batch_size=int(local_batch_size or inputs.shape[0]))
     all_x, all_y = inputs.detach(), labels.detach().to(torch.long)
     if aggregated:
-        all_x = torch.cat([all_x] + [o[0].detach().to(all_x.dtype) for o in others])
-        all_y = torch.cat([all_y] + [o[1].detach().to(torch.long) for o in others])
+        all_x = torch.cat([all_x] + [o[0].detach().to(device=all_x.device, dtype=all_x.dtype) for o in others])
+        all_y = torch.cat([all_y] + [o[1].detach().to(device=all_y.device, dtype=torch.long) for o in others])
     case = Case(model=model, observation=obs, spec=spec, batch_size=int(all_x.shape[0]), loss=loss,
                 labels=all_y.to(device) if labels_known else None, bn_mode=bn_mode, meta={"source": "simulated"})
 

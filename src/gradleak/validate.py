@@ -103,6 +103,48 @@ def require_seed(seed: Any, what: str = "seed") -> int:
     return int(seed)
 
 
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+
+
+def device_problems(device: Any, name: str = "device") -> list[str]:
+    """Whether ``device`` names a device kind gradleak runs on ('cpu', 'cuda', 'cuda:N', 'mps', a
+    ``torch.device``; None means the CPU). Whether this machine has it is :func:`require_device`'s check."""
+    import torch
+
+    if device is None:
+        return []
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in DEVICE_TYPES:
+        return [f"{name} must be one of {', '.join(DEVICE_TYPES)} (or cuda:N), got {device!r}"]
+    return []
+
+
+def require_device(device: Any, what: str = "device"):
+    """``device`` ('cpu', 'cuda', 'cuda:N', 'mps', a ``torch.device``; None: CPU) as a ``torch.device`` that
+    exists on this machine. A malformed name is a :class:`ValidationError`; a device this machine lacks is a
+    :class:`~gradleak.errors.ResourceError` with one line, e.g. "cuda requested but torch.cuda.is_available()
+    is False"."""
+    import torch
+
+    from .errors import ResourceError
+
+    raise_if(device_problems(device), what)
+    if device is None:
+        return torch.device("cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ResourceError(f"{dev} requested but torch.cuda.is_available() is False")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ResourceError(f"{dev} requested but torch.cuda.device_count() is {torch.cuda.device_count()}")
+    if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ResourceError(f"{dev} requested but torch.backends.mps.is_available() is False")
+    return dev
+
+
 def file_format_hint(path) -> str:
     """A short phrase on what a file that failed to load as tensors looks like (empty, text, not a zip/pickle
     torch.save file, not safetensors), for the error message; '' when nothing can be told."""
@@ -127,4 +169,4 @@ def file_format_hint(path) -> str:
 
 
 __all__ = ["file_format_hint", "SEED_MAX", "is_int", "seed_problems", "int_problems", "number_problems", "labels_problems",
-           "module_problems", "require_seed"]
+           "module_problems", "require_seed", "require_device", "device_problems", "DEVICE_TYPES"]

@@ -140,7 +140,7 @@ def _group(cand: torch.Tensor, tol: float, max_rows: int) -> list[tuple[int, lis
     gram = c @ c.T
     rel2 = (norms[:, None] ** 2 + norms[None, :] ** 2 - 2 * gram).clamp_min(0) / torch.maximum(norms[:, None], norms[None, :]) ** 2
     coarse = rel2 < max(10 * tol, 1e-6) ** 2
-    free = torch.ones(len(c), dtype=torch.bool)
+    free = torch.ones(len(c), dtype=torch.bool, device=c.device)
     groups = []
     for i in range(len(c)):
         if not free[i]:

@@ -182,6 +182,16 @@ class Attack:
     # The options (and optionally a "preset") this attack runs with at each audit budget of BUDGETS. An attack
     # without an entry runs with its defaults at that budget (a closed-form attack costs the same at every one).
     budgets: ClassVar[dict[str, dict[str, Any]]] = {}
+    # What the batch allows, declared per attack (read by batch_findings; see docs/guide.md "Batches"):
+    # typical_max_batch: the largest batch this attack is known to recover, typical_max_batch_source: where that
+    # figure comes from (a measurement here, or the paper); None: no known limit short of its requirements().
+    # failed_residual: a final residual above it was measured only on failed reconstructions of this attack
+    # (failed_residual_source says where). batch_advice: what to try instead, as a phrase.
+    typical_max_batch: ClassVar[int | None] = None
+    typical_max_batch_source: ClassVar[str] = ""
+    failed_residual: ClassVar[float | None] = None
+    failed_residual_source: ClassVar[str] = ""
+    batch_advice: ClassVar[str] = "a smaller batch"
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
@@ -241,6 +251,50 @@ class Attack:
         """The model a malicious server sends instead of ``model`` (only where ``crafts_model``)."""
         raise RequirementError(self.name, [f"{self.name} attacks the update of the model as it is: it does not "
                                            "craft a model (crafts_model is False)"])
+
+    def batch_findings(self, case: Case, rec: Reconstruction) -> list[str]:
+        """Warnings (one line each, at most one) where the batch is beyond what this attack recovered: the attack,
+        the batch, every fact found (:meth:`batch_facts`) and what to try. Results that carry their own claim
+        ('exact': every rank checked, verified by the residual; 'mixture') say it themselves: none here."""
+        if rec.claim != "estimate":
+            return []
+        facts = self.batch_facts(case, rec)
+        if not facts:
+            return []
+        res = rec.residual
+        if not self._residual_failed(case, rec):
+            facts.append(f"its residual was {rec.residual_note or 'not computed'}" if not math.isfinite(res) else
+                         f"its residual {res:.3g} is against a defended update" if "defense" in case.meta else
+                         f"its residual {res:.3g} is low, but a low residual does not show success here")
+        return [f"{self.name} on a batch of {case.batch_size}: " + "; ".join(facts) + f"; try {self.batch_advice}"]
+
+    def batch_facts(self, case: Case, rec: Reconstruction) -> list[str]:
+        """The facts that show the batch is beyond this attack ([] if none): a final residual above the attack's
+        ``failed_residual`` (undefended updates only); more unknown pixels than the update has values (no attack
+        can then determine the batch from the update alone); a batch above ``typical_max_batch``. Attacks with
+        more facts (ranks, unrecovered samples) extend this list."""
+        facts: list[str] = []
+        b = case.batch_size
+        res = rec.residual
+        if self._residual_failed(case, rec):
+            work = rec.info.get("iterations") or len(rec.history)
+            facts.append(f"residual {res:.3g} stayed above {self.failed_residual:g} after "
+                         f"{f'{work} iterations' if work else 'the run'} ({self.failed_residual_source})")
+        unknowns = b * math.prod(case.spec.shape)
+        values = sum(int(v.numel()) for v in case.observed.values())
+        if unknowns > values:
+            facts.append(f"the update has {values} values for {b} x {math.prod(case.spec.shape)} = {unknowns} "
+                         "unknown pixels, so it cannot determine the batch (many batches produce the same update)")
+        if self.typical_max_batch is not None and b > self.typical_max_batch:
+            facts.append(f"a batch above {self.typical_max_batch} is beyond what it is known to recover "
+                         f"({self.typical_max_batch_source})")
+        return facts
+
+    def _residual_failed(self, case: Case, rec: Reconstruction) -> bool:
+        """The residual is above ``failed_residual``, measured on undefended updates (a defense's noise or
+        pruning keeps any reconstruction's residual high, so a defended case is not judged by it)."""
+        return (self.failed_residual is not None and "defense" not in case.meta and math.isfinite(rec.residual)
+                and rec.residual > self.failed_residual)
 
     # ---- the one public verb ---------------------------------------------------------------------
     def reconstruct(
@@ -312,6 +366,9 @@ class Attack:
             except Exception as e:  # residual must never hide the result
                 rec.residual_note = f"not computed: {type(e).__name__}: {e}"
         rec.kind = _derive_kind(rec, case)
+        findings = self.batch_findings(case, rec)
+        if findings:
+            rec.info.setdefault("warnings", []).extend(findings)
         return rec
 
     def __repr__(self) -> str:
@@ -335,6 +392,18 @@ def _derive_kind(rec: Reconstruction, case: Case) -> Kind:
         rec.info.setdefault("warnings", []).append(
             f"{rec.attack}: its system was determined but {why}: reported as an estimate, not exact")
     return "exact" if passed else "estimate"
+
+
+def rank_facts(reports: Any) -> list[str]:
+    """One fact per rank-deficient layer of a closed-form attack's per-layer reports (``info['layers']``: dicts
+    with label/name, rank, unknowns, deficiency): its input is not determined by the gradient."""
+    out = []
+    for r in reports if isinstance(reports, (list, tuple)) else ():
+        d = r.get("deficiency") if isinstance(r, dict) else None
+        if isinstance(d, int) and d > 0:
+            out.append(f"layer {r.get('label') or r.get('name')}: rank {r.get('rank')} < {r.get('unknowns')} unknowns "
+                       f"(deficiency {d}), so the gradient does not determine its input")
+    return out
 
 
 def _has_default(f: dataclasses.Field) -> bool:

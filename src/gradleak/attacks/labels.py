@@ -115,7 +115,7 @@ def _probe(case: Case, name: str, n: int, generator: torch.Generator) -> tuple[t
     finally:
         hook.remove()
     p = torch.softmax(logits, dim=-1).mean(0)
-    h = feats[0].reshape(n, -1).sum(1).mean() if feats else torch.tensor(1.0)
+    h = feats[0].reshape(n, -1).sum(1).mean() if feats else torch.tensor(1.0, device=logits.device)
     return p, h
 
 
@@ -174,4 +174,4 @@ def recover_labels(case: Case, *, generator: torch.Generator | None = None, prob
     labels = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts.long())
     confident = b is not None and int((sig < 0).sum()) == B and case.loss_fn.counts_from_bias
     return LabelEstimate(labels.to(device=dev, dtype=torch.long), method, confident,
-                         [float(v) for v in est.detach().cpu()] if math.isfinite(float(est.sum())) else None)
+                         [float(v) for v in est.detach().tolist()] if math.isfinite(float(est.sum())) else None)

@@ -68,7 +68,7 @@ import torch
 from .. import layers as L
 from ..case import Case, FedSGD, Truth
 from ..errors import NumericalError
-from .base import Attack, Reconstruction, RunContext, create, register
+from .base import Attack, Reconstruction, RunContext, create, rank_facts, register
 from .layerwise_steps import _closed_form, _correct, _inverse, _nz, _prior, _pullback, _rel2, _Sub
 
 __all__ = ["Layerwise", "LayerwiseOptions", "LayerwiseTrace", "trace", "layer_input_errors", "PULLBACK_MODES"]
@@ -137,6 +137,11 @@ class Layerwise(Attack):
     paper = ("Chen, Campbell. Understanding Training-data Leakage from Gradients in Neural Networks for Image "
              "Classification. arXiv:2111.10178, 2021 (+ the per-layer correction of their BMVC 2022 follow-up)")
     Options = LayerwiseOptions
+    batch_advice = "an optimisation attack initialised with this result (gl.create('ig', init=rec))"
+
+    def batch_facts(self, case: Case, rec: Reconstruction) -> list[str]:
+        return super().batch_facts(case, rec) + rank_facts(rec.info.get("layers"))
+
     presets = {
         # ALGORITHMS.md 3 / the authors' code: (a, b, c) = (1, 1, 0.05) x 10,000 steps at the input layer,
         # (1, 1, 0.1) x 8,000 (4 x 2,000) at the second, (10, 0.1, 1) x 1,000 deeper; Adam lr 1e-3, constant
@@ -335,7 +340,7 @@ def _run(case: Case, o: LayerwiseOptions, ctx: RunContext) -> LayerwiseTrace:
     x_head = head.gradient_solve(k, dWd).reshape(-1)
     with torch.enable_grad():  # dL/dz at the head for the recovered input, through the case's loss
         z_head = (Wd @ x_head + bd).reshape(1, -1).requires_grad_(True)
-        k_model, = torch.autograd.grad(case.loss_fn(z_head, torch.tensor([label])), z_head)
+        k_model, = torch.autograd.grad(case.loss_fn(z_head, torch.tensor([label], device=z_head.device)), z_head)
     head_rep = {"index": head.index, "name": head.name, "label": head.label, "kind": "head", "unknowns": head.n_in,
                 "constraints": head.n_weights + head.n_out, "rank": head.n_in, "deficiency": 0,
                 "security_deficiency": None, "condition": 1.0, "method": "bias",

@@ -69,7 +69,7 @@ from scipy.optimize import brentq, minimize_scalar
 from .. import layers as L
 from ..case import Case, FedAvg
 from ..errors import NumericalError
-from .base import Attack, Reconstruction, RunContext, register
+from .base import Attack, Reconstruction, RunContext, rank_facts, register
 
 __all__ = ["RGAP", "logistic_mu_roots", "logistic_score", "LOGISTIC_MU_STAR", "LOGISTIC_S_MIN"]
 
@@ -168,6 +168,10 @@ class RGAP(Attack):
         weight_ratio: float = 1.0
 
     presets = {"paper": {}}
+    batch_advice = "an optimisation attack initialised with this result (H-GAP: gl.create('ig', init=rec))"
+
+    def batch_facts(self, case: Case, rec: Reconstruction) -> list[str]:
+        return super().batch_facts(case, rec) + rank_facts(rec.info.get("layers"))
 
     def check_options(self, o) -> list[str]:
         p = []

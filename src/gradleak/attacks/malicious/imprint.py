@@ -275,7 +275,7 @@ class Imprint(Attack):
         w = blk.bins.weight[0].detach().to(torch.float64)
         m = xn.flatten(1).to(torch.float64) @ w + blk.offset
         lo_t = t[rows]
-        hi_t = torch.cat([t[1:], torch.tensor([math.inf], dtype=torch.float64)])[rows]
+        hi_t = torch.cat([t[1:], torch.tensor([math.inf], dtype=torch.float64, device=t.device)])[rows]
         tol_m = math.sqrt(eps) * (1 + t[1:].abs().max().item())
         in_interval = (m > lo_t - tol_m) & (m <= hi_t + tol_m)
         in_range = in_value_range(spec, img)
@@ -300,7 +300,7 @@ class Imprint(Attack):
         fit_ok = per_sample_independent(case)
         cost = None
         if fit_ok:
-            cost = row_fit(case, "imprint.bins", xn, torch.zeros(R, dtype=torch.long), dbd[rows]).cpu()
+            cost = row_fit(case, "imprint.bins", xn, torch.zeros(R, dtype=torch.long, device=xn.device), dbd[rows]).cpu()
             best = cost.amin(1)
             tol = o.fit_tol or math.sqrt(eps)
             if case.observation.gradient_is_exact(B):

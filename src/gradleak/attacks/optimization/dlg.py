@@ -81,6 +81,11 @@ class _LBFGSMatching(Attack):
     # iterations of L-BFGS (20 per outer step): quick 15 outer steps, standard 100, thorough the papers' 300 x 2
     budgets = {"quick": {"max_iterations": 300}, "standard": {"max_iterations": 2000},
                "thorough": {"max_iterations": 6000, "restarts": 2}}
+    failed_residual, failed_residual_source = C.FAILED_RESIDUAL, C.FAILED_RESIDUAL_SOURCE
+    typical_max_batch = 1
+    typical_max_batch_source = ("measured for DLG on lenet, 3,000 iterations: 44.5 dB at batch 1, 9.9 dB at 3, 8.2 dB at 8; "
+                                "Zhu et al. 2019 show batches up to 8 on their LeNet; iDLG's label rule is for one sample")
+    batch_advice = "more --iterations and --restarts, a smaller batch, or inverting-gradients"
     """Shared driver: L-BFGS trials with divergence restarts over (x) or (x, label logits)."""
 
     Options = DLGOptions

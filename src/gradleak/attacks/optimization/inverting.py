@@ -95,6 +95,11 @@ class InvertingGradients(Attack):
     # standard doubles it with a second restart; thorough is a third of the paper's 24,000 x 8
     budgets = {"quick": {"max_iterations": 1000}, "standard": {"max_iterations": 2000, "restarts": 2},
                "thorough": {"max_iterations": 8000, "restarts": 4}}
+    failed_residual, failed_residual_source = C.FAILED_RESIDUAL, C.FAILED_RESIDUAL_SOURCE
+    typical_max_batch = 1
+    typical_max_batch_source = ("measured on lenet, 3,000 iterations: 33.5 dB at batch 1, worst image 16.8 dB at 3 and 14.2 "
+                                "dB at 8; Geiping et al. 2020 recover some, not all, images of larger batches")
+    batch_advice = "more --iterations and --restarts, a smaller batch, or a closed-form attack where one applies"
 
     paper = "Geiping, Bauermeister, Droege, Moeller. Inverting Gradients - How easy is it to break privacy in " \
             "federated learning? NeurIPS 2020"

@@ -37,6 +37,14 @@ class TensorAttack(Attack):
     }
     budgets = {"thorough": {"preset": "thorough"}}
 
+    def batch_facts(self, case: Case, rec: Reconstruction) -> list[str]:
+        facts = super().batch_facts(case, rec)
+        missing = sum(1 for s in rec.info.get("samples") or () if isinstance(s, dict) and s.get("unrecovered"))
+        if missing:
+            facts.append(f"{missing} of {case.batch_size} samples were not recovered (the gradient spans fewer "
+                         "dimensions than the batch; they are filled with the data mean)")
+        return facts
+
     def check_options(self, o: TensorOptions) -> list[str]:
         return option_problems(o)
 
@@ -90,12 +98,12 @@ class TensorAttack(Attack):
         X, labels, samples, lab_source = resolve_samples(case, view, sol, prob, span, B, prior="box")
         n_missing = case.batch_size - B
         if n_missing > 0:
-            X = torch.cat([X, torch.zeros(n_missing, d, dtype=X.dtype)])
+            X = torch.cat([X, torch.zeros(n_missing, d, dtype=X.dtype, device=X.device)])
             if labels is not None and case.labels is not None:
                 rest = unused_labels(case.labels.tolist(), labels.tolist())
-                labels = torch.cat([labels, torch.tensor(rest[:n_missing], dtype=torch.long)])
+                labels = torch.cat([labels, torch.tensor(rest[:n_missing], dtype=torch.long, device=labels.device)])
             elif labels is not None:
-                labels = torch.cat([labels, torch.zeros(n_missing, dtype=torch.long)])
+                labels = torch.cat([labels, torch.zeros(n_missing, dtype=torch.long, device=labels.device)])
             samples += [{"unrecovered": True, "note": "the gradient spans fewer dimensions than the batch size; "
                          "filled with the data mean"} for _ in range(n_missing)]
         x_in = X.reshape(case.batch_size, *spec.shape).to(case.dtype)

@@ -70,7 +70,7 @@ def _pattern_step(prob: SpanProblem, D: torch.Tensor, C: torch.Tensor, inner: in
     beta_ji c_i with beta_ji = sum_k A_kj rho_ik, again B x B): O(m B^2) per step instead of O(m B^2 K^2).
     Rows of C keep the sign of the previous ones (the patterns' sign). Returns (C, rho, relative residual)."""
     def ridge(N):
-        return N + 1e-12 * float(N.diagonal().mean().clamp_min(1e-300)) * torch.eye(N.shape[0], dtype=N.dtype)
+        return N + 1e-12 * float(N.diagonal().mean().clamp_min(1e-300)) * torch.eye(N.shape[0], dtype=N.dtype, device=N.device)
 
     if prob.K == 1:
         Q, _ = pattern_ls(prob, D)

@@ -268,8 +268,8 @@ def jennrich(T: MomentTensor, *, generator: torch.Generator, draws: int = 10, ra
     rank = B if rank is None else int(rank)
     out = []
     for _ in range(max(1, int(draws))):
-        a = torch.randn(B, generator=generator, dtype=torch.float64).to(T.z.dtype)
-        b = torch.randn(B, generator=generator, dtype=torch.float64).to(T.z.dtype)
+        a = torch.randn(B, generator=generator, dtype=torch.float64).to(device=T.z.device, dtype=T.z.dtype)
+        b = torch.randn(B, generator=generator, dtype=torch.float64).to(device=T.z.device, dtype=T.z.dtype)
         a, b = a / a.norm(), b / b.norm()
         Ma = T.slice(a).double().cpu().numpy()
         Mb = T.slice(b).double().cpu().numpy()
@@ -284,7 +284,7 @@ def jennrich(T: MomentTensor, *, generator: torch.Generator, draws: int = 10, ra
         ev, vecs = ev[order], vecs[:, order]
         V = np.real(vecs).T
         V = V / np.maximum(np.linalg.norm(V, axis=1, keepdims=True), 1e-300)
-        out.append(JennrichDraw(torch.as_tensor(V, dtype=T.z.dtype), _gap_score(ev), a, b))
+        out.append(JennrichDraw(torch.as_tensor(V, dtype=T.z.dtype, device=T.z.device), _gap_score(ev), a, b))
     out.sort(key=lambda d: -d.score)
     return out
 
@@ -298,11 +298,11 @@ def cp_als_polish(T: MomentTensor, directions: torch.Tensor, *, sweeps: int = 5)
     p = T.order
     R = directions.shape[0]
     factors = [directions.clone() for _ in range(p)]
-    lam = torch.ones(R, dtype=directions.dtype)
+    lam = torch.ones(R, dtype=directions.dtype, device=directions.device)
     for _ in range(max(0, int(sweeps))):
         for n in range(p):
             K = T.contract(factors, n)  # (R, B)
-            H = torch.ones(R, R, dtype=directions.dtype)
+            H = torch.ones(R, R, dtype=directions.dtype, device=directions.device)
             for k in range(p):
                 if k != n:
                     H = H * (factors[k] @ factors[k].T)

@@ -18,7 +18,7 @@ from .view import TwoLayerView
 def _residual_of_logits(loss_fn, logits: torch.Tensor, label: int) -> torch.Tensor:
     """Per-row dloss/dlogits (the residual r) for rows of logits (n, K) with one label."""
     lg = logits.detach().clone().requires_grad_(True)
-    y = torch.full((lg.shape[0],), int(label), dtype=torch.long)
+    y = torch.full((lg.shape[0],), int(label), dtype=torch.long, device=lg.device)
     with torch.enable_grad():
         loss = loss_fn(lg, y) * lg.shape[0]
         (g,) = torch.autograd.grad(loss, lg)
@@ -34,11 +34,12 @@ def _norm_candidates(loss_fn, F: torch.Tensor, bias: torch.Tensor, q: torch.Tens
     qn = float(q.norm())
     if qn == 0:
         return []
-    taus = torch.exp(torch.linspace(math.log(typical * 1e-4), math.log(typical * 1e4), 801, dtype=torch.float64))
+    taus = torch.exp(torch.linspace(math.log(typical * 1e-4), math.log(typical * 1e4), 801, dtype=torch.float64,
+                                        device=F.device))
     out = []
     for y in labels:
         r = _residual_of_logits(loss_fn, taus[:, None] * F[None] + bias[None], y)
-        mis = ((taus[:, None] * r - q[None]).norm(dim=1) / qn).numpy()
+        mis = ((taus[:, None] * r - q[None]).norm(dim=1) / qn).cpu().numpy()
         for i in range(len(mis)):
             lo_ok = i == 0 or mis[i] <= mis[i - 1]
             hi_ok = i == len(mis) - 1 or mis[i] <= mis[i + 1]
@@ -71,7 +72,7 @@ def _box_violation(spec, x_flat: torch.Tensor) -> float:
 def _box_max_norm(spec, u: torch.Tensor, frac: float = 0.01) -> float:
     """The largest tau such that at most ``frac`` of the pixels of denormalize(tau u) leave the value range."""
     lo, hi = spec.value_range
-    zero = spec.denormalize(torch.zeros(1, *spec.shape, dtype=u.dtype))[0].reshape(-1)
+    zero = spec.denormalize(torch.zeros(1, *spec.shape, dtype=u.dtype, device=u.device))[0].reshape(-1)
     step = spec.denormalize(u.reshape(1, *spec.shape))[0].reshape(-1) - zero  # image change per unit tau
     with np.errstate(divide="ignore", invalid="ignore"):
         lim = torch.where(step > 0, (hi - zero) / step, torch.where(step < 0, (lo - zero) / step,
@@ -127,7 +128,7 @@ def resolve_samples(case: Case, view: TwoLayerView, sol: Solution, prob: SpanPro
     W = params[view.weight_key].double()
     A = params[view.out_key].double()
     ob = getattr(case.model.get_submodule(view.out), "bias", None)
-    obias = ob.detach().double() if ob is not None else torch.zeros(K, dtype=torch.float64)
+    obias = ob.detach().double() if ob is not None else torch.zeros(K, dtype=torch.float64, device=W.device)
     typical = math.sqrt(d)
     cands: list[dict[int, list[tuple[float, torch.Tensor, str, str]]]] = []  # sample -> label -> [(mis, x, norm, sign)]
     bases: list[tuple[torch.Tensor, str, str]] = []  # fallback per sample (x, norm how, sign how)
@@ -254,7 +255,7 @@ def resolve_samples(case: Case, view: TwoLayerView, sol: Solution, prob: SpanPro
         rep["label"] = labs[-1]
         xs.append(x)
         reports.append(rep)
-    X = torch.stack(xs) if xs else torch.zeros(0, d, dtype=torch.float64)
+    X = torch.stack(xs) if xs else torch.zeros(0, d, dtype=torch.float64, device=W.device)
     if known is not None:
         labels = torch.tensor([int(y) for y in labs], dtype=torch.long)
     elif all(y is not None for y in labs):

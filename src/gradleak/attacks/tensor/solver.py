@@ -85,9 +85,9 @@ def _solve_reduced(prob: SpanProblem, o: TensorOptions, order: int, generator: t
     best_score = float("inf")
     agreements = 0
     for k in range(max(1, o.draws)):
-        c = torch.ones(prob.K, dtype=torch.float64)
-        if prob.K > 1:
-            c = torch.randn(prob.K, generator=generator, dtype=torch.float64)
+        c = torch.ones(prob.K, dtype=torch.float64, device=prob.Z.device)
+        if prob.K > 1:  # drawn on the generator's device (CPU), then moved: the same draw on every device
+            c = torch.randn(prob.K, generator=generator, dtype=torch.float64).to(prob.Z.device)
             c = c / c.norm()
         T = moment_tensor(prob, order, estimator, c)
         drs = jennrich(T, generator=generator, draws=1)

@@ -42,7 +42,7 @@ def top_span(gW: torch.Tensor, gb: torch.Tensor | None, B: int, generator: torch
             top = torch.cat([top, (gb @ Y)[None]], dim=0)
         return top
 
-    omega = torch.randn(da, k, generator=generator, dtype=torch.float64).to(gW.dtype)
+    omega = torch.randn(da, k, generator=generator, dtype=torch.float64).to(device=gW.device, dtype=gW.dtype)
     Y = right(omega)
     Q, _ = torch.linalg.qr(Y)
     Q, _ = torch.linalg.qr(right(left(Q)))
