@@ -26,6 +26,7 @@ from ...case import Case, FedAvg
 from ..base import Attack, Reconstruction, RunContext, register
 from ..labels import label_recovery_problems, recover_labels
 from . import common as C
+from . import priors as P
 
 SCALES = ("auto", "plain", "relative")
 
@@ -42,7 +43,9 @@ class DLGOptions:
     explode_factor: a loss above this multiple of the first counts as an explosion (0: off).
     scale: 'plain' (sum of squares), 'relative' (divided by the observed squared norm) or 'auto' (plain for
     FedSGD, relative for FedAvg). boxed: clamp to the image box after every outer step (DLG does not).
-    use_known_labels: use the case's labels when it has them (otherwise the paper's joint label logits)."""
+    use_known_labels: use the case's labels when it has them (otherwise the paper's joint label logits).
+    regularizers, bn_prior, bn_weight: terms added to the objective (not to the score), as for Inverting
+    Gradients (:mod:`.priors`; DLG itself has none: default off)."""
 
     max_iterations: int = 6000
     restarts: int = 1
@@ -55,6 +58,9 @@ class DLGOptions:
     scale: str = "auto"
     boxed: bool = False
     use_known_labels: bool = True
+    regularizers: tuple = ()
+    bn_prior: str = "none"
+    bn_weight: float = 1e-2
 
 
 def _check(o: DLGOptions) -> list[str]:
@@ -72,7 +78,17 @@ def _check(o: DLGOptions) -> list[str]:
         p.append(f"scale must be one of {SCALES}, got {o.scale!r}")
     if not (o.explode_factor >= 0):
         p.append(f"explode_factor must be >= 0, got {o.explode_factor}")
-    return p
+    if o.bn_prior not in P.BN_SOURCES:
+        p.append(f"bn_prior must be one of {P.BN_SOURCES}, got {o.bn_prior!r}")
+    if not (o.bn_weight >= 0 and math.isfinite(o.bn_weight)):
+        p.append(f"bn_weight must be a finite number >= 0, got {o.bn_weight}")
+    return p + P.spec_problems(None, tuple(o.regularizers))
+
+
+def prior_specs(o) -> list:
+    """The regularisers of an options object with ``bn_prior``/``bn_weight``/``regularizers`` (DLG, iDLG)."""
+    specs: list = [("bn-statistics", o.bn_weight, {"source": o.bn_prior})] if o.bn_prior != "none" else []
+    return specs + list(o.regularizers)
 
 
 class _LBFGSMatching(Attack):
@@ -94,7 +110,7 @@ class _LBFGSMatching(Attack):
         return _check(o)
 
     def requirements(self, case: Case) -> list[str]:
-        return C.matching_problems(case, list(case.observed))
+        return C.matching_problems(case, list(case.observed)) + P.spec_problems(case, prior_specs(self.options))
 
     def _fixed_labels(self, case: Case, ctx: RunContext) -> tuple[torch.Tensor | None, dict]:
         raise NotImplementedError
@@ -111,10 +127,13 @@ class _LBFGSMatching(Attack):
         like = torch.zeros((), dtype=case.dtype, device=case.device)
         lo, hi = C.box(case, like)
 
+        prior = P.build(case, prior_specs(o))
+
         def objective(v):
             lab = C.soft_labels(case, v[1]) if joint else labels
             data, _ = matcher.terms(v[0], lab)
-            return data, data
+            reg = prior.value(v[0])
+            return (data, data) if reg is None else (data + reg, data)
 
         def project(v):
             v[0].clamp_(lo, hi)
@@ -148,6 +167,7 @@ class _LBFGSMatching(Attack):
             "retries": sum(1 for t in trials if t.diverged),
             "labels": label_info,
             "distance": f"squared L2 ({scale})",
+            "priors": prior.describe(),
             "protocol": case.protocol,
             **C.totals(trials),
         }

@@ -107,6 +107,7 @@ def run_trial(
     history_size: int = 100,
     line_search: str = "strong-wolfe",
     decay: bool = True,
+    schedule: Callable[[int], float] | None = None,
     project: Callable[[list[torch.Tensor]], None] | None = None,
     on_step: Callable[[int, float, float], None] | None = None,
     on_offer: Callable[[float, list[torch.Tensor]], None] | None = None,
@@ -119,7 +120,8 @@ def run_trial(
     """One trial of ``optimizer`` ('signed-adam' | 'adam' | 'lbfgs') from ``variables`` for up to
     ``max_iterations`` iterations (see the module docstring for counts and stop reasons).
 
-    Adam: lr x0.1 at 3/8, 5/8, 7/8 of ``max_iterations`` (``decay``); signed: the step uses sign(gradient).
+    Adam: lr x0.1 at 3/8, 5/8, 7/8 of ``max_iterations`` (``decay``), or ``lr * schedule(step)`` at every step
+    when a ``schedule`` is given (e.g. :func:`.common.lr_schedule`); signed: the step uses sign(gradient).
     L-BFGS: ``lr``, outer steps of ``inner`` iterations, ``history_size`` pairs, ``line_search``
     ('strong-wolfe' or '' for DLG's fixed step). ``project`` (e.g. the box clamp) runs after every Adam step /
     L-BFGS outer step. ``on_step(outer_step, total, best_score)``; ``on_offer(score, vars)`` every
@@ -136,7 +138,7 @@ def run_trial(
                explode_factor=explode_factor, stall_steps=stall_steps, tol_grad=tol_grad)
     else:
         _adam(trial, best, objective, variables, max_iterations=max_iterations, lr=lr,
-              signed=optimizer == "signed-adam", decay=decay, project=project, on_step=on_step,
+              signed=optimizer == "signed-adam", decay=decay, schedule=schedule, project=project, on_step=on_step,
               on_offer=on_offer, offer_every=offer_every, explode_factor=explode_factor)
     trial.variables, trial.score = best.vars, best.score
     trial.seconds = time.perf_counter() - t0
@@ -150,7 +152,7 @@ def run_trial(
 
 
 def _adam(trial, best, objective, variables, *, max_iterations, lr, signed, decay, project, on_step, on_offer,
-          offer_every, explode_factor) -> None:
+          offer_every, explode_factor, schedule=None) -> None:
     leaves = [v.detach().clone().requires_grad_(True) for v in variables]
     opt = torch.optim.Adam(leaves, lr=lr)
     milestones = {int(max_iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)} if decay else set()
@@ -173,7 +175,10 @@ def _adam(trial, best, objective, variables, *, max_iterations, lr, signed, deca
             break
         best.see(float(score.detach()), leaves)
         trial.history.append(tval)
-        if step in milestones:
+        if schedule is not None:
+            for group in opt.param_groups:
+                group["lr"] = lr * schedule(step)
+        elif step in milestones:
             for group in opt.param_groups:
                 group["lr"] *= 0.1
         for x, g in zip(leaves, grads):
