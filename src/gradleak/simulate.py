@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from . import functional as Fn
+from .batchnorm import side_channel
 from .case import Case, DataSpec, FedAvg, FedSGD, Truth, _num_outputs
 from .errors import ValidationError
 from .losses import default_loss_for, losses
@@ -131,7 +132,7 @@ def simulate(
     The case's ``observed_buffers`` are the buffers the client returns with the update (as a framework that sends
     the whole state_dict does): after its computation, so in train mode they carry the batch's BatchNorm
     statistics (:mod:`gradleak.batchnorm`); defenses act on the parameters' update only. None for a model
-    without buffers.
+    without buffers. ``case.meta['side_channels']`` says what they leak (:func:`gradleak.batchnorm.side_channel`).
     other_clients: for secure aggregation (``gl.defenses.create('secure-aggregation', clients=K)``, last in the
         defense): (x, y) with (K-1)*B more images, the other clients' batches. The case then observes the
         mean of the K clients' (each defended) updates, and the truth is all K*B images, the target's first.
@@ -229,6 +230,9 @@ def simulate(
         if privacy is not None:
             meta["privacy"] = privacy
     case = replace(case.with_observation(update, **meta), observed_buffers=buffers or None)
+    channel = side_channel(case)
+    if channel is not None:
+        case.meta["side_channels"] = [channel]
     return case, Truth(inputs=all_x.clone(), labels=all_y.clone())
 
 
