@@ -207,3 +207,20 @@ def test_flower_case_reads_the_returned_buffers(photos32):
     assert torch.allclose(stats.layers["layer3.2.bn2"].var, true["layer3.2.bn2"][1], rtol=1e-9)
     ch = fc.meta["side_channels"][0]
     assert ch["leaks"] and ch["exact"] and ch["layers"] == 21
+
+
+def test_flower_audit_notes_what_the_buffers_leaked(photos32):
+    from gradleak.integrations.flower import Auditor
+
+    x, y = photos32.batch(2)
+    model = _resnet(photos32).float()
+    case, _ = gl.simulate(model, x, y, spec=photos32.spec, bn_mode="train", protocol="fedavg", local_steps=2,
+                          local_lr=0.01)
+    sent = [v.numpy().copy() for v in model.state_dict().values()]
+    back = [((v + case.observed[k]) if k in case.observed else case.observed_buffers[k]).detach().numpy().copy()
+            for k, v in model.state_dict().items()]
+    for mode, expect in (("train", "mixture of the 2 local steps"), ("eval", "client ran BatchNorm in train mode")):
+        auditor = Auditor(model, photos32.spec, attack=gl.create("ig", max_iterations=1), local_steps=2,
+                          local_lr=0.01, bn_mode=mode, verbose=False)
+        rec = auditor.audit_update(1, 3, sent, back, num_examples=2, reported={})
+        assert rec.error is None and any(expect in n for n in rec.notes), (mode, rec.notes)
