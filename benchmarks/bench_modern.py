@@ -1,7 +1,8 @@
 """Leakage on deployed architectures: CIFAR ResNets with BatchNorm, realistic settings x attack options.
 
 Models (32x32, CIFAR stem, zoo seed 0, untrained): ``resnet20-4`` (zoo ``resnet20`` with ``width=4``: Inverting
-Gradients' ResNet20-4) and ``resnet18`` (zoo ``resnet18``, CIFAR stem below 128 px).
+Gradients' ResNet20-4) and ``resnet18`` (zoo ``resnet18``, CIFAR stem below 128 px); ``resnet20`` (width 1, 16x
+cheaper per iteration than resnet20-4) for the settings that are too slow on the larger ones here.
 
 Settings (issue 16, part 3), named ``{bn}-b{B}-{protocol}[-recovered]``:
 - ``bn``: ``eval`` (BatchNorm with the running statistics) or ``train`` (batch statistics; the client returns its
@@ -28,7 +29,7 @@ iterations, the settings in ``--settings`` and the configurations in ``--configs
 
 Run:  python benchmarks/bench_modern.py [--quick] [--models resnet20-4,resnet18] [--photos N]
       [--iterations 500,2000] [--settings eval-b1-fedsgd,train-b1-fedsgd] [--configs ig,ig+bn]
-Writes benchmarks/results/modern.json.
+Writes benchmarks/results/modern.json (``--name`` for another name).
 """
 
 from __future__ import annotations
@@ -38,13 +39,12 @@ import itertools
 import statistics
 import time
 
-import torch
 
 import common
 import gradleak as gl
 from gradleak import batchnorm
 
-MODELS = {"resnet20-4": ("resnet20", {"width": 4}), "resnet18": ("resnet18", {})}
+MODELS = {"resnet20-4": ("resnet20", {"width": 4}), "resnet18": ("resnet18", {}), "resnet20": ("resnet20", {})}
 CONFIGS = {
     "ig": {},
     "ig+bn": {"bn_prior": "auto", "bn_weight": 1e-2},
@@ -80,6 +80,7 @@ def main():
     ap.add_argument("--settings", default=DEFAULT_SETTINGS, help=f"some of {','.join(SETTINGS)}")
     ap.add_argument("--configs", default=",".join(CONFIGS), help=f"some of {','.join(CONFIGS)}")
     ap.add_argument("--local-lr", type=float, default=1e-2)
+    ap.add_argument("--name", default="modern", help="results name (benchmarks/results/NAME.json), for partial runs")
     args = ap.parse_args()
     if args.quick:
         args.models, args.photos, args.iterations = "resnet20-4", 1, "20"
@@ -93,7 +94,7 @@ def main():
     if bad:
         ap.error(f"unknown model/setting/config {bad}; models {list(MODELS)}, settings {list(SETTINGS)}, "
                  f"configs {list(CONFIGS)}")
-    run_ = common.begin("modern", args)
+    run_ = common.begin(args.name, args)
     photos = gl.data.samples(32, num_images=8)
     rows = []
     for mname in models:

@@ -89,7 +89,7 @@ def test_bn_prior_on_k_local_steps_is_the_documented_approximation(photos32):
     x, y = photos32.batch(4)
     x = x.double()
     model = _resnet(photos32)
-    case, truth = gl.simulate(model, x, y, spec=photos32.spec, bn_mode="train", protocol="fedavg", local_steps=4,
+    case, _ = gl.simulate(model, x, y, spec=photos32.spec, bn_mode="train", protocol="fedavg", local_steps=4,
                               local_lr=1e-4, local_batch_size=2)
     term = P.build(case, [("bn-statistics", 1.0, {"source": "update"})])
     xn = photos32.spec.normalize(x)
