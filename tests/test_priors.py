@@ -70,36 +70,46 @@ def test_bn_prior_from_the_update_vanishes_at_the_true_batch_only(photos32):
     model = _resnet(photos32)
     case, truth = gl.simulate(model, x, y, spec=photos32.spec, bn_mode="train")
     term = P.build(case, [("bn-statistics", 1.0, {"source": "update"})])
-    at_truth = float(term.value(photos32.spec.normalize(truth.inputs)))
+    at_truth = float(term.value(photos32.spec.normalize(truth.inputs), y))
     other = photos32.spec.normalize(torch.rand_like(x, dtype=torch.float64))
     assert at_truth < 1e-9
-    assert float(term.value(other)) > 1e-2
+    assert float(term.value(other, y)) > 1e-2
     # differentiable in the candidate
     xv = other.clone().requires_grad_(True)
-    (g,) = torch.autograd.grad(term.value(xv), xv)
+    (g,) = torch.autograd.grad(term.value(xv, y), xv)
     assert float(g.abs().max()) > 0
     # FedAvg with one full-batch step reveals the batch's own statistics too
     avg, _ = gl.simulate(model, x, y, spec=photos32.spec, bn_mode="train", protocol="fedavg", local_steps=1,
                          local_lr=0.1)
     assert float(P.build(avg, [("bn-statistics", 1.0, {"source": "update"})]).value(
-        photos32.spec.normalize(x))) < 1e-9
+        photos32.spec.normalize(x), y)) < 1e-9
 
 
-def test_bn_prior_on_k_local_steps_is_the_documented_approximation(photos32):
+def test_bn_prior_on_k_local_steps_replays_the_client_exactly(photos32):
     x, y = photos32.batch(4)
     x = x.double()
     model = _resnet(photos32)
     case, _ = gl.simulate(model, x, y, spec=photos32.spec, bn_mode="train", protocol="fedavg", local_steps=4,
-                              local_lr=1e-4, local_batch_size=2)
-    term = P.build(case, [("bn-statistics", 1.0, {"source": "update"})])
+                          local_lr=0.05, local_batch_size=2)
     xn = photos32.spec.normalize(x)
-    at_truth = float(term.value(xn))
-    swapped = float(term.value(xn[[2, 3, 0, 1]]))  # the same images in the other mini-batches
-    random = float(term.value(photos32.spec.normalize(torch.rand_like(x))))
-    # not exact (the parameters move between the steps), but far closer at the truth than elsewhere, and the
-    # mini-batch weights tell the right order of the images from the wrong one
+    exact = P.build(case, [("bn-statistics", 1.0, {"source": "update"})])
+    assert float(exact.value(xn, y)) < 1e-9  # the client's own steps, replayed on the candidate
+    assert float(exact.value(xn[[2, 3, 0, 1]], y[[2, 3, 0, 1]])) > 1e-2
+    xv = xn.clone().add_(0.1).requires_grad_(True)
+    (g,) = torch.autograd.grad(exact.value(xv, y), xv)
+    assert float(g.abs().max()) > 0
+    # the cheap form (statistics at the sent parameters) is off by the parameters' drift, but still tells the
+    # right order of the images from the wrong one at a small local learning rate
+    slow, _ = gl.simulate(model, x, y, spec=photos32.spec, bn_mode="train", protocol="fedavg", local_steps=4,
+                          local_lr=1e-4, local_batch_size=2)
+    approx = P.build(slow, [("bn-statistics", 1.0, {"source": "update", "fedavg": "sent-parameters"})])
+    at_truth = float(approx.value(xn, y))
+    swapped = float(approx.value(xn[[2, 3, 0, 1]], y))
+    random = float(approx.value(photos32.spec.normalize(torch.rand_like(x)), y))
     assert 0 < at_truth < 1e-2 * random
     assert at_truth < 0.5 * swapped
+    with pytest.raises(gl.ValidationError, match="fedavg must be one of"):
+        P.build(slow, [("bn-statistics", 1.0, {"source": "update", "fedavg": "guess"})])
 
 
 class _OneBN(nn.Module):
@@ -134,8 +144,10 @@ def test_bn_prior_from_running_statistics(photos32):
     fitted.eval()
     case, _ = gl.simulate(fitted, x, y, spec=photos32.spec, bn_mode="eval")
     term = P.build(case, [("bn-statistics", 1.0, {"source": "running"})])
-    assert float(term.value(xn)) < 1e-9
-    assert float(term.value(photos32.spec.normalize(torch.rand_like(x)))) > 1e-2
+    assert float(term.value(xn, y)) < 1e-9
+    assert float(term.value(photos32.spec.normalize(torch.rand_like(x)), y)) > 1e-2
+    with pytest.raises(gl.ValidationError, match="needs the candidate's labels"):
+        term.value(xn)
     assert P.resolve_bn_source(case, "auto") == "running"
     # the update has nothing to reveal in eval mode: the attack refuses that source and says why
     with pytest.raises(gl.RequirementError, match="'eval' mode"):

@@ -185,13 +185,42 @@ class FeatureStatistics:
         mods = bn_layers(self.model)
         self.names = list(mods) if names is None else [n for n in names if n in mods]
         self._seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._steps: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] | None = None
         for n in self.names:
             mods[n].register_forward_pre_hook(self._hook(n))
 
     def _hook(self, name: str):
-        def pre(_module, args):
-            self._seen[name] = input_statistics(args[0])
+        def pre(module, args):
+            stats = input_statistics(args[0])
+            if self._steps is not None:
+                if not self._steps or name in self._steps[-1]:
+                    self._steps.append({})
+                self._steps[-1][name] = stats
+            self._seen[name] = stats
         return pre
+
+    def unrolled(self, case: "Case", x: torch.Tensor, labels: torch.Tensor, weights: tuple[float, ...]
+                 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The statistics the returned buffers of a FedAvg client hold for candidate inputs ``x`` and ``labels``,
+        EXACTLY: the client's K local steps are replayed (:func:`gradleak.functional.fedavg_update`, differentiable)
+        and each step's statistics, on its mini-batch at its parameters theta_{k-1}(x), are mixed with
+        ``weights`` (one per step, :attr:`LayerStatistics.weights`)."""
+        from .functional import fedavg_update
+
+        o = case.observation
+        self._steps = []
+        try:
+            fedavg_update(self.model, case.parameters, case.buffers, x, labels, case.loss_fn,
+                          local_steps=o.local_steps, local_lr=o.local_lr, local_batch_size=o.local_batch_size,
+                          create_graph=True)
+            steps = self._steps
+        finally:
+            self._steps = None
+        out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for w, seen in zip(weights, steps):
+            for n, (m, v) in seen.items():
+                out[n] = (out[n][0] + w * m, out[n][1] + w * v) if n in out else (w * m, w * v)
+        return out
 
     def __call__(self, x: torch.Tensor, chunks: list[tuple[slice, float]] | None = None
                  ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

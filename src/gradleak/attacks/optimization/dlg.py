@@ -132,7 +132,7 @@ class _LBFGSMatching(Attack):
         def objective(v):
             lab = C.soft_labels(case, v[1]) if joint else labels
             data, _ = matcher.terms(v[0], lab)
-            reg = prior.value(v[0])
+            reg = prior.value(v[0], lab)
             return (data, data) if reg is None else (data + reg, data)
 
         def project(v):

@@ -264,7 +264,7 @@ class InvertingGradients(Attack):
             lab = C.soft_labels(case, v[1]) if joint else labels
             data, cos = matcher.terms(x, lab)
             total = data
-            reg = prior.value(x)
+            reg = prior.value(x, lab)
             if reg is not None:
                 total = total + reg
             for g in group:

@@ -2,7 +2,8 @@
 
 A regulariser is registered once with :func:`register_prior`: a builder ``builder(case, **options)`` that
 returns a function of the candidate batch ``x`` (NORMALISED inputs (B, *shape)) -> 0-d tensor, differentiable in
-``x``. The attacks (Inverting Gradients / FedAvg, DLG / iDLG) take a list of :class:`PriorSpec` (or
+``x`` (a prior registered with ``uses_labels=True`` is called ``term(x, labels)`` with the candidate's labels:
+int (B,) or soft). The attacks (Inverting Gradients / FedAvg, DLG / iDLG) take a list of :class:`PriorSpec` (or
 ``(name, weight)`` / ``(name, weight, options)`` tuples), :func:`build` them once per reconstruction and add
 ``sum_r weight_r * term_r(x)`` to the matching objective (never to the score that picks the best restart).
 
@@ -16,8 +17,10 @@ Registered:
   the targets ``mu_l, s2_l`` from ``source``:
   ``'update'``: what the client's returned running statistics reveal (train mode;
   :func:`gradleak.batchnorm.revealed_statistics`: the batch's own for one forward pass; for FedAvg with K
-  local steps the mixture of the K step statistics, which the candidate side models on the steps' mini-batches
-  at the sent parameters, an approximation that ignores the parameters' drift);
+  local steps the mixture of the K step statistics, which the candidate side computes EXACTLY by replaying the
+  client's K steps on the candidate (``fedavg='unrolled'``, the default: the cost of a second unrolled update per
+  evaluation) or approximates on the steps' mini-batches at the sent parameters (``fedavg='sent-parameters'``:
+  cheap, but the parameters' drift makes it poor at usual local learning rates, see docs/batchnorm.md));
   ``'running'``: the model's running statistics (what the server's model holds: the training data's feature
   statistics, not this batch's; the GradInversion threat model on a trained model in eval mode);
   ``'auto'``: 'update' when the case has returned buffers and ran train mode, else 'running'.
@@ -51,16 +54,19 @@ class Prior:
     source: str
     description: str
     problems: Callable[..., list[str]] = lambda case, **o: []
+    uses_labels: bool = False
 
 
 priors: Registry[Prior] = Registry("prior")
 
 
 def register_prior(name: str, *, source: str, description: str,
-                   problems: Callable[..., list[str]] | None = None):
-    """Register ``builder(case, **options) -> (x -> 0-d tensor)`` as the prior ``name`` (kebab-case)."""
+                   problems: Callable[..., list[str]] | None = None, uses_labels: bool = False):
+    """Register ``builder(case, **options) -> (x -> 0-d tensor)`` as the prior ``name`` (kebab-case);
+    ``uses_labels``: the built term is called ``term(x, labels)``."""
     def deco(builder):
-        priors.register(name)(Prior(name, builder, source, description, problems or (lambda case, **o: [])))
+        priors.register(name)(Prior(name, builder, source, description, problems or (lambda case, **o: []),
+                                    uses_labels))
         return builder
     return deco
 
@@ -111,18 +117,21 @@ def spec_problems(case: Case | None, items: Sequence[Any]) -> list[str]:
 class Objective:
     """The built regularisers of one reconstruction: ``value(x)`` is ``sum_r w_r term_r(x)``."""
 
-    terms: list[tuple[str, float, Term]]
+    terms: list[tuple[str, float, Term, bool]]
 
-    def value(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The weighted sum over the terms (None when there is none)."""
+    def value(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The weighted sum over the terms (None when there is none); ``labels``: the candidate's labels, for
+        the terms that use them."""
         total = None
-        for _, w, t in self.terms:
-            v = w * t(x)
+        for name, w, t, uses_labels in self.terms:
+            if uses_labels and labels is None:
+                raise ValidationError("priors", [f"prior {name!r} needs the candidate's labels"])
+            v = w * (t(x, labels) if uses_labels else t(x))
             total = v if total is None else total + v
         return total
 
     def describe(self) -> list[dict]:
-        return [{"prior": n, "weight": w} for n, w, _ in self.terms]
+        return [{"prior": n, "weight": w} for n, w, _, _ in self.terms]
 
 
 def build(case: Case, items: Sequence[Any]) -> Objective:
@@ -134,12 +143,12 @@ def build(case: Case, items: Sequence[Any]) -> Objective:
     terms = []
     for item in items:
         if callable(item) and not isinstance(item, (tuple, list, PriorSpec)):
-            terms.append((getattr(item, "__name__", "callable"), 1.0, item))
+            terms.append((getattr(item, "__name__", "callable"), 1.0, item, False))
             continue
         s = PriorSpec.parse(item)
         if s.weight > 0:
             p = priors.get(s.name)
-            terms.append((p.name, s.weight, p.builder(case, **dict(s.options))))
+            terms.append((p.name, s.weight, p.builder(case, **dict(s.options)), p.uses_labels))
     return Objective(terms)
 
 
@@ -177,9 +186,14 @@ def resolve_bn_source(case: Case, source: str) -> str:
     return "update" if case.bn_mode == "train" and case.observed_buffers else "running"
 
 
-def _bn_problems(case: Case, source: str = "auto") -> list[str]:
+FEDAVG_MODES = ("unrolled", "sent-parameters")
+
+
+def _bn_problems(case: Case, source: str = "auto", fedavg: str = "unrolled") -> list[str]:
     if source not in BN_SOURCES[1:]:
         return [f"bn-statistics source must be one of {BN_SOURCES[1:]}, got {source!r}"]
+    if fedavg not in FEDAVG_MODES:
+        return [f"bn-statistics fedavg must be one of {FEDAVG_MODES}, got {fedavg!r}"]
     if not BN.bn_layers(case.model):
         return ["bn-statistics: the model has no BatchNorm layer with running statistics"]
     source = resolve_bn_source(case, source)
@@ -193,13 +207,16 @@ def _bn_problems(case: Case, source: str = "auto") -> list[str]:
 
 @register_prior("bn-statistics", source="Yin et al. CVPR 2021 (GradInversion); Yin et al. CVPR 2020 (DeepInversion)",
                 description="BatchNorm input statistics of the candidate batch matched to the revealed ('update') "
-                            "or the model's running ('running') statistics", problems=_bn_problems)
-def _bn_statistics(case: Case, source: str = "auto") -> Term:
+                            "or the model's running ('running') statistics", problems=_bn_problems, uses_labels=True)
+def _bn_statistics(case: Case, source: str = "auto", fedavg: str = "unrolled") -> Term:
     source = resolve_bn_source(case, source)
+    unrolled = None
     if source == "update":
         stats = BN.revealed_statistics(case)
         targets = {n: (s.mean, s.var) for n, s in stats.layers.items()}
         chunks = BN.candidate_chunks(case, stats)
+        if not stats.exact and fedavg == "unrolled":
+            unrolled = next(iter(stats.layers.values())).weights
     else:
         buf = case.buffers
         targets = {n: (buf[f"{n}.running_mean" if n else "running_mean"], buf[f"{n}.running_var" if n else "running_var"])
@@ -207,8 +224,8 @@ def _bn_statistics(case: Case, source: str = "auto") -> Term:
         chunks = None
     features = BN.FeatureStatistics(case.model, list(targets))
 
-    def term(x: torch.Tensor) -> torch.Tensor:
-        seen = features(x, chunks)
+    def term(x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        seen = features(x, chunks) if unrolled is None else features.unrolled(case, x, labels, unrolled)
         total = x.new_zeros(())
         for n, (mu, var) in targets.items():
             m, v = seen[n]
