@@ -15,7 +15,9 @@ Configurations (part 2), all Inverting Gradients at ``--iterations`` per restart
 - ``ig``: the default options (signed Adam on ReLU networks, TV 1e-4, step decay);
 - ``ig+bn``: ``bn_prior='auto'`` (the statistics the returned buffers reveal in train mode, the model's running
   statistics in eval mode), ``bn_weight`` 1e-2;
-- ``ig+bn+cosine``: the same with ``schedule='cosine'`` (warm-up 50) and ``start='patterned-4'``;
+- ``ig+cosine``: ``schedule='cosine'`` (warm-up 50) and ``start='patterned-4'``, no BN prior;
+- ``ig-lbfgs``: ``optimizer='lbfgs'`` (cosine matching, strong-Wolfe L-BFGS, on a ReLU network);
+- ``ig+bn+cosine``: the BN prior with ``schedule='cosine'`` (warm-up 50) and ``start='patterned-4'``;
 - ``gradinversion``: the ``gradinversion`` preset at this budget (Adam, cosine, BN prior, image norm, 2
   restarts with the group term).
 
@@ -48,6 +50,8 @@ MODELS = {"resnet20-4": ("resnet20", {"width": 4}), "resnet18": ("resnet18", {})
 CONFIGS = {
     "ig": {},
     "ig+bn": {"bn_prior": "auto", "bn_weight": 1e-2},
+    "ig+cosine": {"schedule": "cosine", "warmup": 50, "start": "patterned-4"},
+    "ig-lbfgs": {"optimizer": "lbfgs"},
     "ig+bn+cosine": {"bn_prior": "auto", "bn_weight": 1e-2, "schedule": "cosine", "warmup": 50,
                      "start": "patterned-4"},
     "gradinversion": {"preset": "gradinversion", "restarts": 2},
@@ -55,7 +59,8 @@ CONFIGS = {
 SETTINGS = {f"{bn}-b{b}-{p}{'-recovered' if rec else ''}": {"bn_mode": bn, "batch": b, "protocol": p,
                                                              "labels_known": not rec}
             for bn, b, p, rec in itertools.product(("eval", "train"), (1, 8), ("fedsgd", "fedavg5"), (False, True))}
-DEFAULT_SETTINGS = "eval-b1-fedsgd,train-b1-fedsgd,train-b8-fedavg5"
+DEFAULT_SETTINGS = "eval-b1-fedsgd,train-b1-fedsgd,train-b1-fedavg5"
+DEFAULT_CONFIGS = "ig,ig+bn,ig+cosine,gradinversion"
 
 
 def cases(model, setting: dict, photos, n_photos: int, local_lr: float):
@@ -78,7 +83,7 @@ def main():
     ap.add_argument("--photos", type=int, default=2, help="photos at batch 1 (the batch-8 case uses the first 8)")
     ap.add_argument("--iterations", default="500")
     ap.add_argument("--settings", default=DEFAULT_SETTINGS, help=f"some of {','.join(SETTINGS)}")
-    ap.add_argument("--configs", default=",".join(CONFIGS), help=f"some of {','.join(CONFIGS)}")
+    ap.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"some of {','.join(CONFIGS)}")
     ap.add_argument("--local-lr", type=float, default=1e-2)
     ap.add_argument("--name", default="modern", help="results name (benchmarks/results/NAME.json), for partial runs")
     args = ap.parse_args()
