@@ -59,7 +59,9 @@ class IGOptions:
     tensor`` (weight 1). Every regulariser lives in :mod:`.priors`; the options below are shorthands for them.
     l2: weight of the image-norm prior ``mean(x^2)`` (GradInversion's alpha_l2; prior 'l2').
     bn_prior: BatchNorm statistics matching (GradInversion, Yin et al. 2021; prior 'bn-statistics'): 'none',
-    'update' (the statistics the client's returned running buffers reveal: train mode), 'running' (the model's
+    'update' (the statistics the client's returned running buffers reveal: train mode; on FedAvg cases the
+    client's local steps are replayed on the candidate, exactly, at the cost of a second unrolled update per
+    iteration), 'running' (the model's
     running statistics: the threat model where the server's BatchNorm statistics describe the client's data),
     or 'auto' ('update' when the case has returned buffers in train mode, else 'running'). bn_weight: its weight.
     group_consistency: weight of GradInversion's group term (0: off; needs restarts >= 2). The restarts run the
