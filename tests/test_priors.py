@@ -222,3 +222,20 @@ def test_presets_per_paper_exist_and_validate():
         assert a.options.bn_prior == "auto" and a.options.schedule == "cosine"
     assert ig.presets["gradinversion"]["group_consistency"] > 0
     assert ig.presets["modern"]["start"] == "patterned-4"
+
+
+def test_the_gradinversion_preset_uses_what_the_case_offers(photos32):
+    x, y = photos32.batch(2)
+    torch.manual_seed(0)
+    model = _OneBN()
+    train, _ = gl.simulate(model, x, y, spec=photos32.spec, bn_mode="train")
+    rec = gl.create("ig", preset="gradinversion", max_iterations=6, restarts=2).reconstruct(train, seed=0)
+    assert rec.info["bn_prior"] == "update" and rec.info["group_consistency"]["restarts_in_consensus"] == 2
+    assert {"prior": "bn-statistics", "weight": 1e-2} in rec.info["priors"] and rec.info["schedule"] == "cosine"
+    ev, _ = gl.simulate(model, x, y, spec=photos32.spec, bn_mode="eval")
+    assert gl.create("ig", preset="gradinversion", max_iterations=4, restarts=2).reconstruct(
+        ev, seed=0).info["bn_prior"] == "running"
+    lenet = gl.models.build("lenet", input_shape=photos32.spec.shape, num_classes=photos32.spec.num_classes)
+    plain, _ = gl.simulate(lenet, x, y, spec=photos32.spec)
+    rec = gl.create("ig", preset="gradinversion", max_iterations=4, restarts=2).reconstruct(plain, seed=0)
+    assert rec.info["bn_prior"] == "none" and all(p["prior"] != "bn-statistics" for p in rec.info["priors"])

@@ -85,10 +85,10 @@ def _check(o: DLGOptions) -> list[str]:
     return p + P.spec_problems(None, tuple(o.regularizers))
 
 
-def prior_specs(o) -> list:
+def prior_specs(case: Case, o) -> list:
     """The regularisers of an options object with ``bn_prior``/``bn_weight``/``regularizers`` (DLG, iDLG)."""
-    specs: list = [("bn-statistics", o.bn_weight, {"source": o.bn_prior})] if o.bn_prior != "none" else []
-    return specs + list(o.regularizers)
+    on = P.resolve_bn_source(case, o.bn_prior) != "none"
+    return ([("bn-statistics", o.bn_weight, {"source": o.bn_prior})] if on else []) + list(o.regularizers)
 
 
 class _LBFGSMatching(Attack):
@@ -110,7 +110,7 @@ class _LBFGSMatching(Attack):
         return _check(o)
 
     def requirements(self, case: Case) -> list[str]:
-        return C.matching_problems(case, list(case.observed)) + P.spec_problems(case, prior_specs(self.options))
+        return C.matching_problems(case, list(case.observed)) + P.spec_problems(case, prior_specs(case, self.options))
 
     def _fixed_labels(self, case: Case, ctx: RunContext) -> tuple[torch.Tensor | None, dict]:
         raise NotImplementedError
@@ -127,7 +127,7 @@ class _LBFGSMatching(Attack):
         like = torch.zeros((), dtype=case.dtype, device=case.device)
         lo, hi = C.box(case, like)
 
-        prior = P.build(case, prior_specs(o))
+        prior = P.build(case, prior_specs(case, o))
 
         def objective(v):
             lab = C.soft_labels(case, v[1]) if joint else labels

@@ -63,7 +63,8 @@ class IGOptions:
     client's local steps are replayed on the candidate, exactly, at the cost of a second unrolled update per
     iteration), 'running' (the model's
     running statistics: the threat model where the server's BatchNorm statistics describe the client's data),
-    or 'auto' ('update' when the case has returned buffers in train mode, else 'running'). bn_weight: its weight.
+    or 'auto' ('update' when the case has returned buffers in train mode, else 'running'; off for a model
+    without BatchNorm). bn_weight: its weight.
     group_consistency: weight of GradInversion's group term (0: off; needs restarts >= 2). The restarts run the
     first ``group_start`` fraction of the budget on their own, then their consensus (the mean after matching
     samples across restarts) is formed once and every restart continues for the rest of the budget with
@@ -227,7 +228,7 @@ class InvertingGradients(Attack):
         """The objective's regularisers (:mod:`.priors`): TV, image norm, BatchNorm statistics, then the user's."""
         o = self.options
         specs: list = [("tv", tv_weight(o.tv, case.batch_size, o.tv_batch_scaling)), ("l2", o.l2)]
-        if o.bn_prior != "none":
+        if P.resolve_bn_source(case, o.bn_prior) != "none":
             specs.append(("bn-statistics", o.bn_weight, {"source": o.bn_prior}))
         return specs + list(o.regularizers)
 

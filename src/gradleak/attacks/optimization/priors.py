@@ -23,7 +23,8 @@ Registered:
   cheap, but the parameters' drift makes it poor at usual local learning rates, see docs/batchnorm.md));
   ``'running'``: the model's running statistics (what the server's model holds: the training data's feature
   statistics, not this batch's; the GradInversion threat model on a trained model in eval mode);
-  ``'auto'``: 'update' when the case has returned buffers and ran train mode, else 'running'.
+  ``'auto'``: 'update' when the case has returned buffers and ran train mode, else 'running' (nothing for a
+  model without BatchNorm).
 - ``group-consistency``: ``mean((x - target)^2)`` towards a consensus batch (GradInversion's group term; the
   consensus of the restarts is computed by the attack, see :func:`group_consensus`).
 """
@@ -180,9 +181,12 @@ def _l2(case: Case) -> Term:
 
 
 def resolve_bn_source(case: Case, source: str) -> str:
-    """'auto' -> 'update' for a train-mode case with returned buffers, else 'running'."""
+    """'auto' -> 'update' for a train-mode case with returned buffers, else 'running'; 'none' for a model
+    without BatchNorm layers (there is nothing to match)."""
     if source != "auto":
         return source
+    if not BN.bn_layers(case.model):
+        return "none"
     return "update" if case.bn_mode == "train" and case.observed_buffers else "running"
 
 
