@@ -315,7 +315,7 @@ class InvertingGradients(Attack):
         if grouped and first < o.max_iterations and sum(t.finite for t in trials) >= 2:
             # GradInversion's group term (sequential form): the consensus of the restarts, then every restart
             # continues towards it for the rest of the budget (the schedule goes on where it stopped)
-            consensus = P.group_consensus([t.variables[0] for t in trials if t.finite])
+            consensus = P.group_consensus([t.variables[0] for t in trials if t.finite], spec)
             group.append(P.priors.get("group-consistency").builder(case, target=consensus))
             rest = o.max_iterations - first
             later = None if sched is None else (lambda step: sched(step + first))

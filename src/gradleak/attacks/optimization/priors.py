@@ -248,17 +248,18 @@ def _group(case: Case, target: torch.Tensor | None = None) -> Term:
     return lambda x: (x - t).pow(2).mean()
 
 
-def group_consensus(batches: Sequence[torch.Tensor]) -> torch.Tensor:
+def group_consensus(batches: Sequence[torch.Tensor], spec=None) -> torch.Tensor:
     """The consensus of several restarts' batches (B, *shape) (GradInversion's group mean): each batch's samples
-    are first put in the order of the first one's (a Hungarian assignment on the mean squared distance, so that
-    restarts that found the same images in another order agree), then averaged."""
-    from scipy.optimize import linear_sum_assignment
+    are first put in the order of the first one's (the Hungarian assignment of :func:`gradleak.metrics.align`, on
+    the images ``spec.denormalize(batch)`` when a DataSpec is given), so that restarts that found the same images
+    in another order agree, then averaged."""
+    from ...metrics import align
 
+    image = spec.denormalize if spec is not None else (lambda t: t)
     ref = batches[0].detach()
     aligned = [ref]
     for b in batches[1:]:
         b = b.detach()
-        cost = ((ref.flatten(1)[:, None, :] - b.flatten(1)[None, :, :]) ** 2).mean(-1)
-        _, cols = linear_sum_assignment(cost.double().cpu().numpy())
-        aligned.append(b[torch.as_tensor(cols, device=b.device)])
+        order = align(image(b), image(ref))
+        aligned.append(b[torch.as_tensor(order, device=b.device)])
     return torch.stack(aligned).mean(0)
