@@ -201,7 +201,7 @@ def _cosine(gs: Sequence[torch.Tensor], vhat: Sequence[torch.Tensor], w: Sequenc
     zero = gn2 == 0
     safe = torch.where(finite & ~zero, gn2, torch.ones_like(gn2))
     inv = safe.rsqrt()
-    diffs = [g * inv.to(g.dtype).unsqueeze(1) - v for g, v in zip(gh, vhat)]
+    diffs = [g.mul_(inv.to(g.dtype).unsqueeze(1)).sub_(v) for g, v in zip(gh, vhat)]  # gh is ours: in place
     half = 0.5 * sum(wl * torch.linalg.vecdot(d, d, dim=1).double() for wl, d in zip(w, diffs))
     value = torch.where(zero, torch.ones_like(half), half.clamp(max=2.0))
     value = torch.where(finite, value, torch.full_like(half, float("nan")))
