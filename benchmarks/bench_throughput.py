@@ -60,7 +60,7 @@ def child(model: str, trials: int, mode: str, iterations: int) -> dict:
     # warm-up on one case (first-use costs of torch.func / the autograd engine are not throughput)
     warm = gl.create("ig", **{**opts, "max_iterations": 1})
     if mode == "batched":
-        reconstruct_many(warm, cases[:2], seeds=[0, 1])
+        reconstruct_many(warm, cases[:2], seeds=list(range(len(cases[:2]))))
     else:
         warm.reconstruct(cases[0], seed=0)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
