@@ -201,3 +201,13 @@ def test_fedavg_batched_equals_one_by_one(spy):
 def test_reconstruct_many_rejects_mismatched_seeds(cases):
     with pytest.raises(gl.errors.ValidationError, match="2 seeds for 3 cases"):
         B.reconstruct_many(gl.create("ig", max_iterations=2), cases, seeds=[0, 1])
+
+
+def test_restarts_of_a_large_model_on_a_cpu_run_one_by_one_with_the_reason(monkeypatch, cases):
+    """Above CPU_BATCH_MAX_PARAMETERS an attack's own restarts are not batched (not faster on a CPU); the
+    note says so; reconstruct_many (an explicit request) still batches."""
+    monkeypatch.setattr(B, "CPU_BATCH_MAX_PARAMETERS", 1000)  # lenet has 22,747
+    att = gl.create("ig", optimizer="signed-adam", max_iterations=2, restarts=2)
+    note = att.reconstruct(cases[0], seed=0).info["batched"]
+    assert note["batched"] is False and "22,747 parameters" in note["reason"] and "bench_throughput" in note["reason"]
+    assert B.reconstruct_many(att, cases[:2])[0].info["batched"]["batched"] is True

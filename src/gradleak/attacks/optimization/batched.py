@@ -131,6 +131,23 @@ def vmap_problems(setup: TrialSetup) -> list[str]:
     return p
 
 
+# On a CPU, batching trials of a large model does not pay: each trial's update is its own (4 x parameters of
+# memory traffic per trial) and the convolutions are already compute-bound at batch 1. Measured with
+# benchmarks/bench_throughput.py (one thread, 16 trials): lenet (23k parameters) 2.9x, resnet20 (273k) 1.6x,
+# convnet width 16 1.0x, resnet18 (11.2M) 0.48x. An attack's own restarts are therefore batched on a CPU only
+# up to this many parameters; reconstruct_many (an explicit request) batches whatever it can.
+CPU_BATCH_MAX_PARAMETERS = 2_000_000
+
+
+def worth_batching(case: Case) -> str:
+    """'' when batching an attack's restarts is expected to pay on ``case``'s device, else why not."""
+    n = sum(p.numel() for p in case.model.parameters())
+    if case.device.type == "cpu" and n > CPU_BATCH_MAX_PARAMETERS:
+        return (f"the model has {n:,} parameters: on a CPU, batched trials of a model above "
+                f"{CPU_BATCH_MAX_PARAMETERS:,} parameters are not faster (benchmarks/bench_throughput.py)")
+    return ""
+
+
 def _group_key(setup: TrialSetup) -> tuple:
     """Setups with equal keys can share one batched objective: same model structure, protocol, loss, matched
     tensors and weights, distance, added terms, variable shapes, optimiser settings and device/dtype."""
@@ -407,21 +424,26 @@ def _run_group(setups: list[TrialSetup], programs: list[list], limit: int | None
     return [dict(note) for _ in setups]
 
 
-def run_setups(setups: Sequence[TrialSetup], *, limit: int | None = None) -> list[tuple[list[Trial], dict]]:
+def run_setups(setups: Sequence[TrialSetup], *, limit: int | None = None, auto: bool = False
+               ) -> list[tuple[list[Trial], dict]]:
     """Run every setup's trials, batching what can be batched (setups with the same group key share one
-    batched objective); returns (trials, note) per setup, trials in start order."""
+    batched objective); returns (trials, note) per setup, trials in start order. ``auto``: also run one by
+    one where batching is not expected to pay (:func:`worth_batching`)."""
     t0 = time.perf_counter()
     programs = [_programs(s) for s in setups]
     notes: list[dict | None] = [None] * len(setups)
     groups: dict[tuple, list[int]] = {}
     for i, s in enumerate(setups):
         problems = vmap_problems(s)
+        slow = worth_batching(s.case) if auto else ""
         if not s.batched:
             notes[i] = {"batched": False, "reason": "batch_trials is off", "trials": len(s.starts)}
         elif problems:
             notes[i] = {"batched": False, "reason": "; ".join(problems), "trials": len(s.starts)}
         elif len(s.starts) == 1 and len(setups) == 1:
             notes[i] = {"batched": False, "reason": "one trial: nothing to batch", "trials": 1}
+        elif slow:
+            notes[i] = {"batched": False, "reason": slow, "trials": len(s.starts)}
         else:
             groups.setdefault(_group_key(s), []).append(i)
             continue
@@ -464,7 +486,7 @@ class _Many:
                 raise RuntimeError("reconstruct_many: the attack drew different starts on its second pass "
                                    "(its setup is not deterministic given the seed)")
             return self.results[self.pos]
-        return run_setups([setup])[0]  # later waves (e.g. DLG's retries after a divergence)
+        return run_setups([setup], auto=True)[0]  # later waves (e.g. DLG's retries after a divergence)
 
 
 _MANY: contextvars.ContextVar = contextvars.ContextVar("gradleak_batched_many", default=None)
@@ -475,7 +497,7 @@ def run(setup: TrialSetup) -> tuple[list[Trial], dict]:
     many = _MANY.get()
     if many is not None:
         return many.handle(setup)
-    return run_setups([setup])[0]
+    return run_setups([setup], auto=True)[0]
 
 
 def reconstruct_many(attack: Attack, cases: Sequence[Case], *, seeds: Sequence[int] | int | None = None,
@@ -498,6 +520,8 @@ def reconstruct_many(attack: Attack, cases: Sequence[Case], *, seeds: Sequence[i
                                                    "per case, one int for all, or None"])
     if not isinstance(attack, Attack):
         raise ValidationError("reconstruct_many", [f"expected a gradleak Attack, got {type(attack).__name__}"])
+    if len(cases) == 1:  # nothing to share between cases: the attack batches its own restarts
+        return [attack.reconstruct(cases[0], seed=seeds[0])]
     many = _Many()
     direct: dict[int, Reconstruction] = {}
     token = _MANY.set(many)
@@ -533,4 +557,4 @@ def reconstruct_many(attack: Attack, cases: Sequence[Case], *, seeds: Sequence[i
 
 
 __all__ = ["TrialSetup", "BatchedObjective", "run", "run_setups", "reconstruct_many", "memory_limit", "chunk_size",
-           "vmap_problems"]
+           "vmap_problems", "worth_batching", "CPU_BATCH_MAX_PARAMETERS"]
