@@ -38,6 +38,7 @@ BENCHMARKS = {
     "malicious": "bench_malicious.py",
     "defenses": "bench_defenses.py",
     "audit": "bench_audit.py",
+    "throughput": "bench_throughput.py",
 }
 
 ONE_THREAD = {k: "1" for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}

@@ -342,7 +342,10 @@ def run_attack(cfg: AttackRun, *, progress: bool = False, write: bool = True, ov
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
         case, truth, notes = build_case(cfg, max_memory=max_memory, attack=attack)
-        rec = attack.reconstruct(case, seed=cfg.seed, progress=progress)
+        from .attacks.optimization.batched import memory_limit
+
+        with memory_limit(max_memory):  # batched restarts size their chunks to --max-memory
+            rec = attack.reconstruct(case, seed=cfg.seed, progress=progress)
         scores = evaluate(rec, truth) if truth is not None else None
         if scores is not None:
             notes += scores.notes

@@ -175,7 +175,7 @@ class GradientMatcher:
         if gn2 == 0:
             return 1.0, None, 0.0
         inv = 1.0 / math.sqrt(gn2)
-        diffs = [g * inv - v for g, v in zip(gh, self.vhat)]
+        diffs = [g.mul_(inv).sub_(v) for g, v in zip(gh, self.vhat)]  # in place: no fresh buffers
         half = 0.5 * float(sum(wl * torch.dot(d, d).double() for wl, d in zip(w, diffs)))
         return min(half, 2.0), diffs, s / inv
 

@@ -27,6 +27,7 @@ import torch
 from ...case import Case
 from ..base import Attack, Reconstruction, RunContext, register
 from ..labels import label_recovery_problems, recover_labels
+from . import batched as B
 from . import common as C
 
 OPTIMIZERS = ("auto", "signed-adam", "adam", "lbfgs")
@@ -56,6 +57,8 @@ class IGOptions:
     regularizers: callables ``(x_normalised (B, *shape)) -> 0-d tensor`` added to the objective (not the score).
     lbfgs_inner, history_size, line_search ('strong-wolfe' or ''): L-BFGS settings (optimizer='lbfgs').
     offer_every: steps between best-so-far snapshots (what Ctrl-C returns).
+    batch_trials: run the restarts as one batched computation (:mod:`.batched`; falls back to one by one,
+    said in ``rec.info['batched']``, where it cannot); False: one by one.
     """
 
     max_iterations: int = 1000
@@ -78,6 +81,7 @@ class IGOptions:
     history_size: int = 100
     line_search: str = "strong-wolfe"
     offer_every: int = 25
+    batch_trials: bool = True
 
 
 def tv_weight(tv: float, batch_size: int, batch_scaling: bool) -> float:
@@ -223,7 +227,7 @@ class InvertingGradients(Attack):
             ctx.history.append(total)
             ctx.update(inner if optimizer == "lbfgs" else 1, loss=total)
 
-        trials: list[C.Trial] = []
+        starts = []
         for r in range(o.restarts):
             x0 = C.init_inputs(case, o.init if r == 0 else None, ctx.generator)
             if o.init is not None and r == 0 and o.boxed:
@@ -232,12 +236,16 @@ class InvertingGradients(Attack):
             if joint:
                 v0.append(C.randn(C.label_logits_shape(case), ctx.generator, case))
             ctx.start(spec.denormalize(v0[0]), C.hard_labels(case, v0[1]) if joint else labels)
-            trial = C.run_trial(objective, v0, optimizer=optimizer, max_iterations=o.max_iterations,
-                                lr=o.lbfgs_lr if optimizer == "lbfgs" else o.lr, inner=inner,
-                                history_size=o.history_size, line_search=o.line_search, decay=o.lr_decay,
-                                project=project if o.boxed else None, on_step=on_step, on_offer=offer,
-                                offer_every=o.offer_every, name=f"{self.name} restart {r}")
-            trials.append(trial)
+            starts.append(v0)
+        setup = B.TrialSetup(
+            case=case, matcher=matcher, labels=labels, objective=objective, starts=starts,
+            settings=dict(optimizer=optimizer, max_iterations=o.max_iterations,
+                          lr=o.lbfgs_lr if optimizer == "lbfgs" else o.lr, inner=inner, history_size=o.history_size,
+                          line_search=o.line_search, decay=o.lr_decay, offer_every=o.offer_every),
+            tv=tv, regularizers=regs, score="data" if distance == "cosine" else "cosine",
+            project=project if o.boxed else None, on_step=on_step, on_offer=offer,
+            names=[f"{self.name} restart {r}" for r in range(o.restarts)], batched=o.batch_trials)
+        trials, batch_note = B.run(setup)
         info: dict[str, Any] = {
             "restarts": [t.summary() for t in trials],
             "scores": [t.score if t.finite else None for t in trials],
@@ -246,6 +254,7 @@ class InvertingGradients(Attack):
             "matched_tensors": len(names) if len(names) < len(case.observed) else "all",
             "optimizer": optimizer, "distance": o.distance, "tv": tv,
             "protocol": case.protocol,
+            "batched": batch_note,
             **C.totals(trials),
         }
         if o.optimizer == "auto":
