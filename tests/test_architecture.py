@@ -108,3 +108,40 @@ def test_no_activation_or_loss_name_comparisons_outside_their_modules():
                                       'x = 1 if self.loss != "mse" else 2'])
 def test_the_name_check_catches_comparisons(bad_line):
     assert NAME_CHECK.search(bad_line)
+
+
+def _tiny_case():
+    import torch
+    from torch import nn
+
+    import gradleak as gl
+
+    torch.manual_seed(0)
+    model = gl.models.zoo.Sequential(nn.Linear(12, 10), nn.Tanh(), nn.Linear(10, 8), nn.Tanh(), nn.Linear(8, 3),
+                                     num_outputs=3).double()
+    spec = gl.DataSpec(shape=(12,), num_classes=3, value_range=(-3.0, 3.0))
+    x = torch.rand(1, 12, dtype=torch.float64)
+    return gl.simulate(model, x, torch.tensor([1]), spec=spec)
+
+
+@pytest.mark.parametrize("attack, extra", [("rgap", "RGAPLayer"), ("layerwise", "LayerwiseLayer")])
+def test_per_layer_reports_are_one_shared_type(attack, extra):
+    """rgap and layerwise report every layer as a gradleak.layers.LayerReport (same field names for the same
+    facts), their own measurements in a typed ``extra``; to_dict() gives the same shared keys for both."""
+    import gradleak as gl
+    from gradleak import layers as L
+    from gradleak.attacks import layerwise, rgap
+
+    case, _ = _tiny_case()
+    rec = gl.create(attack, **({"preset": "closed-form"} if attack == "layerwise" else {})).reconstruct(case)
+    reps = rec.info["layers"]
+    assert len(reps) == 3 and all(type(r) is L.LayerReport for r in reps), [type(r) for r in reps]
+    extra_type = {"RGAPLayer": rgap.RGAPLayer, "LayerwiseLayer": layerwise.LayerwiseLayer}[extra]
+    assert all(isinstance(r.extra, extra_type) and isinstance(r.extra, L.LayerExtra) for r in reps)
+    assert [r.head for r in reps] == [False, False, True]
+    assert all(r.determined and r.residual is not None and r.residual < 1e-9 for r in reps)
+    shared = set(reps[0].to_dict()) - {"extra"}
+    assert {"name", "label", "kind", "unknowns", "constraints", "rank", "deficiency", "determined", "residual",
+            "residual_gradient", "residual_weight", "residual_bias", "notes"} <= shared
+    assert all(set(r.to_dict()) - {"extra"} == shared for r in reps)
+    assert all(r.to_dict()["extra"]["attack"] == attack for r in reps)

@@ -67,9 +67,9 @@ def write_html(out: Path, metrics: dict, config: dict) -> None:
                    if k in metrics)
     warn = "".join(f"<li>{html.escape(str(w))}</li>" for w in metrics.get("warnings") or ())
     layer_html = f"<h2>Warnings</h2><ul>{warn}</ul>" if warn else ""
-    layers = metrics.get("info", {}).get("layers")
+    layers = to_jsonable(metrics.get("info", {}).get("layers"))  # LayerReports (or dicts of an older run)
     if isinstance(layers, list) and layers and isinstance(layers[0], dict):
-        cols = list(layers[0].keys())
+        cols = [c for c in layers[0] if c != "notes" and not isinstance(layers[0][c], (dict, list))]
         head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
         body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(l.get(c)))}</td>" for c in cols) + "</tr>" for l in layers)
         layer_html += f"<h2>Per layer</h2><table><tr>{head}</tr>{body}</table>"
