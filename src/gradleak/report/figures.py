@@ -62,7 +62,7 @@ def image_grid(path: str | Path, rows: list[tuple[str, torch.Tensor]], captions:
 def write_html(out: Path, metrics: dict, config: dict) -> None:
     png = base64.b64encode((out / "reconstruction.png").read_bytes()).decode()
     keys = ["attack", "kind", "psnr", "ssim", "mse", "label_accuracy", "residual", "seconds", "outer_steps",
-            "gradient_evaluations", "iterations", "num_images", "interrupted"]
+            "gradient_evaluations", "iterations", "num_images", "aggregate_clients", "interrupted"]
     rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(_fmt(metrics.get(k)))}</td></tr>" for k in keys
                    if k in metrics)
     warn = "".join(f"<li>{html.escape(str(w))}</li>" for w in metrics.get("warnings") or ())
