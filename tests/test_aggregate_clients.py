@@ -24,6 +24,7 @@ def test_rgap_under_secure_aggregation_is_a_mixture_and_the_run_says_so(tmp_path
     assert single.reconstruction.kind == "exact" and single.scores.psnr > 100
     # the server sees the mean of two clients' gradients: R-GAP can only return a mixture of the two inputs
     assert agg.case.batch_size == 2 and agg.truth.inputs.shape[0] == 2
+    assert agg.to_json()["aggregate_clients"] == 2 and single.to_json()["aggregate_clients"] == 1
     assert agg.reconstruction.kind == "mixture"
     facts = agg.case.meta["secure_aggregation"]
     assert facts["clients"] == 2 and facts["target_rows"] == [0, 1]

@@ -194,7 +194,7 @@ class RunResult:
                 "label_accuracy": s.get("label_accuracy"), "residual": r.residual, "seconds": r.seconds,
                 **counts_of(r), "kind": r.kind, "interrupted": bool(r.info.get("interrupted", False)),
                 "warnings": run_warnings(r.info), "out": str(self.out_dir) if self.out_dir else None,
-                "notes": self.notes}
+                "notes": self.notes, "aggregate_clients": self.config.aggregate_clients}
 
 
 def _budget_options(cfg: AttackRun) -> dict[str, Any]:
