@@ -43,6 +43,15 @@ def test_rgap_under_secure_aggregation_is_a_mixture_and_the_run_says_so(tmp_path
     assert json.loads((tmp_path / "k2" / "config.json").read_text())["aggregate_clients"] == 2
 
 
+def test_a_secure_aggregation_defense_is_the_same_protocol():
+    a = _run(2)
+    b = _run(1, defenses=["secure-aggregation:clients=2"])
+    assert b.config.secure_clients() == 2 and b.case.batch_size == 2
+    assert torch.equal(a.truth.inputs, b.truth.inputs)
+    for name, v in a.case.observed.items():
+        assert torch.equal(b.case.observed[name], v)
+
+
 def test_other_clients_follow_the_seed():
     a, b, c = _run(3), _run(3), _run(3, seed=1)
     assert torch.equal(a.truth.inputs, b.truth.inputs) and a.case.batch_size == 3
@@ -67,7 +76,7 @@ def test_cli_inverting_gradients_is_worse_under_secure_aggregation(tmp_path, cap
     ({"aggregate_clients": 2, "protocol": "fedavg"}, "for protocol 'fedsgd' only"),
     ({"aggregate_clients": 2, "defenses": ["secure-aggregation:clients=2"]}, "not both"),
     ({"aggregate_clients": 2, "observed": "x.safetensors"}, "attacked as it was received"),
-    ({"aggregate_clients": 10 ** 4}, "needs 9999 more images"),
+    ({"aggregate_clients": 10 ** 4}, "over 10000 clients needs 9999 more images"),
 ])
 def test_bad_aggregate_clients_is_one_clear_error(kw, msg):
     with pytest.raises(gl.ValidationError, match=msg):
