@@ -13,7 +13,7 @@ crowds them into few bins.
 
 Grid: per-client batch B in {8, 32, 128}, bins k in {64, 256}, FedSGD and FedAvg (4 local full-batch steps, local
 lr 1e-4), alone or under secure aggregation over 4 clients (the server sees only the sample-weighted mean of the
-4 updates: ``gradleak.attacks.malicious.secure_aggregate``; then 4B samples share the k bins).
+4 updates: ``gradleak.defenses.aggregate_cases``, masked, 48 fraction bits; then 4B samples share the k bins).
 Defenses at B = 32, k = 256, FedSGD, one client: pruning (``gradleak.defenses.Prune``, per layer) at 50/90/99%,
 Gaussian noise on the update, and DP-SGD (per-example clipping to norm 1, noise multiplier 1e-3).
 
@@ -37,7 +37,8 @@ import torch
 
 import common
 import gradleak as gl
-from gradleak.attacks.malicious import outcomes, secure_aggregate
+from gradleak.attacks.malicious import outcomes
+from gradleak.defenses import aggregate_cases
 
 PUBLIC = 64  # public images the server may use to fit the prior of the measurement
 
@@ -55,7 +56,8 @@ def one(model, data, B, bins, protocol, clients, defense=None, seed=0, public=No
     if clients == 1:
         case, truth = parts[0]
     else:
-        case, truth = secure_aggregate([p[0] for p in parts], [p[1] for p in parts])
+        case, truth = aggregate_cases([p[0] for p in parts], [p[1] for p in parts], fraction_bits=48,
+                                      generator=torch.Generator().manual_seed(seed))
     sim = time.perf_counter() - t0
     rec = attack.reconstruct(case)
     out = outcomes(rec, truth, threshold_db=100.0)

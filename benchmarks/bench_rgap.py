@@ -55,7 +55,7 @@ def run(name, shape, dtype, n):
         mse = float(((rec.inputs.double().clamp(0, 1) - truth.inputs.double()) ** 2).mean())
         rows.append({"image": ds.names[i], "psnr": p, "mse": mse, "seconds": sec, "kind": rec.kind,
                      "residual": rec.residual, "deficient_layers": rec.info["deficient_layers"],
-                     "max_layer_residual": max(l["residual"] for l in rec.info["layers"] if l["residual"] is not None),
+                     "max_layer_residual": max(l.residual for l in rec.info["layers"] if l.residual is not None),
                      "head": {k: rec.info["head"].get(k) for k in ("type", "status", "roots", "chosen_by")}})
         print(f"{name:10s} {str(dtype)[6:]:8s} {ds.names[i]:14s} {p:7.1f} dB  {sec:6.2f} s  {rec.kind}",
               flush=True)

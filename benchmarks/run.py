@@ -38,6 +38,7 @@ BENCHMARKS = {
     "malicious": "bench_malicious.py",
     "defenses": "bench_defenses.py",
     "audit": "bench_audit.py",
+    "throughput": "bench_throughput.py",
     "modern": "bench_modern.py",
 }
 

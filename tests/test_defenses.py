@@ -255,6 +255,15 @@ def test_secure_aggregation_reveals_only_the_sum():
         assert torch.equal(s, enc)
     with pytest.raises(gl.ValidationError, match="at least 2 clients"):
         D.secure_aggregate(ups[:1])
+    # public weights (sample counts): the mean is sum w_i u_i / sum w_i, rounding within the stated bound
+    w = [1, 3, 4, 8]
+    agg = D.secure_aggregate(ups, generator=torch.Generator().manual_seed(1), fraction_bits=40, weights=w)
+    assert agg.max_rounding == 4 * 2.0 ** -41 / 16
+    for k in ups[0]:
+        plain = sum(wi * u[k] for wi, u in zip(w, ups)) / sum(w)
+        assert float((agg.mean[k] - plain).abs().max()) <= agg.max_rounding + 1e-15
+    with pytest.raises(gl.ValidationError, match="weights must be 4 finite numbers >= 1"):
+        D.secure_aggregate(ups, weights=[1, 2, 0, 1])
 
 
 def test_secure_aggregation_case_is_the_union_batch():

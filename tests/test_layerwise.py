@@ -39,16 +39,17 @@ def test_cnn2_c1_closed_form_is_exact_in_float64(photos32):
     assert rec.kind == "exact"
     assert rec.residual < 1e-12
     conv, head = rec.info["layers"]
-    assert conv["label"] == "conv1" and head["kind"] == "head"
-    assert conv["rank"] == conv["unknowns"] == 3072 and conv["deficiency"] == 0
-    assert conv["residual_weight"] < 1e-12 and conv["residual_grad"] < 1e-12
-    assert head["residual_grad"] < 1e-12 and head["residual_bias"] < 1e-12
+    assert conv.label == "conv1" and head.head and not conv.head
+    assert conv.rank == conv.unknowns == 3072 and conv.deficiency == 0 and conv.determined
+    assert conv.residual_weight < 1e-12 and conv.residual_gradient < 1e-12
+    assert head.residual_gradient < 1e-12 and head.residual_bias < 1e-12
     assert rec.info["security_index"] == 0
-    json.dumps(rec.info)  # the per-layer report is JSON-able
+    d = json.loads(json.dumps([l.to_dict() for l in rec.info["layers"]]))  # the per-layer report is JSON-able
+    assert d[0]["residual_gradient"] == conv.residual_gradient and d[0]["extra"]["attack"] == "layerwise"
     # the default preset leaves a determined input alone (no prior, no correction): still exact
     rec = create("layerwise").reconstruct(case)
     assert rec.info["preset"] == "fast" and _mse(rec, truth) <= 1e-10
-    assert "correction" not in rec.info["layers"][0] and "prior" not in rec.info["layers"][0]
+    assert rec.info["layers"][0].extra.correction is None and rec.info["layers"][0].extra.prior is None
 
 
 def test_cnn2_c2_closed_form_not_exact_refinement_improves(photos32):
@@ -57,21 +58,21 @@ def test_cnn2_c2_closed_form_not_exact_refinement_improves(photos32):
     tr = trace(case, truth, preset="fast")
     conv = tr.layers[0]
     # the system is 1470 short of full rank: the closed form is wrong in the null space, and says so
-    assert conv["deficiency"] == 1470 and conv["security_deficiency"] == -1470
-    assert conv["closed_form"]["residual_weight"] < 1e-12 and conv["closed_form"]["residual_grad"] < 1e-12
+    assert conv.deficiency == 1470 and conv.security_deficiency == -1470
+    assert conv.extra.closed_form["residual_weight"] < 1e-12 and conv.extra.closed_form["residual_gradient"] < 1e-12
     err = tr.errors[0]
     assert err["closed_form_mse"] > 1e-2  # not exact
     # the null-space prior + correction reduce the input error a lot (measured: 16 dB -> 35 dB)
     assert err["mse"] < 0.25 * err["closed_form_mse"]
     assert err["psnr"] > err["closed_form_psnr"] + 6
     # the attack's own security index is the sum formula on its per-layer deficiencies
-    assert tr.security_index == security_index([conv["security_deficiency"]], 2) == -1470
+    assert tr.security_index == security_index([conv.security_deficiency], 2) == -1470
     assert tr.kind == "estimate"
     # trace runs through the base class: its result carries the derived kind, the residual, the preset
     assert tr.result.kind == "estimate" and tr.result.info["preset"] == "fast" and tr.result.residual > 0
     assert tr.result.info["layers"] is tr.layers
     rec = tr.reconstruction(case)
-    assert rec.info["layers"][0]["prior"]["tv_end"] < rec.info["layers"][0]["prior"]["tv_start"]
+    assert rec.info["layers"][0].extra.prior["tv_end"] < rec.info["layers"][0].extra.prior["tv_start"]
 
 
 def test_pullback_reduces_the_error_of_a_deficient_second_layer(photos32):
@@ -79,8 +80,9 @@ def test_pullback_reduces_the_error_of_a_deficient_second_layer(photos32):
     case, truth = _case(model, photos32, 1)
     tr = trace(case, truth, preset="closed-form", pullback="both", pullback_steps=15)
     conv2 = tr.layers[1]
-    assert conv2["deficiency"] == 4533
-    pb = conv2["pullback"]
+    assert conv2.deficiency == 4533
+    pb = conv2.extra.pullback
+    assert conv2.extra.residual_pullback == pb["residual_end"]
     assert pb["residual_end"] < 0.8 * pb["residual_start"]
     e = tr.errors[1]  # error of conv2's input (the conv1 feature map), against the truth
     assert e["relative"] < 0.95 * e["closed_form_relative"]
@@ -95,7 +97,7 @@ def test_every_invertible_activation_two_conv_layers_exact(activation, photos32)
     case, truth = _case(model, photos32, 2, shape=(3, 10, 10))
     rec = create("layerwise", preset="closed-form").reconstruct(case)
     assert _mse(rec, truth) <= 1e-10, activation
-    assert [l["deficiency"] for l in rec.info["layers"]] == [0, 0, 0]
+    assert [l.deficiency for l in rec.info["layers"]] == [0, 0, 0]
 
 
 def test_mlp_with_hidden_biases_exact_and_label_from_bias(photos32):
@@ -163,11 +165,11 @@ def test_mse_loss_is_exact_and_its_correction_matches_through_the_mse_gradient(p
     assert case.loss == "mse"
     rec = create("layerwise", preset="closed-form").reconstruct(case)
     assert _mse(rec, truth) <= 1e-10 and rec.kind == "exact"
-    assert rec.info["layers"][-1]["residual_bias"] < 1e-12  # dL/dz of the mse loss at the recovered head input
+    assert rec.info["layers"][-1].residual_bias < 1e-12  # dL/dz of the mse loss at the recovered head input
     # the correction's gradient match is computed through the case's loss: ~0 at the exact start (a
     # cross-entropy match of an mse gradient would stay far from 0)
     rec = create("layerwise", preset="closed-form", correction_steps=(3, 3, 3), correction_when="always").reconstruct(case)
-    corr = [l["correction"] for l in rec.info["layers"][:-1]]
+    corr = [l.extra.correction for l in rec.info["layers"][:-1]]
     assert all(c["match_end"] < 1e-10 for c in corr), [c["match_end"] for c in corr]
     assert _mse(rec, truth) <= 1e-10
 
@@ -177,7 +179,7 @@ def test_noise_makes_layerwise_an_estimate_whatever_the_ranks(photos32):
     # the ranks alone would claim 'exact'; the residual check of the claim says 'estimate'
     case, truth = _mlp_case(photos32, defense=gl.defenses.create("noise", sigma=1e-3))
     rec = create("layerwise", preset="closed-form").reconstruct(case)
-    assert [l["deficiency"] for l in rec.info["layers"]] == [0, 0, 0]
+    assert [l.deficiency for l in rec.info["layers"]] == [0, 0, 0]
     assert rec.info["claim_residual"] > 1e-6
     assert rec.claim == "estimate" and rec.kind == "estimate"
     clean, _ = _mlp_case(photos32)

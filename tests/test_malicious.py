@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 import gradleak as gl
-from gradleak.attacks.malicious import expected_share, interval_masses, outcomes, secure_aggregate
+from gradleak.attacks.malicious import expected_share, interval_masses, outcomes
+from gradleak.defenses import aggregate_cases
 from gradleak.models.zoo import Sequential
 
 
@@ -193,17 +194,21 @@ def test_secure_aggregation_is_the_union_batch_and_dilutes_the_bins():
     attack = gl.create("imprint", bins=64)
     crafted = attack.craft(model, data.spec)
     parts = [gl.simulate(crafted, x[i:i + 4].double(), y[i:i + 4], spec=data.spec) for i in (0, 4)]
-    agg, truth = secure_aggregate([c for c, _ in parts], [t for _, t in parts])
+    bits = 48  # the fixed-point precision of the masked encoding: the mean differs by <= 2^-49 per entry
+    agg, truth = aggregate_cases([c for c, _ in parts], [t for _, t in parts], fraction_bits=bits,
+                                 generator=torch.Generator().manual_seed(0))
     union, _ = gl.simulate(crafted, x.double(), y, spec=data.spec)
-    assert agg.batch_size == 8 and agg.meta["secure_aggregation"] == 2 and agg.meta["aggregate_exact"]
+    facts = agg.meta["secure_aggregation"]
+    assert agg.batch_size == 8 and facts["clients"] == 2 and facts["exact"]
+    assert facts["max_rounding"] == 2 * 2.0 ** -(bits + 1) / 8  # two clients' roundings over the weight sum 8
     for k, v in union.observed.items():
-        torch.testing.assert_close(agg.observed[k], v, rtol=1e-10, atol=1e-14)
+        assert float((agg.observed[k] - v).abs().max()) <= facts["max_rounding"] + 1e-15
     rec = attack.reconstruct(agg)
     assert rec.info["expected_share"] == pytest.approx((63 / 64) ** 7)
     assert outcomes(rec, truth)["share_exact"] > 0
     with pytest.raises(gl.ValidationError, match="one round sends one model"):
         other = attack.craft(model, data.spec, generator=torch.Generator().manual_seed(1))
-        secure_aggregate([parts[0][0], gl.simulate(other, x[:4].double(), y[:4], spec=data.spec)[0]])
+        aggregate_cases([parts[0][0], gl.simulate(other, x[:4].double(), y[:4], spec=data.spec)[0]])
 
 
 def test_cli_attack_crafts_the_model(tmp_path):

@@ -27,7 +27,7 @@ def test_rgap_and_risk_use_a_registered_activation(atan):
     spec = gl.DataSpec(shape=ds.spec.shape, num_classes=2, mean=ds.spec.mean, std=ds.spec.std)
     case, truth = gl.simulate(model, x.double(), torch.tensor([0]), spec=spec)
     rec = gl.create("rgap").reconstruct(case)
-    assert [layer["activation"] for layer in rec.info["layers"][:-1]] == ["test-atan"] * 3
+    assert [layer.activation for layer in rec.info["layers"][:-1]] == ["test-atan"] * 3
     assert float(((rec.inputs - truth.inputs) ** 2).mean()) <= 1e-12 and rec.kind == "exact"
     report = gl.risk.analyse(model, (1, 28, 28))
     acts = [getattr(layer, "activation", None) for layer in report.layers]

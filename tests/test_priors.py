@@ -239,3 +239,53 @@ def test_the_gradinversion_preset_uses_what_the_case_offers(photos32):
     plain, _ = gl.simulate(lenet, x, y, spec=photos32.spec)
     rec = gl.create("ig", preset="gradinversion", max_iterations=4, restarts=2).reconstruct(plain, seed=0)
     assert rec.info["bn_prior"] == "none" and all(p["prior"] != "bn-statistics" for p in rec.info["priors"])
+
+
+def _lenet_case(photos32, n=1):
+    x, y = photos32.batch(n)
+    model = gl.models.build("lenet", input_shape=photos32.spec.shape, num_classes=photos32.spec.num_classes, seed=0)
+    case, _ = gl.simulate(model, x.double(), y, spec=photos32.spec)
+    return case.to(torch.float64)
+
+
+def test_priors_schedule_and_group_stage_are_batched_like_one_by_one(photos32):
+    """The priors (tv, l2), the cosine schedule and the group stage run batched over restarts (one note per
+    stage, both batched) and give what the restarts give one by one (float64, to the batched kernels'
+    rounding: tests/test_batched_trials.py's tolerance)."""
+    case = _lenet_case(photos32)
+    opts = dict(max_iterations=16, restarts=3, optimizer="adam", lr=0.05, l2=1e-3, schedule="cosine", warmup=3,
+                group_consistency=0.1, group_start=0.5)
+    rb = gl.create("ig", **opts).reconstruct(case, seed=0)
+    rs = gl.create("ig", batch_trials=False, **opts).reconstruct(case, seed=0)
+    first, second = rb.info["batched"]
+    assert first["batched"] is True and second["batched"] is True and second["trials_in_batch"] == 3
+    assert [n["reason"] for n in rs.info["batched"]] == ["batch_trials is off"] * 2
+    assert rb.info["group_consistency"] == rs.info["group_consistency"] == {
+        "weight": 0.1, "consensus_at_iteration": 8, "restarts_in_consensus": 3}
+    assert {"prior": "l2", "weight": 1e-3} in rb.info["priors"]
+    torch.testing.assert_close(rb.inputs, rs.inputs, rtol=0, atol=1e-9)
+    assert rb.history == pytest.approx(rs.history, rel=1e-9)
+    assert [r["score"] for r in rb.info["restarts"]] == pytest.approx([r["score"] for r in rs.info["restarts"]],
+                                                                       rel=1e-9)
+
+
+def test_dlg_priors_are_batched_like_one_by_one(photos32):
+    case = _lenet_case(photos32)
+    opts = dict(max_iterations=10, restarts=2, regularizers=(("l2", 1e-2), ("tv", 1e-3)))
+    rb = gl.create("dlg", **opts).reconstruct(case, seed=0)
+    rs = gl.create("dlg", batch_trials=False, **opts).reconstruct(case, seed=0)
+    assert rb.info["batched"]["batched"] is True and rs.info["batched"]["batched"] is False
+    torch.testing.assert_close(rb.inputs, rs.inputs, rtol=0, atol=1e-7)
+
+
+def test_the_bn_statistics_prior_runs_the_restarts_one_by_one_and_says_why(photos32):
+    """bn-statistics runs its own hooked forward pass: vmap over trials cannot batch it, so the restarts run
+    one by one, with that reason (an eval-mode model: nothing else stops batching)."""
+    x, y = photos32.batch(2)
+    torch.manual_seed(0)
+    case, _ = gl.simulate(_OneBN(), x, y, spec=photos32.spec, bn_mode="eval")
+    rec = gl.create("ig", bn_prior="running", max_iterations=3, restarts=2, optimizer="adam").reconstruct(case, seed=0)
+    note = rec.info["batched"]
+    assert note["batched"] is False and note["reason"].startswith("prior 'bn-statistics': it runs its own forward")
+    plain = gl.create("ig", max_iterations=3, restarts=2, optimizer="adam").reconstruct(case, seed=0)
+    assert plain.info["batched"]["batched"] is True

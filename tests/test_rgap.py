@@ -68,12 +68,11 @@ def test_cnn6_exact_float64(cnn6_result):
     assert rec.inputs.shape == (1, 3, 32, 32) and rec.inputs.dtype == torch.float64
     assert rec.residual < 1e-10
     layers = rec.info["layers"]
-    assert [l["label"] for l in layers] == [f"conv{i}" for i in range(1, 7)] + ["fc7"]
+    assert [l.label for l in layers] == [f"conv{i}" for i in range(1, 7)] + ["fc7"]
+    assert [l.head for l in layers] == [False] * 6 + [True]
     for l in layers:
-        for key in ("name", "rank", "unknowns", "constraints", "residual", "deficient"):
-            assert key in l
-        assert l["rank"] == l["unknowns"] and not l["deficient"] and l["residual"] < 1e-9
-    assert all(l["condition"] > 1 for l in layers[:-1])
+        assert l.rank == l.unknowns and l.determined and l.residual < 1e-9 and l.extra.clipped == 0
+    assert all(l.condition > 1 for l in layers[:-1])
     assert rec.info["head"]["type"] == "logistic" and rec.info["head"]["status"] == "ok"
 
 
@@ -83,7 +82,7 @@ def test_lenet_sigmoid_variant_28_exact_float64():
     rec = gl.create("rgap").reconstruct(case)
     assert _mse(rec, truth) <= 1e-12
     assert rec.kind == "exact"
-    assert [l["activation"] for l in rec.info["layers"][:-1]] == ["sigmoid"] * 3
+    assert [l.activation for l in rec.info["layers"][:-1]] == ["sigmoid"] * 3
 
 
 def test_fcn3_28_exact_float64():
@@ -104,7 +103,7 @@ def test_biased_multiclass_lenet_head_uses_the_bias_and_recovers_the_label():
     rec = gl.create("rgap").reconstruct(case)
     assert _mse(rec, truth) <= 1e-12
     assert rec.info["head"]["type"] == "bias" and rec.labels.tolist() == [3]
-    assert all("bias_residual" in l and l["bias_residual"] < 1e-8 for l in rec.info["layers"][:-1])
+    assert all(l.residual_bias is not None and l.residual_bias < 1e-8 for l in rec.info["layers"][:-1])
 
 
 def test_nonsquare_strides_padding_biases_and_a_user_activation():
@@ -120,7 +119,7 @@ def test_nonsquare_strides_padding_biases_and_a_user_activation():
     rec = gl.create("rgap").reconstruct(case)
     assert rec.inputs.shape == (1, 3, 10, 14)
     assert _mse(rec, truth) <= 1e-12 and rec.kind == "exact"
-    assert [l["activation"] for l in rec.info["layers"][:-1]] == [name, "leaky-relu(0.1)"]
+    assert [l.activation for l in rec.info["layers"][:-1]] == [name, "leaky-relu(0.1)"]
 
 
 @pytest.mark.parametrize("loss,known", [("cross-entropy", False), ("mse", True)])
@@ -173,13 +172,13 @@ def test_cnn6_d_conv2_reported_rank_deficient():
     conv2 = rec.info["layers"][1]
     # 280 short: the count is derived in tests/test_risk.py::test_cnn6_d_conv2_is_deficient (with the actual,
     # leaky-ReLU k it is the generic count)
-    assert conv2["label"] == "conv2" and conv2["deficient"] and conv2["deficiency"] == 280
-    assert conv2["rank"] == 3188 and conv2["unknowns"] == 3468
+    assert conv2.label == "conv2" and not conv2.determined and conv2.deficiency == 280
+    assert conv2.rank == 3188 and conv2.unknowns == 3468
     assert rec.info["deficient_layers"] == ["conv2"]
     assert rec.kind == "estimate"
     assert any("rank-deficient" in n for n in rec.info["notes"])
     assert _mse(rec, truth) > 1e-3  # the minimum-norm answer is not the input
-    assert all(not l["deficient"] for i, l in enumerate(rec.info["layers"]) if i != 1)
+    assert all(l.determined for i, l in enumerate(rec.info["layers"]) if i != 1)
 
 
 def test_impossible_logistic_score_is_reported():

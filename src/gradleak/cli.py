@@ -204,6 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--defense", action="append", default=[], metavar="SPEC",
                    help="defense applied to the SIMULATED update, e.g. noise:sigma=0.01, prune:ratio=0.9 (not "
                         "with --observed)")
+    a.add_argument("--aggregate-clients", type=_positive, default=1, metavar="K",
+                   help="secure aggregation: the server sees only the mean of K clients' FedSGD updates (this "
+                        "batch plus K-1 others of the same size drawn from the dataset with --seed); the attack "
+                        "faces one batch of K x --num-images images (default 1: no aggregation)")
     a.add_argument("--out", default=None, help="run directory (default runs/ATTACK-MODEL-TIME); refused when it "
                    "holds a previous run, unless --overwrite")
     _add_output_flags(a)
@@ -305,7 +309,7 @@ def _cmd_attack(args) -> int:
         labels_known=not args.unknown_labels, labels=args.labels, bn_mode=args.bn_mode, loss=args.loss,
         preset=args.preset, model_options=_model_options(args), attack_options=_kv(args.option, "--option"),
         weights=args.weights, observed=args.observed, defenses=list(args.defense), out=args.out,
-        threads=args.threads, device=args.device)
+        threads=args.threads, device=args.device, aggregate_clients=args.aggregate_clients)
     res = run_attack(cfg, progress=_progress_on(args), overwrite=args.overwrite, max_memory=args.max_memory)
     warnings = run_warnings(res.reconstruction.info)
     if args.json:

@@ -46,6 +46,13 @@ class AttackRun:
         A device this machine lacks is refused before any work. Seeded draws are made on the CPU and moved, so a
         seed names the same start on every device (the arithmetic differs in rounding only).
     labels: labels of an OBSERVED update (only with ``observed``); defenses apply to simulated updates only.
+    aggregate_clients: K > 1 (or a ``secure-aggregation:clients=K`` defense, the same protocol) simulates secure
+        aggregation (``gradleak.defenses.SecureAggregation``, after the
+        ``defenses``): the server sees only the mean of the K clients' FedSGD updates, the attacked client (the
+        batch ``start .. start + num_images``) plus K - 1 others of ``num_images`` images each, drawn without
+        replacement from the rest of the same dataset with ``seed``; the attack faces one batch of
+        K * num_images images and is scored against all of them (``metrics.json``: ``aggregate_clients``, the
+        case's ``secure_aggregation`` facts and ``target_client``: the scores over the attacked client's images).
     """
 
     attack: str
@@ -77,6 +84,7 @@ class AttackRun:
     out: str | None = None
     threads: int | None = None
     device: str = "cpu"
+    aggregate_clients: int = 1
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -144,8 +152,38 @@ class AttackRun:
         if self.defenses and self.observed is not None:
             p.append("a defense applies to a SIMULATED update; an observed update is attacked as it was received "
                      "(apply the defense where the update is produced, then save it)")
+        p += self._aggregate_problems()
         if not isinstance(self.attack_options, Mapping) or not isinstance(self.model_options, Mapping):
             p.append("attack_options and model_options must be dicts")
+        return p
+
+
+    def secure_clients(self) -> int:
+        """K, the clients whose updates the server sees only as their mean: ``aggregate_clients``, or the
+        ``clients`` of a ``secure-aggregation`` defense in ``defenses`` (the same protocol); 1 without one."""
+        if is_int(self.aggregate_clients) and self.aggregate_clients > 1:
+            return int(self.aggregate_clients)
+        from . import defenses
+
+        for d in self.defenses:
+            part = defenses.parse(d)
+            if getattr(part, "aggregates", False):
+                return int((part.parts[-1] if hasattr(part, "parts") else part).clients)
+        return 1
+
+    def _aggregate_problems(self) -> list[str]:
+        p = int_problems(self.aggregate_clients, "aggregate_clients", minimum=1)
+        if p or self.aggregate_clients == 1:
+            return p
+        if self.observed is not None:
+            p.append("aggregate_clients simulates secure aggregation of SIMULATED updates; an observed update is "
+                     "attacked as it was received")
+        if self.protocol != "fedsgd":
+            p.append("aggregate_clients: secure aggregation is simulated for protocol 'fedsgd' only (the mean of K "
+                     "FedAvg updates is not one client's update on the union of their batches)")
+        if any(isinstance(d, str) and d.split(":")[0].strip() in ("secure-aggregation", "secagg")
+               for d in self.defenses):
+            p.append("give aggregate_clients K or a secure-aggregation defense, not both")
         return p
 
 
@@ -176,7 +214,7 @@ class RunResult:
                 "label_accuracy": s.get("label_accuracy"), "residual": r.residual, "seconds": r.seconds,
                 **counts_of(r), "kind": r.kind, "interrupted": bool(r.info.get("interrupted", False)),
                 "warnings": run_warnings(r.info), "out": str(self.out_dir) if self.out_dir else None,
-                "notes": self.notes}
+                "notes": self.notes, "aggregate_clients": self.config.secure_clients()}
 
 
 def _budget_options(cfg: AttackRun) -> dict[str, Any]:
@@ -200,7 +238,8 @@ def _budget_options(cfg: AttackRun) -> dict[str, Any]:
 def load_data(cfg: AttackRun):
     """The dataset the run draws its private batch from."""
     source = cfg.images if cfg.images else cfg.dataset
-    kwargs = {"num_images": cfg.start + cfg.num_images}
+    # secure aggregation draws the other clients from the whole source
+    kwargs = {"num_images": cfg.start + cfg.num_images if cfg.secure_clients() == 1 else None}
     if cfg.image_size is not None:
         kwargs["image_size"] = cfg.image_size
     return data_mod.load(source, **kwargs)
@@ -221,7 +260,8 @@ def check_memory(cfg: AttackRun, shape: tuple[int, ...], num_classes: int, max_m
     from .errors import GradleakError
 
     try:
-        est = resources.estimate_attack(cfg.model, tuple(shape), int(num_classes), batch_size=cfg.num_images,
+        est = resources.estimate_attack(cfg.model, tuple(shape), int(num_classes),
+                                        batch_size=cfg.num_images * cfg.secure_clients(),
                                         dtype=DTYPES[cfg.dtype], model_options=dict(cfg.model_options),
                                         local_steps=cfg.local_steps if cfg.protocol == "fedavg" else 1,
                                         candidate_copies=_candidate_copies(attack))
@@ -279,6 +319,17 @@ def build_case(cfg: AttackRun, *, max_memory=None, attack=None) -> tuple[Case, T
         from . import defenses
 
         defense = defenses.compose(*[defenses.parse(d) for d in cfg.defenses])
+    others, k = None, cfg.secure_clients()
+    if k > 1 and cfg.observed is None:
+        if cfg.aggregate_clients > 1:  # else a secure-aggregation defense is already the last part
+            from . import defenses
+
+            agg = defenses.SecureAggregation(clients=k)
+            defense = agg if defense is None else defenses.compose(defense, agg)
+        others = _other_clients(cfg, ds, k, mod2=info.single_output and ds.spec.num_classes != 2)
+        notes.append(f"secure aggregation over {k} clients: the server sees only the mean of their updates, the "
+                     f"attack one batch of {k * cfg.num_images} images (the attacked client's {cfg.num_images} "
+                     f"first)")
     if cfg.observed is not None:
         labels = torch.as_tensor(cfg.labels, dtype=torch.long) if cfg.labels is not None else (
             truth_labels if cfg.labels_known and truth_labels is not None else None)
@@ -297,8 +348,34 @@ def build_case(cfg: AttackRun, *, max_memory=None, attack=None) -> tuple[Case, T
     case, truth = simulate(model, truth_inputs.to(dtype), truth_labels, protocol=cfg.protocol, spec=spec,
                            loss=cfg.loss, labels_known=cfg.labels_known, bn_mode=cfg.bn_mode,
                            local_steps=cfg.local_steps, local_lr=cfg.local_lr,
-                           local_batch_size=cfg.local_batch_size, defense=defense, generator=gen, device=device)
+                           local_batch_size=cfg.local_batch_size, defense=defense, generator=gen,
+                           other_clients=others, device=device)
     return case, truth, notes
+
+
+def _target_scores(cfg: AttackRun, rec: Reconstruction, truth: Truth | None) -> dict | None:
+    """Under secure aggregation: the scores over the attacked client's images only (the truth's first rows),
+    every reconstruction a candidate for them."""
+    if truth is None:
+        return None
+    b = cfg.num_images
+    return evaluate(rec, Truth(truth.inputs[:b], truth.labels[:b])).to_dict()
+
+
+def _other_clients(cfg: AttackRun, ds, k: int, *, mod2: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The K - 1 other clients' batches for ``aggregate_clients``: (K-1) * num_images images drawn without
+    replacement from the dataset outside the attacked client's rows, with a generator seeded by ``cfg.seed``;
+    labels mapped like the target's (``mod2``: label % 2 for a one-score model)."""
+    b = cfg.num_images
+    pool = [i for i in range(len(ds)) if not cfg.start <= i < cfg.start + b]
+    need = (k - 1) * b
+    if len(pool) < need:
+        raise ValidationError("attack run", [f"secure aggregation over {k} clients needs {need} more images besides the attacked "
+                                             f"client's {b}; the dataset '{ds.spec.name}' has {len(ds)} in all"])
+    order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(cfg.seed))[:need]
+    sub = ds.subset(torch.tensor(pool)[order])
+    x, y = sub.batch(need)
+    return x, (y % 2 if mod2 else y)
 
 
 def default_out(cfg: AttackRun) -> Path:
@@ -342,17 +419,23 @@ def run_attack(cfg: AttackRun, *, progress: bool = False, write: bool = True, ov
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
         case, truth, notes = build_case(cfg, max_memory=max_memory, attack=attack)
-        rec = attack.reconstruct(case, seed=cfg.seed, progress=progress)
+        from .attacks.optimization.batched import memory_limit
+
+        with memory_limit(max_memory):  # batched restarts size their chunks to --max-memory
+            rec = attack.reconstruct(case, seed=cfg.seed, progress=progress)
         scores = evaluate(rec, truth) if truth is not None else None
         if scores is not None:
             notes += scores.notes
         notes += run_warnings(rec.info)
         if rec.info.get("start_point_only"):
             notes.append("interrupted before the attack's first result: the report shows its START point")
+        extra: dict[str, Any] = {"notes": notes, "model": cfg.model}
+        if cfg.secure_clients() > 1 and cfg.observed is None:
+            extra.update(aggregate_clients=cfg.secure_clients(), target_client=_target_scores(cfg, rec, truth))
         out = None
         if run_dir is not None:
             out = write_report(run_dir, rec, truth=truth, scores=scores, case=case, config=run_config(cfg, case),
-                               extra={"notes": notes, "model": cfg.model})
+                               extra=extra)
     finally:
         torch.set_num_threads(threads)
         if run_dir is not None:

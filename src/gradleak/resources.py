@@ -102,6 +102,14 @@ def _meta_sizes(model_name: str, input_shape: tuple[int, ...], num_classes: int,
     with torch.device("meta"):
         net = models.build(model_name, input_shape=tuple(input_shape), num_classes=num_classes, seed=0,
                            **model_options)
+    return module_sizes(net, input_shape)
+
+
+def module_sizes(net: torch.nn.Module, input_shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """(parameter count, activation elements per sample, unfolded convolution inputs per sample) of a
+    model, by one forward pass on the meta device (shapes only: no memory, no change to ``net``)."""
+    from torch.func import functional_call
+
     params = sum(p.numel() for p in net.parameters())
     acts = [0, 0]
 
@@ -112,10 +120,15 @@ def _meta_sizes(model_name: str, input_shape: tuple[int, ...], num_classes: int,
                 acts[1] += out.numel() // m.out_channels * (m.in_channels // m.groups) * math.prod(m.kernel_size)
 
     handles = [m.register_forward_hook(hook) for m in net.modules() if not list(m.children())]
+    state = {k: torch.empty_like(v, device="meta") for k, v in [*net.named_parameters(), *net.named_buffers()]}
+    training = net.training
     try:
         with torch.no_grad():
-            net.eval()(torch.empty((1, *input_shape), device="meta"))
+            net.eval()
+            like = next(iter(state.values()), torch.empty((), device="meta"))
+            functional_call(net, state, (torch.empty((1, *input_shape), device="meta", dtype=like.dtype),))
     finally:
+        net.train(training)
         for h in handles:
             h.remove()
     return int(params), int(acts[0]), int(acts[1])
@@ -133,6 +146,24 @@ def estimate_attack(model_name: str, input_shape: tuple[int, ...], num_classes: 
              "activations": (4 * acts + 2 * unfolded) * batch_size * max(local_steps, 1) * b,
              "optimiser": candidate_copies * pixels * b, "images": 2 * pixels * 8}
     return Estimate(sum(parts.values()), parts)
+
+
+def estimate_trials(model: torch.nn.Module, input_shape: tuple[int, ...], *, batch_size: int,
+                    dtype: torch.dtype = torch.float32, local_steps: int = 1,
+                    candidate_copies: int = 4) -> tuple[Estimate, Estimate]:
+    """(shared, per trial) estimates for optimisation trials batched over one model: shared are 4 copies
+    of the parameters (client model, the case's copy, the observed update, the unit target); per trial its
+    update and the backward's copies of it (4 x parameters: under vmap every trial's update is its own), 4
+    x the activations per sample and local step plus twice the unfolded convolution inputs (as
+    :func:`estimate_attack`), and the optimiser's copies of the candidate batch."""
+    b = torch.empty((), dtype=dtype).element_size()
+    params, acts, unfolded = module_sizes(model, tuple(input_shape))
+    pixels = math.prod(input_shape) * batch_size
+    shared = {"parameters": 4 * params * b}
+    per = {"updates": 4 * params * b,
+           "activations": (4 * acts + 2 * unfolded) * batch_size * max(local_steps, 1) * b,
+           "optimiser": candidate_copies * pixels * b}
+    return Estimate(sum(shared.values()), shared), Estimate(sum(per.values()), per)
 
 
 def estimate_training(model_name: str, input_shape: tuple[int, ...], num_classes: int, *, num_images: int,
@@ -181,5 +212,6 @@ def check_training_job(model_name: str, source: str, *, image_size=None, batch_s
     check_memory(est, max_memory=max_memory, what=f"training {model_name} on {n} image(s) of shape {shape}")
 
 
-__all__ = ["check_training_job", "parse_size", "format_size", "available_memory", "Estimate", "estimate_attack", "estimate_training",
+__all__ = ["check_training_job", "parse_size", "format_size", "available_memory", "Estimate", "estimate_attack",
+           "estimate_trials", "module_sizes", "estimate_training",
            "check_memory"]

@@ -137,9 +137,12 @@ def _augment(x: torch.Tensor, kind: str, generator: torch.Generator) -> torch.Te
 
 
 @torch.no_grad()
-def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn, single: bool,
-              batch_size: int = 256) -> tuple[float, float]:
-    """(accuracy, mean loss) in eval mode over normalised inputs x."""
+def accuracy_and_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn, *, single_output: bool,
+                      batch_size: int = 256) -> tuple[float, float]:
+    """(accuracy, mean loss) of ``model`` in eval mode over normalised inputs x (N, ...) and labels y (N,), in
+    chunks of ``batch_size``; ``single_output``: one score per sample (label 1 where it is > 0), else the argmax
+    of the outputs. (nan, nan) for an empty set. The one held-out evaluation of training and
+    :func:`gradleak.defenses.utility`."""
     if x.shape[0] == 0:
         return float("nan"), float("nan")
     was = model.training
@@ -149,7 +152,7 @@ def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn, singl
         out = model(x[i:i + batch_size])
         yy = y[i:i + batch_size]
         total_loss += float(loss_fn(out, yy)) * yy.shape[0]
-        pred = (out[:, 0] > 0).long() if single else out.argmax(dim=1)
+        pred = (out[:, 0] > 0).long() if single_output else out.argmax(dim=1)
         correct += int((pred == yy).sum())
     model.train(was)
     return correct / x.shape[0], total_loss / x.shape[0]
@@ -303,8 +306,9 @@ def train(
         if save and epoch in wanted:
             checkpoints[epoch] = save_weights(net, checkpoint_path(out_p, epoch), metadata={"epoch": epoch})
 
-    acc0, _ = _evaluate(net, x_ho, y_ho, loss_fn, single) if hold_idx.numel() else (float("nan"), 0.0)
-    tr_acc0, tr_loss0 = _evaluate(net, x_tr, y_tr, loss_fn, single)
+    acc0, _ = accuracy_and_loss(net, x_ho, y_ho, loss_fn, single_output=single) if hold_idx.numel() \
+        else (float("nan"), 0.0)
+    tr_acc0, tr_loss0 = accuracy_and_loss(net, x_tr, y_tr, loss_fn, single_output=single)
     accuracy = [acc0 if hold_idx.numel() else tr_acc0]
     train_accuracy = [tr_acc0]
     losses_per_epoch = [tr_loss0]
@@ -342,8 +346,8 @@ def train(
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(epoch=epoch, loss=f"{lval.item():.3f}", acc=f"{100 * accuracy[-1]:.1f}%")
-            tr_acc, _ = _evaluate(net, x_tr, y_tr, loss_fn, single)
-            acc = _evaluate(net, x_ho, y_ho, loss_fn, single)[0] if hold_idx.numel() else tr_acc
+            tr_acc, _ = accuracy_and_loss(net, x_tr, y_tr, loss_fn, single_output=single)
+            acc = accuracy_and_loss(net, x_ho, y_ho, loss_fn, single_output=single)[0] if hold_idx.numel() else tr_acc
             accuracy.append(acc)
             train_accuracy.append(tr_acc)
             losses_per_epoch.append(run_loss / max(seen, 1))
@@ -429,5 +433,6 @@ def train_from_names(
     return res
 
 
-__all__ = ["TrainResult", "train", "train_from_names", "checkpoint_path", "split_holdout", "OPTIMIZERS",
+__all__ = ["TrainResult", "train", "train_from_names", "checkpoint_path", "split_holdout", "accuracy_and_loss",
+           "OPTIMIZERS",
            "AUGMENTATIONS"]

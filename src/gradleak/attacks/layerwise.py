@@ -48,10 +48,12 @@ correction of 300 / 100 / 50 Adam steps with TV 0.01 at the input layer, only wh
 The paper's TV weight 1 at the input layer measurably blurs (cnn2-c2, one photo: 22.2 dB after the prior,
 21.7 dB after 200 paper-weight steps, 22.3 dB with TV 0.01), hence the lighter TV in 'fast'.
 
-Per-layer report: ``Reconstruction.info["layers"]`` (input side first), one JSON-able dict per layer with
-name, label, kind, unknowns, constraints, rank, deficiency (= unknowns - rank >= 0), security_deficiency
-(= rank - unknowns <= 0), condition, residual_weight / residual_grad (relative, final), closed_form
-(their values after step (a)), residual_pullback, pullback / correction summaries and seconds.
+Per-layer report: ``Reconstruction.info["layers"]`` (input side first), one :class:`~gradleak.layers.LayerReport`
+per layer (name, label, kind, unknowns, constraints, rank, deficiency (= unknowns - rank >= 0),
+security_deficiency (= rank - unknowns <= 0), condition, residual / residual_weight / residual_gradient
+(relative, final), seconds) with :class:`LayerwiseLayer` as its ``extra``: closed_form (the residuals after
+step (a)), residual_pullback, the pull-back / prior / correction summaries and, from :func:`trace` with the
+truth, input_error.
 ``info["security_index"]`` is the security metric S from these ranks (see :mod:`gradleak.risk.security`).
 :func:`trace` also returns the per-layer reconstructed inputs and, given the truth, each layer's input error.
 """
@@ -61,7 +63,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
 
@@ -71,9 +73,25 @@ from ..errors import NumericalError
 from .base import Attack, Reconstruction, RunContext, create, rank_facts, register
 from .layerwise_steps import _closed_form, _correct, _inverse, _nz, _prior, _pullback, _rel2, _Sub
 
-__all__ = ["Layerwise", "LayerwiseOptions", "LayerwiseTrace", "trace", "layer_input_errors", "PULLBACK_MODES"]
+__all__ = ["Layerwise", "LayerwiseLayer", "LayerwiseOptions", "LayerwiseTrace", "trace", "layer_input_errors", "PULLBACK_MODES"]
 
 PULLBACK_MODES = ("none", "forward", "gradient", "both")
+
+
+@dataclass
+class LayerwiseLayer(L.LayerExtra):
+    """The layer-wise attack's own per-layer measurements (``LayerReport.extra``): closed_form (residual,
+    residual_weight, residual_gradient of step (a)'s closed form, before any refinement); residual_pullback (the
+    pull-back constraint's residual at the end, None without one); pullback / prior / correction (the summaries of
+    steps (b), (c), (d) where they ran); input_error (set by :func:`trace` given the truth)."""
+
+    attack: ClassVar[str] = "layerwise"
+    closed_form: dict[str, float] | None = None
+    residual_pullback: float | None = None
+    pullback: dict[str, Any] | None = None
+    prior: dict[str, Any] | None = None
+    correction: dict[str, Any] | None = None
+    input_error: dict[str, Any] | None = None
 OPTIMIZERS = ("lbfgs", "adam")
 SCHEDULES = ("constant", "step")
 WHEN = ("always", "deficient")
@@ -263,12 +281,12 @@ def requirement_problems(case: Case) -> list[str]:
 class LayerwiseTrace:
     """Everything one run produced: ``inputs`` (per layer, input side first, float64 tensors of the layer's
     in_shape; ``inputs[0]`` is the normalised image), ``closed_form`` (the same after step (a) only),
-    ``layers`` (the JSON-able per-layer report), ``label``, ``security_index`` and, with the truth given to
+    ``layers`` (the per-layer :class:`~gradleak.layers.LayerReport` list), ``label``, ``security_index`` and, with the truth given to
     :func:`trace`, ``errors`` (per-layer input errors, see :func:`layer_input_errors`)."""
 
     inputs: list[torch.Tensor]
     closed_form: list[torch.Tensor]
-    layers: list[dict]
+    layers: list[L.LayerReport]
     label: int
     label_source: str
     security_index: int | None
@@ -341,13 +359,13 @@ def _run(case: Case, o: LayerwiseOptions, ctx: RunContext) -> LayerwiseTrace:
     with torch.enable_grad():  # dL/dz at the head for the recovered input, through the case's loss
         z_head = (Wd @ x_head + bd).reshape(1, -1).requires_grad_(True)
         k_model, = torch.autograd.grad(case.loss_fn(z_head, torch.tensor([label], device=z_head.device)), z_head)
-    head_rep = {"index": head.index, "name": head.name, "label": head.label, "kind": "head", "unknowns": head.n_in,
-                "constraints": head.n_weights + head.n_out, "rank": head.n_in, "deficiency": 0,
-                "security_deficiency": None, "condition": 1.0, "method": "bias",
-                "residual_grad": float((torch.outer(k, x_head) - dWd).norm() / _nz(float(dWd.norm()))),
-                "residual_bias": float((k_model.reshape(-1) - dbd).norm() / _nz(float(dbd.norm()))),
-                "residual_weight": None, "residual_pullback": None, "seconds": time.perf_counter() - t0}
-    reports: list[dict] = [head_rep]
+    rg_head = float((torch.outer(k, x_head) - dWd).norm() / _nz(float(dWd.norm())))
+    head_rep = L.LayerReport.of(head, head=True, unknowns=head.n_in, constraints=head.n_weights + head.n_out,
+                                rank=head.n_in, method="bias", condition=1.0, residual=rg_head,
+                                residual_gradient=rg_head,
+                                residual_bias=float((k_model.reshape(-1) - dbd).norm() / _nz(float(dbd.norm()))),
+                                seconds=time.perf_counter() - t0, extra=LayerwiseLayer())
+    reports: list[L.LayerReport] = [head_rep]
     x_next = x_head.reshape(head.in_shape)
     g_next = (Wd.T @ k).reshape(head.in_shape)
     inputs: list[torch.Tensor] = [x_next]
@@ -375,14 +393,9 @@ def _run(case: Case, o: LayerwiseOptions, ctx: RunContext) -> LayerwiseTrace:
         x_cf = x.clone()
         if i == 0:  # the closed-form image: a candidate an interrupted refinement falls back to
             _offer(case, ctx, x_cf, label, stage="closed-form")
-        rep: dict[str, Any] = {"index": layer.index, "name": layer.name, "label": layer.label, "kind": layer.kind,
-                               "activation": act.name, "unknowns": sol.unknowns, "constraints": sol.constraints,
-                               "rank": sol.rank, "deficiency": sol.deficiency,
-                               "security_deficiency": -sol.deficiency,
-                               "condition": sol.condition if sol.condition is None or math.isfinite(sol.condition)
-                               else None, "method": sol.method,
-                               "closed_form": {"residual_weight": sol.residual_weight,
-                                               "residual_grad": sol.residual_gradient}}
+        rep = L.LayerReport.of(layer, sol)
+        rep.extra = ext = LayerwiseLayer(closed_form={"residual": sol.residual, "residual_weight": sol.residual_weight,
+                                                      "residual_gradient": sol.residual_gradient})
         t_ref2 = _nz(float(target.pow(2).sum()))
         g_ref2 = _nz(float(dW.pow(2).sum()))
 
@@ -394,17 +407,16 @@ def _run(case: Case, o: LayerwiseOptions, ctx: RunContext) -> LayerwiseTrace:
                 (o.weight_weight + o.gradient_weight)
 
         # (b) pull-back from the preceding layer
-        rep["residual_pullback"] = None
         if i >= 1 and o.pullback != "none" and o.pullback_steps > 0:
             x, pb = _pullback(layers[i - 1], layer, params, grads, W, delta, x, system_term, o, ctx)
-            rep["pullback"] = pb
-            rep["residual_pullback"] = pb["residual_end"]
+            ext.pullback = pb
+            ext.residual_pullback = pb["residual_end"]
             history += pb.pop("_history")
         # (c) the null-space prior in a rank-deficient layer
         if o.prior_steps > 0 and sol.deficiency > 0:
             projector = system.null_projector(o.rtol)
             x, pr = _prior(case, i, layers, x, projector, o, ctx)
-            rep["prior"] = pr
+            ext.prior = pr
             history += pr.pop("_history")
         # (d) the per-layer gradient-matching correction
         undetermined = undetermined or sol.deficiency > 0
@@ -412,11 +424,10 @@ def _run(case: Case, o: LayerwiseOptions, ctx: RunContext) -> LayerwiseTrace:
                                                                           or undetermined):
             sub = _Sub.build(layers[i:], params, grads, label, case.loss_fn)
             x, cr = _correct(case, i, layers, x, sub, system_term, o, depth_of(i), ctx)
-            rep["correction"] = cr
+            ext.correction = cr
             history += cr.pop("_history")
-        tot, rg, rw = system.residuals(x)
-        rep["residual_weight"], rep["residual_grad"] = rw, rg
-        rep["seconds"] = time.perf_counter() - ts
+        rep.residual, rep.residual_gradient, rep.residual_weight = system.residuals(x)
+        rep.seconds = time.perf_counter() - ts
         reports.insert(0, rep)
         inputs.insert(0, x.reshape(layer.in_shape))
         closed.insert(0, x_cf.reshape(layer.in_shape))
@@ -426,7 +437,7 @@ def _run(case: Case, o: LayerwiseOptions, ctx: RunContext) -> LayerwiseTrace:
             raise NumericalError(f"layerwise: layer {layer.label} ('{layer.name}') produced a non-finite input")
 
     hidden = reports[:-1]
-    sec = L.security_index([r["security_deficiency"] for r in hidden], n) if n >= 1 else 0
+    sec = L.security_index([r.security_deficiency for r in hidden], n) if n >= 1 else 0
     kind, worst = _claim(reports, o.exact_tolerance)
     _offer(case, ctx, inputs[0], label, claim=kind, stage="final")
     return LayerwiseTrace(inputs=inputs, closed_form=closed, layers=reports, label=label, label_source=label_source,
@@ -434,15 +445,14 @@ def _run(case: Case, o: LayerwiseOptions, ctx: RunContext) -> LayerwiseTrace:
                           claim_residual=worst)
 
 
-def _claim(reports: list[dict], tol: float) -> tuple[str, float]:
+def _claim(reports: list[L.LayerReport], tol: float) -> tuple[str, float]:
     """'exact' only when every hidden layer has full rank AND every system the result must satisfy holds to
     ``tol`` (relative residuals of each layer's final input, after any pull-back / prior / correction, and of
     the head's gradient and bias): the ranks alone say nothing under noise, and a refinement step may move the
     closed form. Returns (claim, the largest residual)."""
-    keys = ("residual_weight", "residual_grad", "residual_bias")
-    vals = [r[k] for r in reports for k in keys if r.get(k) is not None]
+    vals = [v for r in reports for v in r.residuals()]
     worst = max((v if math.isfinite(v) else math.inf for v in vals), default=math.inf)
-    full = all(r["deficiency"] == 0 for r in reports[:-1])
+    full = all(r.determined for r in reports[:-1])
     return ("exact" if full and worst <= tol else "estimate"), worst
 
 
@@ -489,7 +499,7 @@ def trace(case: Case, truth: Truth | None = None, *, attack: Layerwise | None = 
 
     ``attack`` (or ``preset`` / ``options`` to build one) chooses the settings. With ``truth`` (which the attack
     never sees) the trace also holds ``errors``: the per-layer input errors of the final and of the closed-form
-    reconstructions, and ``layers[i]['input_error']``. Raises RequirementError like ``reconstruct``."""
+    reconstructions, and ``layers[i].extra.input_error``. Raises RequirementError like ``reconstruct``."""
     att = attack if attack is not None else create("layerwise", preset=preset, **options)
     rec = att.reconstruct(case, seed=seed, progress=progress)  # requirements, run context, kind: the base class
     tr = att.last_trace
@@ -503,5 +513,5 @@ def trace(case: Case, truth: Truth | None = None, *, attack: Layerwise | None = 
         tr.errors = [{**f, "closed_form_mse": c["mse"], "closed_form_relative": c["relative"],
                       **({"closed_form_psnr": c["psnr"]} if "psnr" in c else {})} for f, c in zip(final, cf)]
         for rep, e in zip(tr.layers, tr.errors):
-            rep["input_error"] = e
+            rep.extra.input_error = e
     return tr

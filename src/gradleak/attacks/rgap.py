@@ -27,10 +27,11 @@ Every candidate start (roots x signs) is scored by how consistent the next layer
 carried through. All systems are solved in float64, whatever the case's dtype (a float32 gradient carries
 float32 rounding, so such a result is reported as an 'estimate'; measured: about 120 dB on CNN6).
 
-Honest failure. Each layer's report (``info['layers']``, input side first) has: name, label, unknowns,
-constraints, rank, deficiency, deficient, residual (relative, block-balanced), residual_gradient,
-residual_weight, condition (sigma_max / sigma_min estimate), method, clipped (activation inverses that left
-the domain), bias_residual (consistency of k with the observed bias gradient). A rank-deficient layer gives the
+Honest failure. Each layer's report (``info['layers']``, input side first) is a
+:class:`~gradleak.layers.LayerReport` (name, label, unknowns, constraints, rank, deficiency, determined, residual
+(relative, block-balanced), residual_gradient, residual_weight, residual_bias (consistency of k with the
+observed bias gradient), condition, method) with :class:`RGAPLayer` as its ``extra`` (clipped: activation
+inverses that left the domain). A rank-deficient layer gives the
 minimum-norm solution, wrong in its null space, and the error propagates to every earlier layer: such a result
 has ``kind == 'estimate'`` and ``info['deficient_layers']`` names the layers. ``'exact'`` only when
 every layer has full rank, every residual is below ``exact_tolerance`` and the head was consistent.
@@ -60,7 +61,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -71,7 +72,16 @@ from ..case import Case, FedAvg
 from ..errors import NumericalError
 from .base import Attack, Reconstruction, RunContext, rank_facts, register
 
-__all__ = ["RGAP", "logistic_mu_roots", "logistic_score", "LOGISTIC_MU_STAR", "LOGISTIC_S_MIN"]
+__all__ = ["RGAP", "RGAPLayer", "logistic_mu_roots", "logistic_score", "LOGISTIC_MU_STAR", "LOGISTIC_S_MIN"]
+
+
+@dataclass
+class RGAPLayer(L.LayerExtra):
+    """R-GAP's own per-layer measurement (``LayerReport.extra``): ``clipped``, how many entries of the next
+    layer's input left the activation's range when inverted (each makes the layer's target z wrong)."""
+
+    attack: ClassVar[str] = "rgap"
+    clipped: int = 0
 
 
 # =====================================================================================================
@@ -274,7 +284,7 @@ class RGAP(Attack):
             ctx.offer(res, img.clamp(lo, hi), lab)
         cands.sort(key=lambda c: c[0])
         _, img, lab, reports, ok, st, box, res = cands[0]
-        deficient = [r["label"] for r in reports if r.get("deficient")]
+        deficient = [r.label for r in reports if not r.determined]
         kind = "mixture" if batch > 1 else ("exact" if ok and head_info.get("status") == "ok" else "estimate")
         head = {**head_info, **st.info, "starts": len(starts), "consistent_starts": len(consistent),
                 "recursions": len(runs), "box_violation": box}
@@ -447,15 +457,14 @@ class RGAP(Attack):
     def _recurse(self, chain, params, grads, st: _Start, o, ctx, *, mixture: bool):
         layers = chain.layers
         head = layers[-1]
-        head_rep = {"index": head.index, "name": head.name, "label": head.label, "kind": head.kind,
-                    "unknowns": head.n_in, "constraints": head.n_weights + head.n_out, "rank": head.n_in,
-                    "deficiency": 0, "deficient": False, "method": "head"}
         gW = grads[head.weight_name]
         kk = st.k.reshape(-1)
-        head_rep["residual_gradient"] = float((torch.outer(kk, st.x.reshape(-1)) - gW).norm() / gW.norm())
-        head_rep["residual"] = head_rep["residual_gradient"]
+        rg = float((torch.outer(kk, st.x.reshape(-1)) - gW).norm() / gW.norm())
+        head_rep = L.LayerReport.of(head, head=True, unknowns=head.n_in, constraints=head.n_weights + head.n_out,
+                                    rank=head.n_in, method="head", residual=rg, residual_gradient=rg,
+                                    extra=RGAPLayer())
         reports = [head_rep]
-        ok = head_rep["residual"] <= o.exact_tolerance
+        ok = rg <= o.exact_tolerance
         x_next, k_next = st.x, st.k
         ctx.update(1)
         for i in range(len(layers) - 2, -1, -1):
@@ -464,36 +473,31 @@ class RGAP(Attack):
             target, k, clipped = self._layer_inputs(layer, nxt, params, x_next, k_next)
             W = params[layer.weight_name]
             gW = grads[layer.weight_name]
-            rep = {"index": layer.index, "name": layer.name, "label": layer.label, "kind": layer.kind,
-                   "activation": layer.activation.name, "clipped": clipped}
+            system = L.LayerSystem(layer, W, k, gW, target, weight_ratio=o.weight_ratio)
             if mixture and i == 0 and layer.dense:
                 # the combination: dL/dW_1^T k_1 / ||k_1||^2 lies exactly in the span of the batch's inputs
                 x = layer.gradient_solve(k, gW).reshape(-1)
-                system = L.LayerSystem(layer, W, k, gW, target, weight_ratio=o.weight_ratio)
                 tot, rg, rw = system.residuals(x)
-                rep.update(unknowns=layer.n_in, constraints=system.constraints, rank=layer.n_in, deficiency=0,
-                           deficient=False, residual=tot, residual_gradient=rg, residual_weight=rw, condition=1.0,
-                           method="gradient-only (mixture)")
+                rep = L.LayerReport.of(layer, unknowns=layer.n_in, constraints=system.constraints, rank=layer.n_in,
+                                       residual=tot, residual_gradient=rg, residual_weight=rw, condition=1.0,
+                                       method="gradient-only (mixture)")
             else:
-                system = L.LayerSystem(layer, W, k, gW, target, weight_ratio=o.weight_ratio)
                 sol = system.solve(rtol=o.rtol, method=o.method, refine=o.refine, max_dense=o.max_dense)
                 x = sol.x
-                rep.update(sol.report())
+                rep = L.LayerReport.of(layer, sol)
+            rep.extra = RGAPLayer(clipped=clipped)
+            if clipped:
+                rep.notes.append(f"{clipped} activation inverse(s) left the activation's range (clipped)")
             if layer.has_bias:
                 gb = grads[layer.bias_name]
-                rep["bias_residual"] = float((layer.bias_grad(k) - gb.reshape(-1)).norm() /
-                                             gb.norm().clamp_min(1e-300))
-            rep["seconds"] = time.perf_counter() - t
-            if rep.get("deficient") or not (rep["residual"] <= o.exact_tolerance) or clipped:
+                rep.residual_bias = float((layer.bias_grad(k) - gb.reshape(-1)).norm() / gb.norm().clamp_min(1e-300))
+            rep.seconds = time.perf_counter() - t
+            if not rep.determined or not (rep.residual <= o.exact_tolerance) or clipped:
                 ok = False
             reports.append(rep)
             x_next, k_next = x, k
-            ctx.update(1, layer=layer.label, residual=float(rep["residual"]))
+            ctx.update(1, layer=layer.label, residual=float(rep.residual))
         reports.reverse()
-        for r in reports:
-            for key, v in list(r.items()):
-                if isinstance(v, float) and not math.isfinite(v):
-                    r[key] = None if math.isnan(v) else (1e308 if v > 0 else -1e308)
         x0 = x_next.reshape(-1)
         return x0, reports, ok
 

@@ -14,7 +14,8 @@ In-client defenses (they change the client's computation; ``acts_in_client``):
 - ``dp-sgd`` (:mod:`.dpsgd`): per-example clipping, Gaussian noise on the sum, opacus's (epsilon, delta).
 - ``soteria`` (:mod:`.soteria`): prune representation features in the first FC layer's gradient.
 
-Protocols: ``secure-aggregation`` (:mod:`.secagg`): the server sees only the mean of K clients' updates.
+Protocols: ``secure-aggregation`` (:mod:`.secagg`): the server sees only the mean of K clients' updates
+(pairwise masking); :func:`aggregate_cases` gives the one Case a server sees from K clients' Cases.
 
 Cost: :func:`utility` (:mod:`.utility`): held-out accuracy of FedAvg with each defense beside the baseline.
 
@@ -24,12 +25,12 @@ every bad value is one error naming the defense. Random defenses take a ``torch.
 
 from .base import Compose, Defense, Update, as_defense, compose, create, defenses, option, parse
 from .dpsgd import DPSGD, accountant_epsilon
-from .secagg import Aggregate, SecureAggregation, secure_aggregate
+from .secagg import Aggregate, SecureAggregation, aggregate_cases, secure_aggregate
 from .soteria import Soteria
 from .update import ClipNoiseUpdate, ClipUpdate, Noise, Prune, Quantize, TopK, global_norm
 from .utility import DefenseUtility, UtilityResult, client_shards, utility
 
 __all__ = ["Defense", "Compose", "Update", "option", "create", "parse", "compose", "as_defense", "defenses",
            "Noise", "ClipUpdate", "ClipNoiseUpdate", "Prune", "Quantize", "TopK", "DPSGD", "accountant_epsilon",
-           "Soteria", "SecureAggregation", "secure_aggregate", "Aggregate", "utility", "UtilityResult",
+           "Soteria", "SecureAggregation", "secure_aggregate", "aggregate_cases", "Aggregate", "utility", "UtilityResult",
            "DefenseUtility", "client_shards", "global_norm"]

@@ -93,7 +93,8 @@ class DPSGD(Defense):
         q = float(self.sample_rate)
         sigma = self.sigma(total, q)
         out = {"mechanism": "dp-sgd", "accountant": self.accountant, "delta": self.delta, "steps": total,
-               "sample_rate": q, "noise_multiplier": sigma, "max_grad_norm": self.max_grad_norm,
+               "rounds": None if self.steps is not None else int(self.rounds),
+               "steps_per_round": None if self.steps is not None else int(steps_per_round), "sample_rate": q, "noise_multiplier": sigma, "max_grad_norm": self.max_grad_norm,
                "assumes": "Poisson sampling at sample_rate per step, add/remove-one-example adjacency"}
         if sigma == 0:
             return {**out, "epsilon": None, "guarantee": False,

@@ -159,7 +159,7 @@ def utility(
     """
     from .. import data as data_mod
     from ..simulate import Client
-    from ..training import _evaluate, split_holdout
+    from ..training import accuracy_and_loss, split_holdout
 
     problems = []
     for name, v, lo in (("rounds", rounds, 1), ("clients", clients, 1), ("local_steps", local_steps, 1),
@@ -204,7 +204,7 @@ def utility(
         with torch.no_grad():
             for k, p in net.named_parameters():
                 p.copy_(params[k])
-        return float(_evaluate(net, x_hold, y_hold, loss_fn, outs == 1)[0])
+        return float(accuracy_and_loss(net, x_hold, y_hold, loss_fn, single_output=outs == 1)[0])
 
     def run(defense: Defense | None, label: str) -> list[float]:
         params = {k: v.clone() for k, v in init.items()}

@@ -47,7 +47,7 @@ Systems and solving
 
 Files: ``rules.py`` (Layer base + registry), ``linear.py`` / ``conv.py`` (the rules), ``walk.py`` (walker, Chain,
 forward), ``linalg.py`` (the tolerance rule, rank, min-norm solves, null spaces, head solver), ``system.py``
-(LayerSystem, Solution). See docs/architecture.md.
+(LayerSystem, Solution), ``report.py`` (LayerReport: one layer's report from a closed-form attack). See docs/architecture.md.
 
 Example (one conv layer, one sample)::
 
@@ -71,10 +71,11 @@ from .linalg import (CERTIFICATE_MARGIN, DEFAULT_RTOL, EigenPseudoInverse, RankI
                      head_solve, numerical_rank, psd_solver, tolerance)
 from .system import LayerSystem, NullProjector, Solution
 from .index import security_index, security_weights
+from .report import LayerExtra, LayerReport
 from ..activations import Activation
 
 __all__ = [
-    "security_index", "security_weights",
+    "security_index", "security_weights", "LayerReport", "LayerExtra",
     "DEFAULT_RTOL", "CERTIFICATE_MARGIN", "Layer", "LinearLayer", "Conv2dLayer", "Chain", "Issue", "LayerSystem",
     "Solution", "RankInfo", "NullProjector", "EigenPseudoInverse", "Activation",
     "register_layer", "unregister_layer", "register_activation_module", "layer_rules", "walk", "require_chain", "forward",

@@ -48,13 +48,6 @@ class Solution:
     def deficient(self) -> bool:
         return self.rank < self.unknowns
 
-    def report(self) -> dict:
-        """JSON-able per-layer numbers."""
-        return {"unknowns": self.unknowns, "constraints": self.constraints, "rank": self.rank,
-                "deficiency": self.deficiency, "deficient": self.deficient, "residual": self.residual,
-                "residual_gradient": self.residual_gradient, "residual_weight": self.residual_weight,
-                "condition": self.condition, "method": self.method, "rtol": self.rtol}
-
 
 def _t64(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.detach().to(torch.float64).cpu()

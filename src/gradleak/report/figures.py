@@ -157,14 +157,15 @@ def convergence_png(by_attack: dict[str, list[tuple[str, list[float]]]]) -> byte
 def write_html(out: Path, metrics: dict, config: dict) -> None:
     uri = png_data_uri((out / "reconstruction.png").read_bytes())
     keys = ["attack", "kind", "psnr", "ssim", "mse", "label_accuracy", "residual", "seconds", "outer_steps",
-            "gradient_evaluations", "iterations", "num_images", "interrupted"]
+            "gradient_evaluations", "iterations", "num_images", "aggregate_clients", "interrupted"]
     rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(_fmt(metrics.get(k)))}</td></tr>" for k in keys
                    if k in metrics)
     warn = "".join(f"<li>{html.escape(str(w))}</li>" for w in metrics.get("warnings") or ())
     layer_html = f"<h2>Warnings</h2><ul>{warn}</ul>" if warn else ""
-    layers = metrics.get("info", {}).get("layers")
+    layer_html += _privacy_html(metrics.get("privacy"))
+    layers = to_jsonable(metrics.get("info", {}).get("layers"))  # LayerReports (or dicts of an older run)
     if isinstance(layers, list) and layers and isinstance(layers[0], dict):
-        cols = list(layers[0].keys())
+        cols = [c for c in layers[0] if c != "notes" and not isinstance(layers[0][c], (dict, list))]
         head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
         body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(l.get(c)))}</td>" for c in cols) + "</tr>" for l in layers)
         layer_html += f"<h2>Per layer</h2><table><tr>{head}</tr>{body}</table>"
@@ -175,6 +176,25 @@ td,th{{border:1px solid #ccc;padding:2px 8px;text-align:left}}img{{max-width:100
 <h2>Scores</h2><table>{rows}</table>{layer_html}
 <h2>Configuration</h2><pre>{html.escape(json.dumps(to_jsonable(config), indent=2))}</pre></body></html>"""
     (out / "report.html").write_text(page)
+
+
+def _privacy_html(p) -> str:
+    """The run's privacy accounting (a defense with one, e.g. dp-sgd): epsilon first, then delta and what the
+    accountant assumed (steps = rounds x steps per round, sampling rate, noise, clipping, adjacency)."""
+    if not isinstance(p, dict):
+        return ""
+    eps = p.get("epsilon")
+    head = (f"&epsilon; = {html.escape(_fmt(eps))} at &delta; = {html.escape(_fmt(p.get('delta')))}" if eps is not None
+            else f"no privacy guarantee ({html.escape(str(p.get('note', 'epsilon is infinite')))})")
+    steps = str(p.get("steps"))
+    if p.get("rounds") is not None:
+        steps += f" ({p['rounds']} round(s) x {p.get('steps_per_round')} step(s) per round)"
+    rows = [("mechanism", p.get("mechanism")), ("accountant", p.get("accountant")), ("accounted steps", steps),
+            ("sampling rate", p.get("sample_rate")), ("noise multiplier", p.get("noise_multiplier")),
+            ("max grad norm", p.get("max_grad_norm")), ("assumes", p.get("assumes"))]
+    body = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(_fmt(v))}</td></tr>" for k, v in rows
+                   if v is not None)
+    return f"<h2>Privacy</h2><p>{head}</p><table>{body}</table>"
 
 
 def _fmt(v) -> str:

@@ -11,7 +11,7 @@ import torch
 
 
 def to_jsonable(v: Any) -> Any:
-    """Convert tensors / numpy / paths / non-finite floats into plain JSON values."""
+    """Convert tensors / numpy / paths / non-finite floats / objects with ``to_dict()`` into plain JSON values."""
     if isinstance(v, dict):
         return {str(k): to_jsonable(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
@@ -30,4 +30,6 @@ def to_jsonable(v: Any) -> Any:
         return str(v)
     if isinstance(v, torch.dtype):
         return str(v).replace("torch.", "")
+    if callable(getattr(v, "to_dict", None)):  # typed reports (LayerReport, ...) say how they are written
+        return to_jsonable(v.to_dict())
     return repr(v)

@@ -71,6 +71,8 @@ def metrics_of(rec, *, scores=None, case=None, extra: dict | None = None) -> dic
     metrics["info"] = {k: v for k, v in info.items() if k not in ("options",)}
     if case is not None:
         metrics["case"] = case.describe()
+        if case.meta.get("privacy") is not None:  # a defense with accounting (dp-sgd): its (epsilon, delta)
+            metrics["privacy"] = dict(case.meta["privacy"])
     if extra:
         metrics.update(extra)
     return metrics

@@ -76,6 +76,7 @@ class LayerRank:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["deficient"] = self.deficient
+        d["determined"] = None if self.deficiency is None else self.deficiency == 0  # LayerReport's name
         if d["condition"] is not None and not math.isfinite(d["condition"]):
             d["condition"] = None
         return d

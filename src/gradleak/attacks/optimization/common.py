@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -166,7 +167,7 @@ class GradientMatcher:
         if gn2 == 0:
             return 1.0, None, 0.0
         inv = 1.0 / math.sqrt(gn2)
-        diffs = [g * inv - v for g, v in zip(gh, self.vhat)]
+        diffs = [g.mul_(inv).sub_(v) for g, v in zip(gh, self.vhat)]  # in place: no fresh buffers
         half = 0.5 * float(sum(wl * torch.dot(d, d).double() for wl, d in zip(w, diffs)))
         return min(half, 2.0), diffs, s / inv
 
@@ -283,30 +284,41 @@ def start_inputs(case: Case, start: str, generator: torch.Generator) -> torch.Te
     return tile.repeat(1, 1, k, k)[..., :h, :w].contiguous()
 
 
-def lr_schedule(name: str, max_iterations: int, warmup: int = 0, *, explicit: bool = False):
-    """The step-size factor per step, ``f(step) -> float`` (lr x f), or None for the driver's built-in 'step'
-    schedule (x0.1 at 3/8, 5/8 and 7/8 of the budget, Geiping et al. 2020; with ``explicit`` that schedule as a
-    function, for a budget run in several stages). 'cosine': a linear warm-up over
-    ``warmup`` steps to the full rate, then 1/2 (1 + cos(pi t / T)) over the remaining T steps (warm-up plus
-    cosine decay, as in GradInversion and breaching's "modern" preset); 'constant': 1."""
-    if name not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {name!r}")
-    if name == "step":
-        if not explicit:
-            return None
-        marks = [int(max_iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)]
-        return lambda step: 0.1 ** sum(step >= m for m in marks)
-    if name == "constant":
-        return lambda step: 1.0
-    warm = max(0, min(int(warmup), max_iterations - 1))
-    rest = max(max_iterations - warm, 1)
+@dataclass(frozen=True)
+class Schedule:
+    """A step-size factor per Adam step (``lr x schedule(step)``), see :func:`lr_schedule`. A value object (its
+    ``repr`` names its settings) so that batched trials with the same schedule share one batch; ``offset``:
+    the steps already run (a budget run in stages, e.g. before and after the group consensus)."""
 
-    def cosine(step: int) -> float:
+    name: str
+    max_iterations: int
+    warmup: int = 0
+    offset: int = 0
+
+    def __call__(self, step: int) -> float:
+        step = step + self.offset
+        if self.name == "step":
+            marks = [int(self.max_iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)]
+            return 0.1 ** sum(step >= m for m in marks)
+        if self.name == "constant":
+            return 1.0
+        warm = max(0, min(int(self.warmup), self.max_iterations - 1))
         if step < warm:
             return (step + 1) / warm
-        return 0.5 * (1.0 + math.cos(math.pi * (step - warm) / rest))
+        return 0.5 * (1.0 + math.cos(math.pi * (step - warm) / max(self.max_iterations - warm, 1)))
 
-    return cosine
+
+def lr_schedule(name: str, max_iterations: int, warmup: int = 0, *, explicit: bool = False) -> Schedule | None:
+    """The step-size factor per step (a :class:`Schedule`, ``f(step) -> float``: lr x f), or None for the
+    driver's built-in 'step' schedule (x0.1 at 3/8, 5/8 and 7/8 of the budget, Geiping et al. 2020; with
+    ``explicit`` that schedule as a Schedule, for a budget run in several stages). 'cosine': a linear warm-up
+    over ``warmup`` steps to the full rate, then 1/2 (1 + cos(pi t / T)) over the remaining T steps (warm-up
+    plus cosine decay, as in GradInversion and breaching's "modern" preset); 'constant': 1."""
+    if name not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {name!r}")
+    if name == "step" and not explicit:
+        return None
+    return Schedule(name, int(max_iterations), int(warmup))
 
 
 def matching_problems(case: Case, names: Sequence[str]) -> list[str]:

@@ -25,6 +25,7 @@ import torch
 from ...case import Case, FedAvg
 from ..base import Attack, Reconstruction, RunContext, register
 from ..labels import label_recovery_problems, recover_labels
+from . import batched as B
 from . import common as C
 from . import priors as P
 
@@ -45,7 +46,10 @@ class DLGOptions:
     FedSGD, relative for FedAvg). boxed: clamp to the image box after every outer step (DLG does not).
     use_known_labels: use the case's labels when it has them (otherwise the paper's joint label logits).
     regularizers, bn_prior, bn_weight: terms added to the objective (not to the score), as for Inverting
-    Gradients (:mod:`.priors`; DLG itself has none: default off)."""
+    Gradients (:mod:`.priors`; DLG itself has none: default off).
+    batch_trials: run the restarts as one batched computation (:mod:`.batched`; one by one where it cannot,
+    said in ``rec.info['batched']``). Retries after a divergence run as a second wave, their starts drawn
+    after every first start (the same order batched or not)."""
 
     max_iterations: int = 6000
     restarts: int = 1
@@ -61,6 +65,7 @@ class DLGOptions:
     regularizers: tuple = ()
     bn_prior: str = "none"
     bn_weight: float = 1e-2
+    batch_trials: bool = True
 
 
 def _check(o: DLGOptions) -> list[str]:
@@ -147,21 +152,30 @@ class _LBFGSMatching(Attack):
             ctx.update(o.lbfgs_inner, loss=total)
 
         ctx.progress(o.restarts * o.max_iterations)
+        def draw() -> list[torch.Tensor]:
+            v0 = [C.randn((case.batch_size, *spec.shape), ctx.generator, case)]
+            if joint:
+                v0.append(C.randn(C.label_logits_shape(case), ctx.generator, case))
+            ctx.start(spec.denormalize(v0[0]), C.hard_labels(case, v0[1]) if joint else labels)
+            return v0
+
         trials: list[C.Trial] = []
-        for r in range(o.restarts):
-            for attempt in range(o.max_retries + 1):
-                v0 = [C.randn((case.batch_size, *spec.shape), ctx.generator, case)]
-                if joint:
-                    v0.append(C.randn(C.label_logits_shape(case), ctx.generator, case))
-                ctx.start(spec.denormalize(v0[0]), C.hard_labels(case, v0[1]) if joint else labels)
-                trial = C.run_trial(objective, v0, optimizer="lbfgs", max_iterations=o.max_iterations, lr=o.lr,
-                                    inner=o.lbfgs_inner, history_size=o.history_size, line_search=o.line_search,
-                                    project=project if o.boxed else None, on_step=on_step, on_offer=offer,
-                                    offer_every=5 * o.lbfgs_inner, explode_factor=o.explode_factor,
-                                    name=f"{self.name} trial {len(trials)}")
-                trials.append(trial)
-                if not trial.diverged:
-                    break
+        wave = o.restarts
+        notes = []
+        for attempt in range(o.max_retries + 1):
+            setup = B.TrialSetup(
+                case=case, matcher=matcher, labels=labels, objective=objective, starts=[draw() for _ in range(wave)],
+                settings=dict(optimizer="lbfgs", max_iterations=o.max_iterations, lr=o.lr, inner=o.lbfgs_inner,
+                              history_size=o.history_size, line_search=o.line_search,
+                              offer_every=5 * o.lbfgs_inner, explode_factor=o.explode_factor),
+                priors=prior, project=project if o.boxed else None, on_step=on_step, on_offer=offer,
+                names=[f"{self.name} trial {len(trials) + r}" for r in range(wave)], batched=o.batch_trials)
+            new, note = B.run(setup)
+            trials += new
+            notes.append(note)
+            wave = sum(1 for t in new if t.diverged)
+            if not wave:
+                break
         info: dict[str, Any] = {
             "trials": [t.summary() for t in trials],
             "retries": sum(1 for t in trials if t.diverged),
@@ -169,6 +183,7 @@ class _LBFGSMatching(Attack):
             "distance": f"squared L2 ({scale})",
             "priors": prior.describe(),
             "protocol": case.protocol,
+            "batched": notes[0] if len(notes) == 1 else notes,
             **C.totals(trials),
         }
         rec, best = C.best_trial_result(case, trials, labels, joint, info, "chosen_trial")

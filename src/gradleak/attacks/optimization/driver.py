@@ -20,9 +20,15 @@ Stop reasons (``Trial.stop``), each a checked criterion:
   or a stall at more than twice the best loss (a jump into a flat, saturated region). A diverged trial
   returns the best finite iterate it saw and emits a :class:`DivergenceWarning`.
 
-torch.optim's first use costs 0.85 s once per process (it imports torch._dynamo; measured with torch 2.13 on
-one CPU thread): the Adam steps use it. The L-BFGS is written here because torch's is not scale free (see
-:class:`LBFGS`); tests/test_optim_driver.py checks both against torch.optim on a smooth problem.
+Each optimiser is written as a TRIAL PROGRAM (a Python generator, :func:`trial_program`): it yields the
+variables it wants evaluated and receives ``(total, score, gradients)`` back. :func:`run_trial` feeds it from
+one objective; :mod:`.batched` feeds many trials' programs from ONE batched evaluation per round. A trial's
+own state (Adam moments and step-size schedule, L-BFGS memory and line search, stop rules, best-so-far,
+divergence) lives in its program, so a trial that stops leaves the others running and a diverging trial
+touches nothing but its own state. Adam is :func:`adam_update` (torch.optim.Adam's single-tensor update
+written out: the same operations in the same order; importing torch.optim costs 0.85 s once per process).
+The L-BFGS is written here because torch's is not scale free (see :class:`LBFGS`); tests/test_optim_driver.py
+checks both against torch.optim on a smooth problem.
 """
 
 from __future__ import annotations
@@ -31,12 +37,18 @@ import math
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Generator, Sequence
 
 import torch
 
 Objective = Callable[[list[torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
 OPTIMIZERS = ("signed-adam", "adam", "lbfgs")
+# what a trial program yields: (variables to evaluate, whether it needs their gradients); what it receives:
+# (total, score, gradients or None) with total and score as floats; gradients are None when the total is not
+# finite or when they were not asked for
+Request = tuple[list[torch.Tensor], bool]
+Result = tuple[float, float, "Sequence[torch.Tensor] | None"]
+Program = Generator[Request, Result, None]
 
 
 class DivergenceWarning(RuntimeWarning):
@@ -96,8 +108,7 @@ def _finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t).all())
 
 
-def run_trial(
-    objective: Objective,
+def trial_program(
     variables: list[torch.Tensor],
     *,
     optimizer: str,
@@ -116,76 +127,126 @@ def run_trial(
     stall_steps: int = 5,
     tol_grad: float = 1e-10,
     name: str = "trial",
-) -> Trial:
+) -> tuple[Trial, Program]:
     """One trial of ``optimizer`` ('signed-adam' | 'adam' | 'lbfgs') from ``variables`` for up to
-    ``max_iterations`` iterations (see the module docstring for counts and stop reasons).
+    ``max_iterations`` iterations (see the module docstring for counts and stop reasons), as a program to be
+    fed evaluations (:func:`run_trial` from one objective, :mod:`.batched` for many trials at once). Returns
+    the :class:`Trial` (filled in when the program ends) and the program.
 
     Adam: lr x0.1 at 3/8, 5/8, 7/8 of ``max_iterations`` (``decay``), or ``lr * schedule(step)`` at every step
-    when a ``schedule`` is given (e.g. :func:`.common.lr_schedule`); signed: the step uses sign(gradient).
+    when a ``schedule`` is given (e.g. :func:`.common.lr_schedule`; give one with a stable ``repr`` so that
+    batched trials with equal settings share one batch); signed: the step uses sign(gradient).
     L-BFGS: ``lr``, outer steps of ``inner`` iterations, ``history_size`` pairs, ``line_search``
     ('strong-wolfe' or '' for DLG's fixed step). ``project`` (e.g. the box clamp) runs after every Adam step /
     L-BFGS outer step. ``on_step(outer_step, total, best_score)``; ``on_offer(score, vars)`` every
     ``offer_every`` iterations when the best improved, and at the end (Ctrl-C safety)."""
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
-    t0 = time.perf_counter()
-    best = _Best()
     trial = Trial(None)
-    if optimizer == "lbfgs":
-        _lbfgs(trial, best, objective, variables, max_iterations=max_iterations, lr=lr, inner=inner,
-               history_size=history_size, line_search=line_search, project=project, on_step=on_step,
-               on_offer=on_offer, offer_every=max(1, offer_every // max(inner, 1)),
-               explode_factor=explode_factor, stall_steps=stall_steps, tol_grad=tol_grad)
-    else:
-        _adam(trial, best, objective, variables, max_iterations=max_iterations, lr=lr,
-              signed=optimizer == "signed-adam", decay=decay, schedule=schedule, project=project, on_step=on_step,
-              on_offer=on_offer, offer_every=offer_every, explode_factor=explode_factor)
-    trial.variables, trial.score = best.vars, best.score
-    trial.seconds = time.perf_counter() - t0
-    if on_offer is not None and best.vars is not None:
-        on_offer(best.score, best.vars)
-    if trial.diverged:
-        warnings.warn(f"{name} {trial.stop} at outer step {trial.diverged_at} (after {trial.iterations} "
-                      f"iterations); " + ("the best finite iterate before it is kept" if trial.finite else
-                                          "it has no finite iterate"), DivergenceWarning, stacklevel=3)
+
+    def program() -> Program:
+        t0 = time.perf_counter()
+        best = _Best()
+        if optimizer == "lbfgs":
+            yield from _lbfgs(trial, best, variables, max_iterations=max_iterations, lr=lr, inner=inner,
+                              history_size=history_size, line_search=line_search, project=project,
+                              on_step=on_step, on_offer=on_offer, offer_every=max(1, offer_every // max(inner, 1)),
+                              explode_factor=explode_factor, stall_steps=stall_steps, tol_grad=tol_grad)
+        else:
+            yield from _adam(trial, best, variables, max_iterations=max_iterations, lr=lr,
+                             signed=optimizer == "signed-adam", decay=decay, schedule=schedule, project=project,
+                             on_step=on_step,
+                             on_offer=on_offer, offer_every=offer_every, explode_factor=explode_factor)
+        trial.variables, trial.score = best.vars, best.score
+        trial.seconds = time.perf_counter() - t0
+        if on_offer is not None and best.vars is not None:
+            on_offer(best.score, best.vars)
+        if trial.diverged:
+            warnings.warn(f"{name} {trial.stop} at outer step {trial.diverged_at} (after {trial.iterations} "
+                          f"iterations); " + ("the best finite iterate before it is kept" if trial.finite else
+                                              "it has no finite iterate"), DivergenceWarning, stacklevel=4)
+
+    return trial, program()
+
+
+def evaluate(objective: Objective, variables: list[torch.Tensor], need_grad: bool = True) -> Result:
+    """(total, score, gradients) of ``objective`` at ``variables`` as a trial program expects them: gradients
+    None when the total is not finite (the program stops there) or when they are not needed."""
+    leaves = [v.detach().requires_grad_(need_grad) for v in variables]
+    with torch.enable_grad():
+        total, score = objective(leaves)
+        tval = float(total.detach())
+        if not math.isfinite(tval):
+            return tval, float("nan"), None
+        sval = float(score.detach())
+        return tval, sval, (torch.autograd.grad(total, leaves) if need_grad else None)
+
+
+def feed(program: Program, evaluator: Callable[[list[torch.Tensor], bool], Result]) -> None:
+    """Run a trial program to its end, answering each request with ``evaluator(variables, need_grad)``."""
+    try:
+        request = next(program)
+        while True:
+            request = program.send(evaluator(*request))
+    except StopIteration:
+        pass
+
+
+def run_trial(objective: Objective, variables: list[torch.Tensor], **settings) -> Trial:
+    """One trial (:func:`trial_program`'s settings) fed from ``objective(variables) -> (total, score)``."""
+    trial, program = trial_program(variables, **settings)
+    feed(program, lambda v, need_grad: evaluate(objective, v, need_grad))
     return trial
 
 
-def _adam(trial, best, objective, variables, *, max_iterations, lr, signed, decay, project, on_step, on_offer,
-          offer_every, explode_factor, schedule=None) -> None:
-    leaves = [v.detach().clone().requires_grad_(True) for v in variables]
-    opt = torch.optim.Adam(leaves, lr=lr)
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
+
+
+def adam_update(x: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, step: int, lr: float) -> None:
+    """One Adam update of ``x`` in place (moments ``m``, ``v`` updated in place; ``step`` counts from 1):
+    torch.optim.Adam's single-tensor update (betas 0.9, 0.999, eps 1e-8, no weight decay), op for op."""
+    beta1, beta2 = ADAM_BETAS
+    m.lerp_(g, 1 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    bias_correction1 = 1 - beta1 ** float(step)
+    bias_correction2 = 1 - beta2 ** float(step)
+    step_size = lr / bias_correction1
+    denom = (v.sqrt() / bias_correction2 ** 0.5).add_(ADAM_EPS)
+    x.addcdiv_(m, denom, value=-step_size)
+
+
+def _adam(trial, best, variables, *, max_iterations, lr, signed, decay, project, on_step, on_offer,
+          offer_every, explode_factor, schedule=None) -> Program:
+    leaves = [v.detach().clone() for v in variables]
+    moments = [(torch.zeros_like(x), torch.zeros_like(x)) for x in leaves]
+    base_lr = lr
     milestones = {int(max_iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)} if decay else set()
     first = None
     trial.stop = "budget"
     for step in range(max_iterations):
-        total, score = objective(leaves)
-        tval = float(total.detach())
+        tval, sval, grads = yield leaves, True
         if first is None and math.isfinite(tval):
             first = abs(tval)
         exploded = (explode_factor > 0 and first is not None and math.isfinite(tval)
                     and abs(tval) > explode_factor * max(first, 1e-300))
         if not math.isfinite(tval) or exploded:
             trial.diverged_at, trial.stop = step, ("diverged: exploded" if exploded else "diverged: non-finite loss")
-            break
-        grads = torch.autograd.grad(total, leaves)
+            return
         trial.evaluations += 1
-        if not all(_finite(g) for g in grads):
+        if grads is None or not all(_finite(g) for g in grads):
             trial.diverged_at, trial.stop = step, "diverged: non-finite gradient"
-            break
-        best.see(float(score.detach()), leaves)
+            return
+        best.see(sval, leaves)
         trial.history.append(tval)
         if schedule is not None:
-            for group in opt.param_groups:
-                group["lr"] = lr * schedule(step)
+            lr = base_lr * schedule(step)
         elif step in milestones:
-            for group in opt.param_groups:
-                group["lr"] *= 0.1
-        for x, g in zip(leaves, grads):
-            x.grad = g.sign() if signed else g
-        opt.step()
-        if project is not None:
-            with torch.no_grad():
+            lr *= 0.1
+        with torch.no_grad():
+            for x, g, (m, v) in zip(leaves, grads, moments):
+                adam_update(x, g.sign() if signed else g, m, v, step + 1, lr)
+            if project is not None:
                 project(leaves)
         trial.outer_steps = trial.iterations = step + 1
         if on_step is not None:
@@ -193,15 +254,14 @@ def _adam(trial, best, objective, variables, *, max_iterations, lr, signed, deca
         if on_offer is not None and best.dirty and (step + 1) % offer_every == 0:
             best.dirty = False
             on_offer(best.score, best.vars)
-    else:
-        # score the final iterate too (the loop scored each iterate before its step)
-        total, score = objective(leaves)
-        if math.isfinite(float(total.detach())):
-            best.see(float(score.detach()), leaves)
+    # score the final iterate too (the loop scored each iterate before its step)
+    tval, sval, _ = yield leaves, False
+    if math.isfinite(tval):
+        best.see(sval, leaves)
 
 
-def _lbfgs(trial, best, objective, variables, *, max_iterations, lr, inner, history_size, line_search, project,
-           on_step, on_offer, offer_every, explode_factor, stall_steps, tol_grad) -> None:
+def _lbfgs(trial, best, variables, *, max_iterations, lr, inner, history_size, line_search, project,
+           on_step, on_offer, offer_every, explode_factor, stall_steps, tol_grad) -> Program:
     shapes = [v.shape for v in variables]
     sizes = [v.numel() for v in variables]
     z = torch.cat([v.detach().reshape(-1) for v in variables]).clone()
@@ -210,18 +270,17 @@ def _lbfgs(trial, best, objective, variables, *, max_iterations, lr, inner, hist
     def unflat(flat: torch.Tensor) -> list[torch.Tensor]:
         return [p.view(sh) for p, sh in zip(flat.split(sizes), shapes)]
 
-    def fn(zz: torch.Tensor) -> tuple[float, torch.Tensor]:
-        """Loss and flat gradient at zz; NaN (which the line search backs off from) if either is not finite."""
-        leaves = [p.detach().clone().requires_grad_(True) for p in unflat(zz)]
-        total, score = objective(leaves)
-        tval = float(total.detach())
-        if not math.isfinite(tval):
+    def fn(zz: torch.Tensor):
+        """Loss and flat gradient at zz; NaN (which the line search backs off from) if either is not finite
+        (a generator: the evaluation is requested with ``yield``)."""
+        leaves = unflat(zz)
+        tval, sval, grads = yield leaves, True
+        if not math.isfinite(tval) or grads is None:
             return float("nan"), torch.zeros_like(zz)
-        grads = torch.autograd.grad(total, leaves)
         g = torch.cat([q.reshape(-1) for q in grads])
         if not _finite(g):
             return float("nan"), torch.zeros_like(zz)
-        best.see(float(score.detach()), leaves)
+        best.see(sval, leaves)
         state["best_total"] = min(state["best_total"], tval)
         return tval, g
 
@@ -234,7 +293,7 @@ def _lbfgs(trial, best, objective, variables, *, max_iterations, lr, inner, hist
         opt.max_iter = min(inner, max_iterations - opt.total_iter)
         opt.max_eval = opt.max_iter * 5 // 4
         before = opt.total_iter
-        lval = opt.step(fn)
+        lval = yield from opt.steps(fn)
         cur = opt.current
         if math.isfinite(lval) and state["first"] is None:
             state["first"] = abs(lval)
@@ -368,11 +427,11 @@ class LBFGS:
         dnorm = float(d.abs().max())
 
         def ev(step):
-            f, g = fn(z + step * d)
+            f, g = yield from fn(z + step * d)
             self.n_evals += 1
             return f, g, float(g @ d)
 
-        f_new, g_new, gtd_new = ev(t)
+        f_new, g_new, gtd_new = yield from ev(t)
         evals = 1
         t_prev, f_prev, g_prev, gtd_prev = 0.0, f0, g0, gtd0
         bracket = None
@@ -391,7 +450,7 @@ class LBFGS:
             t_next = _cubic_min(t_prev, f_prev, gtd_prev, t, f_new, gtd_new, lo, hi)
             t_prev, f_prev, g_prev, gtd_prev = t, f_new, g_new, gtd_new
             t = t_next
-            f_new, g_new, gtd_new = ev(t)
+            f_new, g_new, gtd_new = yield from ev(t)
             evals += 1
             it += 1
         if bracket is None:  # ran out of evaluations while extrapolating
@@ -419,7 +478,7 @@ class LBFGS:
                     insufficient = True
             else:
                 insufficient = False
-            f_new, g_new, gtd_new = ev(t)
+            f_new, g_new, gtd_new = yield from ev(t)
             evals += 1
             it += 1
             if not math.isfinite(f_new) or f_new > f0 + c1 * t * gtd0 or f_new >= fa:
@@ -436,10 +495,25 @@ class LBFGS:
         return fa, ga, ta, evals
 
     def step(self, fn) -> float:
+        """Up to ``max_iter`` iterations; returns the loss at the start of the call (as torch does).
+        ``fn(z) -> (loss, flat gradient)``."""
+        def gen_fn(z):
+            return fn(z)
+            yield  # unreachable: makes gen_fn a generator function
+
+        program = self.steps(gen_fn)
+        try:
+            while True:
+                next(program)
+        except StopIteration as stop:
+            return stop.value
+
+    def steps(self, fn):
+        """:meth:`step` as a generator: ``fn(z)`` is a generator function returning (loss, flat gradient)
+        (called as ``yield from fn(z)``), so that evaluations can be answered from outside (batched trials)."""
         self.converged = False
-        """Up to ``max_iter`` iterations; returns the loss at the start of the call (as torch does)."""
         z = self.z
-        loss, g = fn(z)
+        loss, g = yield from fn(z)
         self.n_evals += 1
         orig = loss
         self.current: float | None = loss
@@ -477,7 +551,7 @@ class LBFGS:
             if not gtd < 0:  # zero gradient
                 break
             if self.line_search:
-                loss, g, t, n = self._strong_wolfe(fn, z, t, d, loss, g, gtd)
+                loss, g, t, n = yield from self._strong_wolfe(fn, z, t, d, loss, g, gtd)
                 z.add_(d, alpha=t)
                 evals += n
                 self.current = loss
@@ -485,7 +559,7 @@ class LBFGS:
                 z.add_(d, alpha=t)
                 self.current = None
                 if _ + 1 != self.max_iter:
-                    loss, g = fn(z)
+                    loss, g = yield from fn(z)
                     evals += 1
                     self.n_evals += 1
                     self.current = loss

@@ -19,7 +19,7 @@ published.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -27,6 +27,7 @@ import torch
 from ...case import Case
 from ..base import Attack, Reconstruction, RunContext, register
 from ..labels import label_recovery_problems, recover_labels
+from . import batched as B
 from . import common as C
 from . import priors as P
 
@@ -68,8 +69,10 @@ class IGOptions:
     group_consistency: weight of GradInversion's group term (0: off; needs restarts >= 2). The restarts run the
     first ``group_start`` fraction of the budget on their own, then their consensus (the mean after matching
     samples across restarts) is formed once and every restart continues for the rest of the budget with
-    ``group_consistency * mean((x - consensus)^2)`` added. (GradInversion runs the restarts jointly and updates
-    the consensus, with image registration, as it goes: this is the sequential, one-update form.)
+    ``group_consistency * mean((x - consensus)^2)`` added (both stages batched over restarts where
+    ``batch_trials`` can; ``rec.info['batched']`` then holds one note per stage). (GradInversion runs the
+    restarts jointly and updates the consensus, with image registration, as it goes: this is the one-update
+    form.)
     schedule: the Adam step size: 'step' (x0.1 at 3/8, 5/8, 7/8 of the budget; the paper), 'cosine' (linear
     warm-up over ``warmup`` steps then cosine decay: GradInversion, breaching's "modern" preset) or 'constant'.
     ``lr_decay=False`` with 'step' keeps the rate constant (as before).
@@ -77,6 +80,9 @@ class IGOptions:
     times: breaching's "modern" preset uses K = 4).
     lbfgs_inner, history_size, line_search ('strong-wolfe' or ''): L-BFGS settings (optimizer='lbfgs').
     offer_every: steps between best-so-far snapshots (what Ctrl-C returns).
+    batch_trials: run the restarts as one batched computation (:mod:`.batched`; falls back to one by one,
+    said in ``rec.info['batched']``, where it cannot, e.g. with the 'bn-statistics' prior, which runs its own
+    hooked forward pass); False: one by one.
     """
 
     max_iterations: int = 1000
@@ -107,6 +113,7 @@ class IGOptions:
     history_size: int = 100
     line_search: str = "strong-wolfe"
     offer_every: int = 25
+    batch_trials: bool = True
 
 
 def tv_weight(tv: float, batch_size: int, batch_scaling: bool) -> float:
@@ -260,19 +267,16 @@ class InvertingGradients(Attack):
         prior = P.build(case, self._prior_specs(case))
         tv = tv_weight(o.tv, case.batch_size, o.tv_batch_scaling)
         spec = case.spec
-        group: list = []  # the consensus term, once the group stage starts
 
-        def objective(v: list[torch.Tensor]):
-            x = v[0]
-            lab = C.soft_labels(case, v[1]) if joint else labels
-            data, cos = matcher.terms(x, lab)
-            total = data
-            reg = prior.value(x, lab)
-            if reg is not None:
-                total = total + reg
-            for g in group:
-                total = total + o.group_consistency * g(x)
-            return total, cos
+        def objective_with(priors: P.Objective):
+            """The one-by-one objective: the data term plus ``priors`` (the batched trials add the same)."""
+            def objective(v: list[torch.Tensor]):
+                x = v[0]
+                lab = C.soft_labels(case, v[1]) if joint else labels
+                data, cos = matcher.terms(x, lab)
+                reg = priors.value(x, lab)
+                return (data if reg is None else data + reg), cos
+            return objective
 
         def project(v: list[torch.Tensor]):
             v[0].clamp_(lo, hi)
@@ -296,7 +300,17 @@ class InvertingGradients(Attack):
         first = max(1, round(o.max_iterations * o.group_start)) if grouped else o.max_iterations
         sched = C.lr_schedule(o.schedule if o.lr_decay or o.schedule != "step" else "constant", o.max_iterations,
                               o.warmup, explicit=grouped)
-        trials: list[C.Trial] = []
+        settings = dict(optimizer=optimizer, lr=o.lbfgs_lr if optimizer == "lbfgs" else o.lr, inner=inner,
+                        history_size=o.history_size, line_search=o.line_search, offer_every=o.offer_every)
+
+        def trial_setup(objective, priors, starts, iterations, decay, schedule, names):
+            return B.TrialSetup(
+                case=case, matcher=matcher, labels=labels, objective=objective, starts=starts,
+                settings=dict(settings, max_iterations=iterations, decay=decay, schedule=schedule), priors=priors,
+                score="data" if distance == "cosine" else "cosine", project=project if o.boxed else None,
+                on_step=on_step, on_offer=offer, names=names, batched=o.batch_trials)
+
+        starts = []
         for r in range(o.restarts):
             x0 = C.init_inputs(case, o.init if r == 0 else None, ctx.generator, o.start)
             if o.init is not None and r == 0 and o.boxed:
@@ -305,33 +319,29 @@ class InvertingGradients(Attack):
             if joint:
                 v0.append(C.randn(C.label_logits_shape(case), ctx.generator, case))
             ctx.start(spec.denormalize(v0[0]), C.hard_labels(case, v0[1]) if joint else labels)
-            trial = C.run_trial(objective, v0, optimizer=optimizer, max_iterations=first,
-                                lr=o.lbfgs_lr if optimizer == "lbfgs" else o.lr, inner=inner,
-                                history_size=o.history_size, line_search=o.line_search, decay=o.lr_decay,
-                                schedule=sched, project=project if o.boxed else None, on_step=on_step,
-                                on_offer=offer, offer_every=o.offer_every, name=f"{self.name} restart {r}")
-            trials.append(trial)
+            starts.append(v0)
+        trials, batch_note = B.run(trial_setup(objective_with(prior), prior, starts, first, o.lr_decay, sched,
+                                               [f"{self.name} restart {r}" for r in range(o.restarts)]))
         group_info = None
         if grouped and first < o.max_iterations and sum(t.finite for t in trials) >= 2:
-            # GradInversion's group term (sequential form): the consensus of the restarts, then every restart
-            # continues towards it for the rest of the budget (the schedule goes on where it stopped)
+            # GradInversion's group term (one-update form): the consensus of the restarts after the first stage,
+            # then every finite restart continues towards it for the rest of the budget (batched like the first
+            # stage; the schedule goes on where it stopped)
             consensus = P.group_consensus([t.variables[0] for t in trials if t.finite], spec)
-            group.append(P.priors.get("group-consistency").builder(case, target=consensus))
-            rest = o.max_iterations - first
-            later = None if sched is None else (lambda step: sched(step + first))
-            stage1, trials = trials, []
-            for r, t1 in enumerate(stage1):
-                if not t1.finite:
-                    trials.append(t1)
-                    continue
-                t2 = C.run_trial(objective, [v.clone() for v in t1.variables], optimizer=optimizer,
-                                 max_iterations=rest, lr=o.lbfgs_lr if optimizer == "lbfgs" else o.lr, inner=inner,
-                                 history_size=o.history_size, line_search=o.line_search, decay=False,
-                                 schedule=later, project=project if o.boxed else None, on_step=on_step,
-                                 on_offer=offer, offer_every=o.offer_every, name=f"{self.name} restart {r} (group)")
-                trials.append(_joined(t1, t2))
+            grouped_prior = prior.plus(P.build(case, [("group-consistency", o.group_consistency,
+                                                       {"target": consensus})]))
+            stage1 = trials
+            go_on = [r for r, t in enumerate(stage1) if t.finite]
+            later = replace(sched, offset=first)
+            stage2, note2 = B.run(trial_setup(objective_with(grouped_prior), grouped_prior,
+                                              [[v.clone() for v in stage1[r].variables] for r in go_on],
+                                              o.max_iterations - first, False, later,
+                                              [f"{self.name} restart {r} (group)" for r in go_on]))
+            joined = dict(zip(go_on, stage2))
+            trials = [_joined(t1, joined[r]) if r in joined else t1 for r, t1 in enumerate(stage1)]
+            batch_note = [batch_note, note2]
             group_info = {"weight": o.group_consistency, "consensus_at_iteration": first,
-                          "restarts_in_consensus": sum(t.finite for t in stage1)}
+                          "restarts_in_consensus": len(go_on)}
         info: dict[str, Any] = {
             "restarts": [t.summary() for t in trials],
             "scores": [t.score if t.finite else None for t in trials],
@@ -342,6 +352,7 @@ class InvertingGradients(Attack):
             "priors": prior.describe(), "schedule": o.schedule if o.lr_decay or o.schedule != "step" else "constant",
             "start": o.start if o.init is None else "init (first restart)",
             "protocol": case.protocol,
+            "batched": batch_note,
             **C.totals(trials),
         }
         if o.optimizer == "auto":

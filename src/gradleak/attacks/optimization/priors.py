@@ -6,6 +6,9 @@ returns a function of the candidate batch ``x`` (NORMALISED inputs (B, *shape)) 
 int (B,) or soft). The attacks (Inverting Gradients / FedAvg, DLG / iDLG) take a list of :class:`PriorSpec` (or
 ``(name, weight)`` / ``(name, weight, options)`` tuples), :func:`build` them once per reconstruction and add
 ``sum_r weight_r * term_r(x)`` to the matching objective (never to the score that picks the best restart).
+The same built :class:`Objective` is the added term of the one-by-one objective and of the batched trials
+(:mod:`.batched`, which vmaps ``Objective.value`` over trials); a prior registered with ``batch_problem`` (why
+vmap over trials cannot run it) makes those trials run one by one, with that reason in ``rec.info['batched']``.
 
 Registered:
 
@@ -56,18 +59,21 @@ class Prior:
     description: str
     problems: Callable[..., list[str]] = lambda case, **o: []
     uses_labels: bool = False
+    batch_problem: str = ""
 
 
 priors: Registry[Prior] = Registry("prior")
 
 
 def register_prior(name: str, *, source: str, description: str,
-                   problems: Callable[..., list[str]] | None = None, uses_labels: bool = False):
+                   problems: Callable[..., list[str]] | None = None, uses_labels: bool = False,
+                   batch_problem: str = ""):
     """Register ``builder(case, **options) -> (x -> 0-d tensor)`` as the prior ``name`` (kebab-case);
-    ``uses_labels``: the built term is called ``term(x, labels)``."""
+    ``uses_labels``: the built term is called ``term(x, labels)``; ``batch_problem``: why the built term cannot
+    run under vmap over trials ('' when it is a function of its arguments alone)."""
     def deco(builder):
         priors.register(name)(Prior(name, builder, source, description, problems or (lambda case, **o: []),
-                                    uses_labels))
+                                    uses_labels, batch_problem))
         return builder
     return deco
 
@@ -116,15 +122,16 @@ def spec_problems(case: Case | None, items: Sequence[Any]) -> list[str]:
 
 @dataclass
 class Objective:
-    """The built regularisers of one reconstruction: ``value(x)`` is ``sum_r w_r term_r(x)``."""
+    """The built regularisers of one reconstruction: ``value(x)`` is ``sum_r w_r term_r(x)``. ``terms``: (name,
+    weight, term, uses_labels, batch_problem) each."""
 
-    terms: list[tuple[str, float, Term, bool]]
+    terms: list[tuple[str, float, Term, bool, str]] = field(default_factory=list)
 
     def value(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor | None:
         """The weighted sum over the terms (None when there is none); ``labels``: the candidate's labels, for
         the terms that use them."""
         total = None
-        for name, w, t, uses_labels in self.terms:
+        for name, w, t, uses_labels, _ in self.terms:
             if uses_labels and labels is None:
                 raise ValidationError("priors", [f"prior {name!r} needs the candidate's labels"])
             v = w * (t(x, labels) if uses_labels else t(x))
@@ -132,7 +139,20 @@ class Objective:
         return total
 
     def describe(self) -> list[dict]:
-        return [{"prior": n, "weight": w} for n, w, _, _ in self.terms]
+        return [{"prior": n, "weight": w} for n, w, *_ in self.terms]
+
+    def plus(self, other: "Objective") -> "Objective":
+        """This objective with ``other``'s terms added (e.g. the group term once the consensus exists)."""
+        return Objective(list(self.terms) + list(other.terms))
+
+    def batch_problems(self) -> list[str]:
+        """Why vmap over trials cannot run these terms ([] if it can be tried)."""
+        return [f"prior {n!r}: {why}" for n, _, _, _, why in self.terms if why]
+
+    def key(self) -> tuple:
+        """Equal for two objectives made of the same term functions with the same weights (what lets batched
+        trials of several setups share one objective)."""
+        return tuple((n, w, id(t)) for n, w, t, _, _ in self.terms)
 
 
 def build(case: Case, items: Sequence[Any]) -> Objective:
@@ -144,12 +164,12 @@ def build(case: Case, items: Sequence[Any]) -> Objective:
     terms = []
     for item in items:
         if callable(item) and not isinstance(item, (tuple, list, PriorSpec)):
-            terms.append((getattr(item, "__name__", "callable"), 1.0, item, False))
+            terms.append((getattr(item, "__name__", "callable"), 1.0, item, False, ""))
             continue
         s = PriorSpec.parse(item)
         if s.weight > 0:
             p = priors.get(s.name)
-            terms.append((p.name, s.weight, p.builder(case, **dict(s.options)), p.uses_labels))
+            terms.append((p.name, s.weight, p.builder(case, **dict(s.options)), p.uses_labels, p.batch_problem))
     return Objective(terms)
 
 
@@ -177,7 +197,12 @@ def _tv(case: Case) -> Term:
 @register_prior("l2", source="Yin et al. CVPR 2020 (DeepInversion); Yin et al. CVPR 2021 (GradInversion)",
                 description="mean squared (normalised) input")
 def _l2(case: Case) -> Term:
-    return lambda x: x.pow(2).mean()
+    return mean_square
+
+
+def mean_square(x: torch.Tensor) -> torch.Tensor:
+    """``mean(x^2)`` (the 'l2' prior's term; one function, so that batched setups with it share a batch)."""
+    return x.pow(2).mean()
 
 
 def resolve_bn_source(case: Case, source: str) -> str:
@@ -211,7 +236,10 @@ def _bn_problems(case: Case, source: str = "auto", fedavg: str = "unrolled") -> 
 
 @register_prior("bn-statistics", source="Yin et al. CVPR 2021 (GradInversion); Yin et al. CVPR 2020 (DeepInversion)",
                 description="BatchNorm input statistics of the candidate batch matched to the revealed ('update') "
-                            "or the model's running ('running') statistics", problems=_bn_problems, uses_labels=True)
+                            "or the model's running ('running') statistics", problems=_bn_problems, uses_labels=True,
+                batch_problem="it runs its own forward pass of the model with hooks that record the BatchNorm "
+                              "inputs (and, for FedAvg 'update', replays the client's local steps), which vmap "
+                              "over trials does not batch")
 def _bn_statistics(case: Case, source: str = "auto", fedavg: str = "unrolled") -> Term:
     source = resolve_bn_source(case, source)
     unrolled = None

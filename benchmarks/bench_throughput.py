@@ -1,0 +1,178 @@
+"""Throughput of the optimisation attacks: T independent reconstructions batched (one vmap computation per
+step, gradleak.attacks.optimization.reconstruct_many) vs one after the other, at equal iterations.
+
+Each configuration (model, T, mode) runs in a FRESH child process (so ``resource.getrusage`` max RSS is its
+own peak; torch's CPU allocations are invisible to tracemalloc): it builds T single-photo FedSGD cases on one
+model (photo i mod 19 of the bundled photos, seed i), times IG (signed Adam, the ConvNet/ResNet default;
+TV 1e-4) on all of them, and reports reconstructions per minute, the mean PSNR, and the peak RSS above the
+process's RSS after building the cases (per trial: divided by T). Batched and sequential children of one
+configuration run back to back. One torch thread. Target: batched >= 4x sequential at 16 trials on lenet,
+>= 2x on convnet (width 16).
+
+A profile of one IG step (sequential, batch 1) on resnet18 lists the top operations by self CPU time and
+the autograd nodes of the double backward (which one sets the floor).
+
+Run:  python benchmarks/bench_throughput.py [--quick]
+Writes benchmarks/results/throughput.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import common
+
+MODELS = {"lenet": {}, "convnet-16": {"width": 16}, "resnet20": {}, "resnet18": {}}
+ZOO = {"lenet": "lenet", "convnet-16": "convnet", "resnet20": "resnet20", "resnet18": "resnet18"}
+# iterations per model (equal for both modes) and the trial counts run: chosen so the full grid finishes in
+# ~15 minutes on one core; resnet18 at 64 trials is left out (~3 minutes per mode here).
+FULL = {"lenet": (40, (1, 4, 16, 64)), "convnet-16": (6, (1, 4, 16, 64)), "resnet20": (6, (1, 4, 16, 64)),
+        "resnet18": (2, (1, 4, 16))}
+QUICK = {"lenet": (10, (1, 4, 16)), "convnet-16": (3, (1, 4, 16))}
+
+
+def child(model: str, trials: int, mode: str, iterations: int) -> dict:
+    """One configuration, in this (fresh) process."""
+    torch.set_num_threads(1)
+    import gradleak as gl
+    from gradleak.attacks.optimization import reconstruct_many
+
+    photos = gl.data.samples(32)
+    net = gl.models.build(ZOO[model], input_shape=(3, 32, 32), num_classes=19, seed=0, **MODELS[model])
+    cases, truths = [], []
+    for i in range(trials):
+        x, y = photos.batch(1, i % len(photos))
+        case, truth = gl.simulate(net, x, y, spec=photos.spec)
+        cases.append(case)
+        truths.append(truth.inputs)
+    opts = dict(optimizer="signed-adam", max_iterations=iterations, tv=1e-4)
+    attack = gl.create("ig", **opts)
+    seeds = list(range(trials))
+    # warm-up on one case (first-use costs of torch.func / the autograd engine are not throughput)
+    warm = gl.create("ig", **{**opts, "max_iterations": 1})
+    if mode == "batched":
+        reconstruct_many(warm, cases[:2], seeds=list(range(len(cases[:2]))))
+    else:
+        warm.reconstruct(cases[0], seed=0)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    t = time.perf_counter()
+    if mode == "batched":
+        recs = reconstruct_many(attack, cases, seeds=seeds)
+    else:
+        recs = [attack.reconstruct(c, seed=s) for c, s in zip(cases, seeds)]
+    seconds = time.perf_counter() - t
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    psnr = [float(gl.metrics.psnr(r.inputs, tr)[0]) for r, tr in zip(recs, truths)]
+    note = recs[0].info.get("batched", {})
+    return {"model": model, "trials": trials, "mode": mode, "iterations": iterations, "seconds": seconds,
+            "reconstructions_per_minute": 60.0 * trials / seconds, "psnr": psnr,
+            "psnr_mean": sum(psnr) / len(psnr), "rss_after_cases_bytes": base, "peak_rss_bytes": peak,
+            "peak_above_base_per_trial_bytes": max(peak - base, 0) / trials,
+            "batched_note": {k: note.get(k) for k in ("batched", "chunk", "trials_in_batch", "reason",
+                                                     "memory_per_trial_estimate")}}
+
+
+def run_child(model: str, trials: int, mode: str, iterations: int) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    src = str(common.ROOT / "src")
+    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run([sys.executable, __file__, "--child", model, str(trials), mode, str(iterations)],
+                         capture_output=True, text=True, env=env, cwd=common.ROOT, timeout=3600)
+    if out.returncode != 0:
+        raise RuntimeError(f"child {model} {trials} {mode} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def profile_resnet18(top: int = 15) -> dict:
+    """Top ops (self CPU) of one sequential IG step on resnet18 at batch 1, and the autograd nodes' totals."""
+    from torch.profiler import ProfilerActivity, profile
+
+    import gradleak as gl
+    from gradleak.attacks.optimization import common as C
+
+    photos = gl.data.samples(32, num_images=1)
+    net = gl.models.build("resnet18", input_shape=(3, 32, 32), num_classes=19, seed=0)
+    x, y = photos.batch(1)
+    case, _ = gl.simulate(net, x, y, spec=photos.spec)
+    matcher = C.GradientMatcher(case)
+
+    def step(v):
+        v = v.detach().requires_grad_(True)
+        data, _ = matcher.terms(v, y)
+        total = data + 1e-4 * C.total_variation(v)
+        return torch.autograd.grad(total, [v])[0]
+
+    x0 = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    step(x0)
+    t = time.perf_counter()
+    step(x0)
+    seconds = time.perf_counter() - t
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step(x0)
+    ev = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in ev) or 1
+    ops = sorted(ev, key=lambda e: -e.self_cpu_time_total)
+    rows = [{"op": e.key, "self_cpu_ms": e.self_cpu_time_total / 1e3, "share": e.self_cpu_time_total / total,
+             "calls": e.count} for e in ops[:top]]
+    nodes = sorted([e for e in ev if "Backward" in e.key], key=lambda e: -e.cpu_time_total)
+    node_rows = [{"node": e.key, "cpu_total_ms": e.cpu_time_total / 1e3, "calls": e.count} for e in nodes[:8]]
+    return {"ig_step_seconds_unprofiled": seconds, "self_cpu_total_ms": total / 1e3, "top_ops": rows,
+            "autograd_nodes": node_rows}
+
+
+def main():
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        model, trials, mode, iterations = sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
+        print(json.dumps(child(model, trials, mode, iterations)))
+        return
+    ap = common.add_arguments(argparse.ArgumentParser())
+    ap.add_argument("--quick", action="store_true", help="lenet and convnet-16 at 1, 4, 16 trials, few iterations")
+    args = ap.parse_args()
+    run_ = common.begin("throughput", args)
+    grid = QUICK if args.quick else FULL
+    rows, pairs = [], []
+    for model, (iterations, counts) in grid.items():
+        for trials in counts:
+            pair = {}
+            for mode in ("batched", "sequential"):
+                r = run_child(model, trials, mode, iterations)
+                rows.append(r)
+                pair[mode] = r
+            b, s = pair["batched"], pair["sequential"]
+            speedup = b["reconstructions_per_minute"] / s["reconstructions_per_minute"]
+            dpsnr = max(abs(x - y) for x, y in zip(b["psnr"], s["psnr"]))
+            pairs.append({"model": model, "trials": trials, "iterations": iterations, "speedup": speedup,
+                          "batched_per_minute": b["reconstructions_per_minute"],
+                          "sequential_per_minute": s["reconstructions_per_minute"],
+                          "psnr_batched": b["psnr_mean"], "psnr_sequential": s["psnr_mean"],
+                          "psnr_max_abs_difference": dpsnr,
+                          "peak_per_trial_batched_mb": b["peak_above_base_per_trial_bytes"] / 1e6,
+                          "peak_per_trial_sequential_mb": s["peak_above_base_per_trial_bytes"] / 1e6,
+                          "chunk": b["batched_note"].get("chunk")})
+            p = pairs[-1]
+            print(f"{model:10s} T={trials:3d} it={iterations:3d}  batched {p['batched_per_minute']:8.1f}/min  "
+                  f"sequential {p['sequential_per_minute']:8.1f}/min  x{speedup:5.2f}  PSNR {p['psnr_batched']:.2f} "
+                  f"vs {p['psnr_sequential']:.2f} (max diff {dpsnr:.1e})  peak/trial {p['peak_per_trial_batched_mb']:.1f}"
+                  f" vs {p['peak_per_trial_sequential_mb']:.1f} MB", flush=True)
+    sections = {"targets": {"lenet_16_trials": ">= 4x", "convnet-16_16_trials": ">= 2x"}, "pairs": pairs,
+                "runs": rows}
+    target = {(p["model"], p["trials"]): p["speedup"] for p in pairs}
+    sections["met"] = {"lenet_16_trials": target.get(("lenet", 16), 0) >= 4,
+                       "convnet-16_16_trials": target.get(("convnet-16", 16), 0) >= 2}
+    if not args.quick:
+        torch.set_num_threads(1)
+        sections["profile_resnet18_ig_step"] = profile_resnet18()
+    common.finish(run_, sections)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,562 @@
+"""Batched trials: many optimisation trials (an attack's restarts, and independent cases on one model) run as
+ONE computation per optimiser step.
+
+Every trial stays its own :func:`~.driver.trial_program` (its own Adam moments and step-size schedule, L-BFGS
+memory and line search, stop rule, best-so-far and divergence check); only the EVALUATION is shared: each
+round, the variables every running trial asks for are stacked, and one ``torch.func.vmap`` over the
+per-trial gradient matching gives every trial's (total, score) and, by one backward pass, its gradient:
+
+    per trial t:  g_t = grad_theta loss(f(theta_t; x_t), y_t)  (FedSGD; FedAvg: the unrolled local steps)
+                  total_t = D(g_t, g*_t) + sum_r w_r prior_r(x_t),  score_t as the attack defines it
+
+(the priors: the attack's built :class:`.priors.Objective`, the same one its one-by-one objective adds).
+
+``theta_t`` is not copied when the trials share the case's parameters (``in_dims=None``: the trials become a
+batch of the same model). The totals of different trials are independent, so the gradient of their SUM is
+each trial's own gradient; a trial that went non-finite keeps its NaN to itself (no operation mixes trials)
+and its program stops as it would alone; a trial that stopped is simply not asked again.
+
+Equal to running the trials one by one up to the reduction order of the batched kernels (checked by
+tests/test_batched_trials.py in float64: candidates and best scores agree to ~1e-10 relative).
+Where vmap cannot run the objective (BatchNorm in train mode, a prior registered with a ``batch_problem`` such
+as 'bn-statistics' (its own hooked forward pass), a regulariser that is not a function of its argument alone,
+...) the trials run one by one and ``rec.info['batched']`` says why. Before trusting the
+batched objective the first round compares one trial's batched total with the sequential objective; a
+disagreement also falls back, with the figures in the note.
+
+Chunks: at most ``chunk`` trials go into one vmap call, chosen from the memory estimate
+(:func:`gradleak.resources.estimate_trials`) and the limit (:func:`memory_limit`, ``--max-memory``, default the
+memory available), so a large batch runs in pieces instead of failing.
+
+Public: :func:`reconstruct_many` (N cases x their restarts in one batched run, each Reconstruction exactly as
+``attack.reconstruct`` returns it) and :func:`run` (what an attack's restart loop calls).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from torch.func import functional_call, grad, vmap
+
+from ... import resources
+from ...case import Case, FedAvg
+from ...functional import minibatch_indices
+from ..base import Attack, Reconstruction
+from . import priors as P
+from .common import GradientMatcher
+from .driver import Objective, Result, Trial, evaluate, feed, trial_program
+
+ENGINE = "torch.func.vmap over trials (per-trial gradient matching), one backward for all"
+
+
+@dataclass
+class TrialSetup:
+    """One attack run's trials on one case: what :func:`run` needs to run them one by one (``objective``) or
+    batched (the pieces of that objective).
+
+    matcher: the data term; labels: fixed int labels (B,), or None when variables[1] are label logits;
+    priors: the added terms, a built :class:`.priors.Objective` (``total = data + priors.value(x, labels)``);
+    tv, regularizers: shorthands folded into ``priors`` (the 'tv' prior with weight ``tv``, and plain callables
+    ``(x) -> 0-d tensor`` or prior specs); score: 'data' (the score is
+    the data term) or 'cosine' (the cosine distance, the data term being an L2); starts: one variable list
+    per trial; settings: :func:`~.driver.trial_program` settings shared by the trials (optimizer, budget,
+    lr, ...); project / on_step / on_offer: the trial callbacks; names: one per trial (for warnings)."""
+
+    case: Case
+    matcher: GradientMatcher
+    labels: torch.Tensor | None
+    objective: Objective
+    starts: list[list[torch.Tensor]]
+    settings: dict
+    tv: float = 0.0
+    regularizers: tuple = ()
+    score: str = "data"
+    priors: P.Objective | None = None
+    project: Callable | None = None
+    on_step: Callable | None = None
+    on_offer: Callable | None = None
+    names: list[str] = field(default_factory=list)
+    batched: bool = True
+
+    def __post_init__(self):
+        extra = ([("tv", self.tv)] if self.tv > 0 else []) + list(self.regularizers)
+        built = P.build(self.case, extra)
+        self.priors = built if self.priors is None else self.priors.plus(built)
+
+    @property
+    def joint(self) -> bool:
+        return self.labels is None
+
+
+# ---- memory limit -----------------------------------------------------------------------------------------
+_LIMIT: contextvars.ContextVar = contextvars.ContextVar("gradleak_batched_memory_limit", default=None)
+
+
+@contextlib.contextmanager
+def memory_limit(limit: int | str | None):
+    """Within the block, batched trials size their chunks to ``limit`` (bytes or '8GB'; None: the memory
+    available, the default)."""
+    token = _LIMIT.set(None if limit is None else resources.parse_size(limit))
+    try:
+        yield
+    finally:
+        _LIMIT.reset(token)
+
+
+def chunk_size(setup: TrialSetup, trials: int, limit: int | None = None) -> tuple[int, dict]:
+    """How many trials of ``setup`` go into one vmap call so that the estimate fits ``limit`` (default:
+    :func:`memory_limit`'s, else the memory available); at least 1. Returns (chunk, facts for the note)."""
+    case = setup.case
+    o = case.observation
+    opt = setup.settings.get("optimizer", "signed-adam")
+    copies = 2 * int(setup.settings.get("history_size", 100)) + 4 if opt == "lbfgs" else 4
+    shared, per = resources.estimate_trials(case.model, tuple(case.spec.shape), batch_size=case.batch_size,
+                                            dtype=case.dtype, local_steps=getattr(o, "local_steps", 1),
+                                            candidate_copies=copies)
+    limit = limit if limit is not None else _LIMIT.get()
+    source = "memory_limit" if limit is not None else "available memory"
+    if limit is None:
+        limit = resources.available_memory()
+    if limit is None:
+        return trials, {"memory_per_trial_estimate": per.total, "limit": None}
+    chunk = max(1, min(trials, int((limit - shared.total) // max(per.total, 1))))
+    return chunk, {"memory_per_trial_estimate": per.total, "memory_shared_estimate": shared.total,
+                   "limit": limit, "limit_source": source}
+
+
+# ---- when vmap cannot be used -----------------------------------------------------------------------------
+def vmap_problems(setup: TrialSetup) -> list[str]:
+    """Why ``setup``'s objective cannot be batched with vmap ([] if it can be tried)."""
+    case = setup.case
+    p = []
+    if case.bn_mode == "train" and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                                       for m in case.model.modules()):
+        p.append("BatchNorm in train mode (batch statistics and running-statistic updates) is not batched")
+    if any(getattr(m, "inplace", False) for m in case.model.modules()):
+        p.append("the model has in-place modules (inplace=True), which vmap over trials does not support")
+    return p + setup.priors.batch_problems()
+
+
+# On a CPU, batching trials of a large model does not pay: each trial's update is its own (4 x parameters of
+# memory traffic per trial) and the convolutions are already compute-bound at batch 1. Measured with
+# benchmarks/bench_throughput.py (one thread, 16 trials): lenet (23k parameters) 2.9x, resnet20 (273k) 1.6x,
+# convnet width 16 1.0x, resnet18 (11.2M) 0.48x. An attack's own restarts are therefore batched on a CPU only
+# up to this many parameters; reconstruct_many (an explicit request) batches whatever it can.
+CPU_BATCH_MAX_PARAMETERS = 2_000_000
+
+
+def worth_batching(case: Case) -> str:
+    """'' when batching an attack's restarts is expected to pay on ``case``'s device, else why not."""
+    n = sum(p.numel() for p in case.model.parameters())
+    if case.device.type == "cpu" and n > CPU_BATCH_MAX_PARAMETERS:
+        return (f"the model has {n:,} parameters: on a CPU, batched trials of a model above "
+                f"{CPU_BATCH_MAX_PARAMETERS:,} parameters are not faster (benchmarks/bench_throughput.py)")
+    return ""
+
+
+def _group_key(setup: TrialSetup) -> tuple:
+    """Setups with equal keys can share one batched objective: same model structure, protocol, loss, matched
+    tensors and weights, distance, added terms, variable shapes, optimiser settings and device/dtype."""
+    case, m = setup.case, setup.matcher
+    o = case.observation
+    arch = (type(case.model), tuple((k, tuple(v.shape)) for k, v in case.model.named_parameters()),
+            tuple((k, tuple(v.shape)) for k, v in case.model.named_buffers()))
+    proto = (type(o).__name__, getattr(o, "local_steps", None), getattr(o, "local_lr", None),
+             getattr(o, "local_batch_size", None))
+    shapes = tuple(tuple(tuple(v.shape) for v in s) for s in setup.starts[:1])
+    settings = tuple(sorted((k, repr(v)) for k, v in setup.settings.items()))
+    return (id(case.model.__class__), arch, proto, case.loss, case.dtype, str(case.device), tuple(m.names),
+            tuple(m.w), m.distance, setup.priors.key(), setup.score, setup.joint,
+            shapes, settings, case.batch_size, setup.project is not None)
+
+
+def _same_tensors(a: dict, b: dict) -> bool:
+    return all(a[k] is b[k] or torch.equal(a[k], b[k]) for k in a)
+
+
+# ---- the batched objective --------------------------------------------------------------------------------
+class _Match(torch.autograd.Function):
+    """The data term of T trials at once from per-trial flat update tensors (T, n_l): the batched form of
+    :class:`.common._Match` (the same formulas, per trial, with the hand-written backward)."""
+
+    @staticmethod
+    def forward(ctx, spec: dict, *gs: torch.Tensor) -> torch.Tensor:
+        ctx.spec = spec
+        if spec["distance"] == "cosine":
+            value, diffs, gnorm = _cosine(gs, spec["vhat"], spec["w"])
+            ctx.cos = (value, diffs, gnorm)
+            return value.to(gs[0].dtype)
+        ctx.save_for_backward(*gs)
+        l2 = sum(w * torch.linalg.vecdot(g - t, g - t, dim=1).double() for w, g, t in
+                 zip(spec["w"], gs, spec["targets"]))
+        return (l2 * spec["scale"]).to(gs[0].dtype)
+
+    @staticmethod
+    def backward(ctx, go: torch.Tensor):
+        spec = ctx.spec
+        out = []
+        if spec["distance"] == "cosine":
+            value, diffs, gnorm = ctx.cos
+            ok = torch.isfinite(value) & (gnorm > 0)
+            c = torch.where(ok, go.double() / torch.where(ok, gnorm, 1.0), 0.0)
+            f = torch.where(ok, value, 0.0)
+            for w, d, v in zip(spec["w"], diffs, spec["vhat"]):
+                a = (w * c * (1.0 - f)).to(d.dtype).unsqueeze(1)
+                b = (-w * c * f).to(d.dtype).unsqueeze(1)
+                out.append(torch.where(ok.unsqueeze(1), d * a + v * b, 0.0))
+            return (None, *out)
+        gs = ctx.saved_tensors
+        a = (2.0 * go.double() * spec["scale"]).to(gs[0].dtype).unsqueeze(1)
+        for w, g, t in zip(spec["w"], gs, spec["targets"]):
+            out.append(g * (w * a) + t * (-w * a))
+        return (None, *out)
+
+
+def _cosine(gs: Sequence[torch.Tensor], vhat: Sequence[torch.Tensor], w: Sequence[float]):
+    """Per trial (rows): (1 - cos, the differences g_l/|g|_w - v_l, |g|_w), as GradientMatcher.cosine for
+    one trial (scale free: divided by the trial's largest |entry| first, sums in float64). 1 for a zero
+    update, NaN for a non-finite one."""
+    st = torch.stack([g.detach().abs().amax(1) for g in gs], 1).amax(1)
+    st = torch.where(st > 0, st, torch.ones_like(st))
+    gh = [g.detach() / st.unsqueeze(1) for g in gs]
+    gn2 = sum(wl * torch.linalg.vecdot(g, g, dim=1).double() for wl, g in zip(w, gh))
+    finite = torch.isfinite(gn2)
+    zero = gn2 == 0
+    safe = torch.where(finite & ~zero, gn2, torch.ones_like(gn2))
+    inv = safe.rsqrt()
+    diffs = [g.mul_(inv.to(g.dtype).unsqueeze(1)).sub_(v) for g, v in zip(gh, vhat)]  # gh is ours: in place
+    half = 0.5 * sum(wl * torch.linalg.vecdot(d, d, dim=1).double() for wl, d in zip(w, diffs))
+    value = torch.where(zero, torch.ones_like(half), half.clamp(max=2.0))
+    value = torch.where(finite, value, torch.full_like(half, float("nan")))
+    gnorm = torch.where(zero, torch.zeros_like(half), st.double() / inv)
+    return value, diffs, gnorm
+
+
+class BatchedObjective:
+    """(total, score, gradient) of many trials (each with its setup: same group key) in one vmap call."""
+
+    def __init__(self, setups: Sequence[TrialSetup]):
+        self.setups = list(setups)
+        s0 = self.setups[0]
+        case = s0.case
+        self.case, self.model = case, case.model
+        self.names = list(s0.matcher.names)
+        self.fedavg = isinstance(case.observation, FedAvg)
+        params = [dict(s.case.model.named_parameters()) for s in self.setups]
+        buffers = [dict(s.case.model.named_buffers()) for s in self.setups]
+        self.shared = all(_same_tensors(params[0], p) and _same_tensors(buffers[0], b)
+                          for p, b in zip(params, buffers))
+        self.params = [{k: v.detach() for k, v in p.items()} for p in params]
+        self.buffers = [{k: v.detach() for k, v in b.items()} for b in buffers]
+        loss_fn, model, names = case.loss_fn, self.model, self.names
+        if self.fedavg:
+            o = case.observation
+            steps, lr, lbs, n = o.local_steps, float(o.local_lr), o.local_batch_size, case.batch_size
+
+            def update(p, bufs, x, lab):
+                cur = dict(p)
+                for step in range(steps):
+                    sl = minibatch_indices(n, lbs, step)
+
+                    def loss(q, sl=sl):
+                        return loss_fn(functional_call(model, {**q, **bufs}, (x[sl],)), lab[sl])
+
+                    g = grad(loss)(cur)
+                    cur = {k: cur[k] - lr * g[k] for k in cur}
+                return [(cur[k] - p[k]).reshape(-1) for k in names]
+        else:
+            sel = set(names)
+
+            def update(p, bufs, x, lab):
+                pm = {k: v for k, v in p.items() if k in sel}
+                rest = {**{k: v for k, v in p.items() if k not in sel}, **bufs}
+
+                def loss(q):
+                    return loss_fn(functional_call(model, {**q, **rest}, (x,)), lab)
+
+                g = grad(loss)(pm)
+                return [g[k].reshape(-1) for k in names]
+
+        self._update = update
+        self._soft = case.loss_fn.soft_labels
+        self._extra = s0.priors.value if s0.priors.terms else None
+
+    def _spec(self, sidx: list[int]) -> dict:
+        one = len(set(sidx)) == 1
+        ms = [self.setups[i].matcher for i in sidx]
+
+        def rows(get):
+            if one:
+                return [t.unsqueeze(0) for t in get(ms[0])]
+            return [torch.stack(ts) for ts in zip(*(get(m) for m in ms))]
+
+        m0 = ms[0]
+        spec: dict[str, Any] = {"distance": m0.distance, "w": m0.w, "vhat": rows(lambda m: m.vhat)}
+        if m0.distance != "cosine":
+            spec["targets"] = rows(lambda m: m.targets)
+            scale = [1.0 / m.tnorm2 if (m.distance == "l2-relative" and m.tnorm2 > 0) else 1.0 for m in ms]
+            spec["scale"] = torch.tensor(scale, dtype=torch.float64, device=self.case.device)
+        return spec
+
+    def __call__(self, sidx: list[int], requests: list[tuple[list[torch.Tensor], bool]]) -> list[Result]:
+        """Results for trials whose setups are ``sidx`` and whose programs asked ``requests``."""
+        need_grad = any(r[1] for r in requests)
+        nvar = len(requests[0][0])
+        leaves = [torch.stack([r[0][j].detach() for r in requests]).requires_grad_(need_grad)
+                  for j in range(nvar)]
+        spec = self._spec(sidx)
+        s0 = self.setups[0]
+        with torch.enable_grad():
+            x = leaves[0]
+            if s0.joint:
+                lab = vmap(self._soft)(leaves[1])
+            else:
+                lab = torch.stack([self.setups[i].labels for i in sidx])
+            if self.shared:
+                p, bufs, pdim = self.params[0], self.buffers[0], None
+            else:
+                p = {k: torch.stack([self.params[i][k] for i in sidx]) for k in self.params[0]}
+                bufs = {k: torch.stack([self.buffers[i][k] for i in sidx]) for k in self.buffers[0]}
+                pdim = 0
+            gs = vmap(self._update, in_dims=(pdim, pdim, 0, 0), randomness="error")(p, bufs, x, lab)
+            data = _Match.apply(spec, *gs)
+            total = data if self._extra is None else data + vmap(self._extra, randomness="error")(x, lab)
+            if s0.score == "data":
+                score = data.detach()
+            else:
+                with torch.no_grad():
+                    score = _cosine([g.detach() for g in gs], spec["vhat"], spec["w"])[0].to(data.dtype)
+            tvals = total.detach().tolist()
+            svals = score.tolist()
+            grads = None
+            if need_grad:
+                grads = torch.autograd.grad(total.sum(), leaves)
+        out: list[Result] = []
+        for t, (tv, sv) in enumerate(zip(tvals, svals)):
+            if not math.isfinite(tv):
+                out.append((tv, float("nan"), None))
+            else:
+                out.append((tv, sv, None if grads is None or not requests[t][1] else [g[t] for g in grads]))
+        return out
+
+
+# ---- running trials -----------------------------------------------------------------------------------------
+def _programs(setup: TrialSetup):
+    out = []
+    for r, start in enumerate(setup.starts):
+        name = setup.names[r] if r < len(setup.names) else f"trial {r}"
+        out.append(trial_program(start, **setup.settings, project=setup.project, on_step=setup.on_step,
+                                 on_offer=setup.on_offer, name=name))
+    return out
+
+
+def _sequential(setup: TrialSetup, programs) -> None:
+    for _, program in programs:
+        feed(program, lambda v, need_grad: evaluate(setup.objective, v, need_grad))
+
+
+def _agree(a: Result, b: Result, dtype: torch.dtype) -> bool:
+    tol = 1e-8 if dtype == torch.float64 else 1e-3
+    (ta, sa, _), (tb, sb, _) = a, b
+    if not (math.isfinite(ta) and math.isfinite(tb)):
+        return math.isfinite(ta) == math.isfinite(tb)
+    return abs(ta - tb) <= tol * max(abs(tb), 1e-30) + tol * 1e-6 and abs(sa - sb) <= tol * max(abs(sb), 1e-30) + tol * 1e-6
+
+
+def _run_group(setups: list[TrialSetup], programs: list[list], limit: int | None) -> list[dict]:
+    """Drive every program of the group in lockstep from one batched objective; falls back to one by one
+    (for the whole group) if the batched objective fails or disagrees with the sequential one."""
+    owner = [(s, r) for s, progs in enumerate(programs) for r in range(len(progs))]
+    flat = [programs[s][r][1] for s, r in owner]
+    total_trials = len(flat)
+    chunk, mem = chunk_size(setups[0], total_trials, limit)
+    engine = BatchedObjective(setups)
+    note: dict[str, Any] = {"batched": True, "engine": ENGINE, "trials_in_batch": total_trials,
+                            "setups_in_batch": len(setups), "chunk": chunk, "shared_parameters": engine.shared,
+                            **mem}
+    pending: dict[int, tuple] = {}
+    for i, program in enumerate(flat):
+        try:
+            pending[i] = next(program)
+        except StopIteration:
+            pass
+    checked = False
+    fallback: str | None = None
+    rounds = 0
+    while pending:
+        idx = list(pending)
+        results: dict[int, Result] = {}
+        if fallback is None:
+            try:
+                for c in range(0, len(idx), chunk):
+                    part = idx[c:c + chunk]
+                    res = engine([owner[i][0] for i in part], [pending[i] for i in part])
+                    results.update(zip(part, res))
+                if not checked:
+                    i0 = idx[0]
+                    ref = evaluate(setups[owner[i0][0]].objective, *pending[i0])
+                    checked = True
+                    if not _agree(results[i0], ref, setups[0].case.dtype):
+                        fallback = (f"the batched objective disagreed with the sequential one (total "
+                                    f"{results[i0][0]:.17g} vs {ref[0]:.17g}): a regulariser or module vmap "
+                                    "does not batch faithfully")
+            except Exception as e:  # vmap cannot run this objective: one by one, said in the note
+                fallback = f"vmap could not run the objective ({type(e).__name__}: {str(e)[:200]})"
+            if fallback is not None:
+                results = {}
+        if fallback is not None:
+            for i in idx:
+                results[i] = evaluate(setups[owner[i][0]].objective, *pending[i])
+        rounds += 1
+        for i in idx:
+            try:
+                pending[i] = flat[i].send(results[i])
+            except StopIteration:
+                del pending[i]
+    if fallback is not None:
+        note = {"batched": False, "reason": fallback, "trials": total_trials}
+    else:
+        note["rounds"] = rounds
+    return [dict(note) for _ in setups]
+
+
+def run_setups(setups: Sequence[TrialSetup], *, limit: int | None = None, auto: bool = False
+               ) -> list[tuple[list[Trial], dict]]:
+    """Run every setup's trials, batching what can be batched (setups with the same group key share one
+    batched objective); returns (trials, note) per setup, trials in start order. ``auto``: also run one by
+    one where batching is not expected to pay (:func:`worth_batching`)."""
+    t0 = time.perf_counter()
+    programs = [_programs(s) for s in setups]
+    notes: list[dict | None] = [None] * len(setups)
+    groups: dict[tuple, list[int]] = {}
+    for i, s in enumerate(setups):
+        problems = vmap_problems(s)
+        slow = worth_batching(s.case) if auto else ""
+        if not s.batched:
+            notes[i] = {"batched": False, "reason": "batch_trials is off", "trials": len(s.starts)}
+        elif problems:
+            notes[i] = {"batched": False, "reason": "; ".join(problems), "trials": len(s.starts)}
+        elif len(s.starts) == 1 and len(setups) == 1:
+            notes[i] = {"batched": False, "reason": "one trial: nothing to batch", "trials": 1}
+        elif slow:
+            notes[i] = {"batched": False, "reason": slow, "trials": len(s.starts)}
+        else:
+            groups.setdefault(_group_key(s), []).append(i)
+            continue
+        _sequential(s, programs[i])
+    for members in groups.values():
+        group_notes = _run_group([setups[i] for i in members], [programs[i] for i in members], limit)
+        for i, n in zip(members, group_notes):
+            notes[i] = n
+    seconds = time.perf_counter() - t0
+    out = []
+    for s, progs, note in zip(setups, programs, notes):
+        note["seconds_all_setups"] = round(seconds, 3)
+        out.append(([t for t, _ in progs], note))
+    return out
+
+
+# ---- the attacks' entry point, and reconstruct_many -------------------------------------------------------
+class _Captured(Exception):
+    """Raised inside attack.reconstruct by reconstruct_many's first pass once the setup is known."""
+
+
+class _Many:
+    def __init__(self):
+        self.mode = "capture"
+        self.pos = 0
+        self.captured: dict[int, TrialSetup] = {}
+        self.results: dict[int, tuple[list[Trial], dict]] = {}
+        self.used: set[int] = set()
+
+    def handle(self, setup: TrialSetup) -> tuple[list[Trial], dict]:
+        if self.mode == "capture":
+            self.captured[self.pos] = setup
+            raise _Captured
+        if self.pos in self.results and self.pos not in self.used:
+            self.used.add(self.pos)
+            first = self.captured[self.pos]
+            same = len(first.starts) == len(setup.starts) and all(
+                torch.equal(a, b) for sa, sb in zip(first.starts, setup.starts) for a, b in zip(sa, sb))
+            if not same:
+                raise RuntimeError("reconstruct_many: the attack drew different starts on its second pass "
+                                   "(its setup is not deterministic given the seed)")
+            return self.results[self.pos]
+        return run_setups([setup], auto=True)[0]  # later waves (e.g. DLG's retries after a divergence)
+
+
+_MANY: contextvars.ContextVar = contextvars.ContextVar("gradleak_batched_many", default=None)
+
+
+def run(setup: TrialSetup) -> tuple[list[Trial], dict]:
+    """Run one attack run's trials (batched when ``setup.batched`` and possible); (trials, note for info)."""
+    many = _MANY.get()
+    if many is not None:
+        return many.handle(setup)
+    return run_setups([setup], auto=True)[0]
+
+
+def reconstruct_many(attack: Attack, cases: Sequence[Case], *, seeds: Sequence[int] | int | None = None,
+                     max_memory: int | str | None = None) -> list[Reconstruction]:
+    """Reconstruct every case with ``attack``, the optimisation trials of all cases (and their restarts) run
+    as one batched computation where they can share it (same model structure and settings; see the module
+    docstring). Each result is what ``attack.reconstruct(case, seed=seeds[i])`` returns (residual, kind,
+    history, info), up to the batched kernels' rounding; ``info['batched']`` describes the batch and
+    ``info['seconds']`` is this case's share of the batched time. ``seeds``: one per case, one for all, or
+    None (0). ``max_memory``: the chunk limit (bytes or '8GB'; default the memory available).
+    Attacks that are not optimisation attacks simply run one by one."""
+    from ...errors import ValidationError
+
+    cases = list(cases)
+    if seeds is None or isinstance(seeds, int):
+        seeds = [0 if seeds is None else seeds] * len(cases)
+    seeds = list(seeds)
+    if len(seeds) != len(cases):
+        raise ValidationError("reconstruct_many", [f"got {len(seeds)} seeds for {len(cases)} cases: give one "
+                                                   "per case, one int for all, or None"])
+    if not isinstance(attack, Attack):
+        raise ValidationError("reconstruct_many", [f"expected a gradleak Attack, got {type(attack).__name__}"])
+    if len(cases) == 1:  # nothing to share between cases: the attack batches its own restarts
+        return [attack.reconstruct(cases[0], seed=seeds[0])]
+    many = _Many()
+    direct: dict[int, Reconstruction] = {}
+    token = _MANY.set(many)
+    try:
+        for i, (case, seed) in enumerate(zip(cases, seeds)):
+            many.pos = i
+            try:
+                direct[i] = attack.reconstruct(case, seed=seed)
+            except _Captured:
+                pass
+        order = sorted(many.captured)
+        t0 = time.perf_counter()
+        limit = None if max_memory is None else resources.parse_size(max_memory)
+        results = run_setups([many.captured[i] for i in order], limit=limit)
+        batch_seconds = time.perf_counter() - t0
+        many.results = dict(zip(order, results))
+        many.mode = "replay"
+        total_trials = sum(len(many.captured[i].starts) for i in order) or 1
+        out: list[Reconstruction] = []
+        for i, (case, seed) in enumerate(zip(cases, seeds)):
+            if i in direct:
+                out.append(direct[i])
+                continue
+            many.pos = i
+            rec = attack.reconstruct(case, seed=seed)
+            share = batch_seconds * len(many.captured[i].starts) / total_trials
+            rec.info["seconds_assembly"] = rec.info.get("seconds")
+            rec.info["seconds"] = share + float(rec.info.get("seconds") or 0.0)
+            out.append(rec)
+    finally:
+        _MANY.reset(token)
+    return out
+
+
+__all__ = ["TrialSetup", "BatchedObjective", "run", "run_setups", "reconstruct_many", "memory_limit", "chunk_size",
+           "vmap_problems", "worth_batching", "CPU_BATCH_MAX_PARAMETERS"]
