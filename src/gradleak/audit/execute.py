@@ -348,6 +348,7 @@ def _run_ray(jobs, outcomes, finish, address: str | None, max_memory) -> None:
     import logging
 
     started_here = not ray.is_initialized()
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # CPU tasks: silence Ray's FutureWarning
     if started_here:
         if address:
             ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)
