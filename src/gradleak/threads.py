@@ -31,9 +31,11 @@ from .errors import ValidationError
 
 ENV = "GRADLEAK_THREADS"
 
-# One more thread per this many forward FLOPs of the attacked batch (see docs/performance.md for the
-# measurements behind it: below it a second thread never paid off).
-FLOPS_PER_THREAD = 2e9
+# One more thread per this many forward FLOPs of the attacked batch. Measured on a shared 2-core machine (50
+# IG steps, 1 vs 2 threads, docs/performance.md): a second thread never paid off, from lenet (1.4e6 FLOPs) to
+# convnet width 64 (3.7e9: 22.8 s on one thread, 249 s on two); so the second thread starts an order of
+# magnitude above the largest work measured, e.g. resnet18 at 224 px from a batch of 14.
+FLOPS_PER_THREAD = 5e10
 
 _override: int | None = None      # gradleak.threads.set(n)
 _budget: int | None = None        # the cores this process may use (a pool worker's share); None: all of them
