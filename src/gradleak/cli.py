@@ -460,17 +460,19 @@ COMMANDS = {"audit": _cmd_audit, "attack": _cmd_attack, "risk": _cmd_risk, "trai
 
 
 @contextlib.contextmanager
-def interrupt_on_signals():
+def interrupt_on_signals(handler=None):
     """While active, SIGTERM (what ``timeout``, schedulers, ``docker stop`` send) and SIGINT raise
-    KeyboardInterrupt in the main thread, so a run stops the same way for both; the previous handlers are
-    restored after. A signal that was ignored (SIG_IGN, e.g. under ``nohup``) stays ignored. Does nothing
-    outside the main thread (signal handlers can only be set there)."""
+    KeyboardInterrupt in the main thread (or call ``handler(signum, frame)`` instead), so a run stops the same
+    way for both; the previous handlers are restored after. A signal that was ignored (SIG_IGN, e.g. under
+    ``nohup``) stays ignored. Does nothing outside the main thread (signal handlers can only be set there)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
-    def handler(signum, frame):
+    def interrupt(signum, frame):
         raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    handler = handler or interrupt
 
     old = {}
     for sig in (signal.SIGINT, signal.SIGTERM):

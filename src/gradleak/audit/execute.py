@@ -17,7 +17,6 @@ before running the job, so the registration exists there too (the module must be
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import importlib
 import multiprocessing
@@ -224,30 +223,15 @@ class _Progress:
             self.bar.close()
 
 
-@contextlib.contextmanager
 def _interrupts_counted(state: dict):
-    """While the parent waits on workers, SIGINT (and SIGTERM where a handler turns it into KeyboardInterrupt,
-    as the CLI's does) only count in ``state['interrupts']``: a signal arriving in the middle of receiving a
-    worker's result must not lose that result. Outside the main thread nothing changes (signals go there)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+    """While the parent waits on workers, SIGINT and SIGTERM only count in ``state['interrupts']`` (the loop
+    acts on them): a signal arriving while a worker's result is being received must not lose that result."""
+    from ..cli import interrupt_on_signals
 
-    def handler(signum, frame):
+    def count(signum, frame):
         state["interrupts"] += 1
 
-    old = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        prev = signal.getsignal(sig)
-        if sig == signal.SIGINT and prev is signal.default_int_handler or callable(prev) and prev not in (
-                signal.SIG_DFL, signal.SIG_IGN):
-            old[sig] = prev
-            signal.signal(sig, handler)
-    try:
-        yield
-    finally:
-        for sig, prev in old.items():
-            signal.signal(sig, prev)
+    return interrupt_on_signals(count)
 
 
 def _run_inline(jobs, outcomes, finish, max_memory, progress) -> None:
