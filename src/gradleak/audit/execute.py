@@ -322,7 +322,7 @@ def _ray_task(config, threads, max_memory, modules):
     return run_job(config, threads, max_memory, modules=modules)
 
 
-def _run_ray(jobs, outcomes, finish, address: str | None, max_memory) -> None:
+def _run_ray(jobs, outcomes, finish, address: str | None, max_memory, workers: int | None) -> None:
     try:
         import ray
         from ray import exceptions as rex
@@ -350,7 +350,8 @@ def _run_ray(jobs, outcomes, finish, address: str | None, max_memory) -> None:
 
         def submit():
             nonlocal used
-            while pending and not interrupted and (not running or used + need[pending[0]] <= cpus):
+            while pending and not interrupted and (not running or used + need[pending[0]] <= cpus) and (
+                    workers is None or len(running) < workers):
                 i = pending.pop(0)
                 ref = task.options(num_cpus=need[i], max_retries=0, retry_exceptions=False).remote(
                     jobs[i].config, jobs[i].threads, max_memory, tuple(_plugin_modules(jobs[i].config)))
@@ -429,7 +430,8 @@ def run_jobs(jobs: list[Job], *, backend: str = "local", workers: int | None = N
 
     backend: 'local' (default: a pool of ``workers`` spawned processes; ``workers=1`` runs the jobs one after
     another in this process, with a progress bar per job when ``progress``), 'ray' (``ray.init()`` here) or
-    'ray:ADDRESS' (join a running cluster). ``workers`` (local only; default :func:`default_workers`).
+    'ray:ADDRESS' (join a running cluster). ``workers``: local worker processes (default
+    :func:`default_workers`); on Ray, the most tasks running at once (default: as many as its CPUs hold).
     ``on_outcome`` is called here as each job ends. ``max_memory``: each job's memory limit (run_attack's)."""
     jobs = list(jobs)
     problems = [f"jobs[{i}] must be a Job, got {type(j).__name__}" for i, j in enumerate(jobs) if not isinstance(j, Job)]
@@ -444,8 +446,6 @@ def run_jobs(jobs: list[Job], *, backend: str = "local", workers: int | None = N
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
         problems.append(f"workers must be an int >= 1, got {workers!r}")
     kind, address = parse_backend(backend)
-    if kind == "ray" and workers is not None:
-        problems.append("workers applies to the local backend (Ray places the tasks on its own CPUs)")
     if problems:
         raise ValidationError("run_jobs", problems)
 
@@ -465,7 +465,7 @@ def run_jobs(jobs: list[Job], *, backend: str = "local", workers: int | None = N
     try:
         try:
             if kind == "ray":
-                _run_ray(jobs, outcomes, finish, address, max_memory)
+                _run_ray(jobs, outcomes, finish, address, max_memory, workers)
             else:
                 n = default_workers(jobs) if workers is None else min(workers, len(jobs))
                 if n == 1:
