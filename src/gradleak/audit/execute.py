@@ -178,7 +178,10 @@ class _Worker:
 
     def send(self, index: int, job: Job, max_memory, modules) -> None:
         self.job, self.started = index, time.perf_counter()
-        self.conn.send((index, job.config, job.threads, max_memory, tuple(modules)))
+        try:
+            self.conn.send((index, job.config, job.threads, max_memory, tuple(modules)))
+        except OSError:  # it died meanwhile: its sentinel reports the job as failed
+            pass
 
     def interrupt(self) -> None:
         if self.proc.is_alive():
