@@ -96,7 +96,9 @@ def run_job(config: dict, threads: int | None = None, max_memory=None, progress:
         cfg = AttackRun.from_dict(config)
         if threads is not None:
             cfg = dataclasses.replace(cfg, threads=threads)
-        res = run_attack(cfg, write=True, max_memory=max_memory, progress=progress)
+        # the job's directory is the caller's to give: a run left there (interrupted, say) is replaced; the
+        # planner does not submit a job whose directory holds a finished run
+        res = run_attack(cfg, write=True, overwrite=True, max_memory=max_memory, progress=progress)
     except KeyboardInterrupt:
         return "interrupted", None, INTERRUPTED_EARLY
     except Exception as e:
