@@ -341,9 +341,19 @@ def _run_ray(jobs, outcomes, finish, address: str | None, max_memory, workers: i
     if started_here:
         if address:
             ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)
-        else:
-            ray.init(num_cpus=threads_mod.cores(), include_dashboard=False, log_to_driver=False,
-                     logging_level=logging.ERROR, configure_logging=True)
+        else:  # a local Ray: its workers import what this process can (a user's module that registered an
+            # attack or model, say), so they start with this process's import path
+            path = os.pathsep.join(p for p in sys.path if p and os.path.isdir(p))
+            before = os.environ.get("PYTHONPATH")
+            os.environ["PYTHONPATH"] = path
+            try:
+                ray.init(num_cpus=threads_mod.cores(), include_dashboard=False, log_to_driver=False,
+                         logging_level=logging.ERROR, configure_logging=True)
+            finally:
+                if before is None:
+                    os.environ.pop("PYTHONPATH", None)
+                else:
+                    os.environ["PYTHONPATH"] = before
     try:
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         task = ray.remote(_ray_task)
