@@ -14,25 +14,17 @@ import pytest
 import torch
 
 import gradleak as gl
-from gradleak.attacks import Attack, Reconstruction, register
 from gradleak.audit.execute import Job, Outcome, death_message, run_jobs
 
 
-@dataclasses.dataclass
-class _NoOptions:
-    pass
+@pytest.fixture
+def dying_attack():
+    """The test-only attack 'test-dies' (tests/_dying_attack.py), registered for this test only."""
+    import _dying_attack
 
-
-@register("test-dies")
-class _Dies(Attack):
-    """A test-only attack whose process dies as one killed for memory does (SIGKILL). The executor imports
-    this module in its workers (the attack is registered outside gradleak), so a spawned worker knows it."""
-
-    Options = _NoOptions
-
-    def _reconstruct(self, case, ctx) -> Reconstruction:
-        os.kill(os.getpid(), signal.SIGKILL)
-        raise AssertionError("unreachable")
+    remove = _dying_attack.registered()
+    yield _dying_attack.NAME
+    remove()
 
 
 def ig_job(tmp_path, name, *, start=0, iterations=20, **extra) -> Job:
@@ -60,11 +52,11 @@ def test_in_process_and_pool_give_identical_scores(tmp_path):
     assert sorted(o.id for o in seen) == sorted(["ig-0", "ig-1", "ig-2"] * 2)  # on_outcome: each job once
 
 
-def test_a_raising_job_and_a_dying_worker_fail_alone(tmp_path):
+def test_a_raising_job_and_a_dying_worker_fail_alone(tmp_path, dying_attack):
     jobs = [ig_job(tmp_path, "good-0"),
             ig_job(tmp_path, "raises", model_options={"widht": 3}),
             Job("dies", dataclasses.replace(gl.AttackRun.from_dict(ig_job(tmp_path, "dies").config),
-                                            attack="test-dies", iterations=None).to_dict()),
+                                            attack=dying_attack, iterations=None).to_dict()),
             ig_job(tmp_path, "good-1", start=1),
             ig_job(tmp_path, "good-2", start=2)]
     out = {o.id: o for o in run_jobs(jobs, workers=2)}
@@ -104,10 +96,10 @@ def _interrupt_after_first(delay: float):
 
 @pytest.mark.parametrize("workers", [2, 1])
 def test_ctrl_c_keeps_what_finished_and_the_best_so_far(tmp_path, workers):
-    long = dict(iterations=1_000_000)
+    long = dict(iterations=1_000_000, attack_options={"optimizer": "signed-adam"})  # no stop rule: runs till Ctrl-C
     jobs = [ig_job(tmp_path, "short", iterations=5), ig_job(tmp_path, "long-0", start=1, **long),
             ig_job(tmp_path, "long-1", start=2, **long), ig_job(tmp_path, "long-2", start=3, **long)]
-    out = run_jobs(jobs, workers=workers, on_outcome=_interrupt_after_first(3.0))
+    out = run_jobs(jobs, workers=workers, on_outcome=_interrupt_after_first(6.0))
     status = {o.id: o.status for o in out}
     assert status["short"] == "done"
     # pool: long-0 and long-1 ran when the signal came, long-2 never started; in-process: long-0 ran

@@ -18,18 +18,23 @@ def _jobs(root, n=2):
     return jobs + [Job("bad", bad.to_dict())]
 
 
-def _dying(root):
-    """A job whose worker process dies (SIGKILL), with test_execute's test-only attack (the worker imports
-    that module because the attack is registered outside gradleak)."""
-    import test_execute  # noqa: F401  registers test-dies
+@pytest.fixture
+def dying_attack():
+    """The test-only attack 'test-dies' (tests/_dying_attack.py: its worker dies of SIGKILL), registered for
+    this test only; the Ray worker imports that module because the attack is registered outside gradleak."""
+    import _dying_attack
 
-    return Job("dies", gl.AttackRun(attack="test-dies", model="lenet", image_size=16, out=str(root / "dies")).to_dict())
+    remove = _dying_attack.registered()
+    yield _dying_attack.NAME
+    remove()
 
 
-def test_ray_and_local_give_identical_scores_and_isolate_a_failure(tmp_path):
+def test_ray_and_local_give_identical_scores_and_isolate_a_failure(tmp_path, dying_attack):
     assert not ray.is_initialized()
     local = run_jobs(_jobs(tmp_path / "local"), workers=2)
-    on_ray = run_jobs(_jobs(tmp_path / "ray") + [_dying(tmp_path / "ray")], backend="ray")
+    dies = Job("dies", gl.AttackRun(attack=dying_attack, model="lenet", image_size=16,
+                                    out=str(tmp_path / "ray" / "dies")).to_dict())
+    on_ray = run_jobs(_jobs(tmp_path / "ray") + [dies], backend="ray")
     assert not ray.is_initialized()  # started here, so shut down here
     dies = on_ray.pop()
     assert dies.status == "failed" and dies.error.startswith("worker died"), dies.error

@@ -20,6 +20,7 @@ bit-reproducible for the same thread count on the same machine; ``config.json`` 
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 from pathlib import Path
@@ -179,9 +180,17 @@ def worker_init(budget: int) -> None:
 
 
 def work_of(case) -> float:
-    """The work of attacking ``case``: the multiply-adds of one forward pass over its batch (convolutions and
-    linear layers, counted from a one-sample forward with hooks; other layers count their outputs), times the
-    local steps of a FedAvg update. Costs one forward of one sample."""
+    """The work of attacking ``case``: the FLOPs (2 x multiply-adds) of one forward pass over its batch
+    (convolutions and linear layers; other layers count their outputs), times the local steps of a FedAvg
+    update. Counted on a copy of the model on PyTorch's ``meta`` device (shapes only: no memory, no compute,
+    and the case's own model is never called)."""
+    model = case.model
+    memo = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        meta = torch.empty_like(t, device="meta")
+        memo[id(t)] = torch.nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(
+            t, torch.nn.Parameter) else meta
+    net = copy.deepcopy(model, memo)
     counts = [0]
 
     def hook(m, inputs, out):
@@ -194,16 +203,10 @@ def work_of(case) -> float:
         elif not list(m.children()):
             counts[0] += out.numel()
 
-    from . import functional as Fn
-
-    handles = [m.register_forward_hook(hook) for m in case.model.modules()]
-    try:
-        x = torch.zeros((1, *case.spec.shape), dtype=case.dtype, device=case.device)
-        with torch.no_grad(), using(1):
-            Fn.forward(case.model, case.parameters, case.buffers, x)
-    finally:
-        for h in handles:
-            h.remove()
+    for m in net.modules():
+        m.register_forward_hook(hook)
+    with torch.no_grad():
+        net.eval()(torch.empty((1, *case.spec.shape), dtype=case.dtype, device="meta"))
     steps = getattr(case.observation, "local_steps", 1) or 1
     return 2.0 * counts[0] * case.batch_size * steps
 
