@@ -12,7 +12,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "gradleak"
 
 #: top-level part of gradleak -> floor (docs/architecture.md, "The floors")
 FLOORS = {
-    "errors": 1, "registry": 1, "validate": 1, "resources": 1,
+    "errors": 1, "registry": 1, "validate": 1, "resources": 1, "interrupts": 1,
     "activations": 2, "losses": 2, "metrics": 2,
     "functional": 3, "models": 3, "layers": 3,
     "case": 4, "simulate": 4, "data": 4, "threads": 4,

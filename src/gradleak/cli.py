@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import argparse
 import ast
-import contextlib
 import json
 import shlex
-import signal
 import sys
-import threading
 from typing import Any, Sequence
 
 from .errors import GradleakError
+from .interrupts import interrupt_on_signals  # noqa: F401  (also gradleak.cli's public name)
 
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -457,35 +455,6 @@ def _cmd_audit(args) -> int:
 
 COMMANDS = {"audit": _cmd_audit, "attack": _cmd_attack, "risk": _cmd_risk, "train": _cmd_train, "compare": _cmd_compare,
             "utility": _cmd_utility, "list": _cmd_list}
-
-
-@contextlib.contextmanager
-def interrupt_on_signals(handler=None):
-    """While active, SIGTERM (what ``timeout``, schedulers, ``docker stop`` send) and SIGINT raise
-    KeyboardInterrupt in the main thread (or call ``handler(signum, frame)`` instead), so a run stops the same
-    way for both; the previous handlers are restored after. A signal that was ignored (SIG_IGN, e.g. under
-    ``nohup``) stays ignored. Does nothing outside the main thread (signal handlers can only be set there)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-
-    handler = handler or interrupt
-
-    old = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        prev = signal.getsignal(sig)
-        if prev is signal.SIG_IGN:
-            continue
-        old[sig] = prev
-        signal.signal(sig, handler)
-    try:
-        yield
-    finally:
-        for sig, prev in old.items():
-            signal.signal(sig, prev if prev is not None else signal.SIG_DFL)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -231,7 +231,7 @@ class _Progress:
 def _interrupts_counted(state: dict):
     """While the parent waits on workers, SIGINT and SIGTERM only count in ``state['interrupts']`` (the loop
     acts on them): a signal arriving while a worker's result is being received must not lose that result."""
-    from ..cli import interrupt_on_signals
+    from ..interrupts import interrupt_on_signals
 
     def count(signum, frame):
         state["interrupts"] += 1
