@@ -39,6 +39,7 @@ BENCHMARKS = {
     "defenses": "bench_defenses.py",
     "audit": "bench_audit.py",
     "throughput": "bench_throughput.py",
+    "threads": "bench_threads.py",
 }
 
 ONE_THREAD = {k: "1" for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}

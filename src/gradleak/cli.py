@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import argparse
 import ast
-import contextlib
 import json
 import shlex
-import signal
 import sys
-import threading
 from typing import Any, Sequence
 
 from .errors import GradleakError
+from .interrupts import interrupt_on_signals  # noqa: F401  (also gradleak.cli's public name)
 
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -165,10 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
     p.add_argument("--progress", action="store_true",
                    help="show progress bars on stderr even when it is not a terminal (e.g. in a job's log)")
-    p.add_argument("--threads", type=_positive, default=1,
-                   help="torch CPU threads (default 1: the attacks' many small operations run fastest on one "
-                        "thread; raise it for large models on an idle machine). Results are bit-reproducible "
-                        "for the same thread count on the same machine; config.json records it)")
+    p.add_argument("--threads", type=_positive, default=None,
+                   help="torch CPU threads for every job (default: gradleak's policy chooses per job from its "
+                        "size and the cores, one thread for the zoo's small models; see docs/performance.md; "
+                        "also GRADLEAK_THREADS). Results are bit-reproducible for the same thread count on the "
+                        "same machine; config.json records it")
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
 
     a = sub.add_parser("attack", help="simulate a client update (or read an observed one) and reconstruct its data")
@@ -462,33 +461,6 @@ COMMANDS = {"audit": _cmd_audit, "attack": _cmd_attack, "risk": _cmd_risk, "trai
             "utility": _cmd_utility, "list": _cmd_list}
 
 
-@contextlib.contextmanager
-def interrupt_on_signals():
-    """While active, SIGTERM (what ``timeout``, schedulers, ``docker stop`` send) and SIGINT raise
-    KeyboardInterrupt in the main thread, so a run stops the same way for both; the previous handlers are
-    restored after. A signal that was ignored (SIG_IGN, e.g. under ``nohup``) stays ignored. Does nothing
-    outside the main thread (signal handlers can only be set there)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-
-    old = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        prev = signal.getsignal(sig)
-        if prev is signal.SIG_IGN:
-            continue
-        old[sig] = prev
-        signal.signal(sig, handler)
-    try:
-        yield
-    finally:
-        for sig, prev in old.items():
-            signal.signal(sig, prev if prev is not None else signal.SIG_DFL)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``gradleak`` console script. Returns the exit code: 0 done, 1 internal error,
     2 bad input (one line on stderr, before any work), 130 interrupted (the partial report is written)."""
@@ -496,13 +468,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         with interrupt_on_signals():
             import torch
 
-            threads = torch.get_num_threads()
             torch.set_flush_denormal(True)  # float32 L-BFGS on tiny gradients crawls through denormals otherwise
             try:
                 return _main(argv)
             finally:  # process-wide state: restore it for in-process callers
                 torch.set_flush_denormal(False)
-                torch.set_num_threads(threads)
     except KeyboardInterrupt:  # during start-up or teardown, outside _main's own handling
         print("gradleak: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -513,13 +483,14 @@ def _main(argv: Sequence[str] | None) -> int:
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     try:
         args = parser.parse_args(argv)
-        import torch
+        from . import threads
 
-        torch.set_num_threads(args.threads)
         if not args.command:
             parser.print_help()
             return EXIT_BAD_INPUT
-        return COMMANDS[args.command](args)
+        # --threads: every job's count; without it the policy chooses per job, other work runs on one thread
+        with threads.pinned(args.threads) if args.threads is not None else threads.process_default(1):
+            return COMMANDS[args.command](args)
     except _UsageError as e:
         print(str(e), file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -16,7 +16,7 @@ import torch
 
 from . import data as data_mod
 from . import models as models_mod
-from . import resources
+from . import resources, threads
 from .attacks import Reconstruction, attacks, create
 from .case import Case, Truth
 from .errors import ValidationError
@@ -40,7 +40,7 @@ class AttackRun:
         state_dict); then there is no simulation and no truth unless ``images`` is also given.
     iterations / restarts: mapped onto the attack's own options (its ``budget_option`` and ``restarts_option``);
         giving one of them and a different value of that option in ``attack_options`` is an error.
-    threads: torch CPU threads (None: leave torch's setting); results are bit-reproducible only for the same
+    threads: torch CPU threads (None: :mod:`gradleak.threads` chooses per case); results are bit-reproducible only for the same
         thread count on the same machine and software, so ``config.json`` records the count used.
     device: where the model, the simulated client and the attack run: 'cpu' (default), 'cuda', 'cuda:N', 'mps'.
         A device this machine lacks is refused before any work. Seeded draws are made on the CPU and moved, so a
@@ -405,7 +405,8 @@ def run_attack(cfg: AttackRun, *, progress: bool = False, write: bool = True, ov
     file, not writable, holds a previous run and ``overwrite`` is False, or another run is writing it) and
     the memory the job needs is estimated (refused above ``max_memory`` or the memory available).
     Ctrl-C (or SIGTERM under the CLI) during the attack still writes the report of the best result so far,
-    with ``metrics.json`` saying ``interrupted``. ``cfg.threads`` sets torch's CPU threads for the run.
+    with ``metrics.json`` saying ``interrupted``. ``cfg.threads`` sets torch's CPU threads for the
+    run (None: :mod:`gradleak.threads` chooses them from the work, unless the user set a count).
     """
     problems = cfg.problems()
     if problems:
@@ -414,30 +415,29 @@ def run_attack(cfg: AttackRun, *, progress: bool = False, write: bool = True, ov
     opts = _budget_options(cfg)
     attack = create(cfg.attack, preset=cfg.preset, **opts)
     run_dir = RunDirectory(Path(cfg.out) if cfg.out else default_out(cfg), overwrite=overwrite) if write else None
-    threads = torch.get_num_threads()
     try:
-        if cfg.threads is not None:
-            torch.set_num_threads(cfg.threads)
-        case, truth, notes = build_case(cfg, max_memory=max_memory, attack=attack)
+        with threads.using(cfg.threads):
+            case, truth, notes = build_case(cfg, max_memory=max_memory, attack=attack)
         from .attacks.optimization.batched import memory_limit
 
-        with memory_limit(max_memory):  # batched restarts size their chunks to --max-memory
-            rec = attack.reconstruct(case, seed=cfg.seed, progress=progress)
-        scores = evaluate(rec, truth) if truth is not None else None
-        if scores is not None:
-            notes += scores.notes
-        notes += run_warnings(rec.info)
-        if rec.info.get("start_point_only"):
-            notes.append("interrupted before the attack's first result: the report shows its START point")
-        extra: dict[str, Any] = {"notes": notes, "model": cfg.model}
-        if cfg.secure_clients() > 1 and cfg.observed is None:
-            extra.update(aggregate_clients=cfg.secure_clients(), target_client=_target_scores(cfg, rec, truth))
-        out = None
-        if run_dir is not None:
-            out = write_report(run_dir, rec, truth=truth, scores=scores, case=case, config=run_config(cfg, case),
-                               extra=extra)
+        # the attack, its scoring and config.json all see one count: the run's, else the policy's for this case
+        with threads.pinned(cfg.threads if cfg.threads is not None else threads.for_case(case)):
+            with memory_limit(max_memory):  # batched restarts size their chunks to --max-memory
+                rec = attack.reconstruct(case, seed=cfg.seed, progress=progress)
+            scores = evaluate(rec, truth) if truth is not None else None
+            if scores is not None:
+                notes += scores.notes
+            notes += run_warnings(rec.info)
+            if rec.info.get("start_point_only"):
+                notes.append("interrupted before the attack's first result: the report shows its START point")
+            extra: dict[str, Any] = {"notes": notes, "model": cfg.model}
+            if cfg.secure_clients() > 1 and cfg.observed is None:
+                extra.update(aggregate_clients=cfg.secure_clients(), target_client=_target_scores(cfg, rec, truth))
+            out = None
+            if run_dir is not None:
+                out = write_report(run_dir, rec, truth=truth, scores=scores, case=case,
+                                   config=run_config(cfg, case), extra=extra)
     finally:
-        torch.set_num_threads(threads)
         if run_dir is not None:
             run_dir.release()
     return RunResult(cfg, case, truth, rec, scores, out, notes)
