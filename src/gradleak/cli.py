@@ -100,6 +100,45 @@ def _add_output_flags(p: argparse.ArgumentParser) -> None:
                         "available now)")
 
 
+MODEL_HELP = ("a zoo name (gradleak list models), or your own model: FILE.py:NAME or module.path:NAME, NAME an "
+              "nn.Module class or a factory (options from --model-opt; input_shape / num_classes from the data when "
+              "it takes them); with --weights, default: the model its sidecar names")
+
+
+def _add_deployment_flags(p: argparse.ArgumentParser, *, local_steps: int = 5) -> None:
+    """--weights, --protocol (with --local-*), --defense: the deployment risk and compare take like attack."""
+    p.add_argument("--weights", default=None, help="model weights: a state_dict .pt or .safetensors file; the sidecar "
+                   "gradleak train writes beside it (NAME.json) gives the model, its options, dataset, image size "
+                   "and classes unless given")
+    p.add_argument("--protocol", choices=["fedsgd", "fedavg"], default="fedsgd")
+    p.add_argument("--local-steps", type=_positive, default=local_steps)
+    p.add_argument("--local-lr", type=float, default=1e-4)
+    p.add_argument("--local-batch-size", type=_positive, default=None,
+                   help="fedavg mini-batch size, 1..the batch (default: the whole batch)")
+    p.add_argument("--defense", action="append", default=[], metavar="SPEC",
+                   help="defense applied to the simulated update, e.g. noise:sigma=0.01, prune:ratio=0.9 (repeatable)")
+
+
+def _with_sidecar(args, *, dataset_default: str = "samples") -> dict[str, Any]:
+    """The model, its options and the data flags, filled from the --weights sidecar where not given (a
+    conflict is one error); ``notes`` says what was filled (printed once the command succeeded)."""
+    from .models.custom import normalize
+    from .models.weights import apply_sidecar
+
+    r = apply_sidecar(getattr(args, "weights", None), model=args.model, model_options=_model_options(args),
+                      dataset=getattr(args, "dataset", None), images=getattr(args, "images", None),
+                      image_size=getattr(args, "image_size", None), num_classes=getattr(args, "num_classes", None))
+    if r["dataset"] is None:  # (with --images, the dataset is not read)
+        r["dataset"] = dataset_default
+    r["model"] = normalize(r["model"])  # a file spec made absolute: config.json re-runs it from any folder
+    return r
+
+
+def _notes(lines: Sequence[str]) -> None:
+    for line in lines:
+        print(f"note: {line}", file=sys.stderr)
+
+
 def _model_options(args) -> dict[str, Any]:
     opts = {k: getattr(args, k) for k in MODEL_FLAGS if getattr(args, k, None) is not None}
     opts.update(_kv(args.model_opt, "--model-opt"))
@@ -172,10 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("attack", help="simulate a client update (or read an observed one) and reconstruct its data")
     a.add_argument("--attack", required=True, help="attack name (gradleak list attacks)")
-    a.add_argument("--model", required=True, help="model name (gradleak list models)")
+    a.add_argument("--model", default=None, metavar="SPEC", help=MODEL_HELP)
     src = a.add_mutually_exclusive_group()
     src.add_argument("--images", help="your own images: a folder of PNG/JPEG files or a tensor file")
-    src.add_argument("--dataset", default="samples", help="samples | digits | cifar10:ROOT | folder:DIR")
+    src.add_argument("--dataset", default=None, help="samples (default; with --weights: the dataset it was trained "
+                     "on) | digits | cifar10:ROOT | folder:DIR")
     a.add_argument("--num-images", type=int, default=1)
     a.add_argument("--start", type=_count0, default=0, help="index of the first image taken from the dataset")
     a.add_argument("--image-size", type=_positive, default=None)
@@ -215,17 +255,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_flags(a)
 
     r = sub.add_parser("risk", help="predict leakage of an architecture before any attack")
-    r.add_argument("--model", required=True)
-    r.add_argument("--image-size", type=_positive, default=32)
-    r.add_argument("--channels", type=_positive, default=3)
-    r.add_argument("--num-classes", type=_positive, default=10)
+    r.add_argument("--model", default=None, metavar="SPEC", help=MODEL_HELP)
+    rsrc = r.add_mutually_exclusive_group()
+    rsrc.add_argument("--images", help="your own images: their shape and classes size the model")
+    rsrc.add_argument("--dataset", default=None, help="the data whose shape and classes size the model: samples "
+                      "(default; with --weights: the dataset it was trained on) | digits | cifar10:ROOT | folder:DIR")
+    r.add_argument("--image-size", type=_positive, default=None, help="default: the data's")
+    r.add_argument("--channels", type=_positive, default=None, help="default: the data's")
+    r.add_argument("--num-classes", type=_positive, default=None, help="default: the data's")
     r.add_argument("--batch-size", type=_positive, default=1)
+    _add_deployment_flags(r, local_steps=1)
     r.add_argument("--seed", type=_seed, default=0)
     r.add_argument("--json", action="store_true")
     _add_model_flags(r)
 
-    t = sub.add_parser("train", help="train a zoo model and save checkpoints to audit")
-    t.add_argument("--model", required=True)
+    t = sub.add_parser("train", help="train a zoo model (or your own) and save checkpoints to audit")
+    t.add_argument("--model", required=True, metavar="SPEC", help=MODEL_HELP.split("; with --weights")[0])
     t.add_argument("--dataset", default="digits")
     t.add_argument("--epochs", type=_count0, default=10)
     t.add_argument("--lr", type=float, default=None)
@@ -261,12 +306,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compare", help="run several attacks on the same case and tabulate them")
     c.add_argument("--attacks", default="rgap,layerwise,inverting-gradients,dlg")
-    c.add_argument("--model", required=True)
-    c.add_argument("--dataset", default="samples")
-    c.add_argument("--images", default=None)
+    c.add_argument("--model", default=None, metavar="SPEC", help=MODEL_HELP)
+    csrc = c.add_mutually_exclusive_group()
+    csrc.add_argument("--dataset", default=None, help="samples (default; with --weights: the dataset it was trained "
+                      "on) | digits | cifar10:ROOT | folder:DIR")
+    csrc.add_argument("--images", default=None)
     c.add_argument("--num-images", type=int, default=1)
     c.add_argument("--start", type=_count0, default=0, help="index of the first image taken from the dataset")
     c.add_argument("--image-size", type=_positive, default=None)
+    c.add_argument("--num-classes", type=_positive, default=None, help="classes of the model's head (default: the "
+                   "dataset's)")
+    _add_deployment_flags(c)
     c.add_argument("--iterations", type=_positive, default=None)
     c.add_argument("--dtype", choices=["float32", "float64"], default="float64")
     c.add_argument("--seed", type=_seed, default=0)
@@ -300,17 +350,19 @@ def _cmd_attack(args) -> int:
     from .experiment import AttackRun, run_attack
     from .report import run_warnings
 
+    m = _with_sidecar(args)
     cfg = AttackRun(
-        attack=args.attack, model=args.model, dataset=args.dataset, images=args.images, num_images=args.num_images,
-        start=args.start, image_size=args.image_size, num_classes=args.num_classes, iterations=args.iterations,
+        attack=args.attack, model=m["model"], dataset=m["dataset"], images=args.images, num_images=args.num_images,
+        start=args.start, image_size=m["image_size"], num_classes=m["num_classes"], iterations=args.iterations,
         restarts=args.restarts, seed=args.seed, protocol=args.protocol, local_steps=args.local_steps,
         local_lr=args.local_lr, local_batch_size=args.local_batch_size, dtype=args.dtype,
         labels_known=not args.unknown_labels, labels=args.labels, bn_mode=args.bn_mode, loss=args.loss,
-        preset=args.preset, model_options=_model_options(args), attack_options=_kv(args.option, "--option"),
+        preset=args.preset, model_options=m["model_options"], attack_options=_kv(args.option, "--option"),
         weights=args.weights, observed=args.observed, defenses=list(args.defense), out=args.out,
         threads=args.threads, device=args.device, aggregate_clients=args.aggregate_clients)
     res = run_attack(cfg, progress=_progress_on(args), overwrite=args.overwrite, max_memory=args.max_memory)
     warnings = run_warnings(res.reconstruction.info)
+    _notes(m["notes"])
     if args.json:
         from .report import to_jsonable
 
@@ -326,11 +378,27 @@ def _cmd_attack(args) -> int:
 
 
 def _cmd_risk(args) -> int:
-    from . import risk
+    from . import data, defenses, risk
 
-    shape = (args.channels, args.image_size, args.image_size)
-    report = risk.analyse_architecture(args.model, input_shape=shape, num_classes=args.num_classes,
-                                       batch_size=args.batch_size, seed=args.seed, **_model_options(args))
+    for d in args.defense:  # a bad spec fails before any work (risk records the deployment's defenses)
+        defenses.parse(d)
+    m = _with_sidecar(args)
+    source = args.images or m["dataset"]
+    peek = data.peek_spec(source, image_size=m["image_size"])  # the data's shape and classes, decoded if need be
+    if peek is None:
+        spec = data.load(source, image_size=m["image_size"]).spec
+        peek = (tuple(spec.shape), spec.num_classes, None)
+    shape = tuple(peek[0])
+    if args.channels is not None:
+        if len(shape) != 3:
+            raise _UsageError(f"gradleak risk: --channels applies to images (C, H, W); the data have shape {shape}")
+        shape = (args.channels, *shape[1:])
+    report = risk.analyse_architecture(m["model"], input_shape=shape, num_classes=m["num_classes"] or peek[1],
+                                       batch_size=args.batch_size, seed=args.seed, weights=args.weights,
+                                       protocol=args.protocol, local_steps=args.local_steps, local_lr=args.local_lr,
+                                       local_batch_size=args.local_batch_size, defenses=list(args.defense),
+                                       **m["model_options"])
+    _notes(m["notes"])
     if args.json:
         from .report import to_jsonable
 
@@ -375,12 +443,16 @@ def _cmd_utility(args) -> int:
 def _cmd_compare(args) -> int:
     from .experiment import compare
 
-    res = compare(attacks=[a.strip() for a in args.attacks.split(",") if a.strip()], model=args.model,
-                  dataset=args.dataset, images=args.images, num_images=args.num_images, start=args.start,
-                  image_size=args.image_size,
+    m = _with_sidecar(args)
+    res = compare(attacks=[a.strip() for a in args.attacks.split(",") if a.strip()], model=m["model"],
+                  dataset=m["dataset"] or "samples", images=args.images, num_images=args.num_images, start=args.start,
+                  image_size=m["image_size"], num_classes=m["num_classes"],
                   iterations=args.iterations, dtype=args.dtype, seed=args.seed, out=args.out,
-                  model_options=_model_options(args), progress=_progress_on(args), overwrite=args.overwrite,
-                  max_memory=args.max_memory, device=args.device)
+                  model_options=m["model_options"], progress=_progress_on(args), overwrite=args.overwrite,
+                  max_memory=args.max_memory, weights=args.weights, protocol=args.protocol,
+                  local_steps=args.local_steps, local_lr=args.local_lr, local_batch_size=args.local_batch_size,
+                  defenses=list(args.defense), device=args.device)
+    _notes(m["notes"])
     for row in res.rows:
         _warn(w if w.startswith(f"{row['attack']} ") else f"{row['attack']}: {w}" for w in row.get("warnings") or ())
     if args.json:
