@@ -330,7 +330,7 @@ def build_case(cfg: AttackRun, *, max_memory=None, attack=None) -> tuple[Case, T
 
             agg = defenses.SecureAggregation(clients=k)
             defense = agg if defense is None else defenses.compose(defense, agg)
-        others = _other_clients(cfg, ds, k, mod2=info.single_output and ds.spec.num_classes != 2)
+        others = _other_clients(cfg, ds, k, mod2=_num_outputs(model) == 1 and ds.spec.num_classes != 2)
         notes.append(f"secure aggregation over {k} clients: the server sees only the mean of their updates, the "
                      f"attack one batch of {k * cfg.num_images} images (the attacked client's {cfg.num_images} "
                      f"first)")
