@@ -155,13 +155,13 @@ def _add_audit_parser(sub) -> None:
 
 
     p = sub.add_parser("audit", help=_AUDIT_HELP, description=_AUDIT_HELP + " (report.html + audit.json; docs/audit.md)")
-    p.add_argument("--model", required=True,
-                   help="a zoo name (gradleak list models), FILE.py:NAME or module.path:NAME (a class or factory)")
+    p.add_argument("--model", default=None, metavar="SPEC", help=MODEL_HELP)
     _add_model_flags(p)
     p.add_argument("--weights", default=None, help="model weights (.pt / .safetensors; reads train's sidecar)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--images", help="your own images: a folder of PNG/JPEG files or a tensor file")
-    src.add_argument("--dataset", default="samples", help="samples | digits | cifar10:ROOT | folder:DIR")
+    src.add_argument("--dataset", default=None, help="samples (default; with --weights: the dataset it was trained "
+                     "on) | digits | cifar10:ROOT | folder:DIR")
     p.add_argument("--num-images", type=_positive, default=4, help="images audited (default 4)")
     p.add_argument("--start", type=_count0, default=0)
     p.add_argument("--image-size", type=_positive, default=None)
@@ -504,22 +504,25 @@ def _cmd_audit(args) -> int:
     from .audit import audit
     from .report import to_jsonable
 
-
     backend = args.backend
     if not (backend == "local" or backend == "ray" or backend.startswith("ray:")):
         raise _UsageError(f"gradleak audit: --backend must be local, ray or ray:ADDRESS, got {backend!r}")
     attacks = "auto" if args.attacks.strip() == "auto" else [a.strip() for a in args.attacks.split(",") if a.strip()]
+    m = _with_sidecar(args)
+    if not m["model"]:
+        raise _UsageError("gradleak audit: --model is required (or --weights with the sidecar train writes)")
     settings = dict(
-        model_options=_model_options(args), weights=args.weights, dataset=args.dataset, images=args.images,
-        num_images=args.num_images, start=args.start, image_size=args.image_size, num_classes=args.num_classes,
+        model_options=m["model_options"], weights=args.weights, dataset=m["dataset"], images=args.images,
+        num_images=args.num_images, start=args.start, image_size=m["image_size"], num_classes=m["num_classes"],
         batch_sizes=list(args.batch_sizes), protocol=args.protocol, local_steps=args.local_steps,
         local_lr=args.local_lr, local_batch_size=args.local_batch_size, bn_mode=args.bn_mode,
         threat_model=args.threat_model, defenses=list(args.defense) or ["none"], attacks=attacks,
         budget=args.budget, seed=args.seed, dtype=args.dtype, device=args.device, utility=args.utility,
         utility_dataset=args.utility_dataset, utility_rounds=args.utility_rounds)
     command = " ".join(shlex.quote(a) for a in ["gradleak", *sys.argv[1:]]) if sys.argv[1:2] == ["audit"] else None
-    res = audit(args.model, out=args.out, workers=args.workers, backend=backend, progress=_progress_on(args),
+    res = audit(m["model"], out=args.out, workers=args.workers, backend=backend, progress=_progress_on(args),
                 overwrite=args.overwrite, max_memory=args.max_memory, command=command, **settings)
+    _notes(m["notes"])
     if args.json:
         print(json.dumps(to_jsonable(res.summary_dict())))
     else:
