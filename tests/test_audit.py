@@ -209,8 +209,9 @@ def test_custom_model_file_through_the_cli(tmp_path, capsys):
                               "--attacks", "rgap", "--workers", "1", "--out", str(out), "--json"], capsys)
     assert code == 0, err
     doc = json.loads((out / "audit.json").read_text())
-    hidden = 16
-    expected = (3 * 6 * 25 + 6) + (6 * 16 * 16 * hidden + hidden) + (hidden * 10 + 10)
+    hidden, classes = 16, doc["model"]["num_classes"]  # the classes come from the data (the bundled photos')
+    assert classes == gl.data.samples().spec.num_classes
+    expected = (3 * 6 * 25 + 6) + (6 * 16 * 16 * hidden + hidden) + (hidden * classes + classes)
     assert doc["model"]["parameters"] == expected
     assert doc["jobs"][0]["status"] == "done" and doc["jobs"][0]["psnr"] is not None
 

@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import argparse
 import ast
-import contextlib
 import json
 import shlex
-import signal
 import sys
-import threading
 from typing import Any, Sequence
 
 from .errors import GradleakError
+from .interrupts import interrupt_on_signals  # noqa: F401  (also gradleak.cli's public name)
 
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -102,6 +100,45 @@ def _add_output_flags(p: argparse.ArgumentParser) -> None:
                         "available now)")
 
 
+MODEL_HELP = ("a zoo name (gradleak list models), or your own model: FILE.py:NAME or module.path:NAME, NAME an "
+              "nn.Module class or a factory (options from --model-opt; input_shape / num_classes from the data when "
+              "it takes them); with --weights, default: the model its sidecar names")
+
+
+def _add_deployment_flags(p: argparse.ArgumentParser, *, local_steps: int = 5) -> None:
+    """--weights, --protocol (with --local-*), --defense: the deployment risk and compare take like attack."""
+    p.add_argument("--weights", default=None, help="model weights: a state_dict .pt or .safetensors file; the sidecar "
+                   "gradleak train writes beside it (NAME.json) gives the model, its options, dataset, image size "
+                   "and classes unless given")
+    p.add_argument("--protocol", choices=["fedsgd", "fedavg"], default="fedsgd")
+    p.add_argument("--local-steps", type=_positive, default=local_steps)
+    p.add_argument("--local-lr", type=float, default=1e-4)
+    p.add_argument("--local-batch-size", type=_positive, default=None,
+                   help="fedavg mini-batch size, 1..the batch (default: the whole batch)")
+    p.add_argument("--defense", action="append", default=[], metavar="SPEC",
+                   help="defense applied to the simulated update, e.g. noise:sigma=0.01, prune:ratio=0.9 (repeatable)")
+
+
+def _with_sidecar(args, *, dataset_default: str = "samples") -> dict[str, Any]:
+    """The model, its options and the data flags, filled from the --weights sidecar where not given (a
+    conflict is one error); ``notes`` says what was filled (printed once the command succeeded)."""
+    from .models.custom import normalize
+    from .models.weights import apply_sidecar
+
+    r = apply_sidecar(getattr(args, "weights", None), model=args.model, model_options=_model_options(args),
+                      dataset=getattr(args, "dataset", None), images=getattr(args, "images", None),
+                      image_size=getattr(args, "image_size", None), num_classes=getattr(args, "num_classes", None))
+    if r["dataset"] is None:  # (with --images, the dataset is not read)
+        r["dataset"] = dataset_default
+    r["model"] = normalize(r["model"])  # a file spec made absolute: config.json re-runs it from any folder
+    return r
+
+
+def _notes(lines: Sequence[str]) -> None:
+    for line in lines:
+        print(f"note: {line}", file=sys.stderr)
+
+
 def _model_options(args) -> dict[str, Any]:
     opts = {k: getattr(args, k) for k in MODEL_FLAGS if getattr(args, k, None) is not None}
     opts.update(_kv(args.model_opt, "--model-opt"))
@@ -118,13 +155,13 @@ def _add_audit_parser(sub) -> None:
 
 
     p = sub.add_parser("audit", help=_AUDIT_HELP, description=_AUDIT_HELP + " (report.html + audit.json; docs/audit.md)")
-    p.add_argument("--model", required=True,
-                   help="a zoo name (gradleak list models), FILE.py:NAME or module.path:NAME (a class or factory)")
+    p.add_argument("--model", default=None, metavar="SPEC", help=MODEL_HELP)
     _add_model_flags(p)
     p.add_argument("--weights", default=None, help="model weights (.pt / .safetensors; reads train's sidecar)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--images", help="your own images: a folder of PNG/JPEG files or a tensor file")
-    src.add_argument("--dataset", default="samples", help="samples | digits | cifar10:ROOT | folder:DIR")
+    src.add_argument("--dataset", default=None, help="samples (default; with --weights: the dataset it was trained "
+                     "on) | digits | cifar10:ROOT | folder:DIR")
     p.add_argument("--num-images", type=_positive, default=4, help="images audited (default 4)")
     p.add_argument("--start", type=_count0, default=0)
     p.add_argument("--image-size", type=_positive, default=None)
@@ -165,18 +202,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
     p.add_argument("--progress", action="store_true",
                    help="show progress bars on stderr even when it is not a terminal (e.g. in a job's log)")
-    p.add_argument("--threads", type=_positive, default=1,
-                   help="torch CPU threads (default 1: the attacks' many small operations run fastest on one "
-                        "thread; raise it for large models on an idle machine). Results are bit-reproducible "
-                        "for the same thread count on the same machine; config.json records it)")
+    p.add_argument("--threads", type=_positive, default=None,
+                   help="torch CPU threads for every job (default: gradleak's policy chooses per job from its "
+                        "size and the cores, one thread for the zoo's small models; see docs/performance.md; "
+                        "also GRADLEAK_THREADS). Results are bit-reproducible for the same thread count on the "
+                        "same machine; config.json records it")
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
 
     a = sub.add_parser("attack", help="simulate a client update (or read an observed one) and reconstruct its data")
     a.add_argument("--attack", required=True, help="attack name (gradleak list attacks)")
-    a.add_argument("--model", required=True, help="model name (gradleak list models)")
+    a.add_argument("--model", default=None, metavar="SPEC", help=MODEL_HELP)
     src = a.add_mutually_exclusive_group()
     src.add_argument("--images", help="your own images: a folder of PNG/JPEG files or a tensor file")
-    src.add_argument("--dataset", default="samples", help="samples | digits | cifar10:ROOT | folder:DIR")
+    src.add_argument("--dataset", default=None, help="samples (default; with --weights: the dataset it was trained "
+                     "on) | digits | cifar10:ROOT | folder:DIR")
     a.add_argument("--num-images", type=int, default=1)
     a.add_argument("--start", type=_count0, default=0, help="index of the first image taken from the dataset")
     a.add_argument("--image-size", type=_positive, default=None)
@@ -216,17 +255,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_flags(a)
 
     r = sub.add_parser("risk", help="predict leakage of an architecture before any attack")
-    r.add_argument("--model", required=True)
-    r.add_argument("--image-size", type=_positive, default=32)
-    r.add_argument("--channels", type=_positive, default=3)
-    r.add_argument("--num-classes", type=_positive, default=10)
+    r.add_argument("--model", default=None, metavar="SPEC", help=MODEL_HELP)
+    rsrc = r.add_mutually_exclusive_group()
+    rsrc.add_argument("--images", help="your own images: their shape and classes size the model")
+    rsrc.add_argument("--dataset", default=None, help="the data whose shape and classes size the model: samples "
+                      "(default; with --weights: the dataset it was trained on) | digits | cifar10:ROOT | folder:DIR")
+    r.add_argument("--image-size", type=_positive, default=None, help="default: the data's")
+    r.add_argument("--channels", type=_positive, default=None, help="default: the data's")
+    r.add_argument("--num-classes", type=_positive, default=None, help="default: the data's")
     r.add_argument("--batch-size", type=_positive, default=1)
+    _add_deployment_flags(r, local_steps=1)
     r.add_argument("--seed", type=_seed, default=0)
     r.add_argument("--json", action="store_true")
     _add_model_flags(r)
 
-    t = sub.add_parser("train", help="train a zoo model and save checkpoints to audit")
-    t.add_argument("--model", required=True)
+    t = sub.add_parser("train", help="train a zoo model (or your own) and save checkpoints to audit")
+    t.add_argument("--model", required=True, metavar="SPEC", help=MODEL_HELP.split("; with --weights")[0])
     t.add_argument("--dataset", default="digits")
     t.add_argument("--epochs", type=_count0, default=10)
     t.add_argument("--lr", type=float, default=None)
@@ -262,12 +306,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compare", help="run several attacks on the same case and tabulate them")
     c.add_argument("--attacks", default="rgap,layerwise,inverting-gradients,dlg")
-    c.add_argument("--model", required=True)
-    c.add_argument("--dataset", default="samples")
-    c.add_argument("--images", default=None)
+    c.add_argument("--model", default=None, metavar="SPEC", help=MODEL_HELP)
+    csrc = c.add_mutually_exclusive_group()
+    csrc.add_argument("--dataset", default=None, help="samples (default; with --weights: the dataset it was trained "
+                      "on) | digits | cifar10:ROOT | folder:DIR")
+    csrc.add_argument("--images", default=None)
     c.add_argument("--num-images", type=int, default=1)
     c.add_argument("--start", type=_count0, default=0, help="index of the first image taken from the dataset")
     c.add_argument("--image-size", type=_positive, default=None)
+    c.add_argument("--num-classes", type=_positive, default=None, help="classes of the model's head (default: the "
+                   "dataset's)")
+    _add_deployment_flags(c)
     c.add_argument("--iterations", type=_positive, default=None)
     c.add_argument("--dtype", choices=["float32", "float64"], default="float64")
     c.add_argument("--seed", type=_seed, default=0)
@@ -301,17 +350,19 @@ def _cmd_attack(args) -> int:
     from .experiment import AttackRun, run_attack
     from .report import run_warnings
 
+    m = _with_sidecar(args)
     cfg = AttackRun(
-        attack=args.attack, model=args.model, dataset=args.dataset, images=args.images, num_images=args.num_images,
-        start=args.start, image_size=args.image_size, num_classes=args.num_classes, iterations=args.iterations,
+        attack=args.attack, model=m["model"], dataset=m["dataset"], images=args.images, num_images=args.num_images,
+        start=args.start, image_size=m["image_size"], num_classes=m["num_classes"], iterations=args.iterations,
         restarts=args.restarts, seed=args.seed, protocol=args.protocol, local_steps=args.local_steps,
         local_lr=args.local_lr, local_batch_size=args.local_batch_size, dtype=args.dtype,
         labels_known=not args.unknown_labels, labels=args.labels, bn_mode=args.bn_mode, loss=args.loss,
-        preset=args.preset, model_options=_model_options(args), attack_options=_kv(args.option, "--option"),
+        preset=args.preset, model_options=m["model_options"], attack_options=_kv(args.option, "--option"),
         weights=args.weights, observed=args.observed, defenses=list(args.defense), out=args.out,
         threads=args.threads, device=args.device, aggregate_clients=args.aggregate_clients)
     res = run_attack(cfg, progress=_progress_on(args), overwrite=args.overwrite, max_memory=args.max_memory)
     warnings = run_warnings(res.reconstruction.info)
+    _notes(m["notes"])
     if args.json:
         from .report import to_jsonable
 
@@ -327,11 +378,27 @@ def _cmd_attack(args) -> int:
 
 
 def _cmd_risk(args) -> int:
-    from . import risk
+    from . import data, defenses, risk
 
-    shape = (args.channels, args.image_size, args.image_size)
-    report = risk.analyse_architecture(args.model, input_shape=shape, num_classes=args.num_classes,
-                                       batch_size=args.batch_size, seed=args.seed, **_model_options(args))
+    for d in args.defense:  # a bad spec fails before any work (risk records the deployment's defenses)
+        defenses.parse(d)
+    m = _with_sidecar(args)
+    source = args.images or m["dataset"]
+    peek = data.peek_spec(source, image_size=m["image_size"])  # the data's shape and classes, decoded if need be
+    if peek is None:
+        spec = data.load(source, image_size=m["image_size"]).spec
+        peek = (tuple(spec.shape), spec.num_classes, None)
+    shape = tuple(peek[0])
+    if args.channels is not None:
+        if len(shape) != 3:
+            raise _UsageError(f"gradleak risk: --channels applies to images (C, H, W); the data have shape {shape}")
+        shape = (args.channels, *shape[1:])
+    report = risk.analyse_architecture(m["model"], input_shape=shape, num_classes=m["num_classes"] or peek[1],
+                                       batch_size=args.batch_size, seed=args.seed, weights=args.weights,
+                                       protocol=args.protocol, local_steps=args.local_steps, local_lr=args.local_lr,
+                                       local_batch_size=args.local_batch_size, defenses=list(args.defense),
+                                       **m["model_options"])
+    _notes(m["notes"])
     if args.json:
         from .report import to_jsonable
 
@@ -376,12 +443,16 @@ def _cmd_utility(args) -> int:
 def _cmd_compare(args) -> int:
     from .experiment import compare
 
-    res = compare(attacks=[a.strip() for a in args.attacks.split(",") if a.strip()], model=args.model,
-                  dataset=args.dataset, images=args.images, num_images=args.num_images, start=args.start,
-                  image_size=args.image_size,
+    m = _with_sidecar(args)
+    res = compare(attacks=[a.strip() for a in args.attacks.split(",") if a.strip()], model=m["model"],
+                  dataset=m["dataset"] or "samples", images=args.images, num_images=args.num_images, start=args.start,
+                  image_size=m["image_size"], num_classes=m["num_classes"],
                   iterations=args.iterations, dtype=args.dtype, seed=args.seed, out=args.out,
-                  model_options=_model_options(args), progress=_progress_on(args), overwrite=args.overwrite,
-                  max_memory=args.max_memory, device=args.device)
+                  model_options=m["model_options"], progress=_progress_on(args), overwrite=args.overwrite,
+                  max_memory=args.max_memory, weights=args.weights, protocol=args.protocol,
+                  local_steps=args.local_steps, local_lr=args.local_lr, local_batch_size=args.local_batch_size,
+                  defenses=list(args.defense), device=args.device)
+    _notes(m["notes"])
     for row in res.rows:
         _warn(w if w.startswith(f"{row['attack']} ") else f"{row['attack']}: {w}" for w in row.get("warnings") or ())
     if args.json:
@@ -433,22 +504,25 @@ def _cmd_audit(args) -> int:
     from .audit import audit
     from .report import to_jsonable
 
-
     backend = args.backend
     if not (backend == "local" or backend == "ray" or backend.startswith("ray:")):
         raise _UsageError(f"gradleak audit: --backend must be local, ray or ray:ADDRESS, got {backend!r}")
     attacks = "auto" if args.attacks.strip() == "auto" else [a.strip() for a in args.attacks.split(",") if a.strip()]
+    m = _with_sidecar(args)
+    if not m["model"]:
+        raise _UsageError("gradleak audit: --model is required (or --weights with the sidecar train writes)")
     settings = dict(
-        model_options=_model_options(args), weights=args.weights, dataset=args.dataset, images=args.images,
-        num_images=args.num_images, start=args.start, image_size=args.image_size, num_classes=args.num_classes,
+        model_options=m["model_options"], weights=args.weights, dataset=m["dataset"], images=args.images,
+        num_images=args.num_images, start=args.start, image_size=m["image_size"], num_classes=m["num_classes"],
         batch_sizes=list(args.batch_sizes), protocol=args.protocol, local_steps=args.local_steps,
         local_lr=args.local_lr, local_batch_size=args.local_batch_size, bn_mode=args.bn_mode,
         threat_model=args.threat_model, defenses=list(args.defense) or ["none"], attacks=attacks,
         budget=args.budget, seed=args.seed, dtype=args.dtype, device=args.device, utility=args.utility,
         utility_dataset=args.utility_dataset, utility_rounds=args.utility_rounds)
     command = " ".join(shlex.quote(a) for a in ["gradleak", *sys.argv[1:]]) if sys.argv[1:2] == ["audit"] else None
-    res = audit(args.model, out=args.out, workers=args.workers, backend=backend, progress=_progress_on(args),
+    res = audit(m["model"], out=args.out, workers=args.workers, backend=backend, progress=_progress_on(args),
                 overwrite=args.overwrite, max_memory=args.max_memory, command=command, **settings)
+    _notes(m["notes"])
     if args.json:
         print(json.dumps(to_jsonable(res.summary_dict())))
     else:
@@ -462,33 +536,6 @@ COMMANDS = {"audit": _cmd_audit, "attack": _cmd_attack, "risk": _cmd_risk, "trai
             "utility": _cmd_utility, "list": _cmd_list}
 
 
-@contextlib.contextmanager
-def interrupt_on_signals():
-    """While active, SIGTERM (what ``timeout``, schedulers, ``docker stop`` send) and SIGINT raise
-    KeyboardInterrupt in the main thread, so a run stops the same way for both; the previous handlers are
-    restored after. A signal that was ignored (SIG_IGN, e.g. under ``nohup``) stays ignored. Does nothing
-    outside the main thread (signal handlers can only be set there)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-
-    old = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        prev = signal.getsignal(sig)
-        if prev is signal.SIG_IGN:
-            continue
-        old[sig] = prev
-        signal.signal(sig, handler)
-    try:
-        yield
-    finally:
-        for sig, prev in old.items():
-            signal.signal(sig, prev if prev is not None else signal.SIG_DFL)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``gradleak`` console script. Returns the exit code: 0 done, 1 internal error,
     2 bad input (one line on stderr, before any work), 130 interrupted (the partial report is written)."""
@@ -496,13 +543,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         with interrupt_on_signals():
             import torch
 
-            threads = torch.get_num_threads()
             torch.set_flush_denormal(True)  # float32 L-BFGS on tiny gradients crawls through denormals otherwise
             try:
                 return _main(argv)
             finally:  # process-wide state: restore it for in-process callers
                 torch.set_flush_denormal(False)
-                torch.set_num_threads(threads)
     except KeyboardInterrupt:  # during start-up or teardown, outside _main's own handling
         print("gradleak: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -513,13 +558,14 @@ def _main(argv: Sequence[str] | None) -> int:
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     try:
         args = parser.parse_args(argv)
-        import torch
+        from . import threads
 
-        torch.set_num_threads(args.threads)
         if not args.command:
             parser.print_help()
             return EXIT_BAD_INPUT
-        return COMMANDS[args.command](args)
+        # --threads: every job's count; without it the policy chooses per job, other work runs on one thread
+        with threads.pinned(args.threads) if args.threads is not None else threads.process_default(1):
+            return COMMANDS[args.command](args)
     except _UsageError as e:
         print(str(e), file=sys.stderr)
         return EXIT_BAD_INPUT

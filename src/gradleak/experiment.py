@@ -16,9 +16,9 @@ import torch
 
 from . import data as data_mod
 from . import models as models_mod
-from . import resources
+from . import resources, threads
 from .attacks import Reconstruction, attacks, create
-from .case import Case, Truth
+from .case import Case, Truth, _num_outputs
 from .errors import ValidationError
 from .metrics import Scores, evaluate
 from .report import RunDirectory, environment, run_warnings, to_jsonable, write_report
@@ -40,7 +40,7 @@ class AttackRun:
         state_dict); then there is no simulation and no truth unless ``images`` is also given.
     iterations / restarts: mapped onto the attack's own options (its ``budget_option`` and ``restarts_option``);
         giving one of them and a different value of that option in ``attack_options`` is an error.
-    threads: torch CPU threads (None: leave torch's setting); results are bit-reproducible only for the same
+    threads: torch CPU threads (None: :mod:`gradleak.threads` chooses per case); results are bit-reproducible only for the same
         thread count on the same machine and software, so ``config.json`` records the count used.
     device: where the model, the simulated client and the attack run: 'cpu' (default), 'cuda', 'cuda:N', 'mps'.
         A device this machine lacks is refused before any work. Seeded draws are made on the CPU and moved, so a
@@ -117,7 +117,8 @@ class AttackRun:
         for name in ("attack", "model", "dataset"):
             v = getattr(self, name)
             if not isinstance(v, str) or not v:
-                hint = " (a zoo name; pass a built model to gradleak.simulate instead)" if name == "model" else ""
+                hint = (" (a zoo name or a model spec FILE.py:NAME / module.path:NAME; or pass a built model to "
+                        "gradleak.simulate)") if name == "model" else ""
                 p.append(f"{name} must be a name (str), got {type(v).__name__}{hint}")
         p += int_problems(self.num_images, "num_images", minimum=1)
         p += int_problems(self.start, "start", minimum=0)
@@ -155,6 +156,9 @@ class AttackRun:
         p += self._aggregate_problems()
         if not isinstance(self.attack_options, Mapping) or not isinstance(self.model_options, Mapping):
             p.append("attack_options and model_options must be dicts")
+        elif {"input_shape", "num_classes"} & set(self.model_options):
+            p.append("model_options input_shape / num_classes come from the data: give image_size / num_classes "
+                     "(--image-size / --num-classes) instead")
         return p
 
 
@@ -284,7 +288,6 @@ def build_case(cfg: AttackRun, *, max_memory=None, attack=None) -> tuple[Case, T
     device = require_device(cfg.device)
     dtype = DTYPES[cfg.dtype]
     notes: list[str] = []
-    info = models_mod.models.get(cfg.model)
     source = cfg.images if cfg.images else cfg.dataset
     peek = data_mod.peek_spec(source, image_size=cfg.image_size)
     if peek is not None:
@@ -298,20 +301,21 @@ def build_case(cfg: AttackRun, *, max_memory=None, attack=None) -> tuple[Case, T
     truth_inputs, truth_labels = ds.batch(cfg.num_images, cfg.start)
     spec = ds.spec
     if cfg.num_classes is not None:  # e.g. a 1000-class checkpoint attacked on the bundled photos
-        if int(truth_labels.max()) >= cfg.num_classes:
-            raise ValidationError("attack run", [f"--num-classes {cfg.num_classes} is too small for labels up to "
-                                                 f"{int(truth_labels.max())}"])
         spec = dataclasses.replace(spec, num_classes=cfg.num_classes)
-    if info.single_output and spec.num_classes != 2:
-        notes.append(f"{info.name} has one output score (logistic loss): labels mapped to label % 2")
+    # a zoo name or a model spec FILE.py:NAME / module.path:NAME (gradleak.models.custom)
+    model = models_mod.build(cfg.model, input_shape=spec.shape, num_classes=spec.num_classes, seed=cfg.seed,
+                             dtype=dtype, **cfg.model_options)
+    if _num_outputs(model) == 1 and spec.num_classes != 2:  # one output score: a zoo one-score model or yours
+        notes.append(f"{cfg.model} has one output score (logistic loss): labels mapped to label % 2")
         spec = dataclasses.replace(spec, num_classes=2)
         truth_labels = truth_labels % 2
+    elif cfg.num_classes is not None and int(truth_labels.max()) >= cfg.num_classes:
+        raise ValidationError("attack run", [f"--num-classes {cfg.num_classes} is too small for labels up to "
+                                             f"{int(truth_labels.max())}"])
     if cfg.observed is not None and not cfg.images:
         truth_inputs = truth_labels = None
         notes.append(f"observed update: the spec comes from '{cfg.dataset}' (shape {spec.shape}, "
                      f"{spec.num_classes} classes); no ground truth, so no PSNR")
-    model = models_mod.build(cfg.model, input_shape=spec.shape, num_classes=spec.num_classes, seed=cfg.seed,
-                             dtype=dtype, **cfg.model_options)
     if cfg.weights:
         model = models_mod.load_weights(model, cfg.weights)
     defense = None
@@ -326,7 +330,7 @@ def build_case(cfg: AttackRun, *, max_memory=None, attack=None) -> tuple[Case, T
 
             agg = defenses.SecureAggregation(clients=k)
             defense = agg if defense is None else defenses.compose(defense, agg)
-        others = _other_clients(cfg, ds, k, mod2=info.single_output and ds.spec.num_classes != 2)
+        others = _other_clients(cfg, ds, k, mod2=_num_outputs(model) == 1 and ds.spec.num_classes != 2)
         notes.append(f"secure aggregation over {k} clients: the server sees only the mean of their updates, the "
                      f"attack one batch of {k * cfg.num_images} images (the attacked client's {cfg.num_images} "
                      f"first)")
@@ -380,7 +384,8 @@ def _other_clients(cfg: AttackRun, ds, k: int, *, mod2: bool) -> tuple[torch.Ten
 
 def default_out(cfg: AttackRun) -> Path:
     """``runs/ATTACK-MODEL-TIME`` (with a ``-2``, ``-3``, ... suffix when that directory exists already)."""
-    base = Path("runs") / f"{attacks.canonical(cfg.attack)}-{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+    model = models_mod.custom.label(cfg.model)  # a spec path/net.py:Net -> net.Net
+    base = Path("runs") / f"{attacks.canonical(cfg.attack)}-{model}-{time.strftime('%Y%m%d-%H%M%S')}"
     out, k = base, 1
     while out.exists():
         k += 1
@@ -405,7 +410,8 @@ def run_attack(cfg: AttackRun, *, progress: bool = False, write: bool = True, ov
     file, not writable, holds a previous run and ``overwrite`` is False, or another run is writing it) and
     the memory the job needs is estimated (refused above ``max_memory`` or the memory available).
     Ctrl-C (or SIGTERM under the CLI) during the attack still writes the report of the best result so far,
-    with ``metrics.json`` saying ``interrupted``. ``cfg.threads`` sets torch's CPU threads for the run.
+    with ``metrics.json`` saying ``interrupted``. ``cfg.threads`` sets torch's CPU threads for the
+    run (None: :mod:`gradleak.threads` chooses them from the work, unless the user set a count).
     """
     problems = cfg.problems()
     if problems:
@@ -414,30 +420,30 @@ def run_attack(cfg: AttackRun, *, progress: bool = False, write: bool = True, ov
     opts = _budget_options(cfg)
     attack = create(cfg.attack, preset=cfg.preset, **opts)
     run_dir = RunDirectory(Path(cfg.out) if cfg.out else default_out(cfg), overwrite=overwrite) if write else None
-    threads = torch.get_num_threads()
     try:
-        if cfg.threads is not None:
-            torch.set_num_threads(cfg.threads)
-        case, truth, notes = build_case(cfg, max_memory=max_memory, attack=attack)
+        with threads.using(cfg.threads):
+            case, truth, notes = build_case(cfg, max_memory=max_memory, attack=attack)
         from .attacks.optimization.batched import memory_limit
 
-        with memory_limit(max_memory):  # batched restarts size their chunks to --max-memory
-            rec = attack.reconstruct(case, seed=cfg.seed, progress=progress)
-        scores = evaluate(rec, truth) if truth is not None else None
-        if scores is not None:
-            notes += scores.notes
-        notes += run_warnings(rec.info)
-        if rec.info.get("start_point_only"):
-            notes.append("interrupted before the attack's first result: the report shows its START point")
-        extra: dict[str, Any] = {"notes": notes, "model": cfg.model}
-        if cfg.secure_clients() > 1 and cfg.observed is None:
-            extra.update(aggregate_clients=cfg.secure_clients(), target_client=_target_scores(cfg, rec, truth))
-        out = None
-        if run_dir is not None:
-            out = write_report(run_dir, rec, truth=truth, scores=scores, case=case, config=run_config(cfg, case),
-                               extra=extra)
+        # the attack, its scoring and config.json all see one count: the run's, else the policy's for this case
+        with threads.pinned(cfg.threads if cfg.threads is not None else threads.for_case(case)):
+            with memory_limit(max_memory):  # batched restarts size their chunks to --max-memory
+                rec = attack.reconstruct(case, seed=cfg.seed, progress=progress)
+            scores = evaluate(rec, truth) if truth is not None else None
+            if scores is not None:
+                notes += scores.notes
+            notes += run_warnings(rec.info)
+            if rec.info.get("start_point_only"):
+                notes.append("interrupted before the attack's first result: the report shows its START point")
+            extra: dict[str, Any] = {"notes": notes, "model": cfg.model,
+                                     "model_parameters": sum(p.numel() for p in case.model.parameters())}
+            if cfg.secure_clients() > 1 and cfg.observed is None:
+                extra.update(aggregate_clients=cfg.secure_clients(), target_client=_target_scores(cfg, rec, truth))
+            out = None
+            if run_dir is not None:
+                out = write_report(run_dir, rec, truth=truth, scores=scores, case=case,
+                                   config=run_config(cfg, case), extra=extra)
     finally:
-        torch.set_num_threads(threads)
         if run_dir is not None:
             run_dir.release()
     return RunResult(cfg, case, truth, rec, scores, out, notes)
@@ -482,10 +488,14 @@ def compare(*, attacks: list[str], model: str, dataset: str = "samples", images:
             num_images: int = 1, start: int = 0, image_size: int | None = None, iterations: int | None = None,
             dtype: str = "float64", seed: int = 0, out: str | None = None, model_options: dict | None = None,
             attack_options: dict[str, dict] | None = None, progress: bool = False, overwrite: bool = False,
-            max_memory=None, device: str = "cpu") -> CompareResult:
+            max_memory=None, num_classes: int | None = None, weights: str | None = None, protocol: str = "fedsgd",
+            local_steps: int = 5, local_lr: float = 1e-4, local_batch_size: int | None = None,
+            defenses: list[str] | None = None, device: str = "cpu") -> CompareResult:
     """Run several attacks on ONE simulated case and tabulate PSNR, SSIM, residual and seconds (the central
     comparison of the layer-wise paper). An attack that cannot handle the case gets a row with the reason.
-    ``iterations`` goes to the attacks that have an iteration budget. ``out``: one run directory holding
+    ``iterations`` goes to the attacks that have an iteration budget. ``model`` is a zoo name or a model spec
+    (``FILE.py:NAME``, ``module.path:NAME``); ``weights``, ``protocol`` (with ``local_*``), ``defenses`` and
+    ``num_classes`` are those of :class:`AttackRun`. ``out``: one run directory holding
     ``comparison.json`` and one sub-directory per attack, written atomically like :func:`run_attack`'s. Ctrl-C
     stops after the running attack's best result so far (the table says ``interrupted``). ``device``: as
     :class:`AttackRun`'s (every attack runs on the case's device)."""
@@ -495,7 +505,8 @@ def compare(*, attacks: list[str], model: str, dataset: str = "samples", images:
     attacks = [registry.canonical(a) for a in attacks]  # every unknown name fails before any work
     base = AttackRun(attack=attacks[0], model=model, dataset=dataset, images=images, num_images=num_images,
                      start=start, image_size=image_size, dtype=dtype, seed=seed, model_options=dict(model_options or {}),
-                     device=device)
+                     num_classes=num_classes, weights=weights, protocol=protocol, local_steps=local_steps,
+                     local_lr=local_lr, local_batch_size=local_batch_size, defenses=list(defenses or []), device=device)
     problems = base.problems()
     if problems:
         raise ValidationError("compare", problems)

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .errors import ResourceError, ValidationError
+from .errors import GradleakError, ResourceError, ValidationError
 
 _UNITS = {"": 1, "b": 1, "k": 10 ** 3, "kb": 10 ** 3, "m": 10 ** 6, "mb": 10 ** 6, "g": 10 ** 9, "gb": 10 ** 9,
           "t": 10 ** 12, "tb": 10 ** 12, "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
@@ -96,18 +96,38 @@ class Estimate:
 def _meta_sizes(model_name: str, input_shape: tuple[int, ...], num_classes: int,
                 model_options: dict[str, Any]) -> tuple[int, int, int]:
     """(parameter count, activation elements per sample, unfolded convolution inputs per sample) of a zoo
-    model, measured on the meta device."""
+    model, measured on the meta device. A custom model (a spec ``FILE.py:NAME``) whose constructor or forward
+    does not run on the meta device is built for real on the CPU instead; a forward that fails there on the
+    data's shape is a :class:`ValidationError` (the model does not take these inputs)."""
     from . import models
 
-    with torch.device("meta"):
+    try:
+        return _sizes(model_name, input_shape, num_classes, model_options, "meta")
+    except Exception:
+        if not models.custom.is_spec(model_name):
+            raise
+    try:
+        return _sizes(model_name, input_shape, num_classes, model_options, "cpu")
+    except GradleakError:
+        raise
+    except Exception as e:
+        raise models.custom.forward_error(model_name, tuple(input_shape), e) from None
+
+
+def _sizes(model_name: str, input_shape: tuple[int, ...], num_classes: int, model_options: dict[str, Any],
+           device: str) -> tuple[int, int, int]:
+    from . import models
+
+    with torch.device(device):
         net = models.build(model_name, input_shape=tuple(input_shape), num_classes=num_classes, seed=0,
                            **model_options)
-    return module_sizes(net, input_shape)
+    return module_sizes(net, input_shape, real=device != "meta")
 
 
-def module_sizes(net: torch.nn.Module, input_shape: tuple[int, ...]) -> tuple[int, int, int]:
+def module_sizes(net: torch.nn.Module, input_shape: tuple[int, ...], *, real: bool = False) -> tuple[int, int, int]:
     """(parameter count, activation elements per sample, unfolded convolution inputs per sample) of a
-    model, by one forward pass on the meta device (shapes only: no memory, no change to ``net``)."""
+    model, by one forward pass on the meta device (shapes only: no memory, no change to ``net``); ``real``:
+    the forward runs on zeros where ``net`` is (for a model whose forward does not run on the meta device)."""
     from torch.func import functional_call
 
     params = sum(p.numel() for p in net.parameters())
@@ -126,7 +146,11 @@ def module_sizes(net: torch.nn.Module, input_shape: tuple[int, ...]) -> tuple[in
         with torch.no_grad():
             net.eval()
             like = next(iter(state.values()), torch.empty((), device="meta"))
-            functional_call(net, state, (torch.empty((1, *input_shape), device="meta", dtype=like.dtype),))
+            if real:
+                p = next(iter(net.parameters()), None)
+                net(torch.zeros((1, *input_shape), dtype=like.dtype, device=p.device if p is not None else None))
+            else:
+                functional_call(net, state, (torch.empty((1, *input_shape), device="meta", dtype=like.dtype),))
     finally:
         net.train(training)
         for h in handles:
@@ -195,7 +219,6 @@ def check_training_job(model_name: str, source: str, *, image_size=None, batch_s
     """Refuse a ``gradleak train`` job whose estimate exceeds the memory (checked before the data are
     decoded, for the sources whose spec is known without decoding; nothing is checked for the others)."""
     from . import data
-    from .errors import GradleakError
 
     peek = data.peek_spec(source, image_size=image_size, split="train")
     if peek is None:

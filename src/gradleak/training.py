@@ -30,6 +30,7 @@ from .case import _num_outputs
 from .data import Dataset
 from .errors import NumericalError, ValidationError
 from .losses import default_loss_for, losses
+from .models.weights import sidecar_path
 from .report.rundir import check_output_file
 from .validate import seed_problems
 
@@ -371,7 +372,7 @@ def train(
     result = TrainResult(net, accuracy, train_accuracy, losses_per_epoch, checkpoints, final, train_idx, hold_idx,
                          evaluated_on, seconds, notes, config)
     if save:
-        out_p.with_suffix(".json").write_text(json.dumps(result.to_dict(), indent=2))
+        sidecar_path(out_p).write_text(json.dumps(result.to_dict(), indent=2))
     return result
 
 
@@ -399,13 +400,14 @@ def train_from_names(
     :func:`train`. The job's memory is estimated before the data are decoded and refused above
     ``max_memory`` (bytes or '8GB'; default: the memory available), see :mod:`gradleak.resources`."""
     from . import data as data_mod
-    from .models import build, models as registry
+    from .models import build, custom, models as registry
     from .resources import check_training_job
 
-    info = registry.get(model)
+    # a zoo name, or a model spec (its file made absolute, so the sidecar names it from any folder)
+    name = custom.normalize(model) if custom.is_spec(model) else registry.get(model).name
     if out is not None:
         check_output_file(out, what="the checkpoint")
-    check_training_job(info.name, dataset, image_size=image_size, batch_size=batch_size, num_images=num_images,
+    check_training_job(name, dataset, image_size=image_size, batch_size=batch_size, num_images=num_images,
                        model_options=model_options, max_memory=max_memory)
     kwargs: dict[str, Any] = {}
     if image_size is not None:
@@ -416,20 +418,22 @@ def train_from_names(
         kwargs["split"] = "train"
     ds = data_mod.load(dataset, **kwargs)
     extra_notes = []
-    if info.single_output and ds.spec.num_classes != 2:
-        extra_notes.append(f"{info.name} has one output score (logistic loss): labels mapped to label % 2")
-        ds = dataclasses.replace(ds, labels=ds.labels % 2, spec=dataclasses.replace(ds.spec, num_classes=2))
-    net = build(model, input_shape=ds.spec.shape, num_classes=ds.spec.num_classes, seed=seed,
+    built_for = {"input_shape": list(ds.spec.shape), "num_classes": ds.spec.num_classes}
+    net = build(name, input_shape=ds.spec.shape, num_classes=ds.spec.num_classes, seed=seed,
                 **(model_options or {}))
+    if _num_outputs(net) == 1 and ds.spec.num_classes != 2:
+        extra_notes.append(f"{name} has one output score (logistic loss): labels mapped to label % 2")
+        ds = dataclasses.replace(ds, labels=ds.labels % 2, spec=dataclasses.replace(ds.spec, num_classes=2))
     res = train(net, ds, epochs=epochs, lr=lr, batch_size=batch_size or 32,
                 checkpoint_epochs=([e for e in (1, 2, 10) if e <= epochs] if checkpoint_epochs is None
                                    else checkpoint_epochs), out=out,
                 seed=seed, progress=progress, **train_options)
     res.notes[:0] = extra_notes
-    res.config.update({"model": info.name, "model_options": dict(model_options or {}), "dataset": str(dataset),
-                       "image_size": image_size})
+    # the sidecar (gradleak.models.weights.read_sidecar): what --weights needs to rebuild this model and its data
+    res.config.update({"model": name, "model_options": dict(model_options or {}), "dataset": str(dataset),
+                       "image_size": image_size, "built_for": built_for, "num_outputs": _num_outputs(net)})
     if res.final is not None:
-        res.final.with_suffix(".json").write_text(json.dumps(res.to_dict(), indent=2))
+        sidecar_path(res.final).write_text(json.dumps(res.to_dict(), indent=2))
     return res
 
 

@@ -18,6 +18,7 @@ from typing import Any, Callable, ClassVar, Literal
 
 import torch
 
+from .. import threads
 from ..case import Case
 from ..errors import GradleakError, NumericalError, RequirementError, ValidationError
 from ..registry import Registry
@@ -324,7 +325,8 @@ class Attack:
         t0 = time.perf_counter()
         interrupted = False
         try:
-            rec = self._reconstruct(case, ctx)
+            with threads.using(threads.for_case(case)):  # the user's count, else the policy's for this work
+                rec = self._reconstruct(case, ctx)
         except KeyboardInterrupt:
             kept = ctx.best if ctx.best is not None else ctx.start_point
             if kept is None:

@@ -276,6 +276,8 @@ def audit(model: Any, data: Any = None, *, out: str | Path | None = None, worker
     if bad:
         raise ValidationError("audit", [f"unknown setting(s) {bad}; expected some of {sorted(known - {'model'})}"])
     out = Path(out) if out is not None else _default_out(model)
+    if isinstance(model, str):
+        model = models_mod.custom.normalize(model)  # a file spec made absolute: workers started elsewhere find it
     staged_model = model if isinstance(model, str) else None
     cfg = AuditConfig(model=staged_model or "<module>", **settings)
     problems = cfg.problems()
@@ -307,6 +309,7 @@ def audit(model: Any, data: Any = None, *, out: str | Path | None = None, worker
                            **cfg.model_options)
     if cfg.weights:
         net = models_mod.load_weights(net, cfg.weights)
+    models_mod.custom.check_forward(net, tuple(ds.spec.shape), cfg.model)
     images = list(range(cfg.start, cfg.start + cfg.num_images))
     doc: dict[str, Any] = {
         "schema": SCHEMA, "schema_version": SCHEMA_VERSION,
@@ -410,7 +413,7 @@ def _job_warnings(rows: list[dict]) -> list[str]:
 
 def _default_out(model: Any) -> Path:
     name = model if isinstance(model, str) else type(model).__name__
-    name = Path(name.split(":")[0]).stem if ("/" in name or ":" in name) else name
+    name = models_mod.custom.label(name) if ":" in name else name
     base = Path("runs") / f"audit-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     out, k = base, 1
     while out.exists():

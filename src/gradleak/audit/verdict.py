@@ -42,10 +42,16 @@ def job_row(job, status: str, *, error: str | None = None, audit_dir: Path) -> d
     metrics = read_metrics(out)
     if metrics is None:
         return row
-    for k in ("psnr", "ssim", "residual", "seconds"):
+    # under secure aggregation the truth holds every client's images: score the attacked client's only
+    scored = metrics.get("target_client") or metrics
+    for k in ("psnr", "ssim"):
+        row[k] = _finite(scored.get(k))
+    for k in ("residual", "seconds"):
         row[k] = _finite(metrics.get(k))
-    row["psnr_per_image"] = [_finite(v) for v in metrics.get("psnr_per_image") or []]
-    row["ssim_per_image"] = [_finite(v) for v in metrics.get("ssim_per_image") or []]
+    row["psnr_per_image"] = [_finite(v) for v in scored.get("psnr_per_image") or []][:len(job.images)]
+    row["ssim_per_image"] = [_finite(v) for v in scored.get("ssim_per_image") or []][:len(job.images)]
+    if metrics.get("aggregate_clients"):
+        row["aggregate_clients"] = metrics["aggregate_clients"]
     row["kind"] = metrics.get("kind")
     row["warnings"] = list(metrics.get("warnings") or [])
     row["notes"] = list(metrics.get("notes") or [])

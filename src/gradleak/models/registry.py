@@ -23,7 +23,8 @@ class ModelInfo:
     description: str
     source: str = ""
     options: dict[str, Any] = field(default_factory=dict)
-    single_output: bool = False  # one output score (logistic loss), as R-GAP's networks
+    single_output: bool | None = False  # one output score (logistic loss), as R-GAP's networks; None: a custom
+    # model, whose outputs are known once it is built (gradleak.case._num_outputs of the built model)
 
 
 models: Registry[ModelInfo] = Registry("model")
@@ -43,6 +44,22 @@ def register_model(name: str, *, description: str, source: str = "", aliases: tu
     return deco
 
 
+def info(name: str) -> ModelInfo:
+    """The :class:`ModelInfo` of a zoo name, or of a model spec ``FILE.py:NAME`` / ``module.path:NAME`` (its
+    name is the spec, its options the parameters NAME takes, ``single_output`` None: known once built)."""
+    from . import custom
+
+    if not custom.is_spec(name):
+        return models.get(name)
+    res = custom.resolve(name)
+
+    def factory(input_shape, num_classes, **options):
+        return custom.build(name, input_shape=input_shape, num_classes=num_classes, seed=None, **options)
+
+    opts = {k: (None if v is inspect.Parameter.empty else v) for k, v in res.options.items()}
+    return ModelInfo(name, factory, res.description, res.path or res.source, opts, single_output=None)
+
+
 def build(
     name: str,
     *,
@@ -54,7 +71,18 @@ def build(
 ) -> nn.Module:
     """Build a zoo model for inputs of ``input_shape`` (C, H, W) (or (D,)) and ``num_classes`` classes,
     initialised from ``seed`` (None: torch's global RNG). Unknown options are an error.
-    Models with one output score (``cnn6``, ``fcn3``, ...) ignore ``num_classes`` and output one logit."""
+    Models with one output score (``cnn6``, ``fcn3``, ...) ignore ``num_classes`` and output one logit.
+    ``name`` may also be a model spec ``FILE.py:NAME`` or ``module.path:NAME`` (see :mod:`gradleak.models.custom`):
+    NAME (an nn.Module class or a factory) gets ``options`` and, where it takes them, ``input_shape`` and
+    ``num_classes``; it is seeded the same way."""
+    from . import custom
+
+    if custom.is_spec(name):
+        if not input_shape or any(int(s) <= 0 for s in input_shape) or num_classes < 1:
+            raise ValidationError(f"model {name!r}", [f"input_shape must be positive sizes and num_classes >= 1, got "
+                                                      f"{input_shape} and {num_classes}"])
+        return custom.build(name, input_shape=tuple(input_shape), num_classes=num_classes, seed=seed, dtype=dtype,
+                            **options)
     info = models.get(name)
     bad = [k for k in options if k not in info.options]
     if bad:

@@ -202,4 +202,111 @@ def save_weights(model: nn.Module | Mapping[str, torch.Tensor], path: str | Path
     return p
 
 
-__all__ = ["load_weights", "save_weights", "check_weights", "read_state_dict"]
+# ---- the training sidecar: ``gradleak train --out runs/net.pt`` writes runs/net.json beside the checkpoint -----
+
+def sidecar_path(checkpoint: str | Path) -> Path:
+    """Where ``gradleak train`` writes the sidecar of a checkpoint: ``runs/net.pt`` -> ``runs/net.json``."""
+    return Path(checkpoint).with_suffix(".json")
+
+
+def find_sidecar(weights: str | Path) -> Path | None:
+    """The sidecar of a checkpoint: ``net.json`` beside ``net.pt``; for an epoch checkpoint ``net-e2.pt`` the
+    run's ``net.json``. None when there is none."""
+    p = Path(weights).expanduser()
+    for cand in (sidecar_path(p), p.with_name(re.sub(r"-e\d+$", "", p.stem) + ".json")):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def read_sidecar(weights: str | Path) -> dict[str, Any] | None:
+    """The training config (model, model_options, dataset, image_size, input_shape, num_classes, built_for,
+    ...) the sidecar of ``weights`` records, or None when the checkpoint has no sidecar. A JSON file there
+    that is not a gradleak training record is ignored; one that cannot be read is a WeightsError."""
+    path = find_sidecar(weights)
+    if path is None:
+        return None
+    import json
+
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise WeightsError(f"cannot read the sidecar {path} of {weights} ({type(e).__name__}: {e}); expected the "
+                           "JSON gradleak train writes beside its checkpoint") from None
+    cfg = d.get("config") if isinstance(d, dict) else None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), str) or "input_shape" not in cfg:
+        return None
+    return {**cfg, "sidecar": str(path)}
+
+
+def _same(a: Any, b: Any) -> bool:
+    import json
+
+    return json.dumps(a, sort_keys=True, default=list) == json.dumps(b, sort_keys=True, default=list)
+
+
+def apply_sidecar(weights: str | Path | None, *, model: str | None = None, model_options: Mapping[str, Any] | None = None,
+                  dataset: str | None = None, images: str | None = None, image_size: int | None = None,
+                  num_classes: int | None = None) -> dict[str, Any]:
+    """Fill what the user did not give from the sidecar of ``weights`` (see :func:`read_sidecar`).
+
+    Returns ``{"model", "model_options", "dataset", "image_size", "num_classes", "notes"}``: the model and its
+    options, the training dataset (unless ``dataset`` or ``images`` is given: the attacked data may be other
+    data of the same shape), the image size and the head's classes the model was trained with. A value given
+    that contradicts the sidecar (another model, option, image size or number of classes: the weights would
+    not fit) is one :class:`~gradleak.errors.ValidationError` listing every conflict. Without a sidecar the
+    values come back as given (``model`` is then required)."""
+    from ..errors import ValidationError
+    from . import custom
+    from .registry import models as registry
+
+    opts = dict(model_options or {})
+    given = {"model": model, "dataset": dataset, "image_size": image_size, "num_classes": num_classes}
+    out = {"model": model, "model_options": opts, "dataset": dataset, "image_size": image_size,
+           "num_classes": num_classes, "notes": []}
+    side = read_sidecar(weights) if weights else None
+    if side is None:
+        if model is None:
+            raise ValidationError("model", ["give --model NAME, FILE.py:NAME or module.path:NAME" +
+                                            (f" ({weights} has no sidecar .json from gradleak train to read it from)"
+                                             if weights else "")])
+        return out
+    what = f"--weights {weights} (trained as recorded in {side['sidecar']})"
+    problems = []
+
+    def key(m: str) -> str:
+        return custom.normalize(m) if custom.is_spec(m) else (registry.canonical(m) if m in registry else m)
+
+    if model is not None and key(model) != key(side["model"]):
+        problems.append(f"--model {model} conflicts with the model trained, {side['model']}")
+    for k, v in (side.get("model_options") or {}).items():
+        if k in opts and not _same(opts[k], v):
+            problems.append(f"--model-opt {k}={opts[k]!r} conflicts with the {k}={v!r} it was trained with")
+    built = side.get("built_for") or {"input_shape": side["input_shape"], "num_classes": side.get("num_classes")}
+    shape = list(built["input_shape"])
+    trained_size = side.get("image_size") or (shape[-1] if len(shape) == 3 and shape[-1] == shape[-2] else None)
+    if image_size is not None and len(shape) == 3 and tuple(shape[-2:]) != (image_size, image_size):
+        problems.append(f"--image-size {image_size} conflicts with its inputs of shape {tuple(shape)}")
+    if num_classes is not None and built.get("num_classes") is not None and num_classes != built["num_classes"]:
+        problems.append(f"--num-classes {num_classes} conflicts with the {built['num_classes']} classes it was "
+                        "built for")
+    if problems:
+        raise ValidationError(what, problems)
+    out["model"] = model or side["model"]
+    out["model_options"] = {**(side.get("model_options") or {}), **opts}
+    own_data = images is None and dataset in (None, side.get("dataset"))  # the data it was trained on
+    if own_data and dataset is None:
+        out["dataset"] = side.get("dataset")
+    if image_size is None and (side.get("image_size") is not None or not own_data):
+        out["image_size"] = trained_size
+    if num_classes is None and built.get("num_classes") is not None and not own_data:
+        out["num_classes"] = int(built["num_classes"])
+    filled = [f"{k} {out[k]}" for k in ("model", "dataset", "image_size", "num_classes")
+              if out[k] is not None and out[k] != given[k]]
+    if filled:
+        out["notes"].append(f"from the sidecar of {weights}: " + ", ".join(filled))
+    return out
+
+
+__all__ = ["load_weights", "save_weights", "check_weights", "read_state_dict", "sidecar_path", "find_sidecar",
+           "read_sidecar", "apply_sidecar"]

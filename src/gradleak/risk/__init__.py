@@ -52,17 +52,63 @@ analyze = analyse
 
 
 def analyse_architecture(name: str, *, input_shape: Sequence[int] = (3, 32, 32), num_classes: int = 10,
-                         batch_size: int = 1, seed: int = 0, dtype=None, **model_options: Any) -> RankReport:
-    """:func:`analyse` of a zoo model built from its name (random weights from ``seed``, ``model_options``
-    passed to the factory; float32 by default - the systems are built in float64 from these weights): what
-    ``gradleak risk --model NAME`` prints."""
+                         batch_size: int = 1, seed: int = 0, dtype=None, weights: str | None = None,
+                         protocol: str = "fedsgd", local_steps: int = 1, local_lr: float = 1e-4,
+                         local_batch_size: int | None = None, defenses: Sequence[str] = (),
+                         **model_options: Any) -> RankReport:
+    """:func:`analyse` of a model built from its name: a zoo name or a model spec ``FILE.py:NAME`` /
+    ``module.path:NAME`` (random weights from ``seed``, ``model_options`` passed to it; float32 by default - the
+    systems are built in float64 from these weights), with the checkpoint ``weights`` loaded when given: what
+    ``gradleak risk --model NAME`` prints. ``protocol`` (``local_*``) and ``defenses`` describe the deployment:
+    the analyses are of one exact gradient, so the report notes (and records in ``extensions['deployment']``)
+    where the deployment's update differs from that (``defenses``: the specs, recorded, not applied; the CLI
+    checks them with :func:`gradleak.defenses.parse`)."""
     import torch
 
-    from ..models import build
+    from ..errors import ValidationError
+    from ..models import build, load_weights
+    from ..validate import int_problems, number_problems
 
+    problems = int_problems(local_steps, "local_steps", minimum=1) + number_problems(local_lr, "local_lr",
+                                                                                   positive=True)
+    problems += int_problems(local_batch_size, "local_batch_size", minimum=1, optional=True)
+    if protocol not in ("fedsgd", "fedavg"):
+        problems.append(f"protocol must be 'fedsgd' or 'fedavg', got {protocol!r}")
+    elif protocol == "fedsgd" and local_batch_size is not None:
+        problems.append("local_batch_size only applies to protocol 'fedavg'")
+    if problems:
+        raise ValidationError("risk", problems)
     model = build(name, input_shape=tuple(input_shape), num_classes=num_classes, seed=seed,
                   dtype=dtype or torch.float32, **model_options)
-    return analyse(model, tuple(input_shape), batch_size=batch_size, num_classes=num_classes, seed=seed)
+    if weights:
+        model = load_weights(model, weights)
+    report = analyse(model, tuple(input_shape), batch_size=batch_size, num_classes=num_classes, seed=seed)
+    lbs = local_batch_size or batch_size
+    notes = []
+    if weights:
+        notes.append(f"weights from {weights}: the ranks are those of the trained model")
+    exact_one_step = protocol == "fedsgd" or (local_steps == 1 and lbs >= batch_size)
+    if protocol == "fedavg" and exact_one_step:
+        notes.append(f"fedavg with one local step on the whole batch: the update is -{local_lr:g} x the gradient, so "
+                     "the analyses apply to it as to a FedSGD gradient")
+    elif protocol == "fedavg":
+        notes.append(f"fedavg ({local_steps} local step(s), lr {local_lr:g}, local batch {lbs}): the analyses describe "
+                     "ONE exact gradient at the sent weights, not this multi-step update; run an attack with "
+                     "--protocol fedavg to measure what it leaks")
+    if defenses:
+        notes.append(f"defense(s) {', '.join(defenses)}: the analyses describe the exact, undefended gradient; they do "
+                     "not model the defense - run an attack with --defense to measure what it leaves")
+    report.notes[:0] = notes
+    report.extensions["deployment"] = {
+        "model": name, "options": dict(model_options), "weights": weights, "protocol": protocol,
+        "local_steps": local_steps if protocol == "fedavg" else 1,
+        "local_lr": local_lr if protocol == "fedavg" else None,
+        "local_batch_size": lbs if protocol == "fedavg" else None,
+        "defenses": [str(d) for d in defenses],
+        "analyses_model_the_update": exact_one_step and not defenses,
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+    return report
 
 
 __all__ = ["LayerRank", "RankReport", "analyse", "analyse_architecture", "analyze", "analyses", "counting_index",

@@ -44,7 +44,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.func import functional_call, grad, vmap
 
-from ... import resources
+from ... import resources, threads
 from ...case import Case, FedAvg
 from ...functional import minibatch_indices
 from ..base import Attack, Reconstruction
@@ -537,7 +537,11 @@ def reconstruct_many(attack: Attack, cases: Sequence[Case], *, seeds: Sequence[i
         order = sorted(many.captured)
         t0 = time.perf_counter()
         limit = None if max_memory is None else resources.parse_size(max_memory)
-        results = run_setups([many.captured[i] for i in order], limit=limit)
+        # the thread policy, as Attack.reconstruct applies it (the batched rounds run outside it): a user's
+        # choice (threads.set, GRADLEAK_THREADS, a torch.set_num_threads after import) wins
+        n = threads.override()
+        with threads.using(n if n is not None else threads.for_case(cases[order[0]]) if order else None):
+            results = run_setups([many.captured[i] for i in order], limit=limit)
         batch_seconds = time.perf_counter() - t0
         many.results = dict(zip(order, results))
         many.mode = "replay"
