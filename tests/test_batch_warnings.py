@@ -56,7 +56,7 @@ def test_closed_form_on_an_underdetermined_system_warns_with_the_rank_fact():
     case, _ = gl.simulate(model, x.double(), torch.tensor([1]), spec=spec)
     rec = gl.create("rgap").reconstruct(case)
     assert rec.kind == "estimate" and rec.info["deficient_layers"] == ["conv1"]
-    conv1 = rec.info["layers"][0]
+    conv1 = rec.info["layers"][0].to_dict()
     found = [w for w in rec.info.get("warnings", []) if w.startswith("rgap on a batch of 1")]
     assert len(found) == 1, rec.info.get("warnings")
     assert (f"layer conv1: rank {conv1['rank']} < 768 unknowns (deficiency {768 - conv1['rank']})" in found[0]

@@ -397,10 +397,12 @@ def _derive_kind(rec: Reconstruction, case: Case) -> Kind:
 
 
 def rank_facts(reports: Any) -> list[str]:
-    """One fact per rank-deficient layer of a closed-form attack's per-layer reports (``info['layers']``: dicts
-    with label/name, rank, unknowns, deficiency): its input is not determined by the gradient."""
+    """One fact per rank-deficient layer of a closed-form attack's per-layer reports (``info['layers']``:
+    :class:`gradleak.layers.LayerReport` objects, or their dicts): its input is not determined by the gradient."""
     out = []
     for r in reports if isinstance(reports, (list, tuple)) else ():
+        if hasattr(r, "to_dict"):
+            r = r.to_dict()
         d = r.get("deficiency") if isinstance(r, dict) else None
         if isinstance(d, int) and d > 0:
             out.append(f"layer {r.get('label') or r.get('name')}: rank {r.get('rank')} < {r.get('unknowns')} unknowns "

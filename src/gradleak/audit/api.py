@@ -73,17 +73,34 @@ class AuditResult:
 
 
 # ---- inputs --------------------------------------------------------------------------------------------
+_STAGED_PREFIXES = ("model_", "data_")  # files gl.audit writes for a module / tensors it was given
+
+
+def _hashed_write(out: Path, prefix: str, suffix: str, save) -> Path:
+    """Write with ``save(buffer)`` to ``out/<prefix><sha256[:12]><suffix>``: a different module or batch gets
+    another name, so a rerun into the same directory resumes only the very same inputs."""
+    import hashlib
+    import io
+
+    buf = io.BytesIO()
+    save(buf)
+    data = buf.getvalue()
+    path = (out / f"{prefix}{hashlib.sha256(data).hexdigest()[:12]}{suffix}").resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        path.write_bytes(data)
+    return path
+
+
 def _stage_model(model: Any, out: Path) -> str:
     """A model spec string workers can rebuild: names and spec strings as they are; an nn.Module is saved whole
-    to ``out/model.pt`` with a loader ``out/model_loader.py:load`` (its class must be importable where the jobs
-    run: a module on the path, or ``workers=1`` for a class defined in a script or notebook)."""
+    to ``out/model_<hash>.pt`` with a loader ``out/model_<hash>.py:load`` (its class must be importable where
+    the jobs run: a module on the path, or ``workers=1`` for a class defined in a script or notebook)."""
     if isinstance(model, str):
         return model
     if isinstance(model, nn.Module):
-        out.mkdir(parents=True, exist_ok=True)
-        path = (out / "model.pt").resolve()
-        torch.save(model, path)
-        loader = out / "model_loader.py"
+        path = _hashed_write(out, "model_", ".pt", lambda b: torch.save(model, b))
+        loader = path.with_suffix(".py")
         loader.write_text(f'''"""Loads the nn.Module gl.audit was given (saved whole to {path.name})."""
 
 import torch
@@ -92,28 +109,27 @@ import torch
 def load(input_shape=None, num_classes=None):
     return torch.load({str(path)!r}, map_location="cpu", weights_only=False)
 ''')
-        return f"{loader.resolve()}:load"
+        return f"{loader}:load"
     raise ValidationError("audit", [f"model must be a zoo name, a spec 'FILE.py:NAME' / 'module:NAME' or an "
                                     f"nn.Module, got {type(model).__name__}"])
 
 
 def _stage_data(data: Any, out: Path) -> dict[str, Any]:
     """AuditConfig fields for ``data``: None (the config's own), a source string, or (images, labels) tensors
-    (saved to ``out/data.safetensors``)."""
+    (saved to ``out/data_<hash>.safetensors``)."""
     if data is None:
         return {}
     if isinstance(data, (str, Path)):
         return {"dataset": str(data), "images": None}
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         x, y = data
         if x.ndim < 2 or y.ndim != 1 or y.shape[0] != x.shape[0]:
             raise ValidationError("audit data", [f"expected (images (N, C, H, W), labels (N,)), got shapes "
                                                  f"{tuple(x.shape)} and {tuple(y.shape)}"])
-        out.mkdir(parents=True, exist_ok=True)
-        path = out / "data.safetensors"
-        save_file({"images": x.detach().cpu().contiguous(), "labels": y.detach().cpu().long().contiguous()}, str(path))
+        tensors = {"images": x.detach().cpu().contiguous(), "labels": y.detach().cpu().long().contiguous()}
+        path = _hashed_write(out, "data_", ".safetensors", lambda b: b.write(save(tensors)))
         return {"images": str(path)}
     raise ValidationError("audit data", ["expected a dataset source ('samples', 'digits', 'folder:DIR', a path) or a "
                                          f"tuple (images, labels) of tensors, got {type(data).__name__}"])
@@ -229,7 +245,8 @@ def _check_out(out: Path, cfg: AuditConfig, overwrite: bool) -> None:
             diff = sorted(k for k in cfg.to_dict() if (old or {}).get(k) != to_jsonable(cfg.to_dict()).get(k))
             raise OutputError(f"{out} holds an audit with other settings ({', '.join(diff) or 'unreadable'}); "
                               "rerun with the same settings to resume, or pass --overwrite / another --out")
-    elif out.is_dir() and any(out.iterdir()) and not prev.is_file() and not overwrite:
+    elif (out.is_dir() and not prev.is_file() and not overwrite
+          and any(not p.name.startswith(_STAGED_PREFIXES) for p in out.iterdir())):
         raise OutputError(f"{out} is not empty and holds no audit; pass --overwrite or another --out")
     if overwrite and out.is_dir():
         shutil.rmtree(out)
@@ -279,19 +296,21 @@ def audit(model: Any, data: Any = None, *, out: str | Path | None = None, worker
     if isinstance(model, str):
         model = models_mod.custom.normalize(model)  # a file spec made absolute: workers started elsewhere find it
     staged_model = model if isinstance(model, str) else None
+    if isinstance(model, nn.Module) and settings.get("num_classes") is None:
+        from ..case import _num_outputs
+
+        outs = _num_outputs(model)  # a built model's head fixes the classes (labels may not show them all)
+        settings["num_classes"] = None if outs == 1 else outs
     cfg = AuditConfig(model=staged_model or "<module>", **settings)
     problems = cfg.problems()
     if problems:
         raise ValidationError("audit", problems)
-    if staged_model is not None:  # data/model files are staged only after the settings are known to be valid
-        _check_out(out, cfg, overwrite)
-    if not isinstance(model, str):
-        if out.exists() and overwrite:
-            shutil.rmtree(out)
+    if overwrite and out.is_dir():
+        shutil.rmtree(out)
+    if staged_model is None:
         cfg.model = _stage_model(model, out)
     cfg = dataclasses.replace(cfg, **_stage_data(data, out))
-    if staged_model is None:
-        _check_out(out, cfg, overwrite=False)
+    _check_out(out, cfg, overwrite=False)  # a rerun resumes only the same settings (and the same staged inputs)
     tm = threat_mod.get(cfg.threat_model)
     the_plan = plan(cfg, out)
     out.mkdir(parents=True, exist_ok=True)
