@@ -76,11 +76,14 @@ def main():
             doc = json.loads((out / "audit.json").read_text())
             docs[workers] = doc
             rows[f"audit-w{workers}"] = {"seconds": dt, "jobs": len(doc["jobs"]),
-                                         "failed": sum(j["status"] == "failed" for j in doc["jobs"])}
+                                         "failed": sum(j["status"] == "failed" for j in doc["jobs"]),
+                                         "errors": sorted({j["error"] for j in doc["jobs"] if j["error"]})}
             print(f"audit --workers {workers}: {dt:.1f} s for {len(doc['jobs'])} jobs", flush=True)
         t_seq = 0.0
         seq_psnr = {}
         for j in docs[1]["jobs"]:
+            if j["status"] != "done":  # a failed job has no run directory to repeat (its error is in audit.json)
+                continue
             cfg = json.loads((tmp / "audit-w1" / j["dir"] / "config.json").read_text())
             dt, p = _gradleak(attack_args(cfg, tmp / "seq" / j["id"]))
             t_seq += dt
@@ -89,7 +92,7 @@ def main():
         print(f"gradleak attack x {len(seq_psnr)}: {t_seq:.1f} s", flush=True)
         agree = {}
         for workers, doc in docs.items():
-            diffs = [abs((j["psnr"] or 0) - (seq_psnr.get(j["id"]) or 0)) for j in doc["jobs"]]
+            diffs = [abs((j["psnr"] or 0) - (seq_psnr.get(j["id"]) or 0)) for j in doc["jobs"] if j["id"] in seq_psnr]
             agree[f"audit-w{workers}"] = max(diffs) if diffs else None
         verdict = [{k: v[k] for k in ("defense", "status", "worst_psnr", "worst_attack", "recognisable", "images")}
                    for v in docs[1]["verdict"]]
