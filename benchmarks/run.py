@@ -40,6 +40,7 @@ BENCHMARKS = {
     "audit": "bench_audit.py",
     "throughput": "bench_throughput.py",
     "threads": "bench_threads.py",
+    "modern": "bench_modern.py",
 }
 
 ONE_THREAD = {k: "1" for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}

@@ -15,7 +15,7 @@ FLOORS = {
     "errors": 1, "registry": 1, "validate": 1, "interrupts": 1,
     "activations": 2, "losses": 2, "metrics": 2,
     "functional": 3, "models": 3, "layers": 3,
-    "case": 4, "simulate": 4, "data": 4, "resources": 4, "threads": 4,
+    "case": 4, "simulate": 4, "data": 4, "resources": 4, "threads": 4, "batchnorm": 4,
     "attacks": 5,
     "risk": 6,
     "training": 7, "defenses": 7, "experiment": 7, "report": 7, "integrations": 7,

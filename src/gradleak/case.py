@@ -221,6 +221,11 @@ class Case:
     labels: the labels if known to the attacker, int64 (B,), else None.
     bn_mode: 'eval' (running statistics) or 'train' (batch statistics) as the client ran BatchNorm.
     meta: free-form facts (defenses applied, source of the data, ...).
+    observed_buffers: the buffers the server received with the update (a framework that sends the whole
+        state_dict, as Flower does, returns them): buffer name -> tensor AFTER the client's computation, e.g.
+        ``bn1.running_mean`` / ``bn1.running_var`` / ``bn1.num_batches_tracked`` (a subset of the model's buffers;
+        the model's own buffers are the server's copy before the update). In train mode they reveal the batch's
+        feature statistics: :func:`gradleak.batchnorm.revealed_statistics`. None: not observed.
     """
 
     model: nn.Module
@@ -231,6 +236,7 @@ class Case:
     labels: torch.Tensor | None = None
     bn_mode: str = "eval"
     meta: Mapping[str, Any] = field(default_factory=dict)
+    observed_buffers: Mapping[str, torch.Tensor] | None = None
 
     def __post_init__(self):
         problems: list[str] = []
@@ -261,6 +267,16 @@ class Case:
             problems.append(f"batch_size must be an int >= 1, got {self.batch_size!r}")
         if self.bn_mode not in BN_MODES:
             problems.append(f"bn_mode must be one of {BN_MODES}, got {self.bn_mode!r}")
+        if self.observed_buffers is not None:
+            from .batchnorm import buffers_problems
+
+            own = dict(model.named_buffers())
+            bad = buffers_problems(self.observed_buffers, own)
+            problems += bad
+            if not bad:
+                object.__setattr__(self, "observed_buffers", {
+                    k: v.detach().to(device=own[k].device, dtype=own[k].dtype).clone()
+                    for k, v in self.observed_buffers.items()})
         loss = self.loss
         if loss is None:
             loss = default_loss_for(self.num_outputs)
@@ -365,7 +381,7 @@ class Case:
         model = copy.deepcopy(self.model).to(device=device, dtype=dtype)
         obs = self.observation.with_tensors({k: v.to(device=device, dtype=dtype) for k, v in self.observed.items()})
         labels = None if self.labels is None else self.labels.to(device)
-        return replace(self, model=model, observation=obs, labels=labels)
+        return replace(self, model=model, observation=obs, labels=labels)  # buffers follow the model's
 
     def with_observation(self, observed: Mapping[str, torch.Tensor], **meta) -> "Case":
         """A copy with another observed update (e.g. after a defense), same protocol settings."""
@@ -376,6 +392,7 @@ class Case:
         return {"model": getattr(self.model, "zoo_name", type(self.model).__name__), **self.observation.describe(), "spec": self.spec.to_dict(),
                 "batch_size": self.batch_size, "loss": self.loss, "labels_known": self.labels_known,
                 "bn_mode": self.bn_mode, "dtype": str(self.dtype).replace("torch.", ""),
+                "observed_buffers": None if self.observed_buffers is None else len(self.observed_buffers),
                 "meta": {k: v for k, v in self.meta.items() if isinstance(v, (str, int, float, bool, list, dict, type(None)))}}
 
     # ---- building a case from a real observed update ------------------------------------------------
@@ -395,21 +412,41 @@ class Case:
         loss: str | None = None,
         bn_mode: str = "eval",
         sign: str = "gradient",
+        buffers: Mapping[str, torch.Tensor] | str | Path | None = None,
     ) -> "Case":
         """Build a Case from an update observed in a real FL run (no truth involved).
 
         observed: a dict of parameter name (as in ``model.state_dict()``) -> tensor, or the path of a
         ``.safetensors`` / ``.pt`` file holding one. For FedAvg, the update is ``theta_K - theta_0``;
         pass ``sign='server'`` if your framework reports ``theta_0 - theta_K`` instead.
+        Buffer entries in ``observed`` (``bn1.running_mean``, ...: a whole state_dict was saved) become
+        ``observed_buffers``: for FedSGD they are read as the values the client returned; for FedAvg as the
+        same difference as the parameters (``after - before``, or ``before - after`` with ``sign='server'``),
+        added to the model's buffers. buffers: the returned buffer VALUES (dict or file), instead.
         """
+        where = "Case.from_observed"
         if isinstance(observed, (str, Path)):
             observed = load_tensor_dict(observed)
         elif not isinstance(observed, Mapping):
-            raise ValidationError("Case.from_observed", [f"observed must be a dict of parameter name -> tensor or the "
-                                                         f"path of a .safetensors / .pt file, got "
-                                                         f"{type(observed).__name__}"])
+            raise ValidationError(where, [f"observed must be a dict of parameter name -> tensor or the "
+                                          f"path of a .safetensors / .pt file, got {type(observed).__name__}"])
+        if isinstance(buffers, (str, Path)):
+            buffers = load_tensor_dict(buffers)
         if sign not in ("gradient", "server"):
-            raise ValidationError("Case.from_observed", [f"sign must be 'gradient' or 'server', got {sign!r}"])
+            raise ValidationError(where, [f"sign must be 'gradient' or 'server', got {sign!r}"])
+        own = dict(model.named_buffers()) if isinstance(model, nn.Module) else {}
+        in_update = {k: v for k, v in observed.items() if k in own}
+        observed = {k: v for k, v in observed.items() if k not in own}
+        if in_update and buffers is not None:
+            raise ValidationError(where, [f"buffers are given twice: in observed ({list(in_update)[:3]}) and as "
+                                          "buffers=; give them once"])
+        if in_update and protocol == "fedavg":
+            s = -1 if sign == "server" else 1
+            buffers = {k: (own[k] + s * v.to(device=own[k].device, dtype=own[k].dtype)) for k, v in in_update.items()
+                       if isinstance(v, torch.Tensor) and tuple(v.shape) == tuple(own[k].shape)}
+            buffers.update({k: v for k, v in in_update.items() if k not in buffers})  # let the Case say what is wrong
+        elif in_update:
+            buffers = in_update
         if sign == "server":
             observed = {k: -v for k, v in observed.items()}
         if protocol == "fedsgd":
@@ -418,9 +455,10 @@ class Case:
             obs = FedAvg(dict(observed), local_steps=local_steps, local_lr=local_lr,
                          local_batch_size=local_batch_size or batch_size)
         else:
-            raise ValidationError("Case.from_observed", [f"protocol must be 'fedsgd' or 'fedavg', got {protocol!r}"])
+            raise ValidationError(where, [f"protocol must be 'fedsgd' or 'fedavg', got {protocol!r}"])
         return cls(model=model, observation=obs, spec=spec, batch_size=batch_size, loss=loss,
-                   labels=labels, bn_mode=bn_mode, meta={"source": "observed"})
+                   labels=labels, bn_mode=bn_mode, meta={"source": "observed"},
+                   observed_buffers=None if buffers is None else dict(buffers))
 
 
 def _num_outputs(model: nn.Module) -> int:

@@ -30,12 +30,30 @@ def set_bn_mode(model: nn.Module, bn_mode: str) -> nn.Module:
     return model
 
 
-def forward(model: nn.Module, params: Params, buffers: Params, x: torch.Tensor) -> torch.Tensor:
+def forward(model: nn.Module, params: Params, buffers: Params, x: torch.Tensor, *,
+            running: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """Logits of ``model`` at ``params`` for normalised inputs ``x`` (B, ...). Buffers are cloned so that
-    train-mode BatchNorm cannot update the caller's running statistics."""
+    train-mode BatchNorm cannot update the caller's running statistics; ``running`` (a dict of buffer tensors
+    the caller owns) is used in their place and updated in place, as the client's own buffers are."""
     state = dict(params)
-    state.update({k: v.clone() for k, v in buffers.items()})
+    state.update(running if running is not None else {k: v.clone() for k, v in buffers.items()})
     return functional_call(model, state, (x,))
+
+
+def returned_buffers(model: nn.Module, params: Params, buffers: Params, x: torch.Tensor, *,
+                     local_steps: int = 0, local_lr: float = 0.0, local_batch_size: int | None = None,
+                     labels: torch.Tensor | None = None, loss_fn: LossFn | None = None) -> dict[str, torch.Tensor]:
+    """The buffers a client holds after its computation: one forward pass of ``x`` at ``params`` (FedSGD,
+    ``local_steps=0``) or the ``local_steps`` passes of :func:`fedavg_update` (each at that step's parameters).
+    Train-mode BatchNorm updates its running statistics at every pass; in eval mode they come back unchanged."""
+    running = {k: v.detach().clone() for k, v in buffers.items()}
+    if local_steps:
+        fedavg_update(model, params, buffers, x, labels, loss_fn, local_steps=local_steps, local_lr=local_lr,
+                      local_batch_size=local_batch_size or x.shape[0], running=running)
+    else:
+        with torch.no_grad():
+            forward(model, params, buffers, x, running=running)
+    return running
 
 
 def gradient(
@@ -80,10 +98,12 @@ def fedavg_update(
     local_lr: float,
     local_batch_size: int,
     create_graph: bool = False,
+    running: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """FedAvg observation: ``theta_K - theta_0`` after ``local_steps`` SGD steps of rate ``local_lr`` on
     mini-batches of ``local_batch_size`` taken in the fixed order of :func:`minibatch_indices`.
-    With ``create_graph`` the unrolled steps stay differentiable w.r.t. ``x``."""
+    With ``create_graph`` the unrolled steps stay differentiable w.r.t. ``x``. ``running``: buffers updated in
+    place by every step's forward pass (see :func:`forward`)."""
     names = list(params)
     start = {k: v.detach() for k, v in params.items()}
     cur = {k: v.detach().requires_grad_(True) for k, v in params.items()}
@@ -91,7 +111,7 @@ def fedavg_update(
     with torch.enable_grad():
         for step in range(local_steps):
             sl = minibatch_indices(n, local_batch_size, step)
-            loss = loss_fn(forward(model, cur, buffers, x[sl]), labels[sl])
+            loss = loss_fn(forward(model, cur, buffers, x[sl], running=running), labels[sl])
             grads = torch.autograd.grad(loss, [cur[k] for k in names], create_graph=create_graph)
             cur = {k: cur[k] - local_lr * g for k, g in zip(names, grads)}
             if not create_graph:

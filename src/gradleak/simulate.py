@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Mapping
 
 import torch
 from torch import nn
 
 from . import functional as Fn
+from .batchnorm import side_channel
 from .case import Case, DataSpec, FedAvg, FedSGD, Truth, _num_outputs
 from .errors import ValidationError
 from .losses import default_loss_for, losses
@@ -61,6 +62,16 @@ class Client:
         return Fn.fedavg_update(self.model, self.params, self.buffers, self.x, self.labels, self.loss_fn,
                                 local_steps=self.local_steps, local_lr=self.local_lr,
                                 local_batch_size=self.step_batch_size)
+
+    def returned_buffers(self) -> dict[str, torch.Tensor]:
+        """The buffers the client holds after its computation (what a client that sends its whole state_dict
+        returns): train-mode BatchNorm updated its running statistics at each forward pass (one for FedSGD, one
+        per local step for FedAvg, each at that step's parameters of the plain update); unchanged in eval mode."""
+        if self.protocol == "fedsgd":
+            return Fn.returned_buffers(self.model, self.params, self.buffers, self.x)
+        return Fn.returned_buffers(self.model, self.params, self.buffers, self.x, local_steps=self.local_steps,
+                                   local_lr=self.local_lr, local_batch_size=self.step_batch_size,
+                                   labels=self.labels, loss_fn=self.loss_fn)
 
     def train(self, step_gradient: Callable) -> dict[str, torch.Tensor]:
         """The update when every gradient step is replaced by ``step_gradient(params, x, labels) -> grads``
@@ -118,6 +129,10 @@ def simulate(
         ``defense(update, generator=generator)``; an in-client one (``acts_in_client``, e.g. DP-SGD) computes the
         client's update itself (:meth:`Client.send`). ``case.meta['defense']`` describes it and, for DP-SGD,
         ``case.meta['privacy']`` holds the accountant's (epsilon, delta).
+    The case's ``observed_buffers`` are the buffers the client returns with the update (as a framework that sends
+    the whole state_dict does): after its computation, so in train mode they carry the batch's BatchNorm
+    statistics (:mod:`gradleak.batchnorm`); defenses act on the parameters' update only. None for a model
+    without buffers. ``case.meta['side_channels']`` says what they leak (:func:`gradleak.batchnorm.side_channel`).
     other_clients: for secure aggregation (``gl.defenses.create('secure-aggregation', clients=K)``, last in the
         defense): (x, y) with (K-1)*B more images, the other clients' batches. The case then observes the
         mean of the K clients' (each defended) updates, and the truth is all K*B images, the target's first.
@@ -199,20 +214,34 @@ def simulate(
     if aggregated:
         per_client = getattr(defense, "per_client", None)  # what each client applies before aggregation
         aggregator = defense.parts[-1] if hasattr(defense, "parts") else defense
-        updates = [c.send(per_client, generator) for c in [target] + [client(ox, oy) for ox, oy in others]]
+        clients = [target] + [client(ox, oy) for ox, oy in others]
+        updates = [c.send(per_client, generator) for c in clients]
         update, info = aggregator.aggregate(updates, generator)
+        buffers = _mean_buffers([c.returned_buffers() for c in clients])
         meta["secure_aggregation"] = {**info, "target_rows": [0, int(inputs.shape[0])],
                                       "note": "the observation is the mean of the clients' updates; the truth "
                                               "is every client's batch, the target's first"}
     else:
         update = target.send(defense, generator)
+        buffers = target.returned_buffers()
     if defense is not None:
         meta["defense"] = getattr(defense, "description", repr(defense))
         privacy = defense.privacy(target.steps) if hasattr(defense, "privacy") else None
         if privacy is not None:
             meta["privacy"] = privacy
-    case = case.with_observation(update, **meta)
+    case = replace(case.with_observation(update, **meta), observed_buffers=buffers or None)
+    channel = side_channel(case)
+    if channel is not None:
+        case.meta["side_channels"] = [channel]
     return case, Truth(inputs=all_x.clone(), labels=all_y.clone())
+
+
+def _mean_buffers(per_client: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """What the server sees of K clients' buffers through secure aggregation: the mean of the floating-point
+    ones (running statistics), the integer ones (batch counters, equal for equal protocols) from the first."""
+    first = per_client[0]
+    return {k: torch.stack([b[k] for b in per_client]).mean(0) if v.is_floating_point() else v
+            for k, v in first.items()}
 
 
 def _other_clients(other_clients, defense, inputs, spec, protocol):

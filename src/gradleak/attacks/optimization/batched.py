@@ -7,7 +7,9 @@ round, the variables every running trial asks for are stacked, and one ``torch.f
 per-trial gradient matching gives every trial's (total, score) and, by one backward pass, its gradient:
 
     per trial t:  g_t = grad_theta loss(f(theta_t; x_t), y_t)  (FedSGD; FedAvg: the unrolled local steps)
-                  total_t = D(g_t, g*_t) + tv TV(x_t) + sum_r reg_r(x_t),  score_t as the attack defines it
+                  total_t = D(g_t, g*_t) + sum_r w_r prior_r(x_t),  score_t as the attack defines it
+
+(the priors: the attack's built :class:`.priors.Objective`, the same one its one-by-one objective adds).
 
 ``theta_t`` is not copied when the trials share the case's parameters (``in_dims=None``: the trials become a
 batch of the same model). The totals of different trials are independent, so the gradient of their SUM is
@@ -16,8 +18,9 @@ and its program stops as it would alone; a trial that stopped is simply not aske
 
 Equal to running the trials one by one up to the reduction order of the batched kernels (checked by
 tests/test_batched_trials.py in float64: candidates and best scores agree to ~1e-10 relative).
-Where vmap cannot run the objective (BatchNorm in train mode, a regulariser that is not a function of its
-argument alone, ...) the trials run one by one and ``rec.info['batched']`` says why. Before trusting the
+Where vmap cannot run the objective (BatchNorm in train mode, a prior registered with a ``batch_problem`` such
+as 'bn-statistics' (its own hooked forward pass), a regulariser that is not a function of its argument alone,
+...) the trials run one by one and ``rec.info['batched']`` says why. Before trusting the
 batched objective the first round compares one trial's batched total with the sequential objective; a
 disagreement also falls back, with the figures in the note.
 
@@ -45,7 +48,8 @@ from ... import resources, threads
 from ...case import Case, FedAvg
 from ...functional import minibatch_indices
 from ..base import Attack, Reconstruction
-from .common import GradientMatcher, total_variation
+from . import priors as P
+from .common import GradientMatcher
 from .driver import Objective, Result, Trial, evaluate, feed, trial_program
 
 ENGINE = "torch.func.vmap over trials (per-trial gradient matching), one backward for all"
@@ -57,7 +61,9 @@ class TrialSetup:
     batched (the pieces of that objective).
 
     matcher: the data term; labels: fixed int labels (B,), or None when variables[1] are label logits;
-    tv, regularizers: the added terms (``total = data + tv TV(x) + sum r(x)``); score: 'data' (the score is
+    priors: the added terms, a built :class:`.priors.Objective` (``total = data + priors.value(x, labels)``);
+    tv, regularizers: shorthands folded into ``priors`` (the 'tv' prior with weight ``tv``, and plain callables
+    ``(x) -> 0-d tensor`` or prior specs); score: 'data' (the score is
     the data term) or 'cosine' (the cosine distance, the data term being an L2); starts: one variable list
     per trial; settings: :func:`~.driver.trial_program` settings shared by the trials (optimizer, budget,
     lr, ...); project / on_step / on_offer: the trial callbacks; names: one per trial (for warnings)."""
@@ -71,11 +77,17 @@ class TrialSetup:
     tv: float = 0.0
     regularizers: tuple = ()
     score: str = "data"
+    priors: P.Objective | None = None
     project: Callable | None = None
     on_step: Callable | None = None
     on_offer: Callable | None = None
     names: list[str] = field(default_factory=list)
     batched: bool = True
+
+    def __post_init__(self):
+        extra = ([("tv", self.tv)] if self.tv > 0 else []) + list(self.regularizers)
+        built = P.build(self.case, extra)
+        self.priors = built if self.priors is None else self.priors.plus(built)
 
     @property
     def joint(self) -> bool:
@@ -128,7 +140,7 @@ def vmap_problems(setup: TrialSetup) -> list[str]:
         p.append("BatchNorm in train mode (batch statistics and running-statistic updates) is not batched")
     if any(getattr(m, "inplace", False) for m in case.model.modules()):
         p.append("the model has in-place modules (inplace=True), which vmap over trials does not support")
-    return p
+    return p + setup.priors.batch_problems()
 
 
 # On a CPU, batching trials of a large model does not pay: each trial's update is its own (4 x parameters of
@@ -160,7 +172,7 @@ def _group_key(setup: TrialSetup) -> tuple:
     shapes = tuple(tuple(tuple(v.shape) for v in s) for s in setup.starts[:1])
     settings = tuple(sorted((k, repr(v)) for k, v in setup.settings.items()))
     return (id(case.model.__class__), arch, proto, case.loss, case.dtype, str(case.device), tuple(m.names),
-            tuple(m.w), m.distance, setup.tv, tuple(id(r) for r in setup.regularizers), setup.score, setup.joint,
+            tuple(m.w), m.distance, setup.priors.key(), setup.score, setup.joint,
             shapes, settings, case.batch_size, setup.project is not None)
 
 
@@ -273,17 +285,7 @@ class BatchedObjective:
 
         self._update = update
         self._soft = case.loss_fn.soft_labels
-        regs = s0.regularizers
-
-        def extra(x):
-            total = x.new_zeros(())
-            if s0.tv > 0:
-                total = total + s0.tv * total_variation(x)
-            for r in regs:
-                total = total + r(x)
-            return total
-
-        self._extra = extra if (s0.tv > 0 or regs) else None
+        self._extra = s0.priors.value if s0.priors.terms else None
 
     def _spec(self, sidx: list[int]) -> dict:
         one = len(set(sidx)) == 1
@@ -324,7 +326,7 @@ class BatchedObjective:
                 pdim = 0
             gs = vmap(self._update, in_dims=(pdim, pdim, 0, 0), randomness="error")(p, bufs, x, lab)
             data = _Match.apply(spec, *gs)
-            total = data if self._extra is None else data + vmap(self._extra, randomness="error")(x)
+            total = data if self._extra is None else data + vmap(self._extra, randomness="error")(x, lab)
             if s0.score == "data":
                 score = data.detach()
             else:

@@ -1,6 +1,9 @@
 """Shared pieces of the gradient-matching attacks (DLG, iDLG, Inverting Gradients).
 
-- :func:`total_variation`: anisotropic TV (mean absolute difference of horizontal + vertical neighbours).
+- :func:`total_variation` (re-exported from :mod:`.priors`, where every regulariser lives).
+- :func:`lr_schedule`: the step-size schedules of the Adam attacks ('step': x0.1 at 3/8, 5/8, 7/8; 'cosine':
+  linear warm-up then cosine decay; 'constant'); :func:`start_inputs`: the random start ('randn' or
+  'patterned-K').
 - :func:`resolve_layers`, :func:`layer_weights`: layer subsets (names, module prefixes, top-k by observed norm)
   and per-layer weights ('equal' | 'linear' | 'exp', as in Geiping et al. 2020).
 - :class:`GradientMatcher`: the data term between the update a candidate batch produces and the observed one
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -24,21 +28,9 @@ from ...activations import resolve as resolve_activation
 from ...case import Case, FedSGD
 from ..base import Reconstruction
 from .driver import DivergenceWarning, Trial, run_adam, run_lbfgs, run_trial, totals  # noqa: F401 (the one driver)
+from .priors import total_variation  # noqa: F401 (its home is the priors registry)
 
 WEIGHT_SCHEMES = ("equal", "linear", "exp")
-
-
-def total_variation(x: torch.Tensor) -> torch.Tensor:
-    """Anisotropic total variation of images x (B, C, H, W): mean |x[..., :, j+1] - x[..., :, j]| plus
-    mean |x[..., i+1, :] - x[..., i, :]|. Returns a 0-d tensor (0 for non-image inputs)."""
-    if x.ndim < 4:
-        return x.new_zeros(())
-    tv = x.new_zeros(())
-    if x.shape[-1] > 1:
-        tv = tv + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
-    if x.shape[-2] > 1:
-        tv = tv + (x[..., 1:, :] - x[..., :-1, :]).abs().mean()
-    return tv
 
 
 def box(case: Case, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -257,14 +249,76 @@ def label_logits_shape(case: Case) -> tuple[int, ...]:
     return case.loss_fn.label_logits_shape(case.batch_size, case.spec.num_classes)
 
 
-def init_inputs(case: Case, init, generator: torch.Generator) -> torch.Tensor:
-    """Normalised start (B, *shape): from ``init`` (a Reconstruction or an image-space tensor) or N(0, 1)."""
+def init_inputs(case: Case, init, generator: torch.Generator, start: str = "randn") -> torch.Tensor:
+    """Normalised start (B, *shape): from ``init`` (a Reconstruction or an image-space tensor), else the random
+    ``start`` (:func:`start_inputs`)."""
     if init is not None:
         x = init.inputs if isinstance(init, Reconstruction) else torch.as_tensor(init)
         x = x.detach().to(device=case.device, dtype=case.dtype)
         return case.spec.normalize(x).contiguous()
-    x = torch.randn((case.batch_size, *case.spec.shape), generator=generator, dtype=torch.float64)
-    return x.to(device=case.device, dtype=case.dtype)
+    return start_inputs(case, start, generator)
+
+
+SCHEDULES = ("step", "cosine", "constant")
+
+
+def start_problems(start: str) -> list[str]:
+    """What is wrong with a ``start`` option value ([] if fine)."""
+    if start == "randn":
+        return []
+    if isinstance(start, str) and start.startswith("patterned-") and start[10:].isdigit() and int(start[10:]) >= 1:
+        return []
+    return [f"start must be 'randn' or 'patterned-K' (K >= 1 tiles per side), got {start!r}"]
+
+
+def start_inputs(case: Case, start: str, generator: torch.Generator) -> torch.Tensor:
+    """A random normalised start (B, *shape): 'randn' draws N(0, 1) per entry; 'patterned-K' draws N(0, 1) for
+    a (H/K, W/K) tile per image and channel and repeats it K x K times (the patterned start of breaching's
+    "modern" preset: a start with K x K-fold repeated structure; K = 1 is 'randn')."""
+    shape = (case.batch_size, *case.spec.shape)
+    if start == "randn" or not case.spec.is_image:
+        return randn(shape, generator, case)
+    k = int(start[10:])
+    h, w = shape[-2:]
+    tile = randn((shape[0], shape[1], -(-h // k), -(-w // k)), generator, case)
+    return tile.repeat(1, 1, k, k)[..., :h, :w].contiguous()
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A step-size factor per Adam step (``lr x schedule(step)``), see :func:`lr_schedule`. A value object (its
+    ``repr`` names its settings) so that batched trials with the same schedule share one batch; ``offset``:
+    the steps already run (a budget run in stages, e.g. before and after the group consensus)."""
+
+    name: str
+    max_iterations: int
+    warmup: int = 0
+    offset: int = 0
+
+    def __call__(self, step: int) -> float:
+        step = step + self.offset
+        if self.name == "step":
+            marks = [int(self.max_iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)]
+            return 0.1 ** sum(step >= m for m in marks)
+        if self.name == "constant":
+            return 1.0
+        warm = max(0, min(int(self.warmup), self.max_iterations - 1))
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1.0 + math.cos(math.pi * (step - warm) / max(self.max_iterations - warm, 1)))
+
+
+def lr_schedule(name: str, max_iterations: int, warmup: int = 0, *, explicit: bool = False) -> Schedule | None:
+    """The step-size factor per step (a :class:`Schedule`, ``f(step) -> float``: lr x f), or None for the
+    driver's built-in 'step' schedule (x0.1 at 3/8, 5/8 and 7/8 of the budget, Geiping et al. 2020; with
+    ``explicit`` that schedule as a Schedule, for a budget run in several stages). 'cosine': a linear warm-up
+    over ``warmup`` steps to the full rate, then 1/2 (1 + cos(pi t / T)) over the remaining T steps (warm-up
+    plus cosine decay, as in GradInversion and breaching's "modern" preset); 'constant': 1."""
+    if name not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {name!r}")
+    if name == "step" and not explicit:
+        return None
+    return Schedule(name, int(max_iterations), int(warmup))
 
 
 def matching_problems(case: Case, names: Sequence[str]) -> list[str]:

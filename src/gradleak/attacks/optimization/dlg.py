@@ -27,6 +27,7 @@ from ..base import Attack, Reconstruction, RunContext, register
 from ..labels import label_recovery_problems, recover_labels
 from . import batched as B
 from . import common as C
+from . import priors as P
 
 SCALES = ("auto", "plain", "relative")
 
@@ -44,6 +45,8 @@ class DLGOptions:
     scale: 'plain' (sum of squares), 'relative' (divided by the observed squared norm) or 'auto' (plain for
     FedSGD, relative for FedAvg). boxed: clamp to the image box after every outer step (DLG does not).
     use_known_labels: use the case's labels when it has them (otherwise the paper's joint label logits).
+    regularizers, bn_prior, bn_weight: terms added to the objective (not to the score), as for Inverting
+    Gradients (:mod:`.priors`; DLG itself has none: default off).
     batch_trials: run the restarts as one batched computation (:mod:`.batched`; one by one where it cannot,
     said in ``rec.info['batched']``). Retries after a divergence run as a second wave, their starts drawn
     after every first start (the same order batched or not)."""
@@ -59,6 +62,9 @@ class DLGOptions:
     scale: str = "auto"
     boxed: bool = False
     use_known_labels: bool = True
+    regularizers: tuple = ()
+    bn_prior: str = "none"
+    bn_weight: float = 1e-2
     batch_trials: bool = True
 
 
@@ -77,7 +83,17 @@ def _check(o: DLGOptions) -> list[str]:
         p.append(f"scale must be one of {SCALES}, got {o.scale!r}")
     if not (o.explode_factor >= 0):
         p.append(f"explode_factor must be >= 0, got {o.explode_factor}")
-    return p
+    if o.bn_prior not in P.BN_SOURCES:
+        p.append(f"bn_prior must be one of {P.BN_SOURCES}, got {o.bn_prior!r}")
+    if not (o.bn_weight >= 0 and math.isfinite(o.bn_weight)):
+        p.append(f"bn_weight must be a finite number >= 0, got {o.bn_weight}")
+    return p + P.spec_problems(None, tuple(o.regularizers))
+
+
+def prior_specs(case: Case, o) -> list:
+    """The regularisers of an options object with ``bn_prior``/``bn_weight``/``regularizers`` (DLG, iDLG)."""
+    on = P.resolve_bn_source(case, o.bn_prior) != "none"
+    return ([("bn-statistics", o.bn_weight, {"source": o.bn_prior})] if on else []) + list(o.regularizers)
 
 
 class _LBFGSMatching(Attack):
@@ -99,7 +115,7 @@ class _LBFGSMatching(Attack):
         return _check(o)
 
     def requirements(self, case: Case) -> list[str]:
-        return C.matching_problems(case, list(case.observed))
+        return C.matching_problems(case, list(case.observed)) + P.spec_problems(case, prior_specs(case, self.options))
 
     def _fixed_labels(self, case: Case, ctx: RunContext) -> tuple[torch.Tensor | None, dict]:
         raise NotImplementedError
@@ -116,10 +132,13 @@ class _LBFGSMatching(Attack):
         like = torch.zeros((), dtype=case.dtype, device=case.device)
         lo, hi = C.box(case, like)
 
+        prior = P.build(case, prior_specs(case, o))
+
         def objective(v):
             lab = C.soft_labels(case, v[1]) if joint else labels
             data, _ = matcher.terms(v[0], lab)
-            return data, data
+            reg = prior.value(v[0], lab)
+            return (data, data) if reg is None else (data + reg, data)
 
         def project(v):
             v[0].clamp_(lo, hi)
@@ -149,7 +168,7 @@ class _LBFGSMatching(Attack):
                 settings=dict(optimizer="lbfgs", max_iterations=o.max_iterations, lr=o.lr, inner=o.lbfgs_inner,
                               history_size=o.history_size, line_search=o.line_search,
                               offer_every=5 * o.lbfgs_inner, explode_factor=o.explode_factor),
-                project=project if o.boxed else None, on_step=on_step, on_offer=offer,
+                priors=prior, project=project if o.boxed else None, on_step=on_step, on_offer=offer,
                 names=[f"{self.name} trial {len(trials) + r}" for r in range(wave)], batched=o.batch_trials)
             new, note = B.run(setup)
             trials += new
@@ -162,6 +181,7 @@ class _LBFGSMatching(Attack):
             "retries": sum(1 for t in trials if t.diverged),
             "labels": label_info,
             "distance": f"squared L2 ({scale})",
+            "priors": prior.describe(),
             "protocol": case.protocol,
             "batched": notes[0] if len(notes) == 1 else notes,
             **C.totals(trials),

@@ -118,6 +118,7 @@ def trial_program(
     history_size: int = 100,
     line_search: str = "strong-wolfe",
     decay: bool = True,
+    schedule: Callable[[int], float] | None = None,
     project: Callable[[list[torch.Tensor]], None] | None = None,
     on_step: Callable[[int, float, float], None] | None = None,
     on_offer: Callable[[float, list[torch.Tensor]], None] | None = None,
@@ -132,7 +133,9 @@ def trial_program(
     fed evaluations (:func:`run_trial` from one objective, :mod:`.batched` for many trials at once). Returns
     the :class:`Trial` (filled in when the program ends) and the program.
 
-    Adam: lr x0.1 at 3/8, 5/8, 7/8 of ``max_iterations`` (``decay``); signed: the step uses sign(gradient).
+    Adam: lr x0.1 at 3/8, 5/8, 7/8 of ``max_iterations`` (``decay``), or ``lr * schedule(step)`` at every step
+    when a ``schedule`` is given (e.g. :func:`.common.lr_schedule`; give one with a stable ``repr`` so that
+    batched trials with equal settings share one batch); signed: the step uses sign(gradient).
     L-BFGS: ``lr``, outer steps of ``inner`` iterations, ``history_size`` pairs, ``line_search``
     ('strong-wolfe' or '' for DLG's fixed step). ``project`` (e.g. the box clamp) runs after every Adam step /
     L-BFGS outer step. ``on_step(outer_step, total, best_score)``; ``on_offer(score, vars)`` every
@@ -151,7 +154,8 @@ def trial_program(
                               explode_factor=explode_factor, stall_steps=stall_steps, tol_grad=tol_grad)
         else:
             yield from _adam(trial, best, variables, max_iterations=max_iterations, lr=lr,
-                             signed=optimizer == "signed-adam", decay=decay, project=project, on_step=on_step,
+                             signed=optimizer == "signed-adam", decay=decay, schedule=schedule, project=project,
+                             on_step=on_step,
                              on_offer=on_offer, offer_every=offer_every, explode_factor=explode_factor)
         trial.variables, trial.score = best.vars, best.score
         trial.seconds = time.perf_counter() - t0
@@ -213,9 +217,10 @@ def adam_update(x: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tens
 
 
 def _adam(trial, best, variables, *, max_iterations, lr, signed, decay, project, on_step, on_offer,
-          offer_every, explode_factor) -> Program:
+          offer_every, explode_factor, schedule=None) -> Program:
     leaves = [v.detach().clone() for v in variables]
     moments = [(torch.zeros_like(x), torch.zeros_like(x)) for x in leaves]
+    base_lr = lr
     milestones = {int(max_iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)} if decay else set()
     first = None
     trial.stop = "budget"
@@ -234,7 +239,9 @@ def _adam(trial, best, variables, *, max_iterations, lr, signed, decay, project,
             return
         best.see(sval, leaves)
         trial.history.append(tval)
-        if step in milestones:
+        if schedule is not None:
+            lr = base_lr * schedule(step)
+        elif step in milestones:
             lr *= 0.1
         with torch.no_grad():
             for x, g, (m, v) in zip(leaves, grads, moments):

@@ -19,7 +19,7 @@ published.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -29,6 +29,7 @@ from ..base import Attack, Reconstruction, RunContext, register
 from ..labels import label_recovery_problems, recover_labels
 from . import batched as B
 from . import common as C
+from . import priors as P
 
 OPTIMIZERS = ("auto", "signed-adam", "adam", "lbfgs")
 DISTANCES = ("cosine", "l2")
@@ -54,11 +55,34 @@ class IGOptions:
     label_strategy: for unknown labels, 'auto' (iDLG for one sample, count-based for a batch, joint logits if
     the model has no final linear layer) or 'joint' ((B, C) label logits optimised with the input).
     init: a Reconstruction or image-space tensor (B, *shape) to start the first trial from (e.g. R-GAP output).
-    regularizers: callables ``(x_normalised (B, *shape)) -> 0-d tensor`` added to the objective (not the score).
+    regularizers: more terms of the objective (not the score): registered priors as ``(name, weight)`` /
+    ``(name, weight, options)`` / :class:`.priors.PriorSpec`, or callables ``(x_normalised (B, *shape)) -> 0-d
+    tensor`` (weight 1). Every regulariser lives in :mod:`.priors`; the options below are shorthands for them.
+    l2: weight of the image-norm prior ``mean(x^2)`` (GradInversion's alpha_l2; prior 'l2').
+    bn_prior: BatchNorm statistics matching (GradInversion, Yin et al. 2021; prior 'bn-statistics'): 'none',
+    'update' (the statistics the client's returned running buffers reveal: train mode; on FedAvg cases the
+    client's local steps are replayed on the candidate, exactly, at the cost of a second unrolled update per
+    iteration), 'running' (the model's
+    running statistics: the threat model where the server's BatchNorm statistics describe the client's data),
+    or 'auto' ('update' when the case has returned buffers in train mode, else 'running'; off for a model
+    without BatchNorm). bn_weight: its weight.
+    group_consistency: weight of GradInversion's group term (0: off; needs restarts >= 2). The restarts run the
+    first ``group_start`` fraction of the budget on their own, then their consensus (the mean after matching
+    samples across restarts) is formed once and every restart continues for the rest of the budget with
+    ``group_consistency * mean((x - consensus)^2)`` added (both stages batched over restarts where
+    ``batch_trials`` can; ``rec.info['batched']`` then holds one note per stage). (GradInversion runs the
+    restarts jointly and updates the consensus, with image registration, as it goes: this is the one-update
+    form.)
+    schedule: the Adam step size: 'step' (x0.1 at 3/8, 5/8, 7/8 of the budget; the paper), 'cosine' (linear
+    warm-up over ``warmup`` steps then cosine decay: GradInversion, breaching's "modern" preset) or 'constant'.
+    ``lr_decay=False`` with 'step' keeps the rate constant (as before).
+    start: the random start: 'randn' (N(0, 1)) or 'patterned-K' (an N(0, 1) tile of (H/K, W/K) repeated K x K
+    times: breaching's "modern" preset uses K = 4).
     lbfgs_inner, history_size, line_search ('strong-wolfe' or ''): L-BFGS settings (optimizer='lbfgs').
     offer_every: steps between best-so-far snapshots (what Ctrl-C returns).
     batch_trials: run the restarts as one batched computation (:mod:`.batched`; falls back to one by one,
-    said in ``rec.info['batched']``, where it cannot); False: one by one.
+    said in ``rec.info['batched']``, where it cannot, e.g. with the 'bn-statistics' prior, which runs its own
+    hooked forward pass); False: one by one.
     """
 
     max_iterations: int = 1000
@@ -76,6 +100,14 @@ class IGOptions:
     label_strategy: str = "auto"
     init: Any = None
     regularizers: tuple = ()
+    l2: float = 0.0
+    bn_prior: str = "none"
+    bn_weight: float = 1e-2
+    group_consistency: float = 0.0
+    group_start: float = 0.5
+    schedule: str = "step"
+    warmup: int = 0
+    start: str = "randn"
     lbfgs_lr: float = 1.0
     lbfgs_inner: int = 20
     history_size: int = 100
@@ -127,6 +159,20 @@ class InvertingGradients(Attack):
         "fedavg-lbfgs": dict(tv=1e-4, distance="l2", optimizer="lbfgs", lbfgs_lr=1.0, max_iterations=1200),
         # a quick look on a CPU
         "fast": dict(max_iterations=300, restarts=1),
+        # GradInversion (Yin, Mallya, Vahdat, Alvarez, Kautz, Molchanov, CVPR 2021), as its parts are described:
+        # Adam (unsigned) lr 0.1, warm-up + cosine decay, 20,000 iterations, TV 1e-4, image norm 1e-6, BatchNorm
+        # statistics matching and the group term over restarts. The paper's BN targets are the trained model's
+        # running statistics; bn_prior='auto' uses the revealed ones when the update carries them. The BN and
+        # group weights (1e-2) and 4 restarts are this package's choice, not the paper's (not checked here);
+        # the paper's image registration and label recovery are not part of it (labels: label_strategy).
+        "gradinversion": dict(max_iterations=20000, restarts=4, optimizer="adam", lr=0.1, schedule="cosine",
+                              warmup=50, distance="cosine", tv=1e-4, tv_batch_scaling=False, l2=1e-6,
+                              bn_prior="auto", bn_weight=1e-2, group_consistency=1e-2, group_start=0.5),
+        # breaching's "modern" ideas (Geiping et al.'s library): signed Adam with warm-up + cosine decay and a
+        # patterned start (4 x 4 tiles), TV and the BatchNorm prior where statistics exist (weights ours)
+        "modern": dict(max_iterations=24000, restarts=1, optimizer="signed-adam", lr=0.1, schedule="cosine",
+                       warmup=50, start="patterned-4", tv=1e-4, tv_batch_scaling=False, bn_prior="auto",
+                       bn_weight=1e-2),
     }
 
     def check_options(self, o: IGOptions) -> list[str]:
@@ -152,8 +198,23 @@ class InvertingGradients(Attack):
             p.append(f"top_layers must be >= 0, got {o.top_layers}")
         if o.label_strategy not in LABEL_STRATEGIES:
             p.append(f"label_strategy must be one of {LABEL_STRATEGIES}, got {o.label_strategy!r}")
-        if not all(callable(r) for r in o.regularizers):
-            p.append("regularizers must be callables (x_normalised) -> scalar tensor")
+        p += P.spec_problems(None, tuple(o.regularizers))
+        for name in ("l2", "bn_weight", "group_consistency"):
+            if not (getattr(o, name) >= 0 and math.isfinite(getattr(o, name))):
+                p.append(f"{name} must be a finite number >= 0, got {getattr(o, name)}")
+        if o.bn_prior not in P.BN_SOURCES:
+            p.append(f"bn_prior must be one of {P.BN_SOURCES}, got {o.bn_prior!r}")
+        if not 0 < o.group_start < 1:
+            p.append(f"group_start must lie in (0, 1) (the fraction of the budget before the consensus), got "
+                     f"{o.group_start}")
+        if o.group_consistency > 0 and o.restarts < 2:
+            p.append(f"group_consistency needs restarts >= 2 (a consensus of several restarts), got restarts="
+                     f"{o.restarts}")
+        if o.schedule not in C.SCHEDULES:
+            p.append(f"schedule must be one of {C.SCHEDULES}, got {o.schedule!r}")
+        if o.warmup < 0:
+            p.append(f"warmup must be >= 0, got {o.warmup}")
+        p += C.start_problems(o.start)
         if o.init is not None and not isinstance(o.init, (Reconstruction, torch.Tensor)):
             p.append(f"init must be a Reconstruction or an image-space tensor, got {type(o.init).__name__}")
         if o.line_search not in ("", "strong-wolfe"):
@@ -167,7 +228,16 @@ class InvertingGradients(Attack):
         names, problems = C.resolve_layers(case, o.layers, o.top_layers)
         problems += C.matching_problems(case, names)
         problems += C.init_problems(case, o.init)
+        problems += P.spec_problems(case, self._prior_specs(case))
         return problems
+
+    def _prior_specs(self, case: Case) -> list:
+        """The objective's regularisers (:mod:`.priors`): TV, image norm, BatchNorm statistics, then the user's."""
+        o = self.options
+        specs: list = [("tv", tv_weight(o.tv, case.batch_size, o.tv_batch_scaling)), ("l2", o.l2)]
+        if P.resolve_bn_source(case, o.bn_prior) != "none":
+            specs.append(("bn-statistics", o.bn_weight, {"source": o.bn_prior}))
+        return specs + list(o.regularizers)
 
     # ------------------------------------------------------------------------------------------------
     def _labels(self, case: Case, ctx: RunContext) -> tuple[torch.Tensor | None, dict]:
@@ -194,20 +264,19 @@ class InvertingGradients(Attack):
         joint = labels is None
         like = torch.zeros((), dtype=case.dtype, device=case.device)
         lo, hi = C.box(case, like)
-        regs = tuple(o.regularizers)
+        prior = P.build(case, self._prior_specs(case))
         tv = tv_weight(o.tv, case.batch_size, o.tv_batch_scaling)
         spec = case.spec
 
-        def objective(v: list[torch.Tensor]):
-            x = v[0]
-            lab = C.soft_labels(case, v[1]) if joint else labels
-            data, cos = matcher.terms(x, lab)
-            total = data
-            if tv > 0:
-                total = total + tv * C.total_variation(x)
-            for r in regs:
-                total = total + r(x)
-            return total, cos
+        def objective_with(priors: P.Objective):
+            """The one-by-one objective: the data term plus ``priors`` (the batched trials add the same)."""
+            def objective(v: list[torch.Tensor]):
+                x = v[0]
+                lab = C.soft_labels(case, v[1]) if joint else labels
+                data, cos = matcher.terms(x, lab)
+                reg = priors.value(x, lab)
+                return (data if reg is None else data + reg), cos
+            return objective
 
         def project(v: list[torch.Tensor]):
             v[0].clamp_(lo, hi)
@@ -227,9 +296,23 @@ class InvertingGradients(Attack):
             ctx.history.append(total)
             ctx.update(inner if optimizer == "lbfgs" else 1, loss=total)
 
+        grouped = o.group_consistency > 0
+        first = max(1, round(o.max_iterations * o.group_start)) if grouped else o.max_iterations
+        sched = C.lr_schedule(o.schedule if o.lr_decay or o.schedule != "step" else "constant", o.max_iterations,
+                              o.warmup, explicit=grouped)
+        settings = dict(optimizer=optimizer, lr=o.lbfgs_lr if optimizer == "lbfgs" else o.lr, inner=inner,
+                        history_size=o.history_size, line_search=o.line_search, offer_every=o.offer_every)
+
+        def trial_setup(objective, priors, starts, iterations, decay, schedule, names):
+            return B.TrialSetup(
+                case=case, matcher=matcher, labels=labels, objective=objective, starts=starts,
+                settings=dict(settings, max_iterations=iterations, decay=decay, schedule=schedule), priors=priors,
+                score="data" if distance == "cosine" else "cosine", project=project if o.boxed else None,
+                on_step=on_step, on_offer=offer, names=names, batched=o.batch_trials)
+
         starts = []
         for r in range(o.restarts):
-            x0 = C.init_inputs(case, o.init if r == 0 else None, ctx.generator)
+            x0 = C.init_inputs(case, o.init if r == 0 else None, ctx.generator, o.start)
             if o.init is not None and r == 0 and o.boxed:
                 x0 = torch.maximum(torch.minimum(x0, hi), lo)
             v0 = [x0]
@@ -237,15 +320,28 @@ class InvertingGradients(Attack):
                 v0.append(C.randn(C.label_logits_shape(case), ctx.generator, case))
             ctx.start(spec.denormalize(v0[0]), C.hard_labels(case, v0[1]) if joint else labels)
             starts.append(v0)
-        setup = B.TrialSetup(
-            case=case, matcher=matcher, labels=labels, objective=objective, starts=starts,
-            settings=dict(optimizer=optimizer, max_iterations=o.max_iterations,
-                          lr=o.lbfgs_lr if optimizer == "lbfgs" else o.lr, inner=inner, history_size=o.history_size,
-                          line_search=o.line_search, decay=o.lr_decay, offer_every=o.offer_every),
-            tv=tv, regularizers=regs, score="data" if distance == "cosine" else "cosine",
-            project=project if o.boxed else None, on_step=on_step, on_offer=offer,
-            names=[f"{self.name} restart {r}" for r in range(o.restarts)], batched=o.batch_trials)
-        trials, batch_note = B.run(setup)
+        trials, batch_note = B.run(trial_setup(objective_with(prior), prior, starts, first, o.lr_decay, sched,
+                                               [f"{self.name} restart {r}" for r in range(o.restarts)]))
+        group_info = None
+        if grouped and first < o.max_iterations and sum(t.finite for t in trials) >= 2:
+            # GradInversion's group term (one-update form): the consensus of the restarts after the first stage,
+            # then every finite restart continues towards it for the rest of the budget (batched like the first
+            # stage; the schedule goes on where it stopped)
+            consensus = P.group_consensus([t.variables[0] for t in trials if t.finite], spec)
+            grouped_prior = prior.plus(P.build(case, [("group-consistency", o.group_consistency,
+                                                       {"target": consensus})]))
+            stage1 = trials
+            go_on = [r for r, t in enumerate(stage1) if t.finite]
+            later = replace(sched, offset=first)
+            stage2, note2 = B.run(trial_setup(objective_with(grouped_prior), grouped_prior,
+                                              [[v.clone() for v in stage1[r].variables] for r in go_on],
+                                              o.max_iterations - first, False, later,
+                                              [f"{self.name} restart {r} (group)" for r in go_on]))
+            joined = dict(zip(go_on, stage2))
+            trials = [_joined(t1, joined[r]) if r in joined else t1 for r, t1 in enumerate(stage1)]
+            batch_note = [batch_note, note2]
+            group_info = {"weight": o.group_consistency, "consensus_at_iteration": first,
+                          "restarts_in_consensus": len(go_on)}
         info: dict[str, Any] = {
             "restarts": [t.summary() for t in trials],
             "scores": [t.score if t.finite else None for t in trials],
@@ -253,6 +349,8 @@ class InvertingGradients(Attack):
             "labels": label_info,
             "matched_tensors": len(names) if len(names) < len(case.observed) else "all",
             "optimizer": optimizer, "distance": o.distance, "tv": tv,
+            "priors": prior.describe(), "schedule": o.schedule if o.lr_decay or o.schedule != "step" else "constant",
+            "start": o.start if o.init is None else "init (first restart)",
             "protocol": case.protocol,
             "batched": batch_note,
             **C.totals(trials),
@@ -263,4 +361,18 @@ class InvertingGradients(Attack):
                                         "auto: L-BFGS, the model is smooth in its input")
         if len(names) < len(case.observed):
             info["layers"] = names
+        if o.bn_prior != "none":
+            info["bn_prior"] = P.resolve_bn_source(case, o.bn_prior)
+        if group_info is not None:
+            info["group_consistency"] = group_info
         return C.best_trial_result(case, trials, labels, joint, info, "chosen_restart")[0]
+
+
+def _joined(a: C.Trial, b: C.Trial) -> C.Trial:
+    """One restart run in two stages (before and after the group consensus): the better iterate by score, the
+    histories and counts added, the second stage's stop reason."""
+    best = b if (b.finite and (not a.finite or b.score <= a.score)) else a
+    return C.Trial(best.variables, best.score, a.history + b.history, a.outer_steps + b.outer_steps,
+                   a.iterations + b.iterations, a.evaluations + b.evaluations,
+                   a.diverged_at if a.diverged else (None if b.diverged_at is None else a.outer_steps + b.diverged_at),
+                   b.stop, a.seconds + b.seconds)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ...attacks import Attack, Reconstruction, create
+from ...batchnorm import side_channel
 from ...case import Case, DataSpec
 from ...errors import GradleakError, RequirementError, ValidationError
 from .contract import Replay, resolve_replay
@@ -58,17 +59,24 @@ def case_from_flower(model: nn.Module, global_arrays: Arrays, client_arrays: Arr
                      dtype: torch.dtype | None = None) -> Case:
     """The Case the server holds after one client's local training: the model at the arrays it sent and the
     update ``client - global`` over the model's parameters (FedAvg protocol, replayed with ``replay``).
-    Buffers (BatchNorm statistics) are taken from the sent arrays."""
+    The model's buffers are the sent ones (the server's copy); the client's returned buffers (its BatchNorm
+    running statistics after local training) become ``case.observed_buffers``, and ``case.meta['side_channels']``
+    says what they leak (:func:`gradleak.batchnorm.side_channel`)."""
     if dtype is not None:
         model = copy.deepcopy(model).to(dtype=dtype)
     at_round = model_with_arrays(model, global_arrays)
     after = model_with_arrays(model, client_arrays)
     p1 = dict(after.named_parameters())
     delta = {k: (p1[k] - p0).detach() for k, p0 in at_round.named_parameters()}
+    returned = {k: v.detach() for k, v in after.named_buffers()}
     case = Case.from_observed(at_round, delta, spec=spec, batch_size=replay.examples, protocol="fedavg",
                               local_steps=replay.local_steps, local_lr=replay.local_lr,
-                              local_batch_size=replay.local_batch_size, labels=labels, bn_mode=bn_mode)
+                              local_batch_size=replay.local_batch_size, labels=labels, bn_mode=bn_mode,
+                              buffers=returned or None)
     case.meta["source"] = "flower"
+    channel = side_channel(case)
+    if channel is not None:
+        case.meta["side_channels"] = [channel]
     return case
 
 
@@ -212,6 +220,7 @@ class Auditor:
             labels = self.labels_fn(name, int(server_round)) if self.labels_fn else None
             case = case_from_flower(self.model, sent, returned, spec=self.spec, replay=rec.replay, labels=labels,
                                     bn_mode=self.bn_mode, dtype=self.dtype)
+            rec.notes += [c["note"] for c in case.meta.get("side_channels", [])]
             recon = self.attack.reconstruct(case, seed=self.seed)
             rec.reconstruction, rec.residual, rec.kind, rec.claim = recon, recon.residual, recon.kind, recon.claim
             truth = self.truth.get(node_id, server_round) if self.truth is not None else None

@@ -1,0 +1,149 @@
+"""Leakage on deployed architectures: CIFAR ResNets with BatchNorm, realistic settings x attack options.
+
+Models (32x32, CIFAR stem, zoo seed 0, untrained): ``resnet20-4`` (zoo ``resnet20`` with ``width=4``: Inverting
+Gradients' ResNet20-4) and ``resnet18`` (zoo ``resnet18``, CIFAR stem below 128 px); ``resnet20`` (width 1, 16x
+cheaper per iteration than resnet20-4) for the settings that are too slow on the larger ones here.
+
+Settings (issue 16, part 3), named ``{bn}-b{B}-{protocol}[-recovered]``:
+- ``bn``: ``eval`` (BatchNorm with the running statistics) or ``train`` (batch statistics; the client returns its
+  updated running statistics, ``case.observed_buffers``);
+- ``B``: 1 (one photo per case, over the first ``--photos`` photos) or 8 (one case of the first 8 photos);
+- ``protocol``: ``fedsgd`` or ``fedavg5`` (5 local SGD steps of lr ``--local-lr`` on the whole batch);
+- labels known, or ``-recovered`` (the attack recovers them: iDLG / count-based, gradleak's 'auto').
+
+Configurations (part 2), all Inverting Gradients at ``--iterations`` per restart:
+- ``ig``: the default options (signed Adam on ReLU networks, TV 1e-4, step decay);
+- ``ig+bn``: ``bn_prior='auto'`` (the statistics the returned buffers reveal in train mode, the model's running
+  statistics in eval mode), ``bn_weight`` 1e-2;
+- ``ig+cosine``: ``schedule='cosine'`` (warm-up 50) and ``start='patterned-4'``, no BN prior;
+- ``ig-lbfgs``: ``optimizer='lbfgs'`` (cosine matching, strong-Wolfe L-BFGS, on a ReLU network);
+- ``ig+bn+cosine``: the BN prior with ``schedule='cosine'`` (warm-up 50) and ``start='patterned-4'``;
+- ``gradinversion``: the ``gradinversion`` preset at this budget (Adam, cosine, BN prior, image norm, 2
+  restarts with the group term).
+
+PSNR/SSIM: ``gl.evaluate`` (Hungarian alignment for batches; PSNR peak 1 on [0, 1]). Medians are over the
+images (batch 1: one per photo; batch 8: the 8 images of the case).
+
+Budget: the full grid (2 models x 16 settings x 4 configurations x 8 photos x 500 and 2,000 iterations) is far
+beyond a shared 2-core CPU. By default this runs ``--models resnet20-4`` on ``--photos 2`` photos, 500
+iterations, the settings in ``--settings`` and the configurations in ``--configs``; every figure says what it ran.
+``--quick``: a smoke run (resnet20-4, 1 photo, 20 iterations, two settings, two configurations).
+
+Run:  python benchmarks/bench_modern.py [--quick] [--models resnet20-4,resnet18] [--photos N]
+      [--iterations 500,2000] [--settings eval-b1-fedsgd,train-b1-fedsgd] [--configs ig,ig+bn]
+Writes benchmarks/results/modern.json (``--name`` for another name).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import time
+
+
+import common
+import gradleak as gl
+from gradleak import batchnorm
+
+MODELS = {"resnet20-4": ("resnet20", {"width": 4}), "resnet18": ("resnet18", {}), "resnet20": ("resnet20", {})}
+CONFIGS = {
+    "ig": {},
+    "ig+bn": {"bn_prior": "auto", "bn_weight": 1e-2},
+    "ig+cosine": {"schedule": "cosine", "warmup": 50, "start": "patterned-4"},
+    "ig-lbfgs": {"optimizer": "lbfgs"},
+    "ig+bn+cosine": {"bn_prior": "auto", "bn_weight": 1e-2, "schedule": "cosine", "warmup": 50,
+                     "start": "patterned-4"},
+    "gradinversion": {"preset": "gradinversion", "restarts": 2},
+}
+SETTINGS = {f"{bn}-b{b}-{p}{'-recovered' if rec else ''}": {"bn_mode": bn, "batch": b, "protocol": p,
+                                                             "labels_known": not rec}
+            for bn, b, p, rec in itertools.product(("eval", "train"), (1, 8), ("fedsgd", "fedavg5"), (False, True))}
+DEFAULT_SETTINGS = "eval-b1-fedsgd,train-b1-fedsgd,train-b1-fedavg5"
+DEFAULT_CONFIGS = "ig,ig+bn,ig+cosine,gradinversion"
+
+
+def cases(model, setting: dict, photos, n_photos: int, local_lr: float):
+    """(case, truth, photo names) for a setting: one per photo at batch 1, one of the first 8 at batch 8."""
+    b = setting["batch"]
+    starts = range(n_photos) if b == 1 else [0]
+    for i in starts:
+        x, y = photos.batch(b, i)
+        kw = dict(protocol="fedavg", local_steps=5, local_lr=local_lr, local_batch_size=b) \
+            if setting["protocol"] == "fedavg5" else dict(protocol="fedsgd")
+        case, truth = gl.simulate(model, x, y, spec=photos.spec, bn_mode=setting["bn_mode"],
+                                  labels_known=setting["labels_known"], **kw)
+        yield case, truth, photos.names[i:i + b]
+
+
+def main():
+    ap = common.add_arguments(argparse.ArgumentParser())
+    ap.add_argument("--quick", action="store_true", help="smoke run: resnet20-4, 1 photo, 20 iterations")
+    ap.add_argument("--models", default="resnet20-4")
+    ap.add_argument("--photos", type=int, default=2, help="photos at batch 1 (the batch-8 case uses the first 8)")
+    ap.add_argument("--iterations", default="500")
+    ap.add_argument("--settings", default=DEFAULT_SETTINGS, help=f"some of {','.join(SETTINGS)}")
+    ap.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"some of {','.join(CONFIGS)}")
+    ap.add_argument("--local-lr", type=float, default=1e-2)
+    ap.add_argument("--name", default="modern", help="results name (benchmarks/results/NAME.json), for partial runs")
+    args = ap.parse_args()
+    if args.quick:
+        args.models, args.photos, args.iterations = "resnet20-4", 1, "20"
+        args.settings, args.configs = "eval-b1-fedsgd,train-b1-fedsgd", "ig,ig+bn"
+    models = args.models.split(",")
+    settings = args.settings.split(",")
+    configs = args.configs.split(",")
+    budgets = [int(n) for n in args.iterations.split(",")]
+    bad = [m for m in models if m not in MODELS] + [s for s in settings if s not in SETTINGS] + \
+          [c for c in configs if c not in CONFIGS]
+    if bad:
+        ap.error(f"unknown model/setting/config {bad}; models {list(MODELS)}, settings {list(SETTINGS)}, "
+                 f"configs {list(CONFIGS)}")
+    run_ = common.begin(args.name, args)
+    photos = gl.data.samples(32, num_images=8)
+    rows = []
+    for mname in models:
+        zoo, opts = MODELS[mname]
+        model = gl.models.build(zoo, input_shape=(3, 32, 32), num_classes=photos.spec.num_classes, seed=0, **opts)
+        for sname in settings:
+            setting = SETTINGS[sname]
+            for case, truth, names in cases(model, setting, photos, args.photos, args.local_lr):
+                channel = batchnorm.side_channel(case)
+                for cname, n in itertools.product(configs, budgets):
+                    o = dict(CONFIGS[cname])
+                    preset = o.pop("preset", None)
+                    t = time.perf_counter()
+                    rec = gl.create("ig", preset=preset, **{**o, "max_iterations": n}).reconstruct(case, seed=0)
+                    sec = time.perf_counter() - t
+                    s = gl.evaluate(rec, truth)
+                    row = {"model": mname, "setting": sname, "config": cname, "iterations": n, "photos": list(names),
+                           "psnr_per_image": s.psnr_per_image, "ssim_per_image": s.ssim_per_image,
+                           "label_accuracy": s.label_accuracy, "seconds": round(sec, 1),
+                           "bn_prior": rec.info.get("bn_prior"), "labels": rec.info["labels"].get("source"),
+                           "side_channel": None if channel is None else channel["note"]}
+                    rows.append(row)
+                    print(f"{mname:10s} {sname:26s} {cname:14s} {n:5d} its {','.join(names)[:30]:30s} "
+                          f"PSNR {statistics.median(s.psnr_per_image):6.2f} dB  SSIM "
+                          f"{statistics.median(s.ssim_per_image):.3f}  {sec:7.1f} s", flush=True)
+    summary = []
+    for key in sorted({(r["model"], r["setting"], r["config"], r["iterations"]) for r in rows}):
+        sel = [r for r in rows if (r["model"], r["setting"], r["config"], r["iterations"]) == key]
+        ps = [p for r in sel for p in r["psnr_per_image"]]
+        ss = [p for r in sel for p in r["ssim_per_image"]]
+        summary.append({"model": key[0], "setting": key[1], "config": key[2], "iterations": key[3],
+                        "images": len(ps), "median_psnr": statistics.median(ps), "median_ssim": statistics.median(ss),
+                        "seconds": sum(r["seconds"] for r in sel)})
+        print(f"{key[0]:10s} {key[1]:26s} {key[2]:14s} {key[3]:5d} its: median PSNR {summary[-1]['median_psnr']:6.2f} "
+              f"dB, SSIM {summary[-1]['median_ssim']:.3f} over {len(ps)} image(s)")
+    common.finish(run_, {
+        "setting": {"models": models, "photos_at_batch_1": args.photos, "iterations": budgets, "settings": settings,
+                    "configs": {c: CONFIGS[c] for c in configs}, "local_lr": args.local_lr, "untrained": True,
+                    "quick": args.quick},
+        "notes": ["reduced grid on a shared 2-core CPU: see setting; the issue's full grid is 8 photos, both "
+                  "models, 500 and 2000 iterations"],
+        "summary": summary, "rows": rows,
+    })
+
+
+if __name__ == "__main__":
+    main()

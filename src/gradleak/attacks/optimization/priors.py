@@ -1,0 +1,293 @@
+"""Image priors of the optimisation attacks: ONE registry of regularisers, one signature.
+
+A regulariser is registered once with :func:`register_prior`: a builder ``builder(case, **options)`` that
+returns a function of the candidate batch ``x`` (NORMALISED inputs (B, *shape)) -> 0-d tensor, differentiable in
+``x`` (a prior registered with ``uses_labels=True`` is called ``term(x, labels)`` with the candidate's labels:
+int (B,) or soft). The attacks (Inverting Gradients / FedAvg, DLG / iDLG) take a list of :class:`PriorSpec` (or
+``(name, weight)`` / ``(name, weight, options)`` tuples), :func:`build` them once per reconstruction and add
+``sum_r weight_r * term_r(x)`` to the matching objective (never to the score that picks the best restart).
+The same built :class:`Objective` is the added term of the one-by-one objective and of the batched trials
+(:mod:`.batched`, which vmaps ``Objective.value`` over trials); a prior registered with ``batch_problem`` (why
+vmap over trials cannot run it) makes those trials run one by one, with that reason in ``rec.info['batched']``.
+
+Registered:
+
+- ``tv``: anisotropic total variation (Rudin-Osher-Fatemi; in Inverting Gradients, Geiping et al. 2020).
+- ``l2``: the mean squared input, ``mean(x^2)`` (the image-norm prior of DeepInversion / GradInversion).
+- ``bn-statistics``: BatchNorm statistics matching (GradInversion, Yin et al., CVPR 2021; DeepInversion, Yin et
+  al., CVPR 2020): ``sum_l |mu_l(x) - mu_l|_2 + |s2_l(x) - s2_l|_2`` over the BatchNorm layers l, with
+  ``mu_l(x), s2_l(x)`` the per-channel mean and unbiased variance of layer l's INPUT on the candidate batch, and
+  the targets ``mu_l, s2_l`` from ``source``:
+  ``'update'``: what the client's returned running statistics reveal (train mode;
+  :func:`gradleak.batchnorm.revealed_statistics`: the batch's own for one forward pass; for FedAvg with K
+  local steps the mixture of the K step statistics, which the candidate side computes EXACTLY by replaying the
+  client's K steps on the candidate (``fedavg='unrolled'``, the default: the cost of a second unrolled update per
+  evaluation) or approximates on the steps' mini-batches at the sent parameters (``fedavg='sent-parameters'``:
+  cheap, but the parameters' drift makes it poor at usual local learning rates, see docs/batchnorm.md));
+  ``'running'``: the model's running statistics (what the server's model holds: the training data's feature
+  statistics, not this batch's; the GradInversion threat model on a trained model in eval mode);
+  ``'auto'``: 'update' when the case has returned buffers and ran train mode, else 'running' (nothing for a
+  model without BatchNorm).
+- ``group-consistency``: ``mean((x - target)^2)`` towards a consensus batch (GradInversion's group term; the
+  consensus of the restarts is computed by the attack, see :func:`group_consensus`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from ... import batchnorm as BN
+from ...case import Case
+from ...errors import ValidationError
+from ...registry import Registry
+
+Term = Callable[[torch.Tensor], torch.Tensor]
+BN_SOURCES = ("none", "update", "running", "auto")
+
+
+@dataclass(frozen=True)
+class Prior:
+    """A registered regulariser: its builder, the paper it comes from, and ``problems(case, **options)`` (why it
+    cannot be built for a case, [] if it can)."""
+
+    name: str
+    builder: Callable[..., Term]
+    source: str
+    description: str
+    problems: Callable[..., list[str]] = lambda case, **o: []
+    uses_labels: bool = False
+    batch_problem: str = ""
+
+
+priors: Registry[Prior] = Registry("prior")
+
+
+def register_prior(name: str, *, source: str, description: str,
+                   problems: Callable[..., list[str]] | None = None, uses_labels: bool = False,
+                   batch_problem: str = ""):
+    """Register ``builder(case, **options) -> (x -> 0-d tensor)`` as the prior ``name`` (kebab-case);
+    ``uses_labels``: the built term is called ``term(x, labels)``; ``batch_problem``: why the built term cannot
+    run under vmap over trials ('' when it is a function of its arguments alone)."""
+    def deco(builder):
+        priors.register(name)(Prior(name, builder, source, description, problems or (lambda case, **o: []),
+                                    uses_labels, batch_problem))
+        return builder
+    return deco
+
+
+@dataclass(frozen=True)
+class PriorSpec:
+    """One regulariser of an objective: a registered ``name``, its ``weight`` and the builder's ``options``."""
+
+    name: str
+    weight: float
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, item: Any) -> "PriorSpec":
+        """A PriorSpec from a PriorSpec, ``(name, weight)`` or ``(name, weight, options)``."""
+        if isinstance(item, PriorSpec):
+            return item
+        if isinstance(item, (tuple, list)) and len(item) in (2, 3) and isinstance(item[0], str):
+            opts = item[2] if len(item) == 3 else {}
+            return cls(item[0], float(item[1]), dict(opts))
+        raise ValidationError("prior", [f"a prior is a registered name with a weight, (name, weight) or (name, weight, "
+                                        f"options), got {item!r}; registered: {priors.names()}"])
+
+
+def spec_problems(case: Case | None, items: Sequence[Any]) -> list[str]:
+    """Every problem with ``items`` as priors (and, with a case, for that case): unknown names, weights that are
+    not finite and >= 0, a prior that cannot apply to the case."""
+    out = []
+    for item in items:
+        if callable(item) and not isinstance(item, (tuple, list, PriorSpec)):
+            continue  # a plain callable (x) -> tensor
+        try:
+            s = PriorSpec.parse(item)
+        except (ValidationError, TypeError, ValueError) as e:
+            out.append(str(e))
+            continue
+        if s.name not in priors:
+            out.append(f"unknown prior {s.name!r}: expected one of {priors.names()}")
+            continue
+        if not (s.weight >= 0 and s.weight < float("inf")):
+            out.append(f"prior {s.name!r} weight must be a finite number >= 0, got {s.weight}")
+        if case is not None and s.weight > 0:
+            out += priors.get(s.name).problems(case, **dict(s.options))
+    return out
+
+
+@dataclass
+class Objective:
+    """The built regularisers of one reconstruction: ``value(x)`` is ``sum_r w_r term_r(x)``. ``terms``: (name,
+    weight, term, uses_labels, batch_problem) each."""
+
+    terms: list[tuple[str, float, Term, bool, str]] = field(default_factory=list)
+
+    def value(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The weighted sum over the terms (None when there is none); ``labels``: the candidate's labels, for
+        the terms that use them."""
+        total = None
+        for name, w, t, uses_labels, _ in self.terms:
+            if uses_labels and labels is None:
+                raise ValidationError("priors", [f"prior {name!r} needs the candidate's labels"])
+            v = w * (t(x, labels) if uses_labels else t(x))
+            total = v if total is None else total + v
+        return total
+
+    def describe(self) -> list[dict]:
+        return [{"prior": n, "weight": w} for n, w, *_ in self.terms]
+
+    def plus(self, other: "Objective") -> "Objective":
+        """This objective with ``other``'s terms added (e.g. the group term once the consensus exists)."""
+        return Objective(list(self.terms) + list(other.terms))
+
+    def batch_problems(self) -> list[str]:
+        """Why vmap over trials cannot run these terms ([] if it can be tried)."""
+        return [f"prior {n!r}: {why}" for n, _, _, _, why in self.terms if why]
+
+    def key(self) -> tuple:
+        """Equal for two objectives made of the same term functions with the same weights (what lets batched
+        trials of several setups share one objective)."""
+        return tuple((n, w, id(t)) for n, w, t, _, _ in self.terms)
+
+
+def build(case: Case, items: Sequence[Any]) -> Objective:
+    """Build ``items`` (PriorSpec / tuples, or plain callables ``(x) -> tensor`` with weight 1) for ``case``;
+    terms of weight 0 are dropped. Raises :class:`ValidationError` with every problem."""
+    problems = spec_problems(case, items)
+    if problems:
+        raise ValidationError("priors", problems)
+    terms = []
+    for item in items:
+        if callable(item) and not isinstance(item, (tuple, list, PriorSpec)):
+            terms.append((getattr(item, "__name__", "callable"), 1.0, item, False, ""))
+            continue
+        s = PriorSpec.parse(item)
+        if s.weight > 0:
+            p = priors.get(s.name)
+            terms.append((p.name, s.weight, p.builder(case, **dict(s.options)), p.uses_labels, p.batch_problem))
+    return Objective(terms)
+
+
+# ---- the registered priors -----------------------------------------------------------------------------------
+
+def total_variation(x: torch.Tensor) -> torch.Tensor:
+    """Anisotropic total variation of images x (B, C, H, W): mean |x[..., :, j+1] - x[..., :, j]| plus
+    mean |x[..., i+1, :] - x[..., i, :]|. Returns a 0-d tensor (0 for non-image inputs)."""
+    if x.ndim < 4:
+        return x.new_zeros(())
+    tv = x.new_zeros(())
+    if x.shape[-1] > 1:
+        tv = tv + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
+    if x.shape[-2] > 1:
+        tv = tv + (x[..., 1:, :] - x[..., :-1, :]).abs().mean()
+    return tv
+
+
+@register_prior("tv", source="Rudin, Osher, Fatemi 1992; Geiping et al. NeurIPS 2020",
+                description="anisotropic total variation of the candidate images")
+def _tv(case: Case) -> Term:
+    return total_variation
+
+
+@register_prior("l2", source="Yin et al. CVPR 2020 (DeepInversion); Yin et al. CVPR 2021 (GradInversion)",
+                description="mean squared (normalised) input")
+def _l2(case: Case) -> Term:
+    return mean_square
+
+
+def mean_square(x: torch.Tensor) -> torch.Tensor:
+    """``mean(x^2)`` (the 'l2' prior's term; one function, so that batched setups with it share a batch)."""
+    return x.pow(2).mean()
+
+
+def resolve_bn_source(case: Case, source: str) -> str:
+    """'auto' -> 'update' for a train-mode case with returned buffers, else 'running'; 'none' for a model
+    without BatchNorm layers (there is nothing to match)."""
+    if source != "auto":
+        return source
+    if not BN.bn_layers(case.model):
+        return "none"
+    return "update" if case.bn_mode == "train" and case.observed_buffers else "running"
+
+
+FEDAVG_MODES = ("unrolled", "sent-parameters")
+
+
+def _bn_problems(case: Case, source: str = "auto", fedavg: str = "unrolled") -> list[str]:
+    if source not in BN_SOURCES[1:]:
+        return [f"bn-statistics source must be one of {BN_SOURCES[1:]}, got {source!r}"]
+    if fedavg not in FEDAVG_MODES:
+        return [f"bn-statistics fedavg must be one of {FEDAVG_MODES}, got {fedavg!r}"]
+    if not BN.bn_layers(case.model):
+        return ["bn-statistics: the model has no BatchNorm layer with running statistics"]
+    source = resolve_bn_source(case, source)
+    if source == "update":
+        try:
+            BN.revealed_statistics(case)
+        except ValidationError as e:
+            return [f"bn-statistics source 'update': {p}" for p in e.problems]
+    return []
+
+
+@register_prior("bn-statistics", source="Yin et al. CVPR 2021 (GradInversion); Yin et al. CVPR 2020 (DeepInversion)",
+                description="BatchNorm input statistics of the candidate batch matched to the revealed ('update') "
+                            "or the model's running ('running') statistics", problems=_bn_problems, uses_labels=True,
+                batch_problem="it runs its own forward pass of the model with hooks that record the BatchNorm "
+                              "inputs (and, for FedAvg 'update', replays the client's local steps), which vmap "
+                              "over trials does not batch")
+def _bn_statistics(case: Case, source: str = "auto", fedavg: str = "unrolled") -> Term:
+    source = resolve_bn_source(case, source)
+    unrolled = None
+    if source == "update":
+        stats = BN.revealed_statistics(case)
+        targets = {n: (s.mean, s.var) for n, s in stats.layers.items()}
+        chunks = BN.candidate_chunks(case, stats)
+        if not stats.exact and fedavg == "unrolled":
+            unrolled = next(iter(stats.layers.values())).weights
+    else:
+        buf = case.buffers
+        targets = {n: (buf[f"{n}.running_mean" if n else "running_mean"], buf[f"{n}.running_var" if n else "running_var"])
+                   for n in BN.bn_layers(case.model)}
+        chunks = None
+    features = BN.FeatureStatistics(case.model, list(targets))
+
+    def term(x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        seen = features(x, chunks) if unrolled is None else features.unrolled(case, x, labels, unrolled)
+        total = x.new_zeros(())
+        for n, (mu, var) in targets.items():
+            m, v = seen[n]
+            total = total + (m - mu).norm() + (v - var).norm()
+        return total
+
+    return term
+
+
+@register_prior("group-consistency", source="Yin et al. CVPR 2021 (GradInversion)",
+                description="mean squared distance to a consensus batch (normalised space)")
+def _group(case: Case, target: torch.Tensor | None = None) -> Term:
+    if target is None:
+        raise ValidationError("group-consistency", ["needs target= (the consensus batch, normalised (B, *shape))"])
+    t = target.detach()
+    return lambda x: (x - t).pow(2).mean()
+
+
+def group_consensus(batches: Sequence[torch.Tensor], spec=None) -> torch.Tensor:
+    """The consensus of several restarts' batches (B, *shape) (GradInversion's group mean): each batch's samples
+    are first put in the order of the first one's (the Hungarian assignment of :func:`gradleak.metrics.align`, on
+    the images ``spec.denormalize(batch)`` when a DataSpec is given), so that restarts that found the same images
+    in another order agree, then averaged."""
+    from ...metrics import align
+
+    image = spec.denormalize if spec is not None else (lambda t: t)
+    ref = batches[0].detach()
+    aligned = [ref]
+    for b in batches[1:]:
+        b = b.detach()
+        order = align(image(b), image(ref))
+        aligned.append(b[torch.as_tensor(order, device=b.device)])
+    return torch.stack(aligned).mean(0)
