@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -384,13 +383,10 @@ def _other_clients(cfg: AttackRun, ds, k: int, *, mod2: bool) -> tuple[torch.Ten
 
 def default_out(cfg: AttackRun) -> Path:
     """``runs/ATTACK-MODEL-TIME`` (with a ``-2``, ``-3``, ... suffix when that directory exists already)."""
+    from .report.rundir import fresh_run_path
+
     model = models_mod.custom.label(cfg.model)  # a spec path/net.py:Net -> net.Net
-    base = Path("runs") / f"{attacks.canonical(cfg.attack)}-{model}-{time.strftime('%Y%m%d-%H%M%S')}"
-    out, k = base, 1
-    while out.exists():
-        k += 1
-        out = base.with_name(f"{base.name}-{k}")
-    return out
+    return fresh_run_path(f"{attacks.canonical(cfg.attack)}-{model}")
 
 
 def run_config(cfg: AttackRun, case: Case | None = None) -> dict:

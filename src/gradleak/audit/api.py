@@ -433,12 +433,9 @@ def _job_warnings(rows: list[dict]) -> list[str]:
 def _default_out(model: Any) -> Path:
     name = model if isinstance(model, str) else type(model).__name__
     name = models_mod.custom.label(name) if ":" in name else name
-    base = Path("runs") / f"audit-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    out, k = base, 1
-    while out.exists():
-        k += 1
-        out = base.with_name(f"{base.name}-{k}")
-    return out
+    from ..report.rundir import fresh_run_path
+
+    return fresh_run_path(f"audit-{name}")
 
 
 __all__ = ["AuditConfig", "AuditResult", "Plan", "audit", "to_command"]

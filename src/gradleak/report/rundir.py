@@ -10,6 +10,7 @@ either the previous run or the new one, never a mix, and an interrupted or faile
 from __future__ import annotations
 
 import os
+import time
 import shutil
 import tempfile
 from pathlib import Path
@@ -211,6 +212,17 @@ class RunDirectory:
             os.rename(old, p)  # put the previous run back
             raise
         shutil.rmtree(old, ignore_errors=True)
+
+
+def fresh_run_path(name: str, root: str | Path = "runs") -> Path:
+    """``root/NAME-TIME``, with a ``-2``, ``-3``, ... suffix when that directory exists already (the default
+    run directory of every command)."""
+    base = Path(root) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out, k = base, 1
+    while out.exists():
+        k += 1
+        out = base.with_name(f"{base.name}-{k}")
+    return out
 
 
 def _umask() -> int:
