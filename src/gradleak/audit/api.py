@@ -231,12 +231,12 @@ def _defense_entries(cfg: AuditConfig, rows: list[dict], utility: dict | None) -
     return out
 
 
-def _check_out(out: Path, cfg: AuditConfig, overwrite: bool) -> None:
+def _check_out(out: Path, cfg: AuditConfig) -> None:
     """Refuse an ``out`` that holds something else than this audit (a resume needs the same settings)."""
     if out.exists() and not out.is_dir():
         raise OutputError(f"--out {out} is a file; expected a directory for the audit")
     prev = out / "audit.json"
-    if prev.is_file() and not overwrite:
+    if prev.is_file():
         try:
             old = json.loads(prev.read_text()).get("settings")
         except (OSError, ValueError):
@@ -245,11 +245,8 @@ def _check_out(out: Path, cfg: AuditConfig, overwrite: bool) -> None:
             diff = sorted(k for k in cfg.to_dict() if (old or {}).get(k) != to_jsonable(cfg.to_dict()).get(k))
             raise OutputError(f"{out} holds an audit with other settings ({', '.join(diff) or 'unreadable'}); "
                               "rerun with the same settings to resume, or pass --overwrite / another --out")
-    elif (out.is_dir() and not prev.is_file() and not overwrite
-          and any(not p.name.startswith(_STAGED_PREFIXES) for p in out.iterdir())):
+    elif out.is_dir() and any(not p.name.startswith(_STAGED_PREFIXES) for p in out.iterdir()):
         raise OutputError(f"{out} is not empty and holds no audit; pass --overwrite or another --out")
-    if overwrite and out.is_dir():
-        shutil.rmtree(out)
 
 
 def _finished(job) -> bool:
@@ -310,7 +307,7 @@ def audit(model: Any, data: Any = None, *, out: str | Path | None = None, worker
     if staged_model is None:
         cfg.model = _stage_model(model, out)
     cfg = dataclasses.replace(cfg, **_stage_data(data, out))
-    _check_out(out, cfg, overwrite=False)  # a rerun resumes only the same settings (and the same staged inputs)
+    _check_out(out, cfg)  # a rerun resumes only the same settings (and the same staged inputs)
     tm = threat_mod.get(cfg.threat_model)
     the_plan = plan(cfg, out)
     out.mkdir(parents=True, exist_ok=True)

@@ -143,12 +143,12 @@ def check_defenses(specs: list[str]) -> list[str]:
 
 
 def base_run(cfg: AuditConfig, tm: threat_mod.ThreatModel) -> AttackRun:
-    extra = {"device": cfg.device} if cfg.device is not None and "device" in {f.name for f in dataclasses.fields(AttackRun)} else {}
     return AttackRun(attack="inverting-gradients", model=cfg.model, dataset=cfg.dataset, images=cfg.images,
                      num_images=1, start=cfg.start, image_size=cfg.image_size, num_classes=cfg.num_classes,
                      seed=cfg.seed, protocol=cfg.protocol, local_steps=cfg.local_steps, local_lr=cfg.local_lr,
                      local_batch_size=None, dtype=cfg.dtype, labels_known=tm.labels_known, bn_mode=cfg.bn_mode,
-                     model_options=dict(cfg.model_options), weights=cfg.weights, **extra)
+                     model_options=dict(cfg.model_options), weights=cfg.weights,
+                     device=cfg.device or "cpu")
 
 
 def _local_batch(cfg: AuditConfig, b: int) -> int | None:
