@@ -271,3 +271,18 @@ def test_case_to_refuses_a_missing_device(monkeypatch):
         case.to(device="cuda")
     moved = case.to(device="cpu", dtype=torch.float64)
     assert moved.device == torch.device("cpu") and moved.dtype == torch.float64
+
+
+def test_mps_with_float64_is_refused_before_any_work():
+    """Apple's MPS has no float64; compare defaults to float64, so asking it for mps must say so in one line
+    (checked before whether this machine has MPS at all)."""
+    from gradleak.errors import ValidationError
+    from gradleak.experiment import AttackRun, compare
+    from gradleak.validate import device_problems
+
+    assert any("float64" in p for p in device_problems("mps", dtype="float64"))
+    assert device_problems("mps", dtype="float32") == []
+    assert device_problems("cpu", dtype=torch.float64) == []
+    assert any("float64" in p for p in AttackRun(attack="ig", model="lenet", device="mps", dtype="float64").problems())
+    with pytest.raises(ValidationError, match="no float64"):
+        compare(attacks=["ig"], model="lenet", device="mps")

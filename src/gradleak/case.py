@@ -375,8 +375,9 @@ class Case:
         """A copy of the case with model, observation and labels in ``dtype`` / on ``device`` ('cpu', 'cuda',
         'cuda:N', 'mps'; a device this machine lacks is a :class:`~gradleak.errors.ResourceError`)."""
         if device is not None:
-            from .validate import require_device
+            from .validate import raise_if, require_device, device_problems
 
+            raise_if(device_problems(device, "Case.to device", dtype=dtype or self.dtype), "Case.to")
             device = require_device(device, "Case.to device")
         model = copy.deepcopy(self.model).to(device=device, dtype=dtype)
         obs = self.observation.with_tensors({k: v.to(device=device, dtype=dtype) for k, v in self.observed.items()})

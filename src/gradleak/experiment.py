@@ -125,7 +125,7 @@ class AttackRun:
         p += int_problems(self.iterations, "iterations", minimum=1, optional=True)
         p += int_problems(self.restarts, "restarts", minimum=1, optional=True)
         p += int_problems(self.threads, "threads", minimum=1, optional=True)
-        p += device_problems(self.device)
+        p += device_problems(self.device, dtype=self.dtype)
         p += int_problems(self.local_steps, "local_steps", minimum=1)
         p += number_problems(self.local_lr, "local_lr", positive=True)
         p += seed_problems(self.seed)

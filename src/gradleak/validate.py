@@ -106,9 +106,11 @@ def require_seed(seed: Any, what: str = "seed") -> int:
 DEVICE_TYPES = ("cpu", "cuda", "mps")
 
 
-def device_problems(device: Any, name: str = "device") -> list[str]:
+def device_problems(device: Any, name: str = "device", dtype: Any = None) -> list[str]:
     """Whether ``device`` names a device kind gradleak runs on ('cpu', 'cuda', 'cuda:N', 'mps', a
-    ``torch.device``; None means the CPU). Whether this machine has it is :func:`require_device`'s check."""
+    ``torch.device``; None means the CPU), and, given ``dtype`` (a torch dtype or its name), whether that
+    device computes in it (Apple's MPS has no float64). Whether this machine has the device is
+    :func:`require_device`'s check."""
     import torch
 
     if device is None:
@@ -119,6 +121,8 @@ def device_problems(device: Any, name: str = "device") -> list[str]:
         dev = None
     if dev is None or dev.type not in DEVICE_TYPES:
         return [f"{name} must be one of {', '.join(DEVICE_TYPES)} (or cuda:N), got {device!r}"]
+    if dev.type == "mps" and str(dtype).replace("torch.", "") in ("float64", "double"):
+        return [f"{name} {device!r} has no float64 (Apple's MPS computes in float32 at most): use dtype float32"]
     return []
 
 
