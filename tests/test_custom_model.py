@@ -124,6 +124,7 @@ def test_a_module_factory_takes_model_options(tmp_path, capsys, monkeypatch):
             counts.append(json.loads((out / "metrics.json").read_text())["model_parameters"])
         d, classes = 3 * 8 * 8, len(SAMPLE_NAMES)
         assert counts == [d * h + h + h * classes + classes for h in (5, 7)]
+        assert str(tmp_path) not in sys.path  # the working directory was on sys.path for the import only
     finally:
         for k in [k for k in sys.modules if k.startswith("glcustom_pkg")]:
             del sys.modules[k]

@@ -155,12 +155,16 @@ def _import(spec: str, target: str):
         except Exception as e:
             raise ValidationError(what, [f"importing {target} failed{_where(e, str(path))}: {_last_line(e)}"]) from None
     cwd = os.getcwd()
-    if cwd not in sys.path and "" not in sys.path:  # `gradleak` run from a project folder imports its packages
+    added = cwd not in sys.path and "" not in sys.path
+    if added:  # `gradleak` run from a project folder imports its packages (for this import only, as for files)
         sys.path.append(cwd)
     try:
         module = importlib.import_module(target)
     except Exception as e:
         raise ValidationError(what, [f"importing the module {target} failed: {_last_line(e)}"]) from None
+    finally:
+        if added and cwd in sys.path:
+            sys.path.remove(cwd)
     return module, getattr(module, "__file__", None)
 
 
