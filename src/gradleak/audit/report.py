@@ -18,6 +18,8 @@ from typing import Any
 
 from ..report.figures import convergence_png, frontier_png, image_uint8, png_bytes, png_data_uri
 from ..report.jsonable import to_jsonable
+from .verdict import best_per_image
+from .verdict import json_number as _num
 from .schema import (JOB_STATUSES, RECOGNISABLE_PSNR_DB, RECOGNISABLE_SSIM, SCORED_STATUSES,
                      THRESHOLD_JUSTIFICATION, VERDICT_STATUSES, threshold_rule)
 
@@ -59,16 +61,6 @@ ul.tight{margin:.3em 0;padding-left:1.3em}
 # ---- small formatting helpers -----------------------------------------------------------------------------
 def _e(v: Any) -> str:
     return html.escape("" if v is None else str(v))
-
-
-def _num(v) -> float | None:
-    """A float from a JSON value: ±inf for the strings 'inf' / '-inf' (how audit.json writes an infinite
-    PSNR), None for null, NaN and anything else."""
-    if v in ("inf", "-inf"):
-        return float(v)
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
-        return None
-    return float(v)
 
 
 def _f(v, digits: int = 2, unit: str = "") -> str:
@@ -388,23 +380,6 @@ def _all_images(audit: dict) -> list[int]:
     return sorted({i for j in _list(audit.get("jobs")) for i in _list(_dict(j).get("images"))})
 
 
-def _best_per_image(audit: dict, spec: str) -> dict[int, dict]:
-    """image -> {"psnr": (best PSNR, its job, index in the job) or None, "ssim": best SSIM or None} over the
-    scored jobs of one defense: the worst case for each image."""
-    out: dict[int, dict] = {}
-    for j in _scored(audit):
-        if str(j.get("defense")) != spec:
-            continue
-        for k, img in enumerate(_list(j.get("images"))):
-            b = out.setdefault(img, {"psnr": None, "ssim": None})
-            p, s = _num(_per_image(j, "psnr_per_image")[k]), _num(_per_image(j, "ssim_per_image")[k])
-            if p is not None and (b["psnr"] is None or p > b["psnr"][0]):
-                b["psnr"] = (p, j, k)
-            if s is not None and (b["ssim"] is None or s > b["ssim"]):
-                b["ssim"] = s
-    return out
-
-
 def _recognisable_lines(audit: dict, psnr_t: float, ssim_t: float) -> str:
     """Which images are recognisable under each defense, and by which threshold (from the jobs' per-image
     scores); a count that differs from the verdict's is said, not hidden."""
@@ -412,8 +387,8 @@ def _recognisable_lines(audit: dict, psnr_t: float, ssim_t: float) -> str:
     items = []
     for spec, label in _defense_order(audit):
         why = []
-        for img, b in sorted(_best_per_image(audit, spec).items()):
-            p, s = (b["psnr"][0] if b["psnr"] else None), b["ssim"]
+        for img, b in sorted(best_per_image(_list(audit.get("jobs")), spec).items()):
+            p, s = b["psnr"], b["ssim_best"]
             hit = ([f"PSNR {p:.1f} dB"] if p is not None and p >= psnr_t else []) + (
                 [f"SSIM {s:.2f}"] if s is not None and s >= ssim_t else [])
             if hit:
@@ -431,10 +406,12 @@ def _grid(audit: dict, files: _Files) -> str:
            '(left) beside the reconstruction with the highest PSNR over every attack and batch size (right).</p>']
     images = _all_images(audit)
     for spec, label in _defense_order(audit):
-        bests = _best_per_image(audit, spec)
+        bests = best_per_image(_list(audit.get("jobs")), spec)
+        jobs = {_dict(j).get("id"): _dict(j) for j in _scored(audit)}
         cards = []
         for img in images:
-            best = bests.get(img, {}).get("psnr")
+            best = bests.get(img)
+            best = None if best is None or best["psnr"] is None else (best["psnr"], jobs[best["job"]], best["position"])
             t = files.truth_uri(img)
             truth = _img(t, f"truth #{img}") if t else _missing("truth not available")
             if best is None:

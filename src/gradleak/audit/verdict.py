@@ -22,6 +22,16 @@ def _finite(v) -> float | None:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
 
 
+def json_number(v) -> float | None:
+    """A float from a JSON value: ±inf for the strings 'inf' / '-inf' (how audit.json writes an infinite
+    PSNR: an exact reconstruction), None for null, NaN and anything else."""
+    if v in ("inf", "-inf"):
+        return float(v)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
+        return None
+    return float(v)
+
+
 def downsample(history: list, points: int = HISTORY_POINTS) -> list[float]:
     """At most ``points`` values, evenly spaced, always keeping the last."""
     h = [float(v) for v in history if isinstance(v, (int, float))]
@@ -81,21 +91,28 @@ def is_recognisable(psnr: float | None, ssim: float | None) -> bool:
 
 def best_per_image(rows: list[dict], defense: str) -> dict[int, dict[str, Any]]:
     """image index -> the best reconstruction of it under ``defense``: the highest-PSNR one (psnr, ssim, attack,
-    job, position in that job's batch) and ``ssim_best``, the highest SSIM any attack reached on it."""
+    job, position in that job's batch) and ``ssim_best``, the highest SSIM any attack reached on it. Over the
+    scored jobs (``SCORED_STATUSES``) only; rows read back from an audit.json may be incomplete: a missing or
+    NaN score counts as no score, a row without images as none."""
+    from .schema import SCORED_STATUSES
+
     best: dict[int, dict[str, Any]] = {}
     for r in rows:
-        if r["defense"] != defense or r["status"] not in ("done", "resumed", "interrupted"):
+        if not isinstance(r, dict) or r.get("defense") != defense or r.get("status") not in SCORED_STATUSES:
             continue
-        for pos, img in enumerate(r["images"]):
-            p = r["psnr_per_image"][pos] if pos < len(r["psnr_per_image"]) else None
-            s = r["ssim_per_image"][pos] if pos < len(r["ssim_per_image"]) else None
+        images = r.get("images") if isinstance(r.get("images"), list) else []
+        ps = r.get("psnr_per_image") if isinstance(r.get("psnr_per_image"), list) else []
+        ss = r.get("ssim_per_image") if isinstance(r.get("ssim_per_image"), list) else []
+        for pos, img in enumerate(images):
+            p = json_number(ps[pos]) if pos < len(ps) else None
+            s = json_number(ss[pos]) if pos < len(ss) else None
             if p is None and s is None:
                 continue
             cur = best.get(img)
             ssim_best = max([x for x in (s, cur and cur["ssim_best"]) if x is not None], default=None)
             if cur is None or (p if p is not None else -math.inf) > (cur["psnr"] if cur["psnr"] is not None else -math.inf):
-                cur = best[img] = {"psnr": p, "ssim": s, "attack": r["attack"], "job": r["id"], "position": pos,
-                                   "batch_size": r["batch_size"]}
+                cur = best[img] = {"psnr": p, "ssim": s, "attack": r.get("attack"), "job": r.get("id"),
+                                   "position": pos, "batch_size": r.get("batch_size")}
             cur["ssim_best"] = ssim_best
     return best
 
@@ -147,4 +164,4 @@ def verdicts(rows: list[dict], defenses: list[dict], images: list[int]) -> list[
     return out
 
 
-__all__ = ["best_per_image", "downsample", "is_recognisable", "job_row", "read_metrics", "verdicts"]
+__all__ = ["best_per_image", "downsample", "is_recognisable", "job_row", "json_number", "read_metrics", "verdicts"]
