@@ -138,3 +138,33 @@ def test_residual_and_attack_are_scale_free(lenet_case, scale):
     pa, pb = (float(gl.metrics.psnr(r.inputs, truth.inputs).mean()) for r in (a, b))
     assert pa > 10.0 and abs(pa - pb) < 0.5
     assert a.residual < 0.02 and b.residual == pytest.approx(a.residual, rel=0.25)
+
+
+def test_lbfgs_with_absolute_tolerances_is_one_torch_optim_lbfgs_step():
+    """tolerances='absolute', max_outer_steps=1 (the tensor attack's refinement): one torch.optim.LBFGS.step of
+    max_iter iterations with torch's default tolerances, on a Rosenbrock scaled by 1e-5 where torch's absolute
+    loss-change test (1e-9) ends the step early; the scale-free default runs on past it."""
+    x0 = torch.tensor([-1.2, 1.0, -0.5, 0.8], dtype=torch.float64)
+    scaled = lambda v: 1e-5 * rosenbrock(v)  # noqa: E731
+    x = x0.clone().requires_grad_(True)
+    opt = torch.optim.LBFGS([x], lr=1.0, max_iter=200, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        f = scaled([x])
+        f.backward()
+        return f
+
+    opt.step(closure)
+    n_iter = opt.state[opt.param_groups[0]["params"][0]]["n_iter"]
+    assert n_iter < 200  # torch stopped on its tolerance, not its budget
+    t = C.run_lbfgs(lambda v: (scaled(v),) * 2, [x0], max_iterations=200, inner=200, history_size=20,
+                    line_search="strong-wolfe", tolerances="absolute", tol_grad=1e-7, tol_change=1e-9,
+                    max_outer_steps=1)
+    assert t.iterations == n_iter and t.outer_steps == 1 and t.stop.startswith("outer steps: 1")
+    torch.testing.assert_close(t.variables[0], x.detach(), rtol=0, atol=1e-9)
+    assert t.score == pytest.approx(float(scaled([x.detach()])), rel=1e-9)
+    free = C.run_lbfgs(lambda v: (scaled(v),) * 2, [x0], max_iterations=200, inner=200, history_size=20,
+                       line_search="strong-wolfe")
+    assert free.iterations > n_iter and free.score < t.score
+
