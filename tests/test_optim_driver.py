@@ -168,3 +168,38 @@ def test_lbfgs_with_absolute_tolerances_is_one_torch_optim_lbfgs_step():
                        line_search="strong-wolfe")
     assert free.iterations > n_iter and free.score < t.score
 
+
+def test_layerwise_adam_step_is_torch_adam_with_the_clamp_and_projection():
+    """Layer-wise's Adam sub-step on the driver (step decay, box clamp, then re-projection onto anchor +
+    range(P)) gives the iterates of a torch.optim.Adam loop doing the same, to the bit."""
+    from gradleak.attacks.layerwise_steps import _optimise
+
+    g = torch.Generator().manual_seed(0)
+    target = torch.randn(6, generator=g, dtype=torch.float64)
+    q, _ = torch.linalg.qr(torch.randn(6, 4, generator=g, dtype=torch.float64))
+    P = q @ q.T  # projector onto a 4-d subspace
+    x0 = torch.rand(6, generator=g, dtype=torch.float64)
+    loss = lambda v: ((v - target) ** 2).sum() + 0.1 * v.pow(4).sum()  # noqa: E731
+    clamp = lambda v: v.clamp(0.0, 0.8)  # noqa: E731
+    project = lambda dv: P @ dv  # noqa: E731
+    best, hist = _optimise(loss, x0, 40, 0.05, clamp=clamp, project=project, ctx=None, tag="t", schedule="step")
+    x = x0.clone().requires_grad_(True)
+    opt = torch.optim.Adam([x], lr=0.05)
+    ref_best, ref_val, ref_hist = x0.clone(), math.inf, []
+    for step in range(40):
+        if step in (15, 25, 35):
+            opt.param_groups[0]["lr"] *= 0.1
+        opt.zero_grad()
+        f = loss(x)
+        ref_hist.append(float(f.detach()))
+        if ref_hist[-1] < ref_val:
+            ref_val, ref_best = ref_hist[-1], x.detach().clone()
+        f.backward()
+        opt.step()
+        with torch.no_grad():
+            x.copy_(clamp(x))
+            x.copy_(x0 + project(x - x0))
+    if float(loss(x.detach())) < ref_val:
+        ref_best = x.detach().clone()
+    assert hist == ref_hist and torch.equal(best, ref_best)
+    assert min(ref_hist) < ref_hist[0]  # it moved
