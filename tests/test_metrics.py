@@ -92,3 +92,45 @@ def test_ssim_equals_the_torchmetrics_definition(shape):
                                               reduction="none")
     assert torch.allclose(gl.metrics.ssim(a, b), ref, rtol=0, atol=1e-12)
     assert torch.allclose(gl.metrics.ssim(a, a), torch.ones(shape[0], dtype=torch.float64), atol=1e-12)
+
+
+@pytest.mark.parametrize("value_range", [(-1.0, 1.0), (0.0, 255.0)])
+def test_scores_in_a_value_range_equal_those_of_the_images_rescaled_to_the_unit_range(value_range):
+    """A data spec's value range (lo, hi) is mapped onto [0, 1]: PSNR (peak hi - lo), SSIM and MSE of images
+    in (lo, hi) are those of the same images rescaled to [0, 1], and the alignment is the same."""
+    spec = gl.DataSpec((3, 16, 16), 10, value_range=value_range)
+    lo, hi = spec.value_range
+    g = torch.Generator().manual_seed(3)
+    t = torch.rand(3, 3, 16, 16, generator=g, dtype=torch.float64)
+    r = (t + 0.1 * torch.randn(t.shape, generator=g, dtype=torch.float64)).clamp(0, 1)[[1, 2, 0]]
+    unit = gl.evaluate(r, t)
+    scaled = gl.evaluate(lo + (hi - lo) * r, lo + (hi - lo) * t, spec.value_range)
+    assert scaled.order == unit.order == [2, 0, 1]
+    for name in ("psnr_per_image", "ssim_per_image", "mse_per_image"):
+        assert getattr(scaled, name) == pytest.approx(getattr(unit, name), rel=1e-9, abs=1e-12), name
+    assert 10 < unit.psnr < 40 and 0.2 < unit.ssim < 0.99  # not a degenerate pair
+    # the same per-image functions take the range too
+    a, b = lo + (hi - lo) * r[2:3], lo + (hi - lo) * t[:1]  # truth 0 and its match
+    assert float(M.psnr(a, b, spec.value_range)[0]) == pytest.approx(unit.psnr_per_image[0], rel=1e-9)
+    assert float(M.ssim(a, b, spec.value_range)[0]) == pytest.approx(unit.ssim_per_image[0], rel=1e-9)
+
+
+def test_a_reconstruction_outside_the_unit_range_but_inside_the_value_range_is_not_clipped():
+    """Range (-1, 1): truth -0.5, reconstruction -0.6 differ by 0.05 on the unit range (PSNR 26.02 dB); clamped
+    to [0, 1] as before value ranges were honoured, both would read 0 and score an exact 300 dB."""
+    t = torch.full((1, 1, 8, 8), -0.5, dtype=torch.float64)
+    r = torch.full_like(t, -0.6)
+    assert gl.evaluate(r, t).psnr == 300.0  # the unit-range reading clips both to 0
+    s = gl.evaluate(r, t, (-1.0, 1.0))
+    assert s.psnr == pytest.approx(10 * math.log10(1 / 0.05 ** 2)) and s.mse == pytest.approx(0.05 ** 2)
+    # outside the value range a reconstruction is still clamped to it
+    assert gl.evaluate(torch.full_like(t, 1.5), torch.ones_like(t), (-1.0, 1.0)).psnr == 300.0
+
+
+@pytest.mark.parametrize("bad", [(1.0, 0.0), (0.5, 0.5), (0.0,), "ab", (0.0, math.inf), None])
+def test_a_bad_value_range_is_a_validation_error(bad):
+    x = torch.rand(2, 1, 8, 8)
+    with pytest.raises(gl.ValidationError, match="value_range must be"):
+        gl.evaluate(x, x, bad)
+    with pytest.raises(gl.ValidationError, match="value_range must be"):
+        M.psnr(x, x, bad)

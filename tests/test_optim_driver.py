@@ -138,3 +138,68 @@ def test_residual_and_attack_are_scale_free(lenet_case, scale):
     pa, pb = (float(gl.metrics.psnr(r.inputs, truth.inputs).mean()) for r in (a, b))
     assert pa > 10.0 and abs(pa - pb) < 0.5
     assert a.residual < 0.02 and b.residual == pytest.approx(a.residual, rel=0.25)
+
+
+def test_lbfgs_with_absolute_tolerances_is_one_torch_optim_lbfgs_step():
+    """tolerances='absolute', max_outer_steps=1 (the tensor attack's refinement): one torch.optim.LBFGS.step of
+    max_iter iterations with torch's default tolerances, on a Rosenbrock scaled by 1e-5 where torch's absolute
+    loss-change test (1e-9) ends the step early; the scale-free default runs on past it."""
+    x0 = torch.tensor([-1.2, 1.0, -0.5, 0.8], dtype=torch.float64)
+    scaled = lambda v: 1e-5 * rosenbrock(v)  # noqa: E731
+    x = x0.clone().requires_grad_(True)
+    opt = torch.optim.LBFGS([x], lr=1.0, max_iter=200, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        f = scaled([x])
+        f.backward()
+        return f
+
+    opt.step(closure)
+    n_iter = opt.state[opt.param_groups[0]["params"][0]]["n_iter"]
+    assert n_iter < 200  # torch stopped on its tolerance, not its budget
+    t = C.run_lbfgs(lambda v: (scaled(v),) * 2, [x0], max_iterations=200, inner=200, history_size=20,
+                    line_search="strong-wolfe", tolerances="absolute", tol_grad=1e-7, tol_change=1e-9,
+                    max_outer_steps=1)
+    assert t.iterations == n_iter and t.outer_steps == 1 and t.stop.startswith("outer steps: 1")
+    torch.testing.assert_close(t.variables[0], x.detach(), rtol=0, atol=1e-9)
+    assert t.score == pytest.approx(float(scaled([x.detach()])), rel=1e-9)
+    free = C.run_lbfgs(lambda v: (scaled(v),) * 2, [x0], max_iterations=200, inner=200, history_size=20,
+                       line_search="strong-wolfe")
+    assert free.iterations > n_iter and free.score < t.score
+
+
+def test_layerwise_adam_step_is_torch_adam_with_the_clamp_and_projection():
+    """Layer-wise's Adam sub-step on the driver (step decay, box clamp, then re-projection onto anchor +
+    range(P)) gives the iterates of a torch.optim.Adam loop doing the same, to the bit."""
+    from gradleak.attacks.layerwise_steps import _optimise
+
+    g = torch.Generator().manual_seed(0)
+    target = torch.randn(6, generator=g, dtype=torch.float64)
+    q, _ = torch.linalg.qr(torch.randn(6, 4, generator=g, dtype=torch.float64))
+    P = q @ q.T  # projector onto a 4-d subspace
+    x0 = torch.rand(6, generator=g, dtype=torch.float64)
+    loss = lambda v: ((v - target) ** 2).sum() + 0.1 * v.pow(4).sum()  # noqa: E731
+    clamp = lambda v: v.clamp(0.0, 0.8)  # noqa: E731
+    project = lambda dv: P @ dv  # noqa: E731
+    best, hist = _optimise(loss, x0, 40, 0.05, clamp=clamp, project=project, ctx=None, tag="t", schedule="step")
+    x = x0.clone().requires_grad_(True)
+    opt = torch.optim.Adam([x], lr=0.05)
+    ref_best, ref_val, ref_hist = x0.clone(), math.inf, []
+    for step in range(40):
+        if step in (15, 25, 35):
+            opt.param_groups[0]["lr"] *= 0.1
+        opt.zero_grad()
+        f = loss(x)
+        ref_hist.append(float(f.detach()))
+        if ref_hist[-1] < ref_val:
+            ref_val, ref_best = ref_hist[-1], x.detach().clone()
+        f.backward()
+        opt.step()
+        with torch.no_grad():
+            x.copy_(clamp(x))
+            x.copy_(x0 + project(x - x0))
+    if float(loss(x.detach())) < ref_val:
+        ref_best = x.detach().clone()
+    assert hist == ref_hist and torch.equal(best, ref_best)
+    assert min(ref_hist) < ref_hist[0]  # it moved

@@ -356,13 +356,13 @@ def build_case(cfg: AttackRun, *, max_memory=None, attack=None) -> tuple[Case, T
     return case, truth, notes
 
 
-def _target_scores(cfg: AttackRun, rec: Reconstruction, truth: Truth | None) -> dict | None:
+def _target_scores(cfg: AttackRun, rec: Reconstruction, truth: Truth | None, value_range) -> dict | None:
     """Under secure aggregation: the scores over the attacked client's images only (the truth's first rows),
     every reconstruction a candidate for them."""
     if truth is None:
         return None
     b = cfg.num_images
-    return evaluate(rec, Truth(truth.inputs[:b], truth.labels[:b])).to_dict()
+    return evaluate(rec, Truth(truth.inputs[:b], truth.labels[:b]), value_range).to_dict()
 
 
 def _other_clients(cfg: AttackRun, ds, k: int, *, mod2: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -425,7 +425,7 @@ def run_attack(cfg: AttackRun, *, progress: bool = False, write: bool = True, ov
         with threads.pinned(cfg.threads if cfg.threads is not None else threads.for_case(case)):
             with memory_limit(max_memory):  # batched restarts size their chunks to --max-memory
                 rec = attack.reconstruct(case, seed=cfg.seed, progress=progress)
-            scores = evaluate(rec, truth) if truth is not None else None
+            scores = evaluate(rec, truth, case.spec.value_range) if truth is not None else None
             if scores is not None:
                 notes += scores.notes
             notes += run_warnings(rec.info)
@@ -434,7 +434,8 @@ def run_attack(cfg: AttackRun, *, progress: bool = False, write: bool = True, ov
             extra: dict[str, Any] = {"notes": notes, "model": cfg.model,
                                      "model_parameters": sum(p.numel() for p in case.model.parameters())}
             if cfg.secure_clients() > 1 and cfg.observed is None:
-                extra.update(aggregate_clients=cfg.secure_clients(), target_client=_target_scores(cfg, rec, truth))
+                extra.update(aggregate_clients=cfg.secure_clients(),
+                             target_client=_target_scores(cfg, rec, truth, case.spec.value_range))
             out = None
             if run_dir is not None:
                 out = write_report(run_dir, rec, truth=truth, scores=scores, case=case,
@@ -522,7 +523,7 @@ def compare(*, attacks: list[str], model: str, dataset: str = "samples", images:
             except RequirementError as e:
                 rows.append({"attack": name, "error": "; ".join(e.problems)})
                 continue
-            sc = evaluate(rec, truth)
+            sc = evaluate(rec, truth, case.spec.value_range)
             rows.append({"attack": rec.attack, "psnr": sc.psnr, "ssim": sc.ssim, "mse": sc.mse,
                          "residual": rec.residual, "seconds": rec.seconds, "kind": rec.kind,
                          "interrupted": bool(rec.info.get("interrupted")), "warnings": run_warnings(rec.info)})

@@ -1,6 +1,7 @@
 """The steps of the layer-wise attack (:mod:`gradleak.attacks.layerwise`): (a) the closed form of one layer,
 (b) the pull-back from the preceding layer, (c) the null-space prior, (d) the per-layer gradient-matching
-correction, and the small Adam / L-BFGS loops they run (torch.optim). ALGORITHMS.md section 3."""
+correction, whose Adam / L-BFGS runs go through the one optimisation driver (:mod:`.optimization.driver`).
+ALGORITHMS.md section 3."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from ..case import Case
 from ..losses import Loss
 from .base import RunContext
 from .optimization.common import total_variation
+from .optimization.driver import run_adam, run_lbfgs
 
 if TYPE_CHECKING:
     from .layerwise import LayerwiseOptions
@@ -96,74 +98,42 @@ class _Sub:
         return out
 
 
-def _adam(loss_fn, var: torch.Tensor, steps: int, lr: float, *, clamp=None, project=None, ctx: RunContext | None,
-          tag: str, schedule: str = "step", anchor: torch.Tensor | None = None) -> tuple[torch.Tensor, list[float]]:
-    """Adam on ``var``; schedule 'step': learning rate x0.1 at 3/8, 5/8, 7/8 of the steps, 'constant': none.
-    Keeps the best iterate (by ``loss_fn``). ``clamp`` restores a box after each step; ``project`` (a map of
-    displacements) then keeps the iterate on the affine set anchor + range(project):
-    var <- anchor + project(var - anchor) (anchor: the start by default)."""
+def _optimise(loss_fn, var: torch.Tensor, steps: int, lr: float, *, optimizer: str = "adam", clamp=None,
+              project=None, ctx: RunContext | None, tag: str, schedule: str = "step",
+              anchor: torch.Tensor | None = None) -> tuple[torch.Tensor, list[float]]:
+    """``loss_fn`` minimised over ``var`` by the one optimisation driver (:func:`.optimization.driver.run_trial`)
+    for ``steps`` iterations; returns the best finite iterate (``var`` itself if none) and the loss history.
+
+    'adam': Adam, schedule 'step': learning rate x0.1 at 3/8, 5/8, 7/8 of the steps, 'constant': none;
+    ``clamp`` restores a box after each step; ``project`` (a map of displacements) then keeps the iterate on the
+    affine set anchor + range(project): var <- anchor + project(var - anchor) (anchor: the start by default).
+    'lbfgs': L-BFGS with a strong-Wolfe line search, one iteration per outer step, 50 curvature pairs (no clamp
+    or projection): the driver's scale-free L-BFGS, which keeps descending where torch.optim.LBFGS's absolute
+    tests stalled (cnn3-c1's pull-back: stuck from its 3rd step before, bench_layerwise --quick 17.86 -> 18.19
+    dB). One progress update per iteration on ``ctx`` (stage ``tag``)."""
     start = var.detach().clone()
     anchor = start if anchor is None else anchor.detach()
-    var = start.clone().requires_grad_(True)
-    opt = torch.optim.Adam([var], lr=lr)
-    marks = {int(steps * f) for f in (3 / 8, 5 / 8, 7 / 8)} if schedule == "step" else set()
-    best, best_val, hist = var.detach().clone(), math.inf, []
-    for step in range(steps):
-        if step in marks:
-            for g in opt.param_groups:
-                g["lr"] *= 0.1
-        opt.zero_grad()
-        val = loss_fn(var)
-        v = float(val.detach())
-        if not math.isfinite(v):
-            break
-        hist.append(v)
-        if v < best_val:
-            best_val, best = v, var.detach().clone()
-        val.backward()
-        opt.step()
-        with torch.no_grad():
-            if clamp is not None:
-                var.copy_(clamp(var))
-            if project is not None:
-                var.copy_(anchor + project(var - anchor))
-        if ctx is not None:
-            ctx.update(1, loss=v, stage=tag)
-    v = float(loss_fn(var.detach()).detach())
-    if math.isfinite(v) and v < best_val:
-        best_val, best = v, var.detach().clone()
-    return best, hist
 
+    def restore(vs: list[torch.Tensor]) -> None:
+        v = vs[0]
+        if clamp is not None:
+            v.copy_(clamp(v))
+        if project is not None:
+            v.copy_(anchor + project(v - anchor))
 
-def _lbfgs(loss_fn, var: torch.Tensor, steps: int, lr: float, *, ctx: RunContext | None,
-           tag: str) -> tuple[torch.Tensor, list[float]]:
-    """L-BFGS (strong Wolfe line search) on ``var``; keeps the best finite iterate."""
-    var = var.detach().clone().requires_grad_(True)
-    opt = torch.optim.LBFGS([var], lr=lr, max_iter=1, history_size=50, line_search_fn="strong_wolfe")
-    best, best_val, hist = var.detach().clone(), math.inf, []
+    def objective(vs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        val = loss_fn(vs[0])
+        return val, val
 
-    def closure():
-        opt.zero_grad()
-        val = loss_fn(var)
-        val.backward()
-        return val
-
-    for _ in range(steps):
-        with torch.no_grad():
-            v = float(loss_fn(var))
-        if not math.isfinite(v):
-            break
-        hist.append(v)
-        if v < best_val:
-            best_val, best = v, var.detach().clone()
-        opt.step(closure)
-        if ctx is not None:
-            ctx.update(1, loss=v, stage=tag)
-    with torch.no_grad():
-        v = float(loss_fn(var.detach()))
-    if math.isfinite(v) and v < best_val:
-        best = var.detach().clone()
-    return best, hist
+    on_step = None if ctx is None else (lambda step, total, best: ctx.update(1, loss=total, stage=tag))
+    if optimizer == "lbfgs":
+        trial = run_lbfgs(objective, [start], max_iterations=steps, lr=lr, inner=1, history_size=50,
+                          line_search="strong-wolfe", on_step=on_step, name=f"layerwise {tag}")
+    else:
+        trial = run_adam(objective, [start], steps=steps, lr=lr, signed=False, decay=schedule == "step",
+                         project=None if clamp is None and project is None else restore, on_step=on_step,
+                         name=f"layerwise {tag}")
+    return (start if trial.variables is None else trial.variables[0]), trial.history
 
 
 def _pullback(prev: L.Layer, layer: L.Layer, params, grads, W, delta, x0: torch.Tensor, system_term,
@@ -213,10 +183,8 @@ def _pullback(prev: L.Layer, layer: L.Layer, params, grads, W, delta, x0: torch.
     with torch.no_grad():
         start = float(objective(v0))
         pb_start = float(pb_term(u0, y0))
-    if o.pullback_optimizer == "lbfgs":
-        v, hist = _lbfgs(objective, v0, o.pullback_steps, o.pullback_lr, ctx=ctx, tag=f"pullback {layer.label}")
-    else:
-        v, hist = _adam(objective, v0, o.pullback_steps, o.pullback_lr, ctx=ctx, tag=f"pullback {layer.label}")
+    v, hist = _optimise(objective, v0, o.pullback_steps, o.pullback_lr, optimizer=o.pullback_optimizer, ctx=ctx,
+                        tag=f"pullback {layer.label}")
     u, y = split(v)
     with torch.no_grad():
         end = float(objective(v))
@@ -259,8 +227,8 @@ def _prior(case: Case, i: int, layers: list[L.Layer], x0: torch.Tensor, projecto
     project = lambda dv: projector.project(dv.reshape(-1)).reshape(dv.shape)  # noqa: E731
     objective = lambda v: _tv(v, shape)  # noqa: E731
     start = float(objective(var0))
-    v, hist = _adam(objective, var0, o.prior_steps, o.prior_lr, clamp=clamp, project=project, ctx=ctx,
-                    tag=f"prior {layers[i].label}", schedule="step", anchor=x0.reshape(var0.shape))
+    v, hist = _optimise(objective, var0, o.prior_steps, o.prior_lr, clamp=clamp, project=project, ctx=ctx,
+                        tag=f"prior {layers[i].label}", schedule="step", anchor=x0.reshape(var0.shape))
     end = float(objective(v))
     if not (math.isfinite(end) and end <= start):
         v, end = var0, start
@@ -293,8 +261,8 @@ def _correct(case: Case, i: int, layers: list[L.Layer], x0: torch.Tensor, sub: "
         return out
 
     start = float(objective(var0).detach())
-    v, hist = _adam(objective, var0, steps, o.correction_lr, clamp=clamp, ctx=ctx, tag=f"correction {layer.label}",
-                    schedule=o.correction_schedule)
+    v, hist = _optimise(objective, var0, steps, o.correction_lr, clamp=clamp, ctx=ctx,
+                        tag=f"correction {layer.label}", schedule=o.correction_schedule)
     end = float(objective(v).detach())
     if not (math.isfinite(end) and end <= start):
         v, end = var0, start

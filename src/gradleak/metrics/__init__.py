@@ -1,5 +1,8 @@
-"""Metrics of a reconstruction against the truth. Images are compared in IMAGE space, clamped to [0, 1];
-PSNR uses peak 1: 10 log10(1 / MSE), per image, then averaged (the Inverting Gradients convention).
+"""Metrics of a reconstruction against the truth. Images are compared in IMAGE space: the data's value range
+(lo, hi) (``value_range``, :attr:`gradleak.DataSpec.value_range`; default (0, 1)) is mapped onto [0, 1] by
+(x - lo) / (hi - lo) and clamped there, so PSNR is 10 log10(1 / MSE) on the unit range (peak hi - lo in the
+data's own units), per image, then averaged (the Inverting Gradients convention), MSE is on the unit range and
+SSIM's constants are those of data range 1.
 
 A batch is first aligned to the truth (Hungarian assignment on per-pair MSE), since an attack may return the
 samples in any order. Metrics never know which attack ran.
@@ -19,26 +22,51 @@ from ..errors import ValidationError
 __all__ = ["psnr", "ssim", "mse", "cosine", "label_accuracy", "align", "evaluate", "Scores"]
 
 
-def _pair(rec: torch.Tensor, truth: torch.Tensor, who: str) -> tuple[torch.Tensor, torch.Tensor]:
+UNIT_RANGE = (0.0, 1.0)
+
+
+def _value_range(value_range, who: str) -> tuple[float, float]:
+    """(lo, hi) as floats, or a :class:`ValidationError` saying what was expected."""
+    try:
+        lo, hi = (float(v) for v in value_range)
+    except (TypeError, ValueError):
+        raise ValidationError(who, [f"value_range must be two numbers (low, high), got {value_range!r}"]) from None
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise ValidationError(who, [f"value_range must be finite (low, high) with low < high, got {value_range!r}"])
+    return lo, hi
+
+
+def _unit(x: torch.Tensor, value_range: tuple[float, float]) -> torch.Tensor:
+    """``x`` (float64) mapped from ``value_range`` onto [0, 1] and clamped there."""
+    lo, hi = value_range
+    if (lo, hi) != UNIT_RANGE:
+        x = (x - lo) / (hi - lo)
+    return x.clamp(0, 1)
+
+
+def _pair(rec: torch.Tensor, truth: torch.Tensor, who: str,
+          value_range=UNIT_RANGE) -> tuple[torch.Tensor, torch.Tensor]:
+    vr = _value_range(value_range, who)
     if rec.shape != truth.shape:
         raise ValidationError(who, [f"reconstruction has shape {tuple(rec.shape)}, truth {tuple(truth.shape)}; "
                                     "they must match (batch-first)"])
     if rec.ndim < 2:
         raise ValidationError(who, [f"expected batch-first tensors (B, ...), got shape {tuple(rec.shape)}"])
-    return rec.detach().double().clamp(0, 1), truth.detach().double().clamp(0, 1)
+    return _unit(rec.detach().double(), vr), _unit(truth.detach().double(), vr)
 
 
-def mse(rec: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
-    """Per-image mean squared error, (B,), on images clamped to [0, 1]."""
-    r, t = _pair(rec, truth, "mse")
+def mse(rec: torch.Tensor, truth: torch.Tensor, value_range=UNIT_RANGE) -> torch.Tensor:
+    """Per-image mean squared error, (B,), on images mapped from ``value_range`` onto [0, 1] and clamped."""
+    r, t = _pair(rec, truth, "mse", value_range)
     return (r - t).pow(2).flatten(1).mean(1)
 
 
-def psnr(rec: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR in dB with peak 1, (B,). A perfect image gives +inf."""
+def psnr(rec: torch.Tensor, truth: torch.Tensor, value_range=UNIT_RANGE) -> torch.Tensor:
+    """Per-image PSNR in dB, (B,), on images mapped from ``value_range`` onto [0, 1] and clamped: peak 1 on the
+    unit range (hi - lo in the data's units). A perfect image gives +inf."""
     from torchmetrics.functional.image import peak_signal_noise_ratio
 
-    r, t = _pair(rec, truth, "psnr")
+    r, t = _pair(rec, truth, "psnr", value_range)
     return peak_signal_noise_ratio(r, t, data_range=1.0, reduction="none", dim=tuple(range(1, r.ndim)))
 
 
@@ -72,11 +100,12 @@ def _ssim_map(x: torch.Tensor, y: torch.Tensor, sigma: float) -> torch.Tensor:
     return ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
 
 
-def ssim(rec: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
-    """Per-image SSIM, (B,), Gaussian window (11, sigma 1.5; shrunk for images smaller than 11 px), reflect
-    padding, averaged over every pixel and channel (torchmetrics' convention). NaN for non-image data. Images
-    are scored one at a time with separable filtering, so memory stays a few copies of one image."""
-    r, t = _pair(rec, truth, "ssim")
+def ssim(rec: torch.Tensor, truth: torch.Tensor, value_range=UNIT_RANGE) -> torch.Tensor:
+    """Per-image SSIM, (B,), of images mapped from ``value_range`` onto [0, 1] and clamped (constants of data
+    range 1), Gaussian window (11, sigma 1.5; shrunk for images smaller than 11 px), reflect padding, averaged
+    over every pixel and channel (torchmetrics' convention). NaN for non-image data. Images are scored one at a
+    time with separable filtering, so memory stays a few copies of one image."""
+    r, t = _pair(rec, truth, "ssim", value_range)
     if r.ndim != 4:
         return torch.full((r.shape[0],), float("nan"), dtype=torch.float64)
     k = min(11, min(r.shape[-2:]))
@@ -104,15 +133,16 @@ def label_accuracy(labels: torch.Tensor | None, truth: torch.Tensor) -> float | 
     return float((labels == truth.cpu()).double().mean())
 
 
-def align(rec: torch.Tensor, truth: torch.Tensor) -> np.ndarray:
-    """Hungarian assignment on per-pair MSE.
+def align(rec: torch.Tensor, truth: torch.Tensor, value_range=UNIT_RANGE) -> np.ndarray:
+    """Hungarian assignment on per-pair MSE (of the images mapped from ``value_range`` onto [0, 1], clamped).
 
     With at least as many reconstructed samples as truth samples, ``order[i]`` is the index of the reconstructed
     sample matched to truth sample i (extra reconstructed samples are left out). With FEWER reconstructed samples
     (e.g. a mixture an attack reports as one image), ``order[j]`` is the truth sample matched to reconstructed
     sample j; use :func:`evaluate`, which handles both cases."""
-    r = rec.detach().double().cpu().clamp(0, 1).flatten(1)
-    t = truth.detach().double().cpu().clamp(0, 1).flatten(1)
+    vr = _value_range(value_range, "align")
+    r = _unit(rec.detach().double().cpu(), vr).flatten(1)
+    t = _unit(truth.detach().double().cpu(), vr).flatten(1)
     if r.shape[1] != t.shape[1]:
         raise ValidationError("align", [f"sample sizes differ: {r.shape[1]} vs {t.shape[1]}"])
     if r.shape[0] < t.shape[0]:
@@ -184,14 +214,17 @@ class Scores:
         return f"PSNR {self.psnr:.2f} dB, SSIM {self.ssim:.3f}, MSE {self.mse:.3g}, labels {lab}"
 
 
-def evaluate(rec, truth) -> Scores:
+def evaluate(rec, truth, value_range=UNIT_RANGE) -> Scores:
     """Score a :class:`~gradleak.Reconstruction` (or a tensor of images) against a :class:`~gradleak.Truth`
-    (or a tensor). Aligns the batch first (Hungarian on MSE); PSNR is averaged over images after capping each
-    at 300 dB (an exact reconstruction would otherwise give +inf). If the reconstruction holds fewer samples than
-    the truth (a mixture), each reconstructed sample is scored against the truth sample it matches best
-    (distinct ones), and ``order`` lists those truth indices. ``unmatched_reconstructions`` /
+    (or a tensor), both in the data's ``value_range`` (pass ``case.spec.value_range``; default (0, 1)), which
+    is mapped onto [0, 1] before clamping (see the module docstring). Aligns the batch first (Hungarian on MSE);
+    PSNR is averaged over images after capping each at 300 dB (an exact reconstruction would otherwise give
+    +inf). If the reconstruction holds fewer samples than the truth (a mixture), each reconstructed sample is
+    scored against the truth sample it matches best (distinct ones), and ``order`` lists those truth indices. ``unmatched_reconstructions`` /
     ``unmatched_truths`` count the samples left out of the matching, and ``notes`` says so. Non-finite truth
-    or reconstruction values are a :class:`~gradleak.errors.ValidationError`."""
+    or reconstruction values, or a ``value_range`` that is not (low, high) with low < high, are a
+    :class:`~gradleak.errors.ValidationError`."""
+    vr = _value_range(value_range, "evaluate")
     r_in = getattr(rec, "inputs", rec)
     r_lab = getattr(rec, "labels", None)
     t_in = getattr(truth, "inputs", truth)
@@ -205,7 +238,7 @@ def evaluate(rec, truth) -> Scores:
            (("the truth", t_in), ("the reconstruction", r_in)) if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise ValidationError("evaluate", bad + ["expected finite images in the value range"])
-    order = align(r_in, t_in)
+    order = align(r_in, t_in, vr)
     idx = torch.as_tensor(order)
     if r_in.shape[0] < t_in.shape[0]:  # fewer reconstructions (a mixture): score each against its matched truth
         r = r_in.detach().cpu()
@@ -217,9 +250,9 @@ def evaluate(rec, truth) -> Scores:
     else:
         r = r_in.detach().cpu()[idx]
         t = t_in.detach().cpu()
-    p = psnr(r, t).clamp(max=300.0)
-    s = ssim(r, t)
-    m = mse(r, t)
+    p = psnr(r, t, vr).clamp(max=300.0)
+    s = ssim(r, t, vr)
+    m = mse(r, t, vr)
     c = cosine(r, t)
     la = None
     if r_lab is not None and t_lab is not None and r_lab.shape[0] == r_in.shape[0]:

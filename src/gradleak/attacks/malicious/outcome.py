@@ -9,14 +9,15 @@ from ...metrics import evaluate, mse
 __all__ = ["outcomes"]
 
 
-def outcomes(rec, truth, *, threshold_db: float = 100.0) -> dict:
+def outcomes(rec, truth, *, threshold_db: float = 100.0, value_range=(0.0, 1.0)) -> dict:
     """Match the reconstructed rows to the truth (Hungarian, :func:`gradleak.metrics.evaluate`) and label every
     truth image: 'exact' (its matched row is at >= ``threshold_db`` dB), 'mixture' (its nearest row, by MSE, is
     not an exact match of another image: it is part of what that row mixes) or 'lost' (no row is near it).
+    ``value_range``: the data's (``case.spec.value_range``), as :func:`gradleak.metrics.evaluate` takes it.
 
     Returns {'per_image': [...], 'share_exact', 'exact', 'mixture', 'lost', 'psnr_matched': [per row],
     'rows_matched_to': [truth index per row], 'every_exact_row_matched': bool}."""
-    sc = evaluate(rec, truth)
+    sc = evaluate(rec, truth, value_range)
     r_in = getattr(rec, "inputs", rec).detach().cpu()
     t_in = getattr(truth, "inputs", truth).detach().cpu()
     B, R = t_in.shape[0], r_in.shape[0]
@@ -37,7 +38,7 @@ def outcomes(rec, truth, *, threshold_db: float = 100.0) -> dict:
             status[i] = "exact"
             exact_rows.add(j)
     # nearest row of every other image
-    d = torch.stack([mse(r_in[j:j + 1].expand_as(t_in), t_in) for j in range(R)])  # (R, B)
+    d = torch.stack([mse(r_in[j:j + 1].expand_as(t_in), t_in, value_range) for j in range(R)])  # (R, B)
     for i in range(B):
         if status[i] == "exact":
             continue

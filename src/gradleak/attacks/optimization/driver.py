@@ -1,4 +1,5 @@
-"""The one optimisation driver of the gradient-matching attacks (DLG, iDLG, Inverting Gradients).
+"""The one optimisation driver of the attacks: DLG, iDLG, Inverting Gradients, the layer-wise attack's
+sub-steps (null-space prior, pull-back, correction) and the tensor attack's refinement.
 
 :func:`run_trial` minimises ``objective(variables) -> (total, score)`` with signed Adam (Geiping et al.), Adam
 (both torch.optim.Adam) or L-BFGS (:class:`LBFGS` below, DLG's optimiser), and does for all of them what a
@@ -43,6 +44,7 @@ import torch
 
 Objective = Callable[[list[torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
 OPTIMIZERS = ("signed-adam", "adam", "lbfgs")
+TOLERANCES = ("relative", "absolute")  # L-BFGS stop and curvature tests: scale free, or torch.optim.LBFGS's
 # what a trial program yields: (variables to evaluate, whether it needs their gradients); what it receives:
 # (total, score, gradients or None) with total and score as floats; gradients are None when the total is not
 # finite or when they were not asked for
@@ -126,6 +128,9 @@ def trial_program(
     explode_factor: float = 0.0,
     stall_steps: int = 5,
     tol_grad: float = 1e-10,
+    tolerances: str = "relative",
+    tol_change: float = 1e-12,
+    max_outer_steps: int | None = None,
     name: str = "trial",
 ) -> tuple[Trial, Program]:
     """One trial of ``optimizer`` ('signed-adam' | 'adam' | 'lbfgs') from ``variables`` for up to
@@ -139,9 +144,15 @@ def trial_program(
     L-BFGS: ``lr``, outer steps of ``inner`` iterations, ``history_size`` pairs, ``line_search``
     ('strong-wolfe' or '' for DLG's fixed step). ``project`` (e.g. the box clamp) runs after every Adam step /
     L-BFGS outer step. ``on_step(outer_step, total, best_score)``; ``on_offer(score, vars)`` every
-    ``offer_every`` iterations when the best improved, and at the end (Ctrl-C safety)."""
+    ``offer_every`` iterations when the best improved, and at the end (Ctrl-C safety).
+    L-BFGS only: ``tolerances`` 'relative' (scale free, see :class:`LBFGS`) or 'absolute' (torch.optim.LBFGS's
+    tests, with ``tol_grad`` / ``tol_change`` as its tolerance_grad / tolerance_change, e.g. 1e-7 / 1e-9);
+    ``max_outer_steps`` stops after that many outer steps (1 with ``inner = max_iterations``: one
+    torch.optim.LBFGS.step call, which also ends when ``inner`` x 5/4 evaluations are spent)."""
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+    if tolerances not in TOLERANCES:
+        raise ValueError(f"tolerances must be one of {TOLERANCES}, got {tolerances!r}")
     trial = Trial(None)
 
     def program() -> Program:
@@ -151,7 +162,8 @@ def trial_program(
             yield from _lbfgs(trial, best, variables, max_iterations=max_iterations, lr=lr, inner=inner,
                               history_size=history_size, line_search=line_search, project=project,
                               on_step=on_step, on_offer=on_offer, offer_every=max(1, offer_every // max(inner, 1)),
-                              explode_factor=explode_factor, stall_steps=stall_steps, tol_grad=tol_grad)
+                              explode_factor=explode_factor, stall_steps=stall_steps, tol_grad=tol_grad,
+                              tolerances=tolerances, tol_change=tol_change, max_outer_steps=max_outer_steps)
         else:
             yield from _adam(trial, best, variables, max_iterations=max_iterations, lr=lr,
                              signed=optimizer == "signed-adam", decay=decay, schedule=schedule, project=project,
@@ -261,7 +273,8 @@ def _adam(trial, best, variables, *, max_iterations, lr, signed, decay, project,
 
 
 def _lbfgs(trial, best, variables, *, max_iterations, lr, inner, history_size, line_search, project,
-           on_step, on_offer, offer_every, explode_factor, stall_steps, tol_grad) -> Program:
+           on_step, on_offer, offer_every, explode_factor, stall_steps, tol_grad, tolerances="relative",
+           tol_change=1e-12, max_outer_steps=None) -> Program:
     shapes = [v.shape for v in variables]
     sizes = [v.numel() for v in variables]
     z = torch.cat([v.detach().reshape(-1) for v in variables]).clone()
@@ -285,7 +298,8 @@ def _lbfgs(trial, best, variables, *, max_iterations, lr, inner, history_size, l
         return tval, g
 
     opt = LBFGS(z, lr=lr, max_iter=inner, history_size=history_size, tolerance_grad=tol_grad,
-                line_search=line_search in ("strong-wolfe", "strong_wolfe"))
+                tolerance_change=tol_change, line_search=line_search in ("strong-wolfe", "strong_wolfe"),
+                absolute=tolerances == "absolute")
     still, fresh = 0, False
     trial.stop = "budget"
     step = 0
@@ -319,7 +333,11 @@ def _lbfgs(trial, best, variables, *, max_iterations, lr, inner, history_size, l
             best.dirty = False
             on_offer(best.score, best.vars)
         if opt.converged:
-            trial.stop = f"converged: max |gradient| <= {tol_grad:g} x its start value"
+            trial.stop = (f"converged: max |gradient| <= {tol_grad:g}" if opt.absolute else
+                          f"converged: max |gradient| <= {tol_grad:g} x its start value")
+            break
+        if max_outer_steps is not None and step >= max_outer_steps:
+            trial.stop = f"outer steps: {step} (the last ended on {opt.exit})"
             break
         if opt.total_iter == before:  # no descent direction (zero gradient) and not converged
             trial.stop = "stalled: no descent direction"
@@ -380,11 +398,17 @@ class LBFGS:
     y's > 1e-10 |y||s| (torch: y's > 1e-10), the loss-change test is relative (|f - f_prev| < tolerance_change
     |f_prev|; torch: absolute 1e-9) and so is the gradient test (max |g| <= tolerance_grad x max |g| at the
     first evaluation; torch: absolute 1e-7). Meeting the gradient test sets ``converged``. On a well-scaled
-    problem the iterates are torch's (tests/test_optim_driver.py)."""
+    problem the iterates are torch's (tests/test_optim_driver.py). ``absolute``: torch's tests instead (y's > 1e-10,
+    |f - f_prev| < tolerance_change, max |g| <= tolerance_grad, stop when g'd > -tolerance_change; the line
+    search's bracket test at 1e-9 as torch's), for a caller that keeps torch.optim.LBFGS's behaviour.
+    ``exit`` names why the last :meth:`step` ended."""
 
     def __init__(self, z: torch.Tensor, *, lr: float = 1.0, max_iter: int = 20, history_size: int = 100,
-                 line_search: bool = False, tolerance_grad: float = 1e-10, tolerance_change: float = 1e-12):
+                 line_search: bool = False, tolerance_grad: float = 1e-10, tolerance_change: float = 1e-12,
+                 absolute: bool = False):
         self.z = z
+        self.absolute = absolute
+        self.exit = ""
         self.lr, self.max_iter, self.m = lr, max_iter, history_size
         self.max_eval = max_iter * 5 // 4
         self.line_search = line_search
@@ -425,6 +449,7 @@ class LBFGS:
     def _strong_wolfe(self, fn, z, t, d, f0, g0, gtd0, c1=1e-4, c2=0.9, max_ls=25):
         """Returns (f, g, t, evaluations) at a step satisfying the strong Wolfe conditions (or the best found)."""
         dnorm = float(d.abs().max())
+        bracket_tol = 1e-9 if self.absolute else self.tol_change  # torch's line search: its default 1e-9
 
         def ev(step):
             f, g = yield from fn(z + step * d)
@@ -462,7 +487,7 @@ class LBFGS:
         insufficient = False
         while not done and it < max_ls:
             (ta, fa, ga, gtda), (tb, fb, gb, gtdb) = bracket
-            if abs(tb - ta) * dnorm < self.tol_change:
+            if abs(tb - ta) * dnorm < bracket_tol:
                 break
             lo_t, hi_t = min(ta, tb), max(ta, tb)
             if math.isfinite(fb):
@@ -520,7 +545,9 @@ class LBFGS:
         evals = 1
         if self.g0 is None and math.isfinite(loss):
             self.g0 = float(g.abs().max())
+        self.exit = "max_iter"
         if not math.isfinite(loss) or self._small(g):
+            self.exit = "non-finite loss" if not math.isfinite(loss) else "tolerance_grad"
             return orig
         for _ in range(self.max_iter):
             self.n_iter += 1
@@ -531,7 +558,8 @@ class LBFGS:
                 y = g - self.g_prev
                 s = self.d * self.t
                 ys = float(y @ s)
-                if ys > 1e-10 * float(y.norm() * s.norm()):  # scale free (the objective may be ~1e-6)
+                # scale free (the objective may be ~1e-6); absolute: torch's ys > 1e-10
+                if ys > 1e-10 * (1.0 if self.absolute else float(y.norm() * s.norm())):
                     if len(self.S) == self.m:
                         self.S.pop(0), self.Y.pop(0), self.rho.pop(0)
                     self.S.append(s)
@@ -542,13 +570,18 @@ class LBFGS:
             self.loss_prev = loss
             t = min(1.0, 1.0 / float(g.abs().sum())) * self.lr if self.n_iter == 1 else self.lr
             gtd = float(g @ d)
-            if gtd >= -1e-12 * float(g.norm() * d.norm()) and self.S:  # stale curvature: steepest descent
+            if self.absolute and gtd > -self.tol_change:  # torch: directional derivative below tolerance
+                self.exit = "tolerance_change (directional derivative)"
+                break
+            if not self.absolute and gtd >= -1e-12 * float(g.norm() * d.norm()) and self.S:
+                # stale curvature: steepest descent
                 self.reset()
                 self.n_iter = 1
                 d = -g
                 t = min(1.0, 1.0 / float(g.abs().sum())) * self.lr
                 gtd = float(g @ d)
             if not gtd < 0:  # zero gradient
+                self.exit = "no descent direction"
                 break
             if self.line_search:
                 loss, g, t, n = yield from self._strong_wolfe(fn, z, t, d, loss, g, gtd)
@@ -564,18 +597,25 @@ class LBFGS:
                     self.n_evals += 1
                     self.current = loss
             self.d, self.t = d, t
-            if _ + 1 == self.max_iter or evals >= self.max_eval:
+            if _ + 1 == self.max_iter:
+                break
+            if evals >= self.max_eval:
+                self.exit = "max_eval"
                 break
             if not math.isfinite(loss) or self._small(g):
+                self.exit = "non-finite loss" if not math.isfinite(loss) else "tolerance_grad"
                 break
             if float(d.abs().max()) * t <= self.tol_change or \
-                    abs(loss - self.loss_prev) < self.tol_change * abs(self.loss_prev):
+                    abs(loss - self.loss_prev) < self.tol_change * (1.0 if self.absolute else abs(self.loss_prev)):
+                self.exit = "tolerance_change"
                 break
         return orig
 
     def _small(self, g: torch.Tensor) -> bool:
-        """The stop criterion: max |g| <= tolerance_grad x max |g0| (sets ``converged``)."""
-        if self.g0 is not None and float(g.abs().max()) <= self.tol_grad * self.g0:
+        """The stop criterion: max |g| <= tolerance_grad x max |g0| (``absolute``: <= tolerance_grad; sets
+        ``converged``)."""
+        scale = 1.0 if self.absolute else self.g0
+        if scale is not None and float(g.abs().max()) <= self.tol_grad * scale:
             self.converged = True
         return self.converged
 

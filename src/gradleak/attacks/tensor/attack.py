@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -10,6 +9,7 @@ import torch
 from ...case import Case
 from ...errors import RequirementError, ValidationError
 from ..base import Attack, Reconstruction, RunContext, register
+from ..optimization.driver import run_lbfgs
 from .hermite import hermite_order
 from .options import TensorOptions, option_problems
 from .pipeline import run_solver
@@ -122,30 +122,28 @@ class TensorAttack(Attack):
 
 
 def _refine(case: Case, x0: torch.Tensor, labels: torch.Tensor, steps: int) -> tuple[torch.Tensor, dict]:
-    """Gradient matching (squared distance relative to the observed update) from the tensor solution, L-BFGS."""
+    """Gradient matching (squared distance relative to the observed update) from the tensor solution: L-BFGS
+    with a strong-Wolfe line search (20 curvature pairs) on the one optimisation driver, as one
+    torch.optim.LBFGS step of ``steps`` iterations (at most 5/4 x ``steps`` evaluations, torch's absolute
+    tolerances 1e-7 / 1e-9: a start that already matches to rounding is left alone); the best iterate is kept
+    when it improves on the start."""
     target = case.observed
     norm = sum(float((v.double() ** 2).sum()) for v in target.values())
-    x = x0.detach().clone().requires_grad_(True)
-    opt = torch.optim.LBFGS([x], lr=1.0, max_iter=steps, history_size=20, line_search_fn="strong_wolfe")
-    first = [None]
 
-    def closure():
-        opt.zero_grad()
-        upd = case.update(x, labels, create_graph=True)
+    def objective(vs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        upd = case.update(vs[0], labels, create_graph=True)
         loss = sum(((upd[k] - target[k]) ** 2).sum() for k in target) / norm
-        loss.backward()
-        if first[0] is None:
-            first[0] = float(loss.detach())
-        return loss
+        return loss, loss
 
-    with torch.enable_grad():
-        opt.step(closure)
-    with torch.enable_grad():
-        upd = case.update(x.detach(), labels)
-    final = float(sum(((upd[k] - target[k]) ** 2).sum() for k in target) / norm)
-    if not math.isfinite(final) or (first[0] is not None and final > first[0]):
-        return x0, {"steps": steps, "accepted": False, "start": first[0], "end": final}
-    return x.detach(), {"steps": steps, "accepted": True, "start": first[0], "end": final}
+    trial = run_lbfgs(objective, [x0.detach()], max_iterations=steps, inner=steps, history_size=20,
+                      line_search="strong-wolfe", tolerances="absolute", tol_grad=1e-7, tol_change=1e-9,
+                      max_outer_steps=1, name="tensor refinement")
+    first = trial.history[0] if trial.history else None
+    counts = {k: v for k, v in trial.summary().items() if k != "score"}
+    report = {"steps": steps, "start": first, "end": trial.score if trial.finite else None, **counts}
+    if not trial.finite or (first is not None and trial.score > first):
+        return x0, {**report, "accepted": False}
+    return trial.variables[0].to(x0.dtype), {**report, "accepted": True}
 
 
 def prepare_run(case: Case, options: dict[str, Any], *, generator: torch.Generator | None, seed: int, caller: str,

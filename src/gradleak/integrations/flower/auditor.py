@@ -231,7 +231,7 @@ class Auditor:
                 if truth.inputs.shape[0] != rec.replay.examples:
                     rec.notes.append(f"the shared truth holds {truth.inputs.shape[0]} examples, the replay "
                                      f"{rec.replay.examples}")
-                scores = evaluate(recon, truth)
+                scores = evaluate(recon, truth, case.spec.value_range)
                 rec.psnr, rec.ssim, rec.label_accuracy = scores.psnr, scores.ssim, scores.label_accuracy
             if self.out_dir is not None:
                 from ...report import write_report
