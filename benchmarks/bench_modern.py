@@ -29,8 +29,14 @@ beyond a shared 2-core CPU. By default this runs ``--models resnet20-4`` on ``--
 iterations, the settings in ``--settings`` and the configurations in ``--configs``; every figure says what it ran.
 ``--quick``: a smoke run (resnet20-4, 1 photo, 20 iterations, two settings, two configurations).
 
+``--cells reduced``: the REDUCED grid below (the one docs/batchnorm.md reports). ``--imagenet``: ResNet-18 at 224
+px, batch 1 (part 4), ``--imagenet-iterations`` (100) on photo ``--imagenet-photo``: step time, the projected
+CPU-hour budget, PSNR, peak memory, the run directory's files (written through the ``gradleak attack`` path).
+
 Run:  python benchmarks/bench_modern.py [--quick] [--models resnet20-4,resnet18] [--photos N]
       [--iterations 500,2000] [--settings eval-b1-fedsgd,train-b1-fedsgd] [--configs ig,ig+bn]
+      python benchmarks/bench_modern.py --cells reduced --name modern-reduced
+      python benchmarks/bench_modern.py --imagenet --name modern-imagenet
 Writes benchmarks/results/modern.json (``--name`` for another name).
 """
 
@@ -55,7 +61,28 @@ CONFIGS = {
     "ig+bn+cosine": {"bn_prior": "auto", "bn_weight": 1e-2, "schedule": "cosine", "warmup": 50,
                      "start": "patterned-4"},
     "gradinversion": {"preset": "gradinversion", "restarts": 2},
+    "ig+tv": {"tv": 1e-2},
+    "ig+tv+cosine": {"tv": 1e-2, "schedule": "cosine", "warmup": 50, "start": "patterned-4"},
+    "ig-2x-half": {"restarts": 2, "iterations_scale": 0.5},  # 2 restarts at half the iterations: equal compute
 }
+# The reduced grid (``--cells reduced``): what a shared 2-core CPU allows in about 40 minutes, chosen for the
+# comparisons the issue asks about (part 3): eval vs train BatchNorm, FedSGD vs FedAvg (5 local steps), labels
+# known vs recovered, the revealed statistics on vs off (train mode), and the options against the default in
+# eval mode at equal iterations. All on the untrained zoo ``resnet20`` (width 1), batch 1, the first
+# ``--photos`` (2) bundled photos; (setting, configs, iterations) per cell. Not run: batch 8, resnet20-4 /
+# resnet18 at 32 px, trained models, 2000 iterations (see docs/batchnorm.md).
+REDUCED = [
+    ("eval-b1-fedsgd", ("ig", "ig+tv", "ig+cosine", "ig+tv+cosine", "ig-2x-half"), 500),
+    ("eval-b1-fedsgd-recovered", ("ig",), 500),
+    ("train-b1-fedsgd", ("ig", "ig+bn"), 300),
+    ("train-b1-fedsgd-recovered", ("ig", "ig+bn"), 300),
+    ("eval-b1-fedavg5", ("ig",), 100),
+    ("train-b1-fedavg5", ("ig", "ig+bn"), 100),
+]
+# ImageNet size (``--imagenet``, issue 16 part 4): zoo ``resnet18`` (ImageNet stem) at 224 x 224, batch 1, one
+# torch thread, FedSGD, eval BatchNorm, labels known, IG's defaults. IMAGENET_CPU_HOUR is the budget that fits a
+# CPU hour on the machine measured (docs/batchnorm.md "ImageNet size"): iterations = 0.9 x 3600 s / step time.
+IMAGENET_CPU_HOUR = {"max_iterations": 2000, "restarts": 1}
 SETTINGS = {f"{bn}-b{b}-{p}{'-recovered' if rec else ''}": {"bn_mode": bn, "batch": b, "protocol": p,
                                                              "labels_known": not rec}
             for bn, b, p, rec in itertools.product(("eval", "train"), (1, 8), ("fedsgd", "fedavg5"), (False, True))}
@@ -76,6 +103,74 @@ def cases(model, setting: dict, photos, n_photos: int, local_lr: float):
         yield case, truth, photos.names[i:i + b]
 
 
+def run_cells(cells, models, photos, n_photos: int, local_lr: float) -> list[dict]:
+    """Rows of (model, setting, config, iterations) for every case of each cell."""
+    rows = []
+    for mname in models:
+        zoo, opts = MODELS[mname]
+        model = gl.models.build(zoo, input_shape=(3, 32, 32), num_classes=photos.spec.num_classes, seed=0, **opts)
+        for sname, cnames, budgets in cells:
+            setting = SETTINGS[sname]
+            for case, truth, names in cases(model, setting, photos, n_photos, local_lr):
+                channel = batchnorm.side_channel(case)
+                for cname, n in itertools.product(cnames, budgets):
+                    o = dict(CONFIGS[cname])
+                    preset = o.pop("preset", None)
+                    its = max(1, round(n * o.pop("iterations_scale", 1.0)))
+                    t = time.perf_counter()
+                    rec = gl.create("ig", preset=preset, **{**o, "max_iterations": its}).reconstruct(case, seed=0)
+                    sec = time.perf_counter() - t
+                    s = gl.evaluate(rec, truth)
+                    row = {"model": mname, "setting": sname, "config": cname, "iterations": n,
+                           "iterations_per_restart": its, "photos": list(names),
+                           "psnr_per_image": s.psnr_per_image, "ssim_per_image": s.ssim_per_image,
+                           "label_accuracy": s.label_accuracy, "seconds": round(sec, 1),
+                           "bn_prior": rec.info.get("bn_prior"), "labels": rec.info["labels"].get("source"),
+                           "side_channel": None if channel is None else channel["note"]}
+                    rows.append(row)
+                    print(f"{mname:10s} {sname:26s} {cname:14s} {n:5d} its {','.join(names)[:30]:30s} "
+                          f"PSNR {statistics.median(s.psnr_per_image):6.2f} dB  SSIM "
+                          f"{statistics.median(s.ssim_per_image):.3f}  {sec:7.1f} s", flush=True)
+    return rows
+
+
+def imagenet(iterations: int, photo: int) -> dict:
+    """ResNet-18 at 224 px, batch 1, through the whole `gradleak attack` path (data at 224, the memory check,
+    the run directory and its report images): step time, the projected CPU-hour budget, PSNR."""
+    import resource
+    import tempfile
+    from pathlib import Path
+
+    from gradleak.experiment import AttackRun, run_attack
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = AttackRun(attack="ig", model="resnet18", image_size=224, num_images=1, start=photo,
+                        iterations=iterations, threads=1, out=str(Path(tmp) / "run"))
+        t = time.perf_counter()
+        res = run_attack(cfg)
+        wall = time.perf_counter() - t
+        rec = res.reconstruction
+        files = sorted(p.name for p in Path(res.out_dir).iterdir())
+        from PIL import Image
+
+        with Image.open(Path(res.out_dir) / "reconstruction.png") as im:
+            png_size = list(im.size)
+    attack_s = float(rec.info["seconds"])
+    step = attack_s / int(rec.info["iterations"])
+    fits = int(0.9 * 3600 / step)
+    out = {"model": "resnet18", "input_shape": list(res.case.spec.shape), "batch": 1, "photo": photo,
+           "iterations": int(rec.info["iterations"]), "attack_seconds": round(attack_s, 1),
+           "wall_seconds": round(wall, 1), "step_seconds": round(step, 3),
+           "projected_iterations_in_0.9_cpu_hour": fits, "cpu_hour_budget": IMAGENET_CPU_HOUR,
+           "cpu_hour_budget_projected_minutes": round(IMAGENET_CPU_HOUR["max_iterations"] * step / 60, 1),
+           "psnr": res.scores.psnr, "ssim": res.scores.ssim,
+           "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+           "run_files": files, "reconstruction_png_size": png_size}
+    print(f"resnet18 224 px: {step:.2f} s/iteration -> {fits} iterations in 0.9 CPU hour; {out['iterations']} "
+          f"iterations: PSNR {res.scores.psnr:.2f} dB, peak RSS {out['peak_rss_mib']} MiB", flush=True)
+    return out
+
+
 def main():
     ap = common.add_arguments(argparse.ArgumentParser())
     ap.add_argument("--quick", action="store_true", help="smoke run: resnet20-4, 1 photo, 20 iterations")
@@ -85,6 +180,13 @@ def main():
     ap.add_argument("--settings", default=DEFAULT_SETTINGS, help=f"some of {','.join(SETTINGS)}")
     ap.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"some of {','.join(CONFIGS)}")
     ap.add_argument("--local-lr", type=float, default=1e-2)
+    ap.add_argument("--cells", choices=("product", "reduced"), default="product",
+                    help="product: --models x --settings x --configs x --iterations; reduced: the REDUCED grid "
+                         "(resnet20, its own settings, configs and iterations; --photos still applies)")
+    ap.add_argument("--imagenet", action="store_true", help="ResNet-18 at 224 px, batch 1 (part 4): step time, "
+                                                             "projected CPU-hour budget, PSNR")
+    ap.add_argument("--imagenet-iterations", type=int, default=100)
+    ap.add_argument("--imagenet-photo", type=int, default=0)
     ap.add_argument("--name", default="modern", help="results name (benchmarks/results/NAME.json), for partial runs")
     args = ap.parse_args()
     if args.quick:
@@ -100,31 +202,20 @@ def main():
         ap.error(f"unknown model/setting/config {bad}; models {list(MODELS)}, settings {list(SETTINGS)}, "
                  f"configs {list(CONFIGS)}")
     run_ = common.begin(args.name, args)
+    if args.imagenet:
+        common.finish(run_, {"setting": {"imagenet": True, "iterations": args.imagenet_iterations,
+                                         "photo": args.imagenet_photo, "threads": 1, "protocol": "fedsgd",
+                                         "bn_mode": "eval", "labels_known": True, "options": "IG defaults"},
+                             "imagenet": imagenet(args.imagenet_iterations, args.imagenet_photo)})
+        return
     photos = gl.data.samples(32, num_images=8)
-    rows = []
-    for mname in models:
-        zoo, opts = MODELS[mname]
-        model = gl.models.build(zoo, input_shape=(3, 32, 32), num_classes=photos.spec.num_classes, seed=0, **opts)
-        for sname in settings:
-            setting = SETTINGS[sname]
-            for case, truth, names in cases(model, setting, photos, args.photos, args.local_lr):
-                channel = batchnorm.side_channel(case)
-                for cname, n in itertools.product(configs, budgets):
-                    o = dict(CONFIGS[cname])
-                    preset = o.pop("preset", None)
-                    t = time.perf_counter()
-                    rec = gl.create("ig", preset=preset, **{**o, "max_iterations": n}).reconstruct(case, seed=0)
-                    sec = time.perf_counter() - t
-                    s = gl.evaluate(rec, truth)
-                    row = {"model": mname, "setting": sname, "config": cname, "iterations": n, "photos": list(names),
-                           "psnr_per_image": s.psnr_per_image, "ssim_per_image": s.ssim_per_image,
-                           "label_accuracy": s.label_accuracy, "seconds": round(sec, 1),
-                           "bn_prior": rec.info.get("bn_prior"), "labels": rec.info["labels"].get("source"),
-                           "side_channel": None if channel is None else channel["note"]}
-                    rows.append(row)
-                    print(f"{mname:10s} {sname:26s} {cname:14s} {n:5d} its {','.join(names)[:30]:30s} "
-                          f"PSNR {statistics.median(s.psnr_per_image):6.2f} dB  SSIM "
-                          f"{statistics.median(s.ssim_per_image):.3f}  {sec:7.1f} s", flush=True)
+    if args.cells == "reduced":
+        cells = [(sn, cn, [n]) for sn, cn, n in REDUCED]
+        models, settings, configs = ["resnet20"], [c[0] for c in REDUCED], sorted({x for c in REDUCED for x in c[1]})
+        budgets = sorted({c[2] for c in REDUCED})
+    else:
+        cells = [(sn, configs, budgets) for sn in settings]
+    rows = run_cells(cells, models, photos, args.photos, args.local_lr)
     summary = []
     for key in sorted({(r["model"], r["setting"], r["config"], r["iterations"]) for r in rows}):
         sel = [r for r in rows if (r["model"], r["setting"], r["config"], r["iterations"]) == key]
@@ -137,6 +228,7 @@ def main():
               f"dB, SSIM {summary[-1]['median_ssim']:.3f} over {len(ps)} image(s)")
     common.finish(run_, {
         "setting": {"models": models, "photos_at_batch_1": args.photos, "iterations": budgets, "settings": settings,
+                    "cells": args.cells, **({"reduced": REDUCED} if args.cells == "reduced" else {}),
                     "configs": {c: CONFIGS[c] for c in configs}, "local_lr": args.local_lr, "untrained": True,
                     "quick": args.quick},
         "notes": ["reduced grid on a shared 2-core CPU: see setting; the issue's full grid is 8 photos, both "

@@ -151,6 +151,23 @@ def base_run(cfg: AuditConfig, tm: threat_mod.ThreatModel) -> AttackRun:
                      device=cfg.device or "cpu")
 
 
+def bn_prior_options(cls, case, tm: threat_mod.ThreatModel, opts: dict, budget: dict) -> dict:
+    """``opts`` of attack ``cls`` on ``case`` with the BatchNorm-statistics prior (``bn_prior``) the threat model
+    allows (:func:`gradleak.attacks.optimization.priors.bn_channel`: the update's returned statistics, else the
+    running statistics where ``tm.bn_statistics`` grants them); ``opts`` itself when the attack has no such
+    option or uses none. Records the channel in the attack's ``budget`` entry (audit.json, the report)."""
+    from ..attacks.optimization.priors import bn_channel
+
+    if cls.Options is None or "bn_prior" not in {f.name for f in dataclasses.fields(cls.Options)}:
+        return opts
+    ch = bn_channel(case, tm.bn_statistics)
+    budget["bn_statistics"] = ch.sentence
+    if ch.source == "none":
+        return opts
+    budget["bn_prior"] = ch.source
+    return {**opts, "bn_prior": ch.source}
+
+
 def _local_batch(cfg: AuditConfig, b: int) -> int | None:
     if cfg.protocol != "fedavg" or cfg.local_batch_size is None:
         return None
@@ -218,6 +235,10 @@ def plan(cfg: AuditConfig, out: Path) -> Plan:
                         if probe is None:
                             probe = _probe(run, cfg)
                         case = probe
+                    bn_opts = bn_prior_options(cls, case, tm, opts, budget[name])
+                    if bn_opts is not opts:
+                        opts, attack = bn_opts, cls(preset=preset, **bn_opts)
+                        run = dataclasses.replace(run, attack_options=opts)
                     reasons = attack.requirements(case)
                 except GradleakError as e:
                     if probe is None and not cls.crafts_model:
@@ -234,4 +255,5 @@ def plan(cfg: AuditConfig, out: Path) -> Plan:
     return Plan(jobs, skipped, sorted(runnable), notes, budget)
 
 
-__all__ = ["AuditConfig", "NO_DEFENSE", "Plan", "PlannedJob", "base_run", "check_defenses", "defense_list", "plan"]
+__all__ = ["AuditConfig", "NO_DEFENSE", "Plan", "PlannedJob", "base_run", "bn_prior_options", "check_defenses",
+           "defense_list", "plan"]

@@ -9,7 +9,12 @@ it sends), G data-enhanced manipulator (F + surrogate data), H active client man
 
 Each preset maps onto the facts of a :class:`~gradleak.Case` that the attacks read: whether the labels are
 given to the attacker (``labels_known``), whether the server may send a crafted model (``may_modify_model``;
-only then do attacks with ``crafts_model`` run), and whether BatchNorm running statistics count as known.
+only then do attacks with ``crafts_model`` run), and whether BatchNorm running statistics count as known
+(``bn_statistics``: the optimisation attacks then match the model's running statistics as the data's,
+``bn_prior='running'``). Whatever the preset, what the update itself carries is used: a train-mode client's
+returned running statistics reveal its batch's (``bn_prior='update'``, which comes first). The audit records the
+channel per attack as ``budget.per_attack[attack].bn_statistics`` ("BN statistics: from the update" / "granted by
+the threat model" / "not used: ..."; :func:`gradleak.audit.plan.bn_prior_options`).
 Every gradleak attack also needs the model's parameters and the batch size, and the FedAvg attacks the local
 hyper-parameters; where a preset denies one of those facts, the results rely on it anyway and the preset lists
 that assumption under ``optimistic_for_attacker`` (the report prints it).

@@ -215,6 +215,56 @@ def resolve_bn_source(case: Case, source: str) -> str:
     return "update" if case.bn_mode == "train" and case.observed_buffers else "running"
 
 
+@dataclass(frozen=True)
+class BNChannel:
+    """Which BatchNorm statistics an attacker with a given threat model can match, for one case.
+
+    source: the ``bn_prior`` to run with ('update', 'running' or 'none'); channel: where the statistics come
+    from ('update': the client's returned buffers; 'threat-model': the model's running statistics, granted as the
+    data's statistics; 'none'); sentence: the report's line, beginning "BN statistics: "."""
+
+    source: str
+    channel: str
+    sentence: str
+
+
+def bn_channel(case: Case, granted: bool) -> BNChannel:
+    """The BatchNorm statistics an attack on ``case`` may use. The update's own (its returned running
+    statistics, train mode) come first: the server receives them whatever the threat model, and they are the
+    batch's (or, for FedAvg, its local steps' mixture), better than any statistics of the data at large. Else,
+    when the threat model grants the data's statistics (``granted``), the model's running statistics stand for
+    them, unless they are still torch's initial values (``num_batches_tracked`` 0 in every layer: the model
+    never tracked data, its 0 / 1 statistics describe none; on the untrained ResNet-20 they lowered IG's PSNR
+    on both photos measured, docs/batchnorm.md)."""
+    layers = BN.bn_layers(case.model)
+    if not layers:
+        return BNChannel("none", "none", "BN statistics: not used: model has no BatchNorm")
+    if case.bn_mode == "train" and case.observed_buffers:
+        try:
+            stats = BN.revealed_statistics(case)
+        except ValidationError as e:
+            why = "; ".join(e.problems)
+        else:
+            d = stats.describe()
+            return BNChannel("update", "update", f"BN statistics: from the update (the returned running statistics "
+                                                 f"of {d['layers']} BatchNorm layers reveal {d['reveals']})")
+    elif case.bn_mode == "train":
+        why = "the update carries no BatchNorm buffers"
+    else:
+        why = "the client ran BatchNorm in eval mode, so its returned statistics reveal nothing"
+    if not granted:
+        return BNChannel("none", "none", f"BN statistics: not used: {why}, and the threat model does not grant the "
+                                         "data's statistics")
+    tracked = [case.buffers.get(f"{n}.num_batches_tracked" if n else "num_batches_tracked") for n in layers]
+    if all(t is not None and int(t) == 0 for t in tracked):
+        return BNChannel("none", "none", f"BN statistics: not used: {why}; the threat model grants the data's "
+                                         "statistics, but the model's running statistics are torch's initial "
+                                         "values (no layer tracked a batch), so they describe no data")
+    return BNChannel("running", "threat-model", f"BN statistics: granted by the threat model (the model's running "
+                                                f"statistics of {len(layers)} BatchNorm layers stand for the data's; "
+                                                f"{why})")
+
+
 FEDAVG_MODES = ("unrolled", "sent-parameters")
 
 
