@@ -274,9 +274,9 @@ def split_convolutions(model: torch.nn.Module, state: _SplitConvPass) -> int:
     return n
 
 
-# multiply-adds of one conv call above which the split pays on a CPU (measured one thread: ResNet-18 at 32 px,
-# 38M per 3x3 conv, steps 0.74-0.9x; ResNet-20, at most 9.4M at batch 4, was 5% slower split)
-SPLIT_CONV_MIN_MACS = 20_000_000
+# multiply-adds of one conv call from which the split pays on a CPU (measured one thread: ResNet-18 at 32 px,
+# 19M-38M per 3x3 conv, steps 0.74-0.9x; ResNet-20, at most 9.4M at batch 4, was 5% slower split)
+SPLIT_CONV_MIN_MACS = 10_000_000
 
 
 class _SplitConvForward:
