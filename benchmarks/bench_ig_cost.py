@@ -10,7 +10,11 @@ Models at 3x32x32, 19 classes, untrained (zoo seed 0), BatchNorm in eval mode, b
 Measurements interleave the two kinds of step in rounds and take medians, so a shared, busy machine affects
 both alike. Target: ratio <= 3.
 
-Run:  python benchmarks/bench_ig_cost.py [--quick]
+The "profile" section: torch.profiler over IG steps and training steps of resnet18 at batch 1 (one thread), the
+operators with the most self time per step and their share, convolutions grouped by input shape (the weight
+term of torch's convolution double backward runs as a convolution of (C_in, B, H, W) inputs).
+
+Run:  python benchmarks/bench_ig_cost.py [--quick] [--no-profile]
 Writes benchmarks/results/ig_cost.json.
 """
 
@@ -37,7 +41,8 @@ def _timed(fn, n):
     return (time.perf_counter() - t) / n
 
 
-def measure(name, opts, batch, rounds, budget):
+def steps(name, opts, batch):
+    """(case, training step (nn.Module), training step (functional), ig(n): n IG steps) of one zoo model."""
     photos = gl.data.samples(32, num_images=max(batch, 1))
     model = gl.models.build(name, input_shape=(3, 32, 32), num_classes=19, **opts)
     x, y = photos.batch(batch)
@@ -72,9 +77,17 @@ def measure(name, opts, batch, rounds, budget):
 
     x0 = torch.randn((batch, 3, 32, 32), generator=torch.Generator().manual_seed(0))
 
+    def ig(n, on_step=None):
+        C.run_adam(objective, [x0], steps=n, lr=0.1, project=project, on_step=on_step)
+
+    return case, train_module, train_functional, ig
+
+
+def measure(name, opts, batch, rounds, budget):
+    case, train_module, train_functional, ig = steps(name, opts, batch)
     for f in (train_module, train_functional):
         f()
-    C.run_adam(objective, [x0], steps=2, lr=0.1, project=project)
+    ig(2)
     # calibrate the number of repetitions so one round of each takes ~budget seconds
     t_train = _timed(train_module, 3)
     n = max(3, int(budget / max(t_train, 1e-4)))
@@ -84,8 +97,7 @@ def measure(name, opts, batch, rounds, budget):
         rows["module"].append(_timed(train_module, n))
         rows["functional"].append(_timed(train_functional, n))
         stamps = []
-        C.run_adam(objective, [x0], steps=n_ig + 1, lr=0.1, project=project,
-                   on_step=lambda s, a, b: stamps.append(time.perf_counter()))
+        ig(n_ig + 1, on_step=lambda s, a, b: stamps.append(time.perf_counter()))
         rows["ig"].append((stamps[-1] - stamps[0]) / n_ig)
     med = {k: statistics.median(v) for k, v in rows.items()}
     return {
@@ -96,9 +108,38 @@ def measure(name, opts, batch, rounds, budget):
     }
 
 
+def _top(prof, n_steps, rows=12):
+    """The operators with the most self time per step (convolutions split by input shape)."""
+    ka = prof.key_averages(group_by_input_shape=True)
+    total = sum(e.self_cpu_time_total for e in ka)
+    out = []
+    for e in sorted(ka, key=lambda e: -e.self_cpu_time_total)[:rows]:
+        shapes = [list(s) for s in (e.input_shapes or [])[:2] if s]
+        out.append({"op": e.key, "input_shapes": shapes, "calls_per_step": e.count / n_steps,
+                    "ms_per_step": e.self_cpu_time_total / 1e3 / n_steps, "share": e.self_cpu_time_total / total})
+    return {"profiled_ms_per_step": total / 1e3 / n_steps, "top": out}
+
+
+def profile(name="resnet18", batch=1, n=5):
+    """torch.profiler over ``n`` IG steps and ``3 n`` training steps (profiler overhead included)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    _, train_module, _, ig = steps(name, {}, batch)
+    train_module()
+    ig(2)
+    with torch_profile(activities=[ProfilerActivity.CPU], record_shapes=True) as p_ig:
+        ig(n)
+    with torch_profile(activities=[ProfilerActivity.CPU], record_shapes=True) as p_train:
+        for _ in range(3 * n):
+            train_module()
+    return {"model": name, "batch": batch, "ig_step": _top(p_ig, n), "training_step": _top(p_train, 3 * n)}
+
+
 def main():
     ap = common.add_arguments(argparse.ArgumentParser())
     ap.add_argument("--quick", action="store_true", help="fewer rounds (a rough look)")
+    ap.add_argument("--no-profile", action="store_true", help="skip the resnet18 profile")
     args = ap.parse_args()
     run_ = common.begin("ig_cost", args)
     rounds, budget = (2, 0.3) if args.quick else (5, 1.5)
@@ -109,10 +150,15 @@ def main():
             out.append(r)
             print(f"{name:10s} B={batch}  train {r['train_module_s'] * 1e3:8.2f} ms  IG step {r['ig_step_s'] * 1e3:8.2f} ms"
                   f"  ratio {r['ratio_vs_module']:.2f} (vs functional {r['ratio_vs_functional']:.2f})", flush=True)
-    common.finish(run_, {
-        "target": "ig_step / training_step <= 3", "results": out,
-        "max_ratio_vs_module": max(r["ratio_vs_module"] for r in out),
-    })
+    sections = {"target": "ig_step / training_step <= 3", "results": out,
+                "max_ratio_vs_module": max(r["ratio_vs_module"] for r in out)}
+    if not args.no_profile:
+        sections["profile"] = profile()
+        for kind in ("ig_step", "training_step"):
+            top = sections["profile"][kind]["top"][:5]
+            print(kind, "; ".join(f"{t['op']} {t['input_shapes'][:1]} {t['ms_per_step']:.1f} ms ({t['share']:.0%})"
+                                  for t in top))
+    common.finish(run_, sections)
 
 
 if __name__ == "__main__":

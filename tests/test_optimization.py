@@ -212,6 +212,65 @@ def test_matcher_cosine_matches_case_residual_and_subset_gradients(small_case):
     assert float(C.GradientMatcher(case).terms(x, case.labels, create_graph=False)[0]) < 1e-6
 
 
+def test_matcher_work_tensors_reused_give_the_same_gradients(small_case):
+    """The cosine keeps its differences in reused work tensors and writes its gradient over them: a forward
+    of another candidate before the first one's backward, and a second backward of one graph, still give
+    exactly the gradient of a lone forward and backward."""
+    case, truth = small_case
+    m = C.GradientMatcher(case)
+    xs = [truth.inputs * 0.5 + 0.2, truth.inputs * 0.3 - 0.1]
+
+    def grad_of(x, *, other=None, twice=False):
+        x = x.clone().requires_grad_(True)
+        data, _ = m.terms(x, case.labels)
+        if other is not None:  # a later forward reuses the work tensors before this backward
+            m.terms(other.clone().requires_grad_(True), case.labels)
+        (g,) = torch.autograd.grad(data, x, retain_graph=twice)
+        if twice:
+            (g2,) = torch.autograd.grad(data, x)
+            assert torch.equal(g, g2)
+        return g
+
+    alone = [grad_of(x) for x in xs]
+    assert not torch.equal(alone[0], alone[1])
+    assert torch.equal(grad_of(xs[0], other=xs[1]), alone[0])
+    assert torch.equal(grad_of(xs[1], twice=True), alone[1])
+
+
+def test_split_convolutions_give_the_same_bits(photos, monkeypatch):
+    """The matcher's bias-free convolutions run through the split backward (their double backward skips the
+    unused weight term): the update, the input gradient of the data term and a few signed-Adam steps are
+    bit-for-bit those of torch's own convolution."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
+                          nn.Conv2d(64, 64, 3, padding=1, bias=False), nn.ReLU(),
+                          nn.Conv2d(64, 32, 3, stride=2, padding=1, bias=False), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 19)).eval()
+    x, y = photos.batch(2)
+    case, _ = gl.simulate(model, x, y, spec=photos.spec)
+    split, plain = C.GradientMatcher(case), C.GradientMatcher(case)
+    for m in plain._model.modules():
+        m.__dict__.pop("forward", None)  # torch's own Conv2d.forward
+    calls = []
+    real = C._SplitConv.apply
+    monkeypatch.setattr(C._SplitConv, "apply", lambda *a: calls.append(1) or real(*a))
+    x0 = torch.randn((2, 3, 32, 32), generator=torch.Generator().manual_seed(1))
+
+    def steps(m):
+        def objective(v):
+            data, cos = m.terms(v[0], y)
+            return data + 1e-4 * C.total_variation(v[0]), cos
+        return C.run_adam(objective, [x0.clone()], steps=4, lr=0.1)
+
+    xa, xb = x0.clone().requires_grad_(True), x0.clone().requires_grad_(True)
+    assert all(torch.equal(a, b) for a, b in zip(split.update(xa, y), plain.update(xb, y)))
+    da, db = split.terms(xa, y)[0], plain.terms(xb, y)[0]
+    assert torch.equal(torch.autograd.grad(da, xa)[0], torch.autograd.grad(db, xb)[0])
+    ta, tb = steps(split), steps(plain)
+    assert torch.equal(ta.variables[0], tb.variables[0]) and ta.score == tb.score
+    assert calls  # the first two convolutions (38M multiply-adds each) took the split path
+
+
 def test_matcher_follows_train_mode_batchnorm_and_fedavg():
     """The matcher's gradients equal Case.update for train-mode BatchNorm (batch statistics) and FedAvg."""
     model = gl.models.build("convnet", input_shape=(3, 8, 8), num_classes=4, width=2)
