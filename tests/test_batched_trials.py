@@ -78,6 +78,7 @@ def test_many_cases_and_restarts_equal_one_by_one(cases, spy, attack, options, t
         note = rb.info["batched"]
         assert note["batched"] is True and note["trials_in_batch"] == 12 and note["setups_in_batch"] == 3
         assert note["shared_parameters"] is True  # the cases' models have equal parameters: not copied per trial
+        assert note["engine"] == B.STACKED  # LeNet: conv + linear, per-sample rules (IG; DLG's soft labels)
         assert rs.info["batched"] == {"batched": False, "reason": "batch_trials is off", "trials": 4,
                                       "seconds_all_setups": rs.info["batched"]["seconds_all_setups"]}
         torch.testing.assert_close(rb.inputs, rs.inputs, rtol=0, atol=tol)

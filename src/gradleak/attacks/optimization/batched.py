@@ -11,17 +11,25 @@ per-trial gradient matching gives every trial's (total, score) and, by one backw
 
 (the priors: the attack's built :class:`.priors.Objective`, the same one its one-by-one objective adds).
 
-``theta_t`` is not copied when the trials share the case's parameters (``in_dims=None``: the trials become a
-batch of the same model). The totals of different trials are independent, so the gradient of their SUM is
-each trial's own gradient; a trial that went non-finite keeps its NaN to itself (no operation mixes trials)
+Two engines compute the g_t. Where every trial is FedSGD on the SAME parameters and every matched
+parameter's layer has a per-sample rule (:mod:`.persample`: Linear, Conv2d, eval-mode BatchNorm), the
+STACKED engine runs the trials' inputs as one ordinary batch of the model, takes the gradients w.r.t. every
+layer's output in one backward, and forms each trial's parameter gradients from them (no batched weights, so
+no grouped convolutions in the forward; the second backward's grouped convolutions are per trial's own
+kernel). Otherwise (FedAvg, different parameters, a layer without a rule; ``note['stacked_problems']`` says
+which) the vmap engine runs; ``theta_t`` is not copied when the trials share the case's parameters
+(``in_dims=None``: the trials become a batch of the same model). The totals of different trials are
+independent, so the gradient of their SUM is each trial's own gradient; a trial that went non-finite keeps its NaN to itself (no operation mixes trials)
 and its program stops as it would alone; a trial that stopped is simply not asked again.
 
 Equal to running the trials one by one up to the reduction order of the batched kernels (checked by
-tests/test_batched_trials.py in float64: candidates and best scores agree to ~1e-10 relative).
+tests/test_batched_trials.py and tests/test_batched_stacked.py in float64: candidates and best scores
+agree to ~1e-10 relative).
 Where vmap cannot run the objective (BatchNorm in train mode, a prior registered with a ``batch_problem`` such
 as 'bn-statistics' (its own hooked forward pass), a regulariser that is not a function of its argument alone,
 ...) the trials run one by one and ``rec.info['batched']`` says why. Before trusting the
-batched objective the first round compares one trial's batched total with the sequential objective; a
+batched objective the first round compares the first and the last trial's batched totals with the
+sequential objective (a module that mixes the samples of a batch would couple the stacked trials); a
 disagreement also falls back, with the figures in the note.
 
 Chunks: at most ``chunk`` trials go into one vmap call, chosen from the memory estimate
@@ -48,11 +56,14 @@ from ... import resources, threads
 from ...case import Case, FedAvg
 from ...functional import minibatch_indices
 from ..base import Attack, Reconstruction
+from . import persample
 from . import priors as P
 from .common import GradientMatcher
 from .driver import Objective, Result, Trial, evaluate, feed, trial_program
 
 ENGINE = "torch.func.vmap over trials (per-trial gradient matching), one backward for all"
+STACKED = ("stacked: the trials' inputs as one batch of the shared model, per-sample parameter-gradient rules "
+           "(persample.py), one backward for all")
 
 
 @dataclass
@@ -284,10 +295,29 @@ class BatchedObjective:
                 return [g[k].reshape(-1) for k in names]
 
         self._update = update
+        self._specs: dict[tuple, dict] = {}
+        # the stacked formulation (one ordinary batch of the shared model, per-sample rules) where it applies
+        self.stacked_problems = (["FedAvg: the trials' parameters differ after the first local step"]
+                                 if self.fedavg else [] if self.shared else
+                                 ["the trials' models have different parameters"])
+        self.stacked_problems += persample.problems(self.model, names) if not self.stacked_problems else []
+        self._stacked = (persample.StackedGradients(self.model, names, loss_fn)
+                         if not self.stacked_problems else None)
+        self.engine = STACKED if self._stacked is not None else ENGINE
         self._soft = case.loss_fn.soft_labels
         self._extra = s0.priors.value if s0.priors.terms else None
 
     def _spec(self, sidx: list[int]) -> dict:
+        """The stacked targets of trials ``sidx`` (cached: the same trials run round after round, and
+        stacking a large model's targets every round is a copy of T x parameters)."""
+        key = tuple(sidx)
+        if key not in self._specs:
+            if len(self._specs) > 8:
+                self._specs.clear()
+            self._specs[key] = self._build_spec(sidx)
+        return self._specs[key]
+
+    def _build_spec(self, sidx: list[int]) -> dict:
         one = len(set(sidx)) == 1
         ms = [self.setups[i].matcher for i in sidx]
 
@@ -318,13 +348,16 @@ class BatchedObjective:
                 lab = vmap(self._soft)(leaves[1])
             else:
                 lab = torch.stack([self.setups[i].labels for i in sidx])
-            if self.shared:
-                p, bufs, pdim = self.params[0], self.buffers[0], None
+            if self._stacked is not None:
+                gs = self._stacked(x, lab)
             else:
-                p = {k: torch.stack([self.params[i][k] for i in sidx]) for k in self.params[0]}
-                bufs = {k: torch.stack([self.buffers[i][k] for i in sidx]) for k in self.buffers[0]}
-                pdim = 0
-            gs = vmap(self._update, in_dims=(pdim, pdim, 0, 0), randomness="error")(p, bufs, x, lab)
+                if self.shared:
+                    p, bufs, pdim = self.params[0], self.buffers[0], None
+                else:
+                    p = {k: torch.stack([self.params[i][k] for i in sidx]) for k in self.params[0]}
+                    bufs = {k: torch.stack([self.buffers[i][k] for i in sidx]) for k in self.buffers[0]}
+                    pdim = 0
+                gs = vmap(self._update, in_dims=(pdim, pdim, 0, 0), randomness="error")(p, bufs, x, lab)
             data = _Match.apply(spec, *gs)
             total = data if self._extra is None else data + vmap(self._extra, randomness="error")(x, lab)
             if s0.score == "data":
@@ -377,9 +410,11 @@ def _run_group(setups: list[TrialSetup], programs: list[list], limit: int | None
     total_trials = len(flat)
     chunk, mem = chunk_size(setups[0], total_trials, limit)
     engine = BatchedObjective(setups)
-    note: dict[str, Any] = {"batched": True, "engine": ENGINE, "trials_in_batch": total_trials,
+    note: dict[str, Any] = {"batched": True, "engine": engine.engine, "trials_in_batch": total_trials,
                             "setups_in_batch": len(setups), "chunk": chunk, "shared_parameters": engine.shared,
                             **mem}
+    if engine.stacked_problems:
+        note["stacked_problems"] = engine.stacked_problems
     pending: dict[int, tuple] = {}
     for i, program in enumerate(flat):
         try:
@@ -399,13 +434,14 @@ def _run_group(setups: list[TrialSetup], programs: list[list], limit: int | None
                     res = engine([owner[i][0] for i in part], [pending[i] for i in part])
                     results.update(zip(part, res))
                 if not checked:
-                    i0 = idx[0]
-                    ref = evaluate(setups[owner[i0][0]].objective, *pending[i0])
                     checked = True
-                    if not _agree(results[i0], ref, setups[0].case.dtype):
-                        fallback = (f"the batched objective disagreed with the sequential one (total "
-                                    f"{results[i0][0]:.17g} vs {ref[0]:.17g}): a regulariser or module vmap "
-                                    "does not batch faithfully")
+                    for i0 in dict.fromkeys((idx[0], idx[-1])):
+                        ref = evaluate(setups[owner[i0][0]].objective, *pending[i0])
+                        if not _agree(results[i0], ref, setups[0].case.dtype):
+                            fallback = (f"the batched objective disagreed with the sequential one (total "
+                                        f"{results[i0][0]:.17g} vs {ref[0]:.17g}): a regulariser or module "
+                                        "the batch does not run faithfully (vmap, or one that mixes samples)")
+                            break
             except Exception as e:  # vmap cannot run this objective: one by one, said in the note
                 fallback = f"vmap could not run the objective ({type(e).__name__}: {str(e)[:200]})"
             if fallback is not None:
@@ -562,5 +598,5 @@ def reconstruct_many(attack: Attack, cases: Sequence[Case], *, seeds: Sequence[i
     return out
 
 
-__all__ = ["TrialSetup", "BatchedObjective", "run", "run_setups", "reconstruct_many", "memory_limit", "chunk_size",
+__all__ = ["TrialSetup", "BatchedObjective", "STACKED", "run", "run_setups", "reconstruct_many", "memory_limit", "chunk_size",
            "vmap_problems", "worth_batching", "CPU_BATCH_MAX_PARAMETERS"]
