@@ -84,6 +84,17 @@ def _conv_problem(m: nn.Conv2d) -> str:
     return ""
 
 
+def _unfold(a: torch.Tensor, conv) -> torch.Tensor:
+    """``F.unfold(a, ...)`` (NB, C*kh*kw, L), as one copy of a strided view of the padded input (the same
+    values; about 2x faster than im2col on these sizes on a CPU). Not differentiable (used inside
+    :class:`_ConvWeight`)."""
+    (kh, kw), (dh, dw), (ph, pw), (sh, sw) = conv[0], conv[1], conv[2], conv[3]
+    ap = F.pad(a, (pw, pw, ph, ph)) if ph or pw else a
+    v = ap.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)[..., ::dh, ::dw]
+    n, c, ho, wo = v.shape[:4]
+    return v.permute(0, 1, 4, 5, 2, 3).reshape(n, c * kh * kw, ho * wo)
+
+
 class _ConvWeight(torch.autograd.Function):
     """Per-trial weight gradients of a Conv2d, (N, O, C*kh*kw) from its input a (N*B, C, H, W) and output
     gradient d (N*B, O, Ho, Wo): forward unfold + bmm (per trial, its samples' positions contracted together);
@@ -96,7 +107,7 @@ class _ConvWeight(torch.autograd.Function):
         ctx.save_for_backward(a, d)
         ctx.n, ctx.conv = n, conv
         k, dil, pad, st = conv
-        u = F.unfold(a, k, dilation=dil, padding=pad, stride=st)                  # (NB, Ckk, L)
+        u = _unfold(a, conv)                                                          # (NB, Ckk, L)
         nb, o = d.shape[:2]
         b = nb // n
         if b == 1:
@@ -141,7 +152,7 @@ def _mm_backward(ctx, a, d, g, n, b, conv):
     k, dil, pad, st = conv
     nb, c, h, w = a.shape
     o = d.shape[1]
-    u = F.unfold(a, k, dilation=dil, padding=pad, stride=st)                           # (NB, Ckk, L)
+    u = _unfold(a, conv)                                                               # (NB, Ckk, L)
     ckk, pos = u.shape[1], u.shape[2]
 
     def per_trial(t, rows):  # (NB, rows, L) -> (N, rows, B*L)
