@@ -154,11 +154,12 @@ def vmap_problems(setup: TrialSetup) -> list[str]:
     return p + setup.priors.batch_problems()
 
 
-# On a CPU, batching trials of a large model does not pay: each trial's update is its own (4 x parameters of
-# memory traffic per trial) and the convolutions are already compute-bound at batch 1. Measured with
-# benchmarks/bench_throughput.py (one thread, 16 trials): lenet (23k parameters) 2.9x, resnet20 (273k) 1.6x,
-# convnet width 16 1.0x, resnet18 (11.2M) 0.48x. An attack's own restarts are therefore batched on a CPU only
-# up to this many parameters; reconstruct_many (an explicit request) batches whatever it can.
+# On a CPU, batching trials of a large model does not pay: each trial's update is its own (several passes over
+# T x parameters of memory per round) and the convolutions are already compute-bound at batch 1. Measured with
+# benchmarks/bench_throughput.py (stacked engine, one thread, 16 trials, docs/performance.md): lenet (23k
+# parameters) 2.3x, resnet20 (273k) 1.1x (2.0x at 64), convnet width 16 1.0x, resnet18 (11.2M) 0.54x. An
+# attack's own restarts are therefore batched on a CPU only up to this many parameters; reconstruct_many (an
+# explicit request) batches whatever it can.
 CPU_BATCH_MAX_PARAMETERS = 2_000_000
 
 
