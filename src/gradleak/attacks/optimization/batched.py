@@ -157,7 +157,8 @@ def vmap_problems(setup: TrialSetup) -> list[str]:
 # On a CPU, batching trials of a large model does not pay: each trial's update is its own (several passes over
 # T x parameters of memory per round) and the convolutions are already compute-bound at batch 1. Measured with
 # benchmarks/bench_throughput.py (stacked engine, one thread, 16 trials, docs/performance.md): lenet (23k
-# parameters) 2.3x, resnet20 (273k) 1.1x (2.0x at 64), convnet width 16 1.0x, resnet18 (11.2M) 0.54x. An
+# parameters) 2.2x, resnet20 (273k) 1.3x (2.5x at 64), convnet width 16 1.0x, resnet18 (11.2M) 0.87x in CPU
+# time (a 16-trial round 1.8x slower than 16 sequential evaluations). An
 # attack's own restarts are therefore batched on a CPU only up to this many parameters; reconstruct_many (an
 # explicit request) batches whatever it can.
 CPU_BATCH_MAX_PARAMETERS = 2_000_000
