@@ -6,11 +6,16 @@ own peak; torch's CPU allocations are invisible to tracemalloc): it builds T sin
 model (photo i mod 19 of the bundled photos, seed i), times IG (signed Adam, the ConvNet/ResNet default;
 TV 1e-4) on all of them, and reports reconstructions per minute, the mean PSNR, and the peak RSS above the
 process's RSS after building the cases (per trial: divided by T). Batched and sequential children of one
-configuration run back to back. One torch thread. Target: batched >= 4x sequential at 16 trials on lenet,
+configuration run back to back. One torch thread. Wall time is the figure (reconstructions per minute);
+the process CPU time of both is recorded too (``speedup_cpu_time``): on a shared machine the wall time also
+counts the time other processes held the cores. Target: batched >= 4x sequential at 16 trials on lenet,
 >= 2x on convnet (width 16).
 
 A profile of one IG step (sequential, batch 1) on resnet18 lists the top operations by self CPU time and
-the autograd nodes of the double backward (which one sets the floor).
+the autograd nodes of the double backward (which one sets the floor); a profile of one batched objective
+round (16 trials, every model) lists its top operations next to the 16 sequential evaluations' time; each
+batched run splits its time into the shared objective, the trials' programs (optimiser steps, stop rules)
+and the setup (the attack's capture and replay passes).
 
 Run:  python benchmarks/bench_throughput.py [--quick]
 Writes benchmarks/results/throughput.json.
@@ -43,6 +48,7 @@ def child(model: str, trials: int, mode: str, iterations: int) -> dict:
     """One configuration, in this (fresh) process."""
     torch.set_num_threads(1)
     import gradleak as gl
+    from gradleak.attacks.optimization import batched as B
     from gradleak.attacks.optimization import reconstruct_many
 
     photos = gl.data.samples(32)
@@ -62,22 +68,47 @@ def child(model: str, trials: int, mode: str, iterations: int) -> dict:
         reconstruct_many(warm, cases[:2], seeds=list(range(len(cases[:2]))))
     else:
         warm.reconstruct(cases[0], seed=0)
+    split = {"objective": 0.0, "round_loop": 0.0}
+    if mode == "batched":  # where the batched time goes: the shared objective, the trials' programs, the rest
+        _time_into(B.BatchedObjective, "__call__", split, "objective")
+        _time_into(B, "_run_group", split, "round_loop")
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    t = time.perf_counter()
+    t, c0 = time.perf_counter(), time.process_time()
     if mode == "batched":
         recs = reconstruct_many(attack, cases, seeds=seeds)
     else:
         recs = [attack.reconstruct(c, seed=s) for c, s in zip(cases, seeds)]
-    seconds = time.perf_counter() - t
+    seconds, cpu = time.perf_counter() - t, time.process_time() - c0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     psnr = [float(gl.metrics.psnr(r.inputs, tr)[0]) for r, tr in zip(recs, truths)]
     note = recs[0].info.get("batched", {})
+    if mode == "batched":
+        split = {"objective_seconds": split["objective"],
+                 "trial_programs_seconds": split["round_loop"] - split["objective"],
+                 "setup_and_assembly_seconds": seconds - split["round_loop"]}
+    else:
+        split = None
     return {"model": model, "trials": trials, "mode": mode, "iterations": iterations, "seconds": seconds,
+            "cpu_seconds": cpu,
             "reconstructions_per_minute": 60.0 * trials / seconds, "psnr": psnr,
             "psnr_mean": sum(psnr) / len(psnr), "rss_after_cases_bytes": base, "peak_rss_bytes": peak,
-            "peak_above_base_per_trial_bytes": max(peak - base, 0) / trials,
-            "batched_note": {k: note.get(k) for k in ("batched", "chunk", "trials_in_batch", "reason",
-                                                     "memory_per_trial_estimate")}}
+            "peak_above_base_per_trial_bytes": max(peak - base, 0) / trials, "time_split": split,
+            "batched_note": {k: note.get(k) for k in ("batched", "engine", "chunk", "trials_in_batch", "reason",
+                                                     "stacked_problems", "memory_per_trial_estimate")}}
+
+
+def _time_into(owner, name: str, acc: dict, key: str) -> None:
+    """Wrap ``owner.name`` so that its wall time adds up in ``acc[key]`` (this child process only)."""
+    real = getattr(owner, name)
+
+    def timed(*a, **k):
+        t = time.perf_counter()
+        try:
+            return real(*a, **k)
+        finally:
+            acc[key] += time.perf_counter() - t
+
+    setattr(owner, name, timed)
 
 
 def run_child(model: str, trials: int, mode: str, iterations: int) -> dict:
@@ -128,6 +159,51 @@ def profile_resnet18(top: int = 15) -> dict:
             "autograd_nodes": node_rows}
 
 
+def profile_batched_round(model: str, trials: int, top: int = 12) -> dict:
+    """Top ops (self CPU) of one batched objective round (all ``trials`` trials, value and gradient)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    import gradleak as gl
+    from gradleak.attacks.optimization import batched as B
+    from gradleak.attacks.optimization import common as C
+
+    photos = gl.data.samples(32)
+    net = gl.models.build(ZOO[model], input_shape=(3, 32, 32), num_classes=19, seed=0, **MODELS[model])
+    setups = []
+    for i in range(trials):
+        x, y = photos.batch(1, i % len(photos))
+        case, _ = gl.simulate(net, x, y, spec=photos.spec)
+        m = C.GradientMatcher(case)
+
+        def objective(v, m=m, case=case):
+            data, cos = m.terms(v[0], case.labels)
+            return data + 1e-4 * C.total_variation(v[0]), cos
+
+        start = [C.randn((1, *case.spec.shape), torch.Generator().manual_seed(i), case)]
+        setups.append(B.TrialSetup(case=case, matcher=m, labels=case.labels, objective=objective,
+                                   starts=[start], settings=dict(optimizer="signed-adam"), tv=1e-4))
+    engine = B.BatchedObjective(setups)
+    requests = [(s.starts[0], True) for s in setups]
+    sidx = list(range(trials))
+    engine(sidx, requests)
+    t = time.perf_counter()
+    engine(sidx, requests)
+    seconds = time.perf_counter() - t
+    t = time.perf_counter()
+    for s in setups:
+        B.evaluate(s.objective, s.starts[0], True)
+    sequential = time.perf_counter() - t
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        engine(sidx, requests)
+    ev = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in ev) or 1
+    ops = sorted(ev, key=lambda e: -e.self_cpu_time_total)
+    rows = [{"op": e.key, "self_cpu_ms": e.self_cpu_time_total / 1e3, "share": e.self_cpu_time_total / total,
+             "calls": e.count} for e in ops[:top]]
+    return {"model": model, "trials": trials, "engine": engine.engine, "round_seconds_unprofiled": seconds,
+            "sequential_evaluations_seconds": sequential, "self_cpu_total_ms": total / 1e3, "top_ops": rows}
+
+
 def main():
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         model, trials, mode, iterations = sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
@@ -150,6 +226,8 @@ def main():
             speedup = b["reconstructions_per_minute"] / s["reconstructions_per_minute"]
             dpsnr = max(abs(x - y) for x, y in zip(b["psnr"], s["psnr"]))
             pairs.append({"model": model, "trials": trials, "iterations": iterations, "speedup": speedup,
+                          "speedup_cpu_time": s["cpu_seconds"] / b["cpu_seconds"],
+                          "engine": b["batched_note"].get("engine"),
                           "batched_per_minute": b["reconstructions_per_minute"],
                           "sequential_per_minute": s["reconstructions_per_minute"],
                           "psnr_batched": b["psnr_mean"], "psnr_sequential": s["psnr_mean"],
@@ -159,7 +237,8 @@ def main():
                           "chunk": b["batched_note"].get("chunk")})
             p = pairs[-1]
             print(f"{model:10s} T={trials:3d} it={iterations:3d}  batched {p['batched_per_minute']:8.1f}/min  "
-                  f"sequential {p['sequential_per_minute']:8.1f}/min  x{speedup:5.2f}  PSNR {p['psnr_batched']:.2f} "
+                  f"sequential {p['sequential_per_minute']:8.1f}/min  x{speedup:5.2f} (CPU time "
+                  f"x{p['speedup_cpu_time']:5.2f})  PSNR {p['psnr_batched']:.2f} "
                   f"vs {p['psnr_sequential']:.2f} (max diff {dpsnr:.1e})  peak/trial {p['peak_per_trial_batched_mb']:.1f}"
                   f" vs {p['peak_per_trial_sequential_mb']:.1f} MB", flush=True)
     sections = {"targets": {"lenet_16_trials": ">= 4x", "convnet-16_16_trials": ">= 2x"}, "pairs": pairs,
@@ -170,6 +249,7 @@ def main():
     if not args.quick:
         torch.set_num_threads(1)
         sections["profile_resnet18_ig_step"] = profile_resnet18()
+        sections["profile_batched_round"] = [profile_batched_round(m, 16) for m in MODELS]
     common.finish(run_, sections)
 
 

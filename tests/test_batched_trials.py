@@ -78,6 +78,7 @@ def test_many_cases_and_restarts_equal_one_by_one(cases, spy, attack, options, t
         note = rb.info["batched"]
         assert note["batched"] is True and note["trials_in_batch"] == 12 and note["setups_in_batch"] == 3
         assert note["shared_parameters"] is True  # the cases' models have equal parameters: not copied per trial
+        assert note["engine"] == B.STACKED  # LeNet: conv + linear, per-sample rules (IG; DLG's soft labels)
         assert rs.info["batched"] == {"batched": False, "reason": "batch_trials is off", "trials": 4,
                                       "seconds_all_setups": rs.info["batched"]["seconds_all_setups"]}
         torch.testing.assert_close(rb.inputs, rs.inputs, rtol=0, atol=tol)
@@ -211,3 +212,20 @@ def test_restarts_of_a_large_model_on_a_cpu_run_one_by_one_with_the_reason(monke
     note = att.reconstruct(cases[0], seed=0).info["batched"]
     assert note["batched"] is False and "22,747 parameters" in note["reason"] and "bench_throughput" in note["reason"]
     assert B.reconstruct_many(att, cases[:2])[0].info["batched"]["batched"] is True
+
+
+def test_reconstruct_many_asks_the_thread_policy_once_per_model_structure(monkeypatch, cases):
+    """The thread policy traces the model (threads.work_of, costly on large models): reconstruct_many has it
+    traced once for cases of one structure, not in both passes of every case."""
+    from gradleak import threads
+
+    calls = []
+    real = threads.work_of
+
+    def counting(case):
+        calls.append(case)
+        return real(case)
+
+    monkeypatch.setattr(threads, "work_of", counting)
+    recs = B.reconstruct_many(gl.create("ig", optimizer="signed-adam", max_iterations=2), cases, seeds=[0, 1, 2])
+    assert len(calls) == 1 and all(r.info["batched"]["batched"] is True for r in recs)

@@ -11,17 +11,25 @@ per-trial gradient matching gives every trial's (total, score) and, by one backw
 
 (the priors: the attack's built :class:`.priors.Objective`, the same one its one-by-one objective adds).
 
-``theta_t`` is not copied when the trials share the case's parameters (``in_dims=None``: the trials become a
-batch of the same model). The totals of different trials are independent, so the gradient of their SUM is
-each trial's own gradient; a trial that went non-finite keeps its NaN to itself (no operation mixes trials)
+Two engines compute the g_t. Where every trial is FedSGD on the SAME parameters and every matched
+parameter's layer has a per-sample rule (:mod:`.persample`: Linear, Conv2d, eval-mode BatchNorm), the
+STACKED engine runs the trials' inputs as one ordinary batch of the model, takes the gradients w.r.t. every
+layer's output in one backward, and forms each trial's parameter gradients from them (no batched weights, so
+no grouped convolutions in the forward; the second backward's grouped convolutions are per trial's own
+kernel). Otherwise (FedAvg, different parameters, a layer without a rule; ``note['stacked_problems']`` says
+which) the vmap engine runs; ``theta_t`` is not copied when the trials share the case's parameters
+(``in_dims=None``: the trials become a batch of the same model). The totals of different trials are
+independent, so the gradient of their SUM is each trial's own gradient; a trial that went non-finite keeps its NaN to itself (no operation mixes trials)
 and its program stops as it would alone; a trial that stopped is simply not asked again.
 
 Equal to running the trials one by one up to the reduction order of the batched kernels (checked by
-tests/test_batched_trials.py in float64: candidates and best scores agree to ~1e-10 relative).
+tests/test_batched_trials.py and tests/test_batched_stacked.py in float64: candidates and best scores
+agree to ~1e-10 relative).
 Where vmap cannot run the objective (BatchNorm in train mode, a prior registered with a ``batch_problem`` such
 as 'bn-statistics' (its own hooked forward pass), a regulariser that is not a function of its argument alone,
 ...) the trials run one by one and ``rec.info['batched']`` says why. Before trusting the
-batched objective the first round compares one trial's batched total with the sequential objective; a
+batched objective the first round compares the first and the last trial's batched totals with the
+sequential objective (a module that mixes the samples of a batch would couple the stacked trials); a
 disagreement also falls back, with the figures in the note.
 
 Chunks: at most ``chunk`` trials go into one vmap call, chosen from the memory estimate
@@ -48,11 +56,14 @@ from ... import resources, threads
 from ...case import Case, FedAvg
 from ...functional import minibatch_indices
 from ..base import Attack, Reconstruction
+from . import persample
 from . import priors as P
 from .common import GradientMatcher
 from .driver import Objective, Result, Trial, evaluate, feed, trial_program
 
 ENGINE = "torch.func.vmap over trials (per-trial gradient matching), one backward for all"
+STACKED = ("stacked: the trials' inputs as one batch of the shared model, per-sample parameter-gradient rules "
+           "(persample.py), one backward for all")
 
 
 @dataclass
@@ -143,12 +154,19 @@ def vmap_problems(setup: TrialSetup) -> list[str]:
     return p + setup.priors.batch_problems()
 
 
-# On a CPU, batching trials of a large model does not pay: each trial's update is its own (4 x parameters of
-# memory traffic per trial) and the convolutions are already compute-bound at batch 1. Measured with
-# benchmarks/bench_throughput.py (one thread, 16 trials): lenet (23k parameters) 2.9x, resnet20 (273k) 1.6x,
-# convnet width 16 1.0x, resnet18 (11.2M) 0.48x. An attack's own restarts are therefore batched on a CPU only
-# up to this many parameters; reconstruct_many (an explicit request) batches whatever it can.
+# On a CPU, batching trials of a large model does not pay: each trial's update is its own (several passes over
+# T x parameters of memory per round) and the convolutions are already compute-bound at batch 1. Measured with
+# benchmarks/bench_throughput.py (stacked engine, one thread, 16 trials, docs/performance.md): lenet (23k
+# parameters) 2.2x, resnet20 (273k) 1.3x (2.5x at 64), convnet width 16 1.0x, resnet18 (11.2M) 0.87x in CPU
+# time (a 16-trial round 1.8x slower than 16 sequential evaluations). An
+# attack's own restarts are therefore batched on a CPU only up to this many parameters; reconstruct_many (an
+# explicit request) batches whatever it can.
 CPU_BATCH_MAX_PARAMETERS = 2_000_000
+
+
+# The largest (trials x matched parameters) whose per-trial updates are joined into one tensor for the
+# matching (one copy of that size per round; it saves ~25 small ops per layer, which dominate small models).
+CONCAT_MAX_ELEMENTS = 1 << 24
 
 
 def worth_batching(case: Case) -> str:
@@ -160,13 +178,19 @@ def worth_batching(case: Case) -> str:
     return ""
 
 
+def _architecture(case: Case) -> tuple:
+    """The model's structure: its class and its parameters' and buffers' names and shapes."""
+    m = case.model
+    return (type(m), tuple((k, tuple(v.shape)) for k, v in m.named_parameters()),
+            tuple((k, tuple(v.shape)) for k, v in m.named_buffers()))
+
+
 def _group_key(setup: TrialSetup) -> tuple:
     """Setups with equal keys can share one batched objective: same model structure, protocol, loss, matched
     tensors and weights, distance, added terms, variable shapes, optimiser settings and device/dtype."""
     case, m = setup.case, setup.matcher
     o = case.observation
-    arch = (type(case.model), tuple((k, tuple(v.shape)) for k, v in case.model.named_parameters()),
-            tuple((k, tuple(v.shape)) for k, v in case.model.named_buffers()))
+    arch = _architecture(case)
     proto = (type(o).__name__, getattr(o, "local_steps", None), getattr(o, "local_lr", None),
              getattr(o, "local_batch_size", None))
     shapes = tuple(tuple(tuple(v.shape) for v in s) for s in setup.starts[:1])
@@ -284,10 +308,33 @@ class BatchedObjective:
                 return [g[k].reshape(-1) for k in names]
 
         self._update = update
+        self._specs: dict[tuple, dict] = {}
+        # equal layer weights: the matching runs on ONE (T, sum n_l) tensor (the same formulas; sums in
+        # another order), a few ops per round instead of a few per layer, where the copy is small
+        self._matched = sum(self.params[0][k].numel() for k in names)
+        self._equal_w = len(set(s0.matcher.w)) == 1
+        # the stacked formulation (one ordinary batch of the shared model, per-sample rules) where it applies
+        self.stacked_problems = (["FedAvg: the trials' parameters differ after the first local step"]
+                                 if self.fedavg else [] if self.shared else
+                                 ["the trials' models have different parameters"])
+        self.stacked_problems += persample.problems(self.model, names) if not self.stacked_problems else []
+        self._stacked = (persample.StackedGradients(self.model, names, loss_fn)
+                         if not self.stacked_problems else None)
+        self.engine = STACKED if self._stacked is not None else ENGINE
         self._soft = case.loss_fn.soft_labels
         self._extra = s0.priors.value if s0.priors.terms else None
 
     def _spec(self, sidx: list[int]) -> dict:
+        """The stacked targets of trials ``sidx`` (cached: the same trials run round after round, and
+        stacking a large model's targets every round is a copy of T x parameters)."""
+        key = tuple(sidx)
+        if key not in self._specs:
+            if len(self._specs) > 8:
+                self._specs.clear()
+            self._specs[key] = self._build_spec(sidx)
+        return self._specs[key]
+
+    def _build_spec(self, sidx: list[int]) -> dict:
         one = len(set(sidx)) == 1
         ms = [self.setups[i].matcher for i in sidx]
 
@@ -297,9 +344,16 @@ class BatchedObjective:
             return [torch.stack(ts) for ts in zip(*(get(m) for m in ms))]
 
         m0 = ms[0]
-        spec: dict[str, Any] = {"distance": m0.distance, "w": m0.w, "vhat": rows(lambda m: m.vhat)}
+        join = self._equal_w and len(m0.w) > 1 and self._matched * len(sidx) <= CONCAT_MAX_ELEMENTS
+
+        def stacked(get):
+            r = rows(get)
+            return [torch.cat(r, 1)] if join else r
+
+        spec: dict[str, Any] = {"distance": m0.distance, "w": m0.w[:1] if join else m0.w,
+                                "vhat": stacked(lambda m: m.vhat), "join": join}
         if m0.distance != "cosine":
-            spec["targets"] = rows(lambda m: m.targets)
+            spec["targets"] = stacked(lambda m: m.targets)
             scale = [1.0 / m.tnorm2 if (m.distance == "l2-relative" and m.tnorm2 > 0) else 1.0 for m in ms]
             spec["scale"] = torch.tensor(scale, dtype=torch.float64, device=self.case.device)
         return spec
@@ -318,13 +372,18 @@ class BatchedObjective:
                 lab = vmap(self._soft)(leaves[1])
             else:
                 lab = torch.stack([self.setups[i].labels for i in sidx])
-            if self.shared:
-                p, bufs, pdim = self.params[0], self.buffers[0], None
+            if self._stacked is not None:
+                gs = self._stacked(x, lab)
             else:
-                p = {k: torch.stack([self.params[i][k] for i in sidx]) for k in self.params[0]}
-                bufs = {k: torch.stack([self.buffers[i][k] for i in sidx]) for k in self.buffers[0]}
-                pdim = 0
-            gs = vmap(self._update, in_dims=(pdim, pdim, 0, 0), randomness="error")(p, bufs, x, lab)
+                if self.shared:
+                    p, bufs, pdim = self.params[0], self.buffers[0], None
+                else:
+                    p = {k: torch.stack([self.params[i][k] for i in sidx]) for k in self.params[0]}
+                    bufs = {k: torch.stack([self.buffers[i][k] for i in sidx]) for k in self.buffers[0]}
+                    pdim = 0
+                gs = vmap(self._update, in_dims=(pdim, pdim, 0, 0), randomness="error")(p, bufs, x, lab)
+            if spec["join"]:
+                gs = [torch.cat(gs, 1)]
             data = _Match.apply(spec, *gs)
             total = data if self._extra is None else data + vmap(self._extra, randomness="error")(x, lab)
             if s0.score == "data":
@@ -377,9 +436,11 @@ def _run_group(setups: list[TrialSetup], programs: list[list], limit: int | None
     total_trials = len(flat)
     chunk, mem = chunk_size(setups[0], total_trials, limit)
     engine = BatchedObjective(setups)
-    note: dict[str, Any] = {"batched": True, "engine": ENGINE, "trials_in_batch": total_trials,
+    note: dict[str, Any] = {"batched": True, "engine": engine.engine, "trials_in_batch": total_trials,
                             "setups_in_batch": len(setups), "chunk": chunk, "shared_parameters": engine.shared,
                             **mem}
+    if engine.stacked_problems:
+        note["stacked_problems"] = engine.stacked_problems
     pending: dict[int, tuple] = {}
     for i, program in enumerate(flat):
         try:
@@ -399,13 +460,14 @@ def _run_group(setups: list[TrialSetup], programs: list[list], limit: int | None
                     res = engine([owner[i][0] for i in part], [pending[i] for i in part])
                     results.update(zip(part, res))
                 if not checked:
-                    i0 = idx[0]
-                    ref = evaluate(setups[owner[i0][0]].objective, *pending[i0])
                     checked = True
-                    if not _agree(results[i0], ref, setups[0].case.dtype):
-                        fallback = (f"the batched objective disagreed with the sequential one (total "
-                                    f"{results[i0][0]:.17g} vs {ref[0]:.17g}): a regulariser or module vmap "
-                                    "does not batch faithfully")
+                    for i0 in dict.fromkeys((idx[0], idx[-1])):
+                        ref = evaluate(setups[owner[i0][0]].objective, *pending[i0])
+                        if not _agree(results[i0], ref, setups[0].case.dtype):
+                            fallback = (f"the batched objective disagreed with the sequential one (total "
+                                        f"{results[i0][0]:.17g} vs {ref[0]:.17g}): a regulariser or module "
+                                        "the batch does not run faithfully (vmap, or one that mixes samples)")
+                            break
             except Exception as e:  # vmap cannot run this objective: one by one, said in the note
                 fallback = f"vmap could not run the objective ({type(e).__name__}: {str(e)[:200]})"
             if fallback is not None:
@@ -527,11 +589,25 @@ def reconstruct_many(attack: Attack, cases: Sequence[Case], *, seeds: Sequence[i
     many = _Many()
     direct: dict[int, Reconstruction] = {}
     token = _MANY.set(many)
+    counts: dict[tuple, int | None] = {}
+
+    def count(case: Case) -> int:
+        """The thread count attack.reconstruct would choose for ``case`` (the user's, else the policy's),
+        decided once per model structure and work: threads.for_case traces the model on the meta device
+        (0.34 s per call on resnet20; asked by both passes of every case it was 63% of a 16-trial batched
+        run's CPU time). Pinned for the case's passes, so the attack does not ask again."""
+        key = (_architecture(case), tuple(case.spec.shape), case.batch_size, case.dtype,
+               getattr(case.observation, "local_steps", 1))
+        if key not in counts:
+            counts[key] = threads.for_case(case)
+        return counts[key]
+
     try:
         for i, (case, seed) in enumerate(zip(cases, seeds)):
             many.pos = i
             try:
-                direct[i] = attack.reconstruct(case, seed=seed)
+                with threads.pinned(count(case)):
+                    direct[i] = attack.reconstruct(case, seed=seed)
             except _Captured:
                 pass
         order = sorted(many.captured)
@@ -539,8 +615,7 @@ def reconstruct_many(attack: Attack, cases: Sequence[Case], *, seeds: Sequence[i
         limit = None if max_memory is None else resources.parse_size(max_memory)
         # the thread policy, as Attack.reconstruct applies it (the batched rounds run outside it): a user's
         # choice (threads.set, GRADLEAK_THREADS, a torch.set_num_threads after import) wins
-        n = threads.override()
-        with threads.using(n if n is not None else threads.for_case(cases[order[0]]) if order else None):
+        with threads.using(count(cases[order[0]]) if order else None):
             results = run_setups([many.captured[i] for i in order], limit=limit)
         batch_seconds = time.perf_counter() - t0
         many.results = dict(zip(order, results))
@@ -552,7 +627,8 @@ def reconstruct_many(attack: Attack, cases: Sequence[Case], *, seeds: Sequence[i
                 out.append(direct[i])
                 continue
             many.pos = i
-            rec = attack.reconstruct(case, seed=seed)
+            with threads.pinned(count(case)):
+                rec = attack.reconstruct(case, seed=seed)
             share = batch_seconds * len(many.captured[i].starts) / total_trials
             rec.info["seconds_assembly"] = rec.info.get("seconds")
             rec.info["seconds"] = share + float(rec.info.get("seconds") or 0.0)
@@ -562,5 +638,5 @@ def reconstruct_many(attack: Attack, cases: Sequence[Case], *, seeds: Sequence[i
     return out
 
 
-__all__ = ["TrialSetup", "BatchedObjective", "run", "run_setups", "reconstruct_many", "memory_limit", "chunk_size",
+__all__ = ["TrialSetup", "BatchedObjective", "STACKED", "run", "run_setups", "reconstruct_many", "memory_limit", "chunk_size",
            "vmap_problems", "worth_batching", "CPU_BATCH_MAX_PARAMETERS"]
