@@ -82,7 +82,7 @@ REDUCED = [
 # ImageNet size (``--imagenet``, issue 16 part 4): zoo ``resnet18`` (ImageNet stem) at 224 x 224, batch 1, one
 # torch thread, FedSGD, eval BatchNorm, labels known, IG's defaults. IMAGENET_CPU_HOUR is the budget that fits a
 # CPU hour on the machine measured (docs/batchnorm.md "ImageNet size"): iterations = 0.9 x 3600 s / step time.
-IMAGENET_CPU_HOUR = {"max_iterations": 2000, "restarts": 1}
+IMAGENET_CPU_HOUR = dict(gl.attacks.attacks.get("ig").presets["imagenet-cpu-hour"])  # the IG preset of that name
 SETTINGS = {f"{bn}-b{b}-{p}{'-recovered' if rec else ''}": {"bn_mode": bn, "batch": b, "protocol": p,
                                                              "labels_known": not rec}
             for bn, b, p, rec in itertools.product(("eval", "train"), (1, 8), ("fedsgd", "fedavg5"), (False, True))}

@@ -1,6 +1,7 @@
 """The regulariser registry of the optimisation attacks, the BatchNorm-statistics prior, schedules and starts."""
 
 import copy
+import json
 import math
 
 import pytest
@@ -289,3 +290,23 @@ def test_the_bn_statistics_prior_runs_the_restarts_one_by_one_and_says_why(photo
     assert note["batched"] is False and note["reason"].startswith("prior 'bn-statistics': it runs its own forward")
     plain = gl.create("ig", max_iterations=3, restarts=2, optimizer="adam").reconstruct(case, seed=0)
     assert plain.info["batched"]["batched"] is True
+
+
+def test_imagenet_size_runs_through_the_attack_path_with_its_preset(tmp_path):
+    """ResNet-18 at 224 px, batch 1: the `imagenet-cpu-hour` preset's budget (here cut to 2 iterations) runs the
+    whole CLI path and writes 224-px images (docs/batchnorm.md "ImageNet size")."""
+    from PIL import Image
+
+    from gradleak.cli import main
+
+    ig = gl.attacks.attacks.get("ig")
+    assert ig.presets["imagenet-cpu-hour"] == {"max_iterations": 2000, "restarts": 1}
+    out = tmp_path / "run224"
+    code = main(["attack", "--attack", "ig", "--model", "resnet18", "--image-size", "224", "--preset",
+                 "imagenet-cpu-hour", "--iterations", "2", "--out", str(out)])
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["case"]["spec"]["shape"] == [3, 224, 224]
+    assert metrics["iterations"] == 2  # --iterations overrides the preset's 2,000, as for every preset
+    with Image.open(out / "reconstruction.png") as im:
+        assert min(im.size) >= 224

@@ -159,6 +159,10 @@ class InvertingGradients(Attack):
         "fedavg-lbfgs": dict(tv=1e-4, distance="l2", optimizer="lbfgs", lbfgs_lr=1.0, max_iterations=1200),
         # a quick look on a CPU
         "fast": dict(max_iterations=300, restarts=1),
+        # ImageNet size on a CPU: ResNet-18 at 224 px, batch 1, in under an hour on one thread. Measured step
+        # 1.38 s on a 2-core EPYC under load (bench_modern.py --imagenet; docs/batchnorm.md): 2,000 iterations
+        # about 46 min. Another machine: time a few iterations first.
+        "imagenet-cpu-hour": dict(max_iterations=2000, restarts=1),
         # GradInversion (Yin, Mallya, Vahdat, Alvarez, Kautz, Molchanov, CVPR 2021), as its parts are described:
         # Adam (unsigned) lr 0.1, warm-up + cosine decay, 20,000 iterations, TV 1e-4, image norm 1e-6, BatchNorm
         # statistics matching and the group term over restarts. The paper's BN targets are the trained model's
