@@ -64,7 +64,8 @@ def test_grouped_audit_equals_the_jobs_run_alone(tmp_path, small_budget, batched
     batched_calls.clear()
     alone = gl.audit("lenet", out=tmp_path / "a", batch=False, **kw)
     assert batched_calls == []
-    assert grouped.data["batch"]["enabled"] is True and alone.data["batch"]["enabled"] is False
+    assert grouped.data["batch"]["enabled"] is True and alone.data["batch"] == {"enabled": False, "group_size": 16,
+                                                                            "not_batched": []}
     assert "--no-batch" in alone.data["command"] and "--no-batch" not in grouped.data["command"]
     a = {j["id"]: j for j in alone.jobs}
     assert len(grouped.jobs) == len(a) == 6

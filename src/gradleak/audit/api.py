@@ -368,11 +368,11 @@ def audit(model: Any, data: Any = None, *, out: str | Path | None = None, worker
     if not the_plan.jobs:
         doc["warnings"].append("no attack applies to these settings: see the skipped attacks and their reasons")
 
-    rows = {j.id: job_row(j, "pending", audit_dir=out) for j in the_plan.jobs}
+    rows = {j.id: {**job_row(j, "pending", audit_dir=out), "group": None} for j in the_plan.jobs}
     todo = []
     for j in the_plan.jobs:
         if _finished(j):
-            rows[j.id] = job_row(j, "resumed", audit_dir=out)
+            rows[j.id] = {**job_row(j, "resumed", audit_dir=out), "group": None}
         else:
             todo.append(j)
     by_id = {j.id: j for j in the_plan.jobs}
@@ -441,7 +441,8 @@ def _batch_entry(the_plan: Plan, batch: bool, group_size: int | None) -> dict[st
         if j.group is None and j.batch_note:
             why.setdefault((j.attack, j.defense, j.batch_size), j.batch_note)
     return {"enabled": batch, "group_size": group_size,
-            "not_batched": [{"attack": a, "defense": d, "batch_size": b, "reason": r} for (a, d, b), r in why.items()]}
+            "not_batched": [{"attack": a, "defense": d, "batch_size": b, "reason": r} for (a, d, b), r in why.items()]
+            if batch else []}
 
 
 def _job_warnings(rows: list[dict]) -> list[str]:
