@@ -2,12 +2,15 @@
 
 Setting (issue 12): the DLG LeNet on the bundled photos (8 in the full mode, 2 with --quick), defenses none,
 prune 0.9 and Gaussian noise sigma 0.01, the quick budget, every applicable attack (``--attacks auto``) under the
-default threat model. Three ways to run the same jobs, each a fresh process timed from outside:
-  audit-w1   `gradleak audit --workers 1` (in-process, one after another)
-  audit-w2   `gradleak audit --workers 2` (the local process pool)
+default threat model. Ways to run the same jobs, each a fresh process timed from outside:
+  audit-w1   `gradleak audit --workers 1` (in-process; the jobs of one optimisation attack, defense and batch
+             size as batched groups, the default)
+  audit-w1-nobatch   the same with `--no-batch` (every job alone)
+  audit-w2, audit-w2-nobatch   `--workers 2` (the local process pool; groups are split so both workers work)
   attack-seq the audit's jobs as separate `gradleak attack` commands, one after another (each pays python and
              torch start-up, as a shell loop would)
-The audit's verdict and each job's PSNR are recorded too: the three ways must agree on them (same seeds).
+The audit's verdict and each job's PSNR are recorded too: grouped vs alone (same process count) agree up to
+the batched kernels' rounding (float32 here), the rest exactly (same seeds).
 
 Run:  python benchmarks/bench_audit.py [--quick] [--allow-dirty]
 Writes benchmarks/results/audit.json with its provenance (benchmarks/common.py).
@@ -38,9 +41,9 @@ def _gradleak(args: list[str]) -> tuple[float, subprocess.CompletedProcess]:
     return dt, p
 
 
-def audit_args(n: int, out: Path, workers: int) -> list[str]:
+def audit_args(n: int, out: Path, workers: int, batch: bool = True) -> list[str]:
     a = ["audit", "--model", "lenet", "--num-images", str(n), "--budget", "quick", "--workers", str(workers),
-         "--out", str(out), "--json"]
+         "--out", str(out), "--json"] + ([] if batch else ["--no-batch"])
     for d in DEFENSES:
         a += ["--defense", d]
     return a
@@ -71,17 +74,41 @@ def main():
         tmp = Path(tmp)
         docs = {}
         for workers in (1, 2):
-            out = tmp / f"audit-w{workers}"
-            dt, _ = _gradleak(audit_args(n, out, workers))
-            doc = json.loads((out / "audit.json").read_text())
-            docs[workers] = doc
-            rows[f"audit-w{workers}"] = {"seconds": dt, "jobs": len(doc["jobs"]),
-                                         "failed": sum(j["status"] == "failed" for j in doc["jobs"]),
-                                         "errors": sorted({j["error"] for j in doc["jobs"] if j["error"]})}
-            print(f"audit --workers {workers}: {dt:.1f} s for {len(doc['jobs'])} jobs", flush=True)
+            for batch in (True, False):  # grouped and alone side by side, at the same process count
+                name = f"audit-w{workers}" + ("" if batch else "-nobatch")
+                out = tmp / name
+                dt, _ = _gradleak(audit_args(n, out, workers, batch))
+                doc = json.loads((out / "audit.json").read_text())
+                docs[name] = doc
+                rows[name] = {"seconds": dt, "jobs": len(doc["jobs"]),
+                              "failed": sum(j["status"] == "failed" for j in doc["jobs"]),
+                              "errors": sorted({j["error"] for j in doc["jobs"] if j["error"]}),
+                              "grouped_jobs": sum(bool((j.get("group") or {}).get("batched")) for j in doc["jobs"]),
+                              "groups_fell_back": sum(bool((j.get("group") or {}).get("fallback"))
+                                                      for j in doc["jobs"])}
+                print(f"audit --workers {workers}{'' if batch else ' --no-batch'}: {dt:.1f} s for "
+                      f"{len(doc['jobs'])} jobs ({rows[name]['grouped_jobs']} in batched groups)", flush=True)
+        grouping = {}
+        for workers in (1, 2):
+            g, a = docs[f"audit-w{workers}"], docs[f"audit-w{workers}-nobatch"]
+            alone = {j["id"]: j for j in a["jobs"]}
+            per_job = {j["id"]: (None if j["psnr"] is None or alone[j["id"]]["psnr"] is None
+                                 else j["psnr"] - alone[j["id"]]["psnr"])
+                       for j in g["jobs"] if (j.get("group") or {}).get("batched")}
+            diffs = [abs(v) for v in per_job.values() if v is not None]
+            grouping[f"w{workers}"] = {
+                "seconds_grouped": rows[f"audit-w{workers}"]["seconds"],
+                "seconds_alone": rows[f"audit-w{workers}-nobatch"]["seconds"],
+                "speedup": rows[f"audit-w{workers}-nobatch"]["seconds"] / rows[f"audit-w{workers}"]["seconds"],
+                "grouped_jobs": len(per_job), "max_abs_psnr_difference_db": max(diffs) if diffs else None,
+                "psnr_difference_db_per_grouped_job": per_job,
+                "same_verdict": [v["status"] for v in g["verdict"]] == [v["status"] for v in a["verdict"]]}
+            print(f"workers {workers}: grouped {grouping[f'w{workers}']['seconds_grouped']:.1f} s vs alone "
+                  f"{grouping[f'w{workers}']['seconds_alone']:.1f} s; max |dPSNR| over {len(per_job)} grouped jobs "
+                  f"{grouping[f'w{workers}']['max_abs_psnr_difference_db']}", flush=True)
         t_seq = 0.0
         seq_psnr = {}
-        for j in docs[1]["jobs"]:
+        for j in docs["audit-w1"]["jobs"]:
             if j["status"] != "done":  # a failed job has no run directory to repeat (its error is in audit.json)
                 continue
             cfg = json.loads((tmp / "audit-w1" / j["dir"] / "config.json").read_text())
@@ -91,14 +118,15 @@ def main():
         rows["attack-seq"] = {"seconds": t_seq, "jobs": len(seq_psnr), "failed": 0}
         print(f"gradleak attack x {len(seq_psnr)}: {t_seq:.1f} s", flush=True)
         agree = {}
-        for workers, doc in docs.items():
+        for name, doc in docs.items():
             diffs = [abs((j["psnr"] or 0) - (seq_psnr.get(j["id"]) or 0)) for j in doc["jobs"] if j["id"] in seq_psnr]
-            agree[f"audit-w{workers}"] = max(diffs) if diffs else None
+            agree[name] = max(diffs) if diffs else None
         verdict = [{k: v[k] for k in ("defense", "status", "worst_psnr", "worst_attack", "recognisable", "images")}
-                   for v in docs[1]["verdict"]]
+                   for v in docs["audit-w1"]["verdict"]]
     common.finish(run, {"mode": "quick" if args.quick else "full", "setting": {
         "model": "lenet", "images": n, "defenses": DEFENSES, "budget": "quick", "attacks": "auto"},
-        "rows": rows, "max_psnr_difference_vs_sequential_attack": agree, "verdict": verdict})
+        "rows": rows, "grouped_vs_alone": grouping, "max_psnr_difference_vs_sequential_attack": agree,
+        "verdict": verdict})
 
 
 if __name__ == "__main__":

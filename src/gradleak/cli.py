@@ -190,6 +190,9 @@ def _add_audit_parser(sub) -> None:
     p.add_argument("--utility-rounds", type=_positive, default=10)
     p.add_argument("--workers", type=_positive, default=None, help="parallel jobs (default: from the cores)")
     p.add_argument("--backend", default="local", help="local (process pool) | ray | ray:ADDRESS")
+    p.add_argument("--no-batch", dest="batch", action="store_false",
+                   help="run every job alone (default: the jobs of one optimisation attack, defense and batch size "
+                        "run as batched groups where that pays; docs/audit.md)")
     p.add_argument("--out", default=None, help="run directory (default runs/audit-MODEL-TIME); rerunning with the "
                                                "same --out and settings resumes, skipping finished jobs")
     p.add_argument("--overwrite", action="store_true", help="replace a previous audit at --out")
@@ -521,7 +524,8 @@ def _cmd_audit(args) -> int:
         utility_dataset=args.utility_dataset, utility_rounds=args.utility_rounds)
     command = " ".join(shlex.quote(a) for a in ["gradleak", *sys.argv[1:]]) if sys.argv[1:2] == ["audit"] else None
     res = audit(m["model"], out=args.out, workers=args.workers, backend=backend, progress=_progress_on(args),
-                overwrite=args.overwrite, max_memory=args.max_memory, command=command, **settings)
+                overwrite=args.overwrite, max_memory=args.max_memory, command=command, batch=args.batch,
+                **settings)
     _notes(m["notes"])
     if args.json:
         print(json.dumps(to_jsonable(res.summary_dict())))

@@ -409,41 +409,97 @@ def run_attack(cfg: AttackRun, *, progress: bool = False, write: bool = True, ov
     with ``metrics.json`` saying ``interrupted``. ``cfg.threads`` sets torch's CPU threads for the
     run (None: :mod:`gradleak.threads` chooses them from the work, unless the user set a count).
     """
-    problems = cfg.problems()
-    if problems:
-        raise ValidationError("attack run", problems)
-    require_device(cfg.device)
-    opts = _budget_options(cfg)
-    attack = create(cfg.attack, preset=cfg.preset, **opts)
-    run_dir = RunDirectory(Path(cfg.out) if cfg.out else default_out(cfg), overwrite=overwrite) if write else None
-    try:
-        with threads.using(cfg.threads):
-            case, truth, notes = build_case(cfg, max_memory=max_memory, attack=attack)
-        from .attacks.optimization.batched import memory_limit
+    from .attacks.optimization.batched import memory_limit
 
-        # the attack, its scoring and config.json all see one count: the run's, else the policy's for this case
-        with threads.pinned(cfg.threads if cfg.threads is not None else threads.for_case(case)):
+    job = _Prepared(cfg, write=write, overwrite=overwrite, max_memory=max_memory)
+    try:
+        with job.pinned_threads():
             with memory_limit(max_memory):  # batched restarts size their chunks to --max-memory
-                rec = attack.reconstruct(case, seed=cfg.seed, progress=progress)
-            scores = evaluate(rec, truth, case.spec.value_range) if truth is not None else None
-            if scores is not None:
-                notes += scores.notes
-            notes += run_warnings(rec.info)
-            if rec.info.get("start_point_only"):
-                notes.append("interrupted before the attack's first result: the report shows its START point")
-            extra: dict[str, Any] = {"notes": notes, "model": cfg.model,
-                                     "model_parameters": sum(p.numel() for p in case.model.parameters())}
-            if cfg.secure_clients() > 1 and cfg.observed is None:
-                extra.update(aggregate_clients=cfg.secure_clients(),
-                             target_client=_target_scores(cfg, rec, truth, case.spec.value_range))
-            out = None
-            if run_dir is not None:
-                out = write_report(run_dir, rec, truth=truth, scores=scores, case=case,
-                                   config=run_config(cfg, case), extra=extra)
+                rec = job.attack.reconstruct(job.case, seed=cfg.seed, progress=progress)
+            return job.finish(rec)
     finally:
-        if run_dir is not None:
-            run_dir.release()
-    return RunResult(cfg, case, truth, rec, scores, out, notes)
+        job.release()
+
+
+def run_attacks_batched(cfgs: list[AttackRun], *, overwrite: bool = False, max_memory=None) -> list[RunResult]:
+    """Run jobs that differ only in their images (``start``), ``out`` and ``seed`` as ONE batched computation
+    (:func:`gradleak.attacks.optimization.reconstruct_many`: the optimisation trials of every case and its
+    restarts share one vmap per step) and write each job's run directory as :func:`run_attack` would (the
+    same files; ``metrics.json`` ``info.batched`` describes the batch, ``seconds`` is the job's share of it).
+    Raises on the first error (a job's checks, its case, the batched run); the caller decides what to do
+    with the others (the audit runs them one by one). Ctrl-C during the batched run raises KeyboardInterrupt:
+    the trials run in lockstep, so no job of the batch has a result yet, and nothing is written."""
+    from .attacks.optimization.batched import reconstruct_many
+
+    cfgs = list(cfgs)
+    if not cfgs:
+        return []
+    keep = ("start", "out", "seed")
+    base = {k: v for k, v in cfgs[0].to_dict().items() if k not in keep}
+    for c in cfgs[1:]:
+        diff = sorted(k for k, v in c.to_dict().items() if k not in keep and base.get(k) != v)
+        if diff:
+            raise ValidationError("batched jobs", [f"jobs batched together may differ only in {', '.join(keep)}; these "
+                                                   + f"differ: {', '.join(diff)}"])
+    jobs: list[_Prepared] = []
+    try:
+        for c in cfgs:
+            jobs.append(_Prepared(c, write=True, overwrite=overwrite, max_memory=max_memory))
+        with jobs[0].pinned_threads():
+            recs = reconstruct_many(jobs[0].attack, [j.case for j in jobs], seeds=[c.seed for c in cfgs],
+                                    max_memory=max_memory)
+            return [j.finish(r) for j, r in zip(jobs, recs)]
+    finally:
+        for j in jobs:
+            j.release()
+
+
+class _Prepared:
+    """One attack job up to its reconstruction: checked, its directory reserved, its case built; then
+    :meth:`finish` scores and writes a reconstruction of it (what :func:`run_attack` does around the attack)."""
+
+    def __init__(self, cfg: AttackRun, *, write: bool, overwrite: bool, max_memory):
+        problems = cfg.problems()
+        if problems:
+            raise ValidationError("attack run", problems)
+        require_device(cfg.device)
+        self.cfg = cfg
+        self.attack = create(cfg.attack, preset=cfg.preset, **_budget_options(cfg))
+        self.run_dir = RunDirectory(Path(cfg.out) if cfg.out else default_out(cfg), overwrite=overwrite) \
+            if write else None
+        try:
+            with threads.using(cfg.threads):
+                self.case, self.truth, self.notes = build_case(cfg, max_memory=max_memory, attack=self.attack)
+        except BaseException:
+            self.release()
+            raise
+
+    def pinned_threads(self):
+        """The attack, its scoring and config.json all see one count: the run's, else the policy's for this case."""
+        return threads.pinned(self.cfg.threads if self.cfg.threads is not None else threads.for_case(self.case))
+
+    def finish(self, rec: Reconstruction) -> RunResult:
+        cfg, case, truth, notes = self.cfg, self.case, self.truth, self.notes
+        scores = evaluate(rec, truth, case.spec.value_range) if truth is not None else None
+        if scores is not None:
+            notes += scores.notes
+        notes += run_warnings(rec.info)
+        if rec.info.get("start_point_only"):
+            notes.append("interrupted before the attack's first result: the report shows its START point")
+        extra: dict[str, Any] = {"notes": notes, "model": cfg.model,
+                                 "model_parameters": sum(p.numel() for p in case.model.parameters())}
+        if cfg.secure_clients() > 1 and cfg.observed is None:
+            extra.update(aggregate_clients=cfg.secure_clients(),
+                         target_client=_target_scores(cfg, rec, truth, case.spec.value_range))
+        out = None
+        if self.run_dir is not None:
+            out = write_report(self.run_dir, rec, truth=truth, scores=scores, case=case,
+                               config=run_config(cfg, case), extra=extra)
+        return RunResult(cfg, case, truth, rec, scores, out, notes)
+
+    def release(self) -> None:
+        if self.run_dir is not None:
+            self.run_dir.release()
 
 
 @dataclass

@@ -27,6 +27,7 @@ from ..errors import GradleakError, OutputError, ValidationError
 from ..report import to_jsonable
 from ..report.environment import environment, hardware
 from . import threat as threat_mod
+from .execute import DEFAULT_GROUP_SIZE
 from .plan import NO_DEFENSE, AuditConfig, Plan, plan
 from .verdict import job_row, read_metrics, verdicts
 
@@ -135,7 +136,7 @@ def _stage_data(data: Any, out: Path) -> dict[str, Any]:
                                          f"tuple (images, labels) of tensors, got {type(data).__name__}"])
 
 
-def to_command(cfg: AuditConfig, out: Path, *, workers: int | None, backend: str) -> str:
+def to_command(cfg: AuditConfig, out: Path, *, workers: int | None, backend: str, batch: bool = True) -> str:
     """The ``gradleak audit`` command line that re-runs ``cfg`` into ``out``."""
     a = ["gradleak", "audit", "--model", cfg.model]
     for k, v in cfg.model_options.items():
@@ -166,6 +167,8 @@ def to_command(cfg: AuditConfig, out: Path, *, workers: int | None, backend: str
         a += ["--workers", str(workers)]
     if backend != "local":
         a += ["--backend", backend]
+    if not batch:
+        a += ["--no-batch"]
     a += ["--out", str(out)]
     return " ".join(shlex.quote(x) for x in a)
 
@@ -266,7 +269,8 @@ def _finished(job) -> bool:
 # ---- the audit ------------------------------------------------------------------------------------------
 def audit(model: Any, data: Any = None, *, out: str | Path | None = None, workers: int | None = None,
           backend: str = "local", progress: bool = False, overwrite: bool = False, max_memory=None,
-          command: str | None = None, on_job: Callable[[dict], None] | None = None, **settings: Any) -> AuditResult:
+          command: str | None = None, on_job: Callable[[dict], None] | None = None, batch: bool = True,
+          group_size: int | None = DEFAULT_GROUP_SIZE, **settings: Any) -> AuditResult:
     """Audit a deployment: every applicable attack under ``threat_model`` on each defense and batch size, the
     risk analyses, optionally each defense's accuracy cost; writes the run directory and returns an
     :class:`AuditResult`.
@@ -279,12 +283,20 @@ def audit(model: Any, data: Any = None, *, out: str | Path | None = None, worker
         ``dtype``, ``bn_mode``, ``device``, ``utility``, ...).
     workers / backend: how jobs run ('local' process pool, 'ray' or 'ray:ADDRESS'); see
         :func:`gradleak.audit.execute.run_jobs`. Ctrl-C stops the run and still writes the report.
+    batch: run the jobs of one optimisation attack, defense and batch size (different images, one model) as
+        batched groups (``reconstruct_many``) where that pays (``worth_batching``); False: every job alone.
+        ``group_size``: the most jobs in one group (None: no limit); groups are also split so that every
+        worker has one. Each job still writes its own directory (docs/audit.md).
     """
-    from .execute import Job, run_jobs
+    from .execute import Job, group_size_problems, run_jobs
     from .report import write_report_html
     from .schema import SCHEMA, SCHEMA_VERSION, thresholds
 
     t0 = time.perf_counter()
+    if not isinstance(batch, bool):
+        raise ValidationError("audit", [f"batch must be True or False, got {batch!r}"])
+    if group_size_problems(group_size):
+        raise ValidationError("audit", group_size_problems(group_size))
     known = {f.name for f in dataclasses.fields(AuditConfig)}
     bad = sorted(set(settings) - known)
     if bad:
@@ -330,7 +342,7 @@ def audit(model: Any, data: Any = None, *, out: str | Path | None = None, worker
     doc: dict[str, Any] = {
         "schema": SCHEMA, "schema_version": SCHEMA_VERSION,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": command or to_command(cfg, out, workers=workers, backend=backend),
+        "command": command or to_command(cfg, out, workers=workers, backend=backend, batch=batch),
         "environment": {**environment(device=cfg.device or "cpu", dtype=cfg.dtype), "hardware": hardware()},
         "interrupted": False,
         "seconds": None, "settings": to_jsonable(cfg.to_dict()),
@@ -349,17 +361,18 @@ def audit(model: Any, data: Any = None, *, out: str | Path | None = None, worker
         "thresholds": thresholds(),
         "batch_sizes": sorted(set(cfg.batch_sizes)),
         "attacks": {"planned": the_plan.attacks, "skipped": the_plan.skipped},
+        "batch": _batch_entry(the_plan, batch, group_size),
         "risk": _risk(net, ds.spec.shape, num_classes, cfg.batch_sizes, cfg.seed),
         "jobs": [], "defenses": [], "verdict": [], "utility": None, "warnings": list(the_plan.notes),
     }
     if not the_plan.jobs:
         doc["warnings"].append("no attack applies to these settings: see the skipped attacks and their reasons")
 
-    rows = {j.id: job_row(j, "pending", audit_dir=out) for j in the_plan.jobs}
+    rows = {j.id: {**job_row(j, "pending", audit_dir=out), "group": None} for j in the_plan.jobs}
     todo = []
     for j in the_plan.jobs:
         if _finished(j):
-            rows[j.id] = job_row(j, "resumed", audit_dir=out)
+            rows[j.id] = {**job_row(j, "resumed", audit_dir=out), "group": None}
         else:
             todo.append(j)
     by_id = {j.id: j for j in the_plan.jobs}
@@ -376,21 +389,25 @@ def audit(model: Any, data: Any = None, *, out: str | Path | None = None, worker
         tmp.replace(out / "audit.json")
         return doc
 
+    def row_of(o) -> dict:
+        row = job_row(by_id[o.id], o.status, error=o.error, audit_dir=out)
+        row["group"] = o.group
+        return row
+
     def on_outcome(o) -> None:
-        status = o.status
-        rows[o.id] = job_row(by_id[o.id], status, error=o.error, audit_dir=out)
+        rows[o.id] = row_of(o)
         if on_job is not None:
             on_job(rows[o.id])
         finish_doc(False)
 
     finish_doc(False)
-    jobs = [Job(id=j.id, config=j.run.to_dict()) for j in todo]
+    jobs = [Job(id=j.id, config=j.run.to_dict(), group=j.group if batch else None) for j in todo]
     outcomes = run_jobs(jobs, backend=backend, workers=workers, progress=progress, on_outcome=on_outcome,
-                        max_memory=max_memory) if jobs else []
+                        max_memory=max_memory, group_size=group_size) if jobs else []
     interrupted = any(o.status in ("interrupted", "cancelled") for o in outcomes)
     for o in outcomes:  # the executor's final word (a callback may have been missed on Ctrl-C)
         if rows[o.id]["status"] == "pending":
-            rows[o.id] = job_row(by_id[o.id], o.status, error=o.error, audit_dir=out)
+            rows[o.id] = row_of(o)
     if cfg.utility and not interrupted:
         doc["utility"] = _utility(cfg, doc)
     finish_doc(interrupted)
@@ -417,9 +434,24 @@ def _utility(cfg: AuditConfig, doc: dict) -> dict | None:
     return d
 
 
+def _batch_entry(the_plan: Plan, batch: bool, group_size: int | None) -> dict[str, Any]:
+    """audit.json's ``batch``: whether jobs were grouped, the limit, and which jobs could not be, with why."""
+    why: dict[tuple, str] = {}
+    for j in the_plan.jobs:
+        if j.group is None and j.batch_note:
+            why.setdefault((j.attack, j.defense, j.batch_size), j.batch_note)
+    return {"enabled": batch, "group_size": group_size,
+            "not_batched": [{"attack": a, "defense": d, "batch_size": b, "reason": r} for (a, d, b), r in why.items()]
+            if batch else []}
+
+
 def _job_warnings(rows: list[dict]) -> list[str]:
     out = []
     for r in rows:
+        fallback = (r.get("group") or {}).get("fallback")
+        if fallback:
+            out.append(f"{r['id']}: its batched group of {r['group']['jobs']} jobs failed ({fallback}); "
+                       "the group's jobs ran one by one")
         for w in r.get("warnings") or []:
             out.append(f"{r['id']}: {w}")
         if r["status"] == "failed":

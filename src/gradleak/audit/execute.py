@@ -11,6 +11,16 @@ started are ``cancelled``, and :func:`run_jobs` returns normally so that the cal
 Threads: each local worker may use ``cores // workers`` cores and the policy in :mod:`gradleak.threads`
 chooses within that share (so workers x threads <= cores); a Ray task asks Ray for ``threads`` CPUs.
 
+Batched groups: jobs that share a ``group`` (the audit gives one to the jobs of one optimisation attack, defense
+and batch size: the same model, different images) run as ONE unit of work, a call of
+:func:`gradleak.experiment.run_attacks_batched` (``reconstruct_many``: every case's trials in one vmap per
+step) that writes each job's own run directory as the job alone would. Units are what the backends schedule;
+:func:`plan_units` cuts a group into units of at most ``group_size`` jobs and splits further until every
+worker has one. A unit that raises (one bad case, say) runs its jobs again one by one, so that only the bad
+job fails; a worker that dies running a unit has the unit's jobs requeued one by one. ``Outcome.group`` says
+what happened. Ctrl-C while a unit runs: its trials run in lockstep, so none of its jobs has a result yet;
+they are ``interrupted`` without one (a resume runs them again).
+
 Jobs whose attack or model was registered outside gradleak (a user's module): the worker imports that module
 before running the job, so the registration exists there too (the module must be importable by name there).
 """
@@ -34,6 +44,9 @@ from ..errors import ValidationError
 
 STATUSES = ("done", "failed", "interrupted", "cancelled")
 INTERRUPTED_EARLY = "interrupted before the attack had a result"
+INTERRUPTED_BATCH = "interrupted while its batched group ran (no job of the group had a result yet)"
+CANCELLED = "cancelled: the run was interrupted before this job started"
+DEFAULT_GROUP_SIZE = 16  # jobs (cases) per batched unit; each brings its restarts (16 lenet trials: 2.9x)
 
 
 @dataclass
@@ -44,19 +57,23 @@ class Job:
     id: str
     config: dict
     threads: int | None = None
+    group: str | None = None  # jobs with the same group (and threads) may run as one batched unit
 
 
 @dataclass
 class Outcome:
     """What became of a job. status: 'done' | 'failed' | 'interrupted' (Ctrl-C while it ran; ``result`` holds
     the best so far when the attack had one) | 'cancelled' (never started). ``result``: the job's
-    ``RunResult.to_json()``; ``error``: one line."""
+    ``RunResult.to_json()``; ``error``: one line. ``group``: None for a job that ran alone, else its unit:
+    ``{"jobs": n, "batched": True}`` (one batched run) or ``{"jobs": n, "batched": False, "fallback": why}``
+    (the batched run failed: its jobs ran one by one). ``seconds``: the job's share of its unit's time."""
 
     id: str
     status: str
     result: dict | None = None
     error: str | None = None
     seconds: float = 0.0
+    group: dict | None = None
 
 
 # ----------------------------------------------------------------------------------------------- the job itself
@@ -107,6 +124,83 @@ def run_job(config: dict, threads: int | None = None, max_memory=None, progress:
     return ("interrupted" if row.get("interrupted") else "done"), row, None
 
 
+def run_group(configs: list[dict], threads: int | None = None, max_memory=None,
+              modules: tuple[str, ...] = ()) -> list[tuple[str, dict | None, str | None, dict | None]]:
+    """Run one unit here: ``(status, result, error, group note)`` per job. One job runs as :func:`run_job`; more
+    run as one batched computation, and if that raises, one by one (the note says why)."""
+    if len(configs) == 1:
+        return [(*run_job(configs[0], threads, max_memory, modules=modules), None)]
+    from ..experiment import AttackRun, run_attacks_batched
+    from ..report import to_jsonable
+
+    n = len(configs)
+    try:
+        for m in modules:
+            importlib.import_module(m)
+        cfgs = [AttackRun.from_dict(c) for c in configs]
+        if threads is not None:
+            cfgs = [dataclasses.replace(c, threads=threads) for c in cfgs]
+        results = run_attacks_batched(cfgs, overwrite=True, max_memory=max_memory)
+    except KeyboardInterrupt:
+        return [("interrupted", None, INTERRUPTED_BATCH, {"jobs": n, "batched": True})] * n
+    except Exception as e:  # one bad case must not lose the others: each job alone, only the bad one fails
+        note = {"jobs": n, "batched": False, "fallback": _one_line(e)}
+        out: list[tuple] = []
+        for c in configs:
+            if out and out[-1][0] == "interrupted":
+                out.append(("cancelled", None, CANCELLED, note))
+                continue
+            try:
+                out.append((*run_job(c, threads, max_memory, modules=modules), note))
+            except KeyboardInterrupt:  # between the job's own handlers
+                out.append(("interrupted", None, INTERRUPTED_EARLY, note))
+        return out
+    note = {"jobs": n, "batched": True}
+    rows = [to_jsonable(r.to_json()) for r in results]
+    return [("interrupted" if row.get("interrupted") else "done", row, None, note) for row in rows]
+
+
+def group_size_problems(group_size) -> list[str]:
+    if group_size is None or (isinstance(group_size, int) and not isinstance(group_size, bool) and group_size >= 1):
+        return []
+    return [f"group_size must be an int >= 1 or None (no limit), got {group_size!r}"]
+
+
+def plan_units(jobs: list[Job], workers: int, group_size: int | None = DEFAULT_GROUP_SIZE) -> list[list[int]]:
+    """The units of work (lists of job indices, in the jobs' order): a job without a group alone; the jobs of
+    one group (and thread count) in units of at most ``group_size`` (None: no limit) of near-equal size, then
+    the largest units halved until there are ``workers`` units or none can be split (so no worker idles
+    while one unit holds all the jobs)."""
+    units: list[list[int]] = []
+    groups: dict[tuple, list[int]] = {}
+    for i, j in enumerate(jobs):
+        if j.group is None:
+            units.append([i])
+        else:
+            groups.setdefault((j.group, j.threads), []).append(i)
+    for members in groups.values():
+        k = 1 if group_size is None else -(-len(members) // group_size)
+        units += _split(members, k)
+    while len(units) < workers:
+        big = max(units, key=len, default=[])
+        if len(big) < 2:
+            break
+        units.remove(big)
+        units += _split(big, 2)
+    return sorted(units, key=lambda u: u[0])
+
+
+def _split(members: list[int], k: int) -> list[list[int]]:
+    """``members`` in ``k`` consecutive parts of near-equal size."""
+    q, r = divmod(len(members), k)
+    out, at = [], 0
+    for p in range(k):
+        size = q + (p < r)
+        out.append(members[at:at + size])
+        at += size
+    return [u for u in out if u]
+
+
 # ------------------------------------------------------------------------------------------------ local workers
 
 def _worker_main(conn, budget: int) -> None:
@@ -132,18 +226,18 @@ def _worker_main(conn, budget: int) -> None:
             return
         if msg is None:
             return
-        index, config, threads, max_memory, modules = msg
+        index, configs, threads, max_memory, modules = msg
         if state["idle_hit"]:
-            out = ("cancelled", None, "cancelled: the run was interrupted before this job started")
+            out = [("cancelled", None, CANCELLED, None)] * len(configs)
         else:
             state.update(busy=True, hit=False)
             try:
-                out = run_job(config, threads, max_memory, modules=modules)
-            except KeyboardInterrupt:  # between the job's own handlers
-                out = ("interrupted", None, INTERRUPTED_EARLY)
+                out = run_group(configs, threads, max_memory, modules=modules)
+            except KeyboardInterrupt:  # between the jobs' own handlers
+                out = [("interrupted", None, INTERRUPTED_EARLY, None)] * len(configs)
             state["busy"] = False
         try:
-            conn.send((index, *out))
+            conn.send((index, out))
         except (EOFError, OSError, BrokenPipeError):
             return
 
@@ -178,10 +272,10 @@ class _Worker:
         self.job: int | None = None
         self.started = 0.0
 
-    def send(self, index: int, job: Job, max_memory, modules) -> None:
+    def send(self, index: int, unit: list[Job], max_memory, modules) -> None:
         self.job, self.started = index, time.perf_counter()
         try:
-            self.conn.send((index, job.config, job.threads, max_memory, tuple(modules)))
+            self.conn.send((index, [j.config for j in unit], unit[0].threads, max_memory, tuple(modules)))
         except OSError:  # it died meanwhile: its sentinel reports the job as failed
             pass
 
@@ -239,48 +333,83 @@ def _interrupts_counted(state: dict):
     return interrupt_on_signals(count)
 
 
-def _run_inline(jobs, outcomes, finish, max_memory, progress) -> None:
-    modules = [tuple(_plugin_modules(j.config)) for j in jobs]
-    for i, job in enumerate(jobs):
+class _Units:
+    """The run's units of work (lists of job indices) and how their results become Outcomes."""
+
+    def __init__(self, jobs: list[Job], units: list[list[int]], finish):
+        self.jobs, self.units, self._finish = jobs, [list(u) for u in units], finish
+        self.pending = list(range(len(self.units)))
+        self.modules = [tuple(_plugin_modules(jobs[u[0]].config)) for u in self.units]
+        self.notes: dict[int, dict] = {}  # a job requeued alone after its unit's worker died: what happened
+
+    def configs(self, u: int) -> list[dict]:
+        return [self.jobs[i].config for i in self.units[u]]
+
+    def members(self, u: int) -> list[Job]:
+        return [self.jobs[i] for i in self.units[u]]
+
+    def finish(self, u: int, outs, seconds: float) -> None:
+        share = seconds / len(self.units[u])
+        for i, (status, result, error, note) in zip(self.units[u], outs):
+            self._finish(i, Outcome(self.jobs[i].id, status, result, error, share, note or self.notes.get(i)))
+
+    def fail(self, u: int, error: str, seconds: float, *, status: str = "failed", requeue: bool = True) -> None:
+        """A unit's worker died (or was stopped): a group is requeued one job per unit (only a job that kills
+        its worker alone fails); a single job ends with ``error``."""
+        members = self.units[u]
+        if requeue and len(members) > 1:
+            for i in members:
+                self.notes[i] = {"jobs": len(members), "batched": False, "fallback": error}
+                self.units.append([i])
+                self.modules.append(self.modules[u])
+            self.pending[:0] = range(len(self.units) - len(members), len(self.units))
+            return
+        self.finish(u, [(status, None, error, None)] * len(members), seconds)
+
+
+def _run_inline(jobs, units, max_memory, progress) -> None:
+    for u, members in enumerate(units.units):
         t0 = time.perf_counter()
+        job = jobs[members[0]]
         try:
-            status, result, error = run_job(job.config, job.threads, max_memory, progress=progress,
-                                            modules=modules[i])
+            if len(members) == 1:  # a progress bar per job, as `gradleak attack` shows
+                outs = [(*run_job(job.config, job.threads, max_memory, progress=progress,
+                                  modules=units.modules[u]), None)]
+            else:
+                outs = run_group(units.configs(u), job.threads, max_memory, modules=units.modules[u])
         except KeyboardInterrupt:
-            status, result, error = "interrupted", None, INTERRUPTED_EARLY
-        finish(i, Outcome(job.id, status, result, error, time.perf_counter() - t0))
-        if status == "interrupted":
+            outs = [("interrupted", None, INTERRUPTED_EARLY, None)] * len(members)
+        units.finish(u, outs, time.perf_counter() - t0)
+        if any(o[0] == "interrupted" for o in outs):
             return
 
 
-def _run_pool(jobs, outcomes, finish, workers: int, max_memory) -> None:
+def _run_pool(units, workers: int, max_memory) -> None:
     ctx = multiprocessing.get_context("spawn")
     budget = max(1, threads_mod.cores() // workers)
-    modules = [_plugin_modules(j.config) for j in jobs]
-    pending = list(range(len(jobs)))
     pool: list[_Worker] = []
     state = {"interrupts": 0}
     handled = 0
 
     def feed(w: _Worker) -> None:
-        if pending and not state["interrupts"]:
-            i = pending.pop(0)
-            w.send(i, jobs[i], max_memory, modules[i])
+        if units.pending and not state["interrupts"]:
+            u = units.pending.pop(0)
+            w.send(u, units.members(u), max_memory, units.modules[u])
 
     def died(w: _Worker) -> None:
         w.proc.join()
-        finish(w.job, Outcome(jobs[w.job].id, "failed", None, death_message(w.proc.exitcode),
-                              time.perf_counter() - w.started))
+        units.fail(w.job, death_message(w.proc.exitcode), time.perf_counter() - w.started,
+                   requeue=not state["interrupts"])
         w.conn.close()
         pool.remove(w)
-        if pending and not state["interrupts"]:  # a fresh worker for the jobs still to run
+        if units.pending and not state["interrupts"]:  # a fresh worker for the jobs still to run
             fresh = _Worker(ctx, budget)
             pool.append(fresh)
             feed(fresh)
 
     with _interrupts_counted(state):
         try:
-            for _ in range(min(workers, len(jobs))):
+            for _ in range(min(workers, len(units.pending))):
                 if state["interrupts"]:
                     break
                 pool.append(_Worker(ctx, budget))
@@ -293,21 +422,19 @@ def _run_pool(jobs, outcomes, finish, workers: int, max_memory) -> None:
                             w.interrupt()
                         else:  # a second Ctrl-C: stop waiting for them
                             w.stop(kill=True)
-                            finish(w.job, Outcome(jobs[w.job].id, "interrupted", None,
-                                                  "interrupted (the worker was stopped before it reported)",
-                                                  time.perf_counter() - w.started))
+                            units.fail(w.job, "interrupted (the worker was stopped before it reported)",
+                                       time.perf_counter() - w.started, status="interrupted", requeue=False)
                             pool.remove(w)
                 busy = [w for w in pool if w.job is not None]
                 ready = mp_wait([w.conn for w in busy] + [w.proc.sentinel for w in busy], timeout=0.2)
                 for w in busy:
                     if w.conn in ready:
                         try:
-                            index, status, result, error = w.conn.recv()
+                            u, outs = w.conn.recv()
                         except (EOFError, OSError):  # it died before it could report
                             died(w)
                             continue
-                        finish(index, Outcome(jobs[index].id, status, result, error,
-                                              time.perf_counter() - w.started))
+                        units.finish(u, outs, time.perf_counter() - w.started)
                         w.job = None
                         feed(w)
                     elif w.proc.sentinel in ready:
@@ -319,15 +446,15 @@ def _run_pool(jobs, outcomes, finish, workers: int, max_memory) -> None:
 
 # -------------------------------------------------------------------------------------------------------- Ray
 
-def _ray_task(config, threads, max_memory, modules):
+def _ray_task(configs, threads, max_memory, modules):
     import ray
 
     cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
     threads_mod.worker_init(max(1, int(cpus)))
-    return run_job(config, threads, max_memory, modules=modules)
+    return run_group(configs, threads, max_memory, modules=modules)
 
 
-def _run_ray(jobs, outcomes, finish, address: str | None, max_memory, workers: int | None) -> None:
+def _run_ray(jobs, units, address: str | None, max_memory, workers: int | None) -> None:
     try:
         import ray
         from ray import exceptions as rex
@@ -358,20 +485,21 @@ def _run_ray(jobs, outcomes, finish, address: str | None, max_memory, workers: i
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         task = ray.remote(_ray_task)
         need = [j.threads or 1 for j in jobs]
-        pending = list(range(len(jobs)))
         running: dict[Any, tuple[int, float]] = {}
         used = 0
         interrupted = False
 
         def submit():
             nonlocal used
-            while pending and not interrupted and (not running or used + need[pending[0]] <= cpus) and (
+            while units.pending and not interrupted and (
+                    not running or used + need[units.units[units.pending[0]][0]] <= cpus) and (
                     workers is None or len(running) < workers):
-                i = pending.pop(0)
-                ref = task.options(num_cpus=need[i], max_retries=0, retry_exceptions=False).remote(
-                    jobs[i].config, jobs[i].threads, max_memory, tuple(_plugin_modules(jobs[i].config)))
-                running[ref] = (i, time.perf_counter())
-                used += need[i]
+                u = units.pending.pop(0)
+                first = jobs[units.units[u][0]]
+                ref = task.options(num_cpus=need[units.units[u][0]], max_retries=0, retry_exceptions=False).remote(
+                    units.configs(u), first.threads, max_memory, units.modules[u])
+                running[ref] = (u, time.perf_counter())
+                used += need[units.units[u][0]]
 
         state = {"interrupts": 0}
         handled = 0
@@ -385,30 +513,36 @@ def _run_ray(jobs, outcomes, finish, address: str | None, max_memory, workers: i
                         ray.cancel(ref, force=handled > 1)
                 done, _ = ray.wait(list(running), num_returns=1, timeout=0.2)
                 for ref in done:
-                    i, t0 = running.pop(ref)
-                    used -= need[i]
-                    status, result, error = _ray_result(ray, rex, ref)
-                    finish(i, Outcome(jobs[i].id, status, result, error, time.perf_counter() - t0))
+                    u, t0 = running.pop(ref)
+                    used -= need[units.units[u][0]]
+                    ok, value = _ray_result(ray, rex, ref)
+                    if ok:
+                        units.finish(u, value, time.perf_counter() - t0)
+                    else:
+                        status, error = value
+                        units.fail(u, error, time.perf_counter() - t0, status=status,
+                                   requeue=status == "failed" and not interrupted)
                 submit()
     finally:
         if started_here:
             ray.shutdown()
 
 
-def _ray_result(ray, rex, ref) -> tuple[str, dict | None, str | None]:
+def _ray_result(ray, rex, ref) -> tuple[bool, Any]:
+    """(True, the unit's outcomes) or (False, (status, error)) when the task itself did not return."""
     try:
-        return tuple(ray.get(ref))
+        return True, ray.get(ref)
     except rex.TaskCancelledError:
-        return "interrupted", None, "interrupted (the Ray task was cancelled)"
+        return False, ("interrupted", "interrupted (the Ray task was cancelled)")
     except rex.OutOfMemoryError as e:
-        return "failed", None, "worker died (out of memory): " + _first_line(e)
+        return False, ("failed", "worker died (out of memory): " + _first_line(e))
     except rex.WorkerCrashedError as e:
-        return "failed", None, "worker died: " + _first_line(e)
+        return False, ("failed", "worker died: " + _first_line(e))
     except rex.RayTaskError as e:
         cause = getattr(e, "cause", None)
-        return "failed", None, _one_line(cause) if cause is not None else _first_line(e)
+        return False, ("failed", _one_line(cause) if cause is not None else _first_line(e))
     except rex.RayError as e:
-        return "failed", None, _one_line(e)
+        return False, ("failed", _one_line(e))
 
 
 def _first_line(e: BaseException) -> str:
@@ -440,14 +574,17 @@ def default_workers(jobs: list[Job]) -> int:
 
 
 def run_jobs(jobs: list[Job], *, backend: str = "local", workers: int | None = None, progress: bool = False,
-             on_outcome: Callable[[Outcome], None] | None = None, max_memory=None) -> list[Outcome]:
+             on_outcome: Callable[[Outcome], None] | None = None, max_memory=None,
+             group_size: int | None = DEFAULT_GROUP_SIZE) -> list[Outcome]:
     """Run ``jobs`` and return one :class:`Outcome` per job, in order (see the module docstring).
 
     backend: 'local' (default: a pool of ``workers`` spawned processes; ``workers=1`` runs the jobs one after
     another in this process, with a progress bar per job when ``progress``), 'ray' (``ray.init()`` here) or
     'ray:ADDRESS' (join a running cluster). ``workers``: local worker processes (default
     :func:`default_workers`); on Ray, the most tasks running at once (default: as many as its CPUs hold).
-    ``on_outcome`` is called here as each job ends. ``max_memory``: each job's memory limit (run_attack's)."""
+    ``on_outcome`` is called here as each job ends. ``max_memory``: each job's memory limit (run_attack's).
+    Jobs with the same ``group`` run as batched units of at most ``group_size`` jobs (:func:`plan_units`;
+    None: no limit)."""
     jobs = list(jobs)
     problems = [f"jobs[{i}] must be a Job, got {type(j).__name__}" for i, j in enumerate(jobs) if not isinstance(j, Job)]
     ids = [j.id for j in jobs if isinstance(j, Job)]
@@ -458,8 +595,11 @@ def run_jobs(jobs: list[Job], *, backend: str = "local", workers: int | None = N
         if isinstance(j, Job) and j.threads is not None and (isinstance(j.threads, bool) or
                                                             not isinstance(j.threads, int) or j.threads < 1):
             problems.append(f"job {j.id}: threads must be an int >= 1 or None, got {j.threads!r}")
+        if isinstance(j, Job) and j.group is not None and not isinstance(j.group, str):
+            problems.append(f"job {j.id}: group must be a str or None, got {type(j.group).__name__}")
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
         problems.append(f"workers must be an int >= 1, got {workers!r}")
+    problems += group_size_problems(group_size)
     kind, address = parse_backend(backend)
     if problems:
         raise ValidationError("run_jobs", problems)
@@ -477,22 +617,23 @@ def run_jobs(jobs: list[Job], *, backend: str = "local", workers: int | None = N
 
     if not jobs:
         return []
+    n = default_workers(jobs) if workers is None else min(workers, len(jobs))
+    if kind == "ray" and workers is None:  # Ray's CPUs are known once it runs; split for this machine's
+        n = threads_mod.workers_for(max(j.threads or 1 for j in jobs))
+    units = _Units(jobs, plan_units(jobs, n, group_size), finish)
     try:
         try:
             if kind == "ray":
-                _run_ray(jobs, outcomes, finish, address, max_memory, workers)
+                _run_ray(jobs, units, address, max_memory, workers)
+            elif min(n, len(units.units)) == 1:
+                _run_inline(jobs, units, max_memory, progress)
             else:
-                n = default_workers(jobs) if workers is None else min(workers, len(jobs))
-                if n == 1:
-                    _run_inline(jobs, outcomes, finish, max_memory, progress)
-                else:
-                    _run_pool(jobs, outcomes, finish, n, max_memory)
+                _run_pool(units, min(n, len(units.units)), max_memory)
         except KeyboardInterrupt:  # between jobs, or while a backend started: nothing runs any more
             pass
         for i, j in enumerate(jobs):  # only an interrupted run leaves jobs unstarted
             if outcomes[i] is None:
-                finish(i, Outcome(j.id, "cancelled", None, "cancelled: the run was interrupted before this job "
-                                  "started", 0.0))
+                finish(i, Outcome(j.id, "cancelled", None, CANCELLED, 0.0))
     finally:
         bar.close()
     return outcomes

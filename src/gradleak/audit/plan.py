@@ -101,12 +101,18 @@ class AuditConfig:
 
 @dataclass
 class PlannedJob:
+    """One job. ``group``: the jobs with the same group share everything but their images (one optimisation
+    attack, defense and batch size on one model), so they can run as one batched computation; None where
+    batching does not apply or does not pay (``batch_note`` says why)."""
+
     id: str
     attack: str
     defense: str
     batch_size: int
     images: list[int]
     run: AttackRun
+    group: str | None = None
+    batch_note: str | None = None
 
 
 @dataclass
@@ -116,6 +122,18 @@ class Plan:
     attacks: list[str]
     notes: list[str]
     budget: dict[str, dict[str, Any]]
+
+
+def batch_group(attack, case, key: str) -> tuple[str | None, str | None]:
+    """(group, None) when ``attack``'s jobs on ``case``'s model can share one batched run
+    (:func:`gradleak.attacks.optimization.reconstruct_many`), else (None, why not)."""
+    from ..attacks.optimization.batched import worth_batching
+
+    if not getattr(attack.options, "batch_trials", False):
+        return None, ("not an optimisation attack with batched trials" if not hasattr(attack.options, "batch_trials")
+                      else "its batch_trials option is off")
+    slow = worth_batching(case)
+    return (None, slow) if slow else (key, None)
 
 
 def _slug(text: str) -> str:
@@ -248,10 +266,11 @@ def plan(cfg: AuditConfig, out: Path) -> Plan:
                     skipped.append({"attack": name, "defense": spec, "batch_size": b, "reason": "; ".join(reasons)})
                     continue
                 runnable.add(name)
+                group, why = batch_group(attack, case, f"{name}__{_slug(spec)}__b{b}")
                 for s in starts:
                     jid = f"{name}__{_slug(spec)}__b{b}__i{s}"
                     job_run = dataclasses.replace(run, start=s, seed=cfg.seed, out=str(out / "jobs" / jid))
-                    jobs.append(PlannedJob(jid, name, spec, b, list(range(s, s + b)), job_run))
+                    jobs.append(PlannedJob(jid, name, spec, b, list(range(s, s + b)), job_run, group, why))
     return Plan(jobs, skipped, sorted(runnable), notes, budget)
 
 
