@@ -257,6 +257,27 @@ def test_report_names_skipped_attacks_and_risk_never_reads_safe(tmp_path):
     assert not re.search(r"\bsafe\b", html.lower().replace("unsafe", ""))
 
 
+def test_a_requirement_found_at_run_time_is_not_applicable_not_a_failure(tmp_path):
+    """Under noise layer-wise cannot read the label from the bias gradient: its own check says so when it runs
+    (the plan's probe is undefended). That job is 'not applicable' with the reason, listed with the skipped
+    attacks, and the defense's verdict says no attack applied, not that a job failed."""
+    res = gl.audit("lenet", num_images=1, attacks=["layerwise"], defenses=["none", "noise:sigma=0.01"],
+                   out=tmp_path / "na", workers=1)
+    by_defense = {j["defense"]: j for j in res.jobs}
+    assert by_defense["none"]["status"] == "done"
+    noisy = by_defense["noise:sigma=0.01"]
+    assert noisy["status"] == "not applicable" and "label cannot be read" in noisy["error"]
+    verdict = {v["defense"]: v for v in res.verdict}
+    assert verdict["noise:sigma=0.01"]["status"] == "incomplete"
+    assert "no attack applies" in verdict["noise:sigma=0.01"]["statement"]
+    assert verdict["noise:sigma=0.01"]["jobs_failed"] == 0 and "failed" not in verdict["noise:sigma=0.01"]["statement"]
+    html = (tmp_path / "na" / "report.html").read_text()
+    skipped = html[html.index('id="skipped"'):html.index('id="failed"')]
+    failed = html[html.index('id="failed"'):]
+    assert "not applicable when it ran" in skipped and "label cannot be read" in skipped
+    assert "label cannot be read" not in failed.split("</table>")[0]
+
+
 # ---- execution: Ctrl-C and Ray --------------------------------------------------------------------------
 def test_ctrl_c_writes_the_report_of_what_finished(tmp_path):
     import os

@@ -69,7 +69,7 @@ import torch
 
 from .. import layers as L
 from ..case import Case, FedSGD, Truth
-from ..errors import NumericalError
+from ..errors import NumericalError, RequirementError
 from .base import Attack, Reconstruction, RunContext, create, rank_facts, register
 from .layerwise_steps import _closed_form, _correct, _inverse, _nz, _prior, _pullback, _rel2, _Sub
 
@@ -314,8 +314,9 @@ def _label(case: Case, db: torch.Tensor) -> tuple[int, str]:
         return int(case.labels[0]), "known"
     label, certain = case.loss_fn.label_from_bias(db, 1)
     if not certain and case.loss_fn.counts_from_bias:
-        raise NumericalError("layerwise: the bias gradient of the last layer has no single negative entry, so the "
-                             "label cannot be read from it (expected dL/db = softmax - onehot); give the label")
+        raise RequirementError("layerwise", ["the bias gradient of the last layer has no single negative entry, so "
+                                             "the label cannot be read from it (expected dL/db = softmax - onehot, "
+                                             "as an undefended update has); give the label"])
     return int(label), "bias-gradient" if certain else "bias-gradient (uncertain)"
 
 

@@ -40,9 +40,9 @@ from multiprocessing.connection import wait as mp_wait
 from typing import Any, Callable
 
 from .. import threads as threads_mod
-from ..errors import ValidationError
+from ..errors import RequirementError, ValidationError
 
-STATUSES = ("done", "failed", "interrupted", "cancelled")
+STATUSES = ("done", "failed", "not applicable", "interrupted", "cancelled")
 INTERRUPTED_EARLY = "interrupted before the attack had a result"
 INTERRUPTED_BATCH = "interrupted while its batched group ran (no job of the group had a result yet)"
 CANCELLED = "cancelled: the run was interrupted before this job started"
@@ -62,7 +62,8 @@ class Job:
 
 @dataclass
 class Outcome:
-    """What became of a job. status: 'done' | 'failed' | 'interrupted' (Ctrl-C while it ran; ``result`` holds
+    """What became of a job. status: 'done' | 'failed' | 'not applicable' (the attack's requirement check, at run
+    time, found this case outside what it handles; ``error`` says which fact) | 'interrupted' (Ctrl-C while it ran; ``result`` holds
     the best so far when the attack had one) | 'cancelled' (never started). ``result``: the job's
     ``RunResult.to_json()``; ``error``: one line. ``group``: None for a job that ran alone, else its unit:
     ``{"jobs": n, "batched": True}`` (one batched run) or ``{"jobs": n, "batched": False, "fallback": why}``
@@ -102,7 +103,8 @@ def _plugin_modules(config: dict) -> list[str]:
 
 def run_job(config: dict, threads: int | None = None, max_memory=None, progress: bool = False,
             modules: tuple[str, ...] = ()) -> tuple[str, dict | None, str | None]:
-    """Run one job here: ``(status, result, error)`` with status 'done' | 'interrupted' | 'failed'. Every
+    """Run one job here: ``(status, result, error)`` with status 'done' | 'interrupted' | 'failed' | 'not
+    applicable' (the attack's own check found at run time that it cannot run on this case). Every
     backend calls this. ``modules``: modules to import first (where the job's attack or model is registered)."""
     from ..experiment import AttackRun, run_attack
     from ..report import to_jsonable
@@ -118,6 +120,8 @@ def run_job(config: dict, threads: int | None = None, max_memory=None, progress:
         res = run_attack(cfg, write=True, overwrite=True, max_memory=max_memory, progress=progress)
     except KeyboardInterrupt:
         return "interrupted", None, INTERRUPTED_EARLY
+    except RequirementError as e:  # a fact of this very case the plan's probe could not see (e.g. a label
+        return "not applicable", None, " ".join(str(e).split())  # unreadable under noise): a skip, not a failure
     except Exception as e:
         return "failed", None, _one_line(e)
     row = to_jsonable(res.to_json())

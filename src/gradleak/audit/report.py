@@ -488,6 +488,9 @@ def _curves(audit: dict) -> str:
 
 def _skipped(audit: dict) -> str:
     sk = [_dict(x) for x in _list(_dict(audit.get("attacks")).get("skipped"))]
+    sk += [{"attack": j.get("attack"), "defense": j.get("defense"), "batch_size": j.get("batch_size"),
+            "reason": f"not applicable when it ran: {j.get('error')}"}
+           for j in map(_dict, _list(audit.get("jobs"))) if j.get("status") == "not applicable"]
     planned = _list(_dict(audit.get("attacks")).get("planned"))
     head = (f'<h2 id="skipped">Attacks skipped</h2><p class="note">Planned: {_e(", ".join(map(str, planned)))}. '
             "An attack is skipped where the threat model or the case does not meet what it requires.</p>")
@@ -503,7 +506,8 @@ def _skipped(audit: dict) -> str:
 
 
 def _failed(audit: dict) -> str:
-    bad = [_dict(j) for j in _list(audit.get("jobs")) if _dict(j).get("status") not in ("done", "resumed")]
+    bad = [_dict(j) for j in _list(audit.get("jobs"))
+           if _dict(j).get("status") not in ("done", "resumed", "not applicable")]
     head = '<h2 id="failed">Failed and unfinished jobs</h2>'
     if not bad:
         return head + "<p>None.</p>"

@@ -47,6 +47,9 @@ JOB_STATUSES = {
     "resumed": "finished in an earlier run of the same audit (its run directory was reused)",
     "interrupted": "stopped by Ctrl-C while it ran; its scores are the best reconstruction so far",
     "failed": "the attack raised an error or its worker died; the error says which",
+    "not applicable": ("the attack checked this case when it ran and found it outside what it handles (for "
+                       "example a label it cannot read from a noised update); like a skipped attack it is no "
+                       "evidence either way, and the reason says which fact failed"),
     "cancelled": "never started, because the audit was interrupted",
 }
 

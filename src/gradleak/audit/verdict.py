@@ -123,7 +123,7 @@ def verdicts(rows: list[dict], defenses: list[dict], images: list[int]) -> list[
     out = []
     for d in defenses:
         spec = d["spec"]
-        mine = [r for r in rows if r["defense"] == spec]
+        mine = [r for r in rows if r["defense"] == spec and r["status"] != "not applicable"]
         done = [r for r in mine if r["status"] in ("done", "resumed")]
         failed = [r for r in mine if r["status"] in ("failed", "cancelled", "interrupted")]
         best = best_per_image(rows, spec)
@@ -140,7 +140,8 @@ def verdicts(rows: list[dict], defenses: list[dict], images: list[int]) -> list[
         if not mine:
             v["status"] = "incomplete"
             v["statement"] = (f"{d['label']}: no attack applies to these settings (see the skipped attacks and their "
-                              "reasons): no conclusion from attacks; the risk analyses are all this audit has.")
+                              "reasons, and the jobs found not applicable when they ran): no conclusion from "
+                              "attacks; the risk analyses are all this audit has.")
         elif rec:
             v["status"] = "leaks"
             top = max(rec, key=lambda i: best[i]["psnr"] if best[i]["psnr"] is not None else -math.inf)
