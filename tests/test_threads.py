@@ -1,6 +1,8 @@
 """The thread policy (gradleak.threads): workers x threads <= cores, the user's override wins, ``using``
 restores torch's count, and Attack.reconstruct / run_attack apply it where the work runs."""
 
+import types
+
 import pytest
 import torch
 
@@ -158,3 +160,27 @@ def test_cli_threads_flag_is_the_override(tmp_path, capsys, monkeypatch):
     assert seen == [2, 1]
     assert [json.loads((tmp_path / d / "config.json").read_text())["threads"] for d in "ab"] == [2, 1]
     assert torch.get_num_threads() == 1 and threads.override() is None
+
+
+def test_the_work_of_a_model_structure_is_traced_once(monkeypatch):
+    """work_of traces a meta-device copy of the model (0.3 s on a ResNet-20); every attack run asks, so the count
+    is kept per structure: a second model of the same structure reuses it, another width is traced anew, and the
+    kept count is what a fresh trace gives."""
+    photos = gl.data.samples(16, num_images=1)
+    x, y = photos.batch(1)
+
+    def case(width):
+        net = gl.models.build("convnet", input_shape=(3, 16, 16), num_classes=19, seed=0, width=width)
+        return gl.simulate(net, x, y, spec=photos.spec)[0]
+
+    threads._COUNTS.clear()
+    copies = []
+    real = threads.copy.deepcopy
+    # the trace's copy of the model (threads' own `copy` name; recursion and other modules use the real one)
+    monkeypatch.setattr(threads, "copy", types.SimpleNamespace(deepcopy=lambda *a, **k: copies.append(1) or real(*a, **k)))
+    first = threads.work_of(case(4))
+    again = threads.work_of(case(4))
+    wider = threads.work_of(case(8))
+    assert len(copies) == 2 and first == again and wider > first
+    threads._COUNTS.clear()
+    assert threads.work_of(case(4)) == first and len(copies) == 3

@@ -183,8 +183,22 @@ def work_of(case) -> float:
     """The work of attacking ``case``: the FLOPs (2 x multiply-adds) of one forward pass over its batch
     (convolutions and linear layers; other layers count their outputs), times the local steps of a FedAvg
     update. Counted on a copy of the model on PyTorch's ``meta`` device (shapes only: no memory, no compute,
-    and the case's own model is never called)."""
-    model = case.model
+    and the case's own model is never called), once per model structure and input (:func:`_forward_count`)."""
+    steps = getattr(case.observation, "local_steps", 1) or 1
+    return 2.0 * _forward_count(case.model, tuple(case.spec.shape), case.dtype) * case.batch_size * steps
+
+
+_COUNTS: dict[tuple, int] = {}  # (model class, repr, input shape, dtype) -> multiply-adds of one forward
+_COUNTS_MAX = 256
+
+
+def _forward_count(model: torch.nn.Module, shape: tuple, dtype: torch.dtype) -> int:
+    """Multiply-adds (plus other layers' outputs) of one forward of one sample, traced on the meta device once
+    per model structure (its class and ``repr``: layer types, sizes, strides, paddings) and input: the trace
+    deep-copies the model (0.3 s for a ResNet-20), and every attack run asks."""
+    key = (type(model).__module__, type(model).__qualname__, repr(model), shape, str(dtype))
+    if key in _COUNTS:
+        return _COUNTS[key]
     memo = {}
     for t in [*model.parameters(), *model.buffers()]:
         meta = torch.empty_like(t, device="meta")
@@ -206,9 +220,11 @@ def work_of(case) -> float:
     for m in net.modules():
         m.register_forward_hook(hook)
     with torch.no_grad():
-        net.eval()(torch.empty((1, *case.spec.shape), dtype=case.dtype, device="meta"))
-    steps = getattr(case.observation, "local_steps", 1) or 1
-    return 2.0 * counts[0] * case.batch_size * steps
+        net.eval()(torch.empty((1, *shape), dtype=dtype, device="meta"))
+    if len(_COUNTS) >= _COUNTS_MAX:
+        _COUNTS.clear()
+    _COUNTS[key] = counts[0]
+    return counts[0]
 
 
 def for_case(case) -> int:
