@@ -212,6 +212,9 @@ def test_ctrl_c_keeps_the_finished_group_and_interrupts_the_running_one(tmp_path
 
     out = {o.id: o for o in run_jobs(jobs, workers=1, on_outcome=on_outcome)}
     assert out["short-0"].status == out["short-1"].status == "done"
-    for name in ("long-0", "long-1"):
-        assert out[name].status == "interrupted" and out[name].error == INTERRUPTED_BATCH
-        assert not (Path(tmp_path) / name / "metrics.json").exists()  # no result: a resume runs it again
+    for name in ("long-0", "long-1"):  # each job of the running group keeps its best so far, as a job alone does
+        o = out[name]
+        assert o.status == "interrupted" and o.error is None and o.group == {"jobs": 2, "batched": True}
+        assert o.result["interrupted"] is True and o.result["psnr"] is not None
+        m = json.loads((Path(tmp_path) / name / "metrics.json").read_text())
+        assert m["interrupted"] is True and m["psnr"] == pytest.approx(o.result["psnr"])  # a resume reruns it

@@ -126,14 +126,14 @@ class Plan:
 
 def batch_group(attack, case, key: str) -> tuple[str | None, str | None]:
     """(group, None) when ``attack``'s jobs on ``case``'s model can share one batched run
-    (:func:`gradleak.attacks.optimization.reconstruct_many`), else (None, why not)."""
-    from ..attacks.optimization.batched import worth_batching
+    (:func:`gradleak.attacks.optimization.reconstruct_many`), else (None, why not): the reasons
+    :func:`gradleak.attacks.optimization.batched.batch_problems` gives (not an optimisation attack, BatchNorm in
+    train mode, the BatchNorm-statistics prior, in-place modules, a model too large to gain on a CPU, ...).
+    Such jobs run one by one, each its own unit (its own failure, interrupt and resume)."""
+    from ..attacks.optimization.batched import batch_problems
 
-    if not getattr(attack.options, "batch_trials", False):
-        return None, ("not an optimisation attack with batched trials" if not hasattr(attack.options, "batch_trials")
-                      else "its batch_trials option is off")
-    slow = worth_batching(case)
-    return (None, slow) if slow else (key, None)
+    problems = batch_problems(attack, case)
+    return (None, "; ".join(problems)) if problems else (key, None)
 
 
 def _slug(text: str) -> str:
