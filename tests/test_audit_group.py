@@ -330,3 +330,14 @@ def test_ctrl_c_of_the_cli_keeps_each_group_jobs_best_so_far_and_resume_finishes
     assert {j["id"]: (out / j["dir"] / "config.json").stat().st_mtime_ns for j in by["rgap"]} == stamps
     for j in by["inverting-gradients"]:
         assert json.loads((out / j["dir"] / "metrics.json").read_text())["interrupted"] is False
+
+
+def test_an_attack_failing_in_its_setup_is_planned_alone_not_a_failed_plan(tmp_path, monkeypatch):
+    def broken(attack, case, **kw):
+        raise RuntimeError("setup broke")
+
+    monkeypatch.setattr(B, "batch_problems", broken)
+    p = plan(AuditConfig(model="lenet", num_images=2, attacks=["ig"]), tmp_path)
+    assert len(p.jobs) == 2 and all(j.group is None for j in p.jobs)
+    assert p.jobs[0].batch_note == ("the attack's trial setup failed on the plan's probe case (RuntimeError: setup "
+                                    "broke)")

@@ -129,10 +129,15 @@ def batch_group(attack, case, key: str) -> tuple[str | None, str | None]:
     (:func:`gradleak.attacks.optimization.reconstruct_many`), else (None, why not): the reasons
     :func:`gradleak.attacks.optimization.batched.batch_problems` gives (not an optimisation attack, BatchNorm in
     train mode, the BatchNorm-statistics prior, in-place modules, a model too large to gain on a CPU, ...).
-    Such jobs run one by one, each its own unit (its own failure, interrupt and resume)."""
+    Such jobs run one by one, each its own unit (its own failure, interrupt and resume); so do jobs whose
+    attack fails while it sets its trials up on the probe case (each job then fails, or not, on its own)."""
     from ..attacks.optimization.batched import batch_problems
 
-    problems = batch_problems(attack, case)
+    try:
+        problems = batch_problems(attack, case)
+    except Exception as e:  # the jobs themselves report it, one by one
+        words = " ".join(str(e).split())
+        return None, f"the attack's trial setup failed on the plan's probe case ({type(e).__name__}: {words})"
     return (None, "; ".join(problems)) if problems else (key, None)
 
 

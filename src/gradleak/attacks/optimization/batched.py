@@ -425,7 +425,10 @@ def reconstruct_many(attack: Attack, cases: Sequence[Case], *, seeds: Sequence[i
     history, info), up to the batched kernels' rounding; ``info['batched']`` describes the batch and
     ``info['seconds']`` is this case's share of the batched time. ``seeds``: one per case, one for all, or
     None (0). ``max_memory``: the chunk limit (bytes or '8GB'; default the memory available).
-    Attacks that are not optimisation attacks simply run one by one."""
+    Attacks that are not optimisation attacks simply run one by one. Ctrl-C (KeyboardInterrupt) returns every
+    case's best so far, as ``attack.reconstruct`` interrupted at the same round would (the best candidate its
+    trials offered, else its start point; ``info['interrupted']``); the cases after one interrupted in a
+    later wave do not run theirs."""
     from ...errors import ValidationError
 
     cases = list(cases)
