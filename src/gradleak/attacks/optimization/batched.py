@@ -46,6 +46,7 @@ import contextlib
 import contextvars
 import math
 import time
+from array import array
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -358,13 +359,15 @@ class _Many:
 
     def _record(self, setup: TrialSetup) -> None:
         """Let the batched trials' callbacks also record what they report (for :meth:`_tell`)."""
-        seen = self.seen.setdefault(self.pos, {"steps": [], "best": None})
+        # on_step(outer_step, total, best_score) of every trial, compactly (24 bytes a step)
+        seen = self.seen.setdefault(self.pos, {"steps": (array("q"), array("d"), array("d")), "best": None})
         step, offer = setup.on_step, setup.on_offer
 
-        def on_step(*a):
-            seen["steps"].append(a)
+        def on_step(outer_step, total, score):
+            for column, value in zip(seen["steps"], (outer_step, total, score)):
+                column.append(value)
             if step is not None:
-                step(*a)
+                step(outer_step, total, score)
 
         def on_offer(score, v):
             if seen["best"] is None or score < seen["best"][0]:
@@ -377,10 +380,10 @@ class _Many:
     def _tell(self, setup: TrialSetup) -> None:
         """Report to the second pass's callbacks what the first pass's trials reported (the history and the best
         offer), so its run context holds what a one-by-one run's would: a Ctrl-C keeps that best so far."""
-        seen = self.seen.get(self.pos, {"steps": [], "best": None})
+        seen = self.seen.get(self.pos, {"steps": ((), (), ()), "best": None})
         if setup.on_step is not None:
-            for a in seen["steps"]:
-                setup.on_step(*a)
+            for outer_step, total, score in zip(*seen["steps"]):
+                setup.on_step(outer_step, total, score)
         if setup.on_offer is not None and seen["best"] is not None:
             setup.on_offer(*seen["best"])
 
