@@ -341,3 +341,24 @@ def test_an_attack_failing_in_its_setup_is_planned_alone_not_a_failed_plan(tmp_p
     assert len(p.jobs) == 2 and all(j.group is None for j in p.jobs)
     assert p.jobs[0].batch_note == ("the attack's trial setup failed on the plan's probe case (RuntimeError: setup "
                                     "broke)")
+
+
+def test_ctrl_c_while_a_group_is_written_keeps_the_jobs_written(tmp_path, monkeypatch):
+    real = experiment._Prepared.finish
+    written = []
+
+    def finish(self, rec):
+        if len(written) == 1:  # Ctrl-C while the second job's directory would be written
+            written.append(None)
+            raise KeyboardInterrupt
+        written.append(self.cfg.out)
+        return real(self, rec)
+
+    monkeypatch.setattr(experiment._Prepared, "finish", finish)
+    jobs = [ig_job(tmp_path, f"ig-{i}", start=i, iterations=5) for i in range(3)]
+    out = run_jobs(jobs, workers=1)
+    assert [o.status for o in out] == ["done", "interrupted", "interrupted"]
+    assert out[0].result["psnr"] is not None and (tmp_path / "ig-0" / "metrics.json").is_file()
+    for o in out[1:]:
+        assert o.result is None and o.error == INTERRUPTED_BATCH and o.group == {"jobs": 3, "batched": True}
+        assert not (tmp_path / o.id / "metrics.json").exists()
