@@ -88,21 +88,40 @@ def test_batch_problems_heeds_the_cpu_size_limit_unless_asked_not_to(monkeypatch
     assert B.batch_problems(InvertingGradients(**IG), case, pays=False) == []
 
 
+def on_each_round(monkeypatch, hook) -> None:
+    """hook() before every batched evaluation (one per round of a batched group), whichever entry of the engine
+    its caller uses (``__call__`` for the trial programs; ``stacked`` where the engine has it: counted once)."""
+    depth = [0]
+
+    def wrap(real):
+        def wrapped(self, *a, **kw):
+            if depth[0] == 0:
+                hook()
+            depth[0] += 1
+            try:
+                return real(self, *a, **kw)
+            finally:
+                depth[0] -= 1
+        return wrapped
+
+    for name in ("__call__", "stacked"):
+        if hasattr(BatchedObjective, name):
+            monkeypatch.setattr(BatchedObjective, name, wrap(getattr(BatchedObjective, name)))
+
+
 @pytest.fixture
 def ctrl_c_at_round(monkeypatch):
     """ctrl_c_at_round(k): the k-th batched evaluation from now raises KeyboardInterrupt (Ctrl-C in round k)."""
     state = {"left": None}
-    real = BatchedObjective.__call__
 
-    def call(self, *a, **kw):
+    def hook():
         if state["left"] is not None:
             state["left"] -= 1
             if state["left"] == 0:
                 state["left"] = None
                 raise KeyboardInterrupt
-        return real(self, *a, **kw)
 
-    monkeypatch.setattr(BatchedObjective, "__call__", call)
+    on_each_round(monkeypatch, hook)
 
     def arm(k: int) -> None:
         state["left"] = k
