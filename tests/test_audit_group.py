@@ -197,7 +197,9 @@ def test_a_pool_of_groups_equals_the_jobs_run_alone(tmp_path):
     assert len({o.result["psnr"] for o in grouped}) == 4
 
 
-def test_ctrl_c_keeps_the_finished_group_and_interrupts_the_running_one(tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_ctrl_c_keeps_the_finished_group_and_interrupts_the_running_one(tmp_path, workers):
+    """In this process (1) and on a pool (2: the parent forwards the SIGINT to the worker running the group)."""
     long = dict(iterations=1_000_000, attack_options={"optimizer": "signed-adam"})  # runs till Ctrl-C
     jobs = [ig_job(tmp_path, "short-0", group="s", iterations=5), ig_job(tmp_path, "short-1", start=1, group="s",
                                                                           iterations=5),
@@ -208,10 +210,164 @@ def test_ctrl_c_keeps_the_finished_group_and_interrupts_the_running_one(tmp_path
     def on_outcome(o: Outcome):
         if not fired:
             fired.append(o.id)
-            threading.Timer(4.0, os.kill, (os.getpid(), signal.SIGINT)).start()
+            threading.Timer(6.0, os.kill, (os.getpid(), signal.SIGINT)).start()
 
-    out = {o.id: o for o in run_jobs(jobs, workers=1, on_outcome=on_outcome)}
+    out = {o.id: o for o in run_jobs(jobs, workers=workers, on_outcome=on_outcome)}
     assert out["short-0"].status == out["short-1"].status == "done"
-    for name in ("long-0", "long-1"):
-        assert out[name].status == "interrupted" and out[name].error == INTERRUPTED_BATCH
-        assert not (Path(tmp_path) / name / "metrics.json").exists()  # no result: a resume runs it again
+    for name in ("long-0", "long-1"):  # each job of the running group keeps its best so far, as a job alone does
+        o = out[name]
+        assert o.status == "interrupted" and o.error is None and o.group == {"jobs": 2, "batched": True}
+        assert o.result["interrupted"] is True and o.result["psnr"] is not None
+        m = json.loads((Path(tmp_path) / name / "metrics.json").read_text())
+        assert m["interrupted"] is True and m["psnr"] == pytest.approx(o.result["psnr"])  # a resume reruns it
+
+
+# ---- what the planner groups: only jobs the batched engines can batch (batch_problems) --------------------
+def _ig_plan(tmp_path, **kw):
+    cfg = AuditConfig(model="convnet", model_options={"width": 4}, image_size=16, num_images=2, attacks=["ig"], **kw)
+    return plan(cfg, tmp_path)
+
+
+def test_train_mode_batchnorm_jobs_are_planned_one_by_one_with_the_reason(tmp_path):
+    from gradleak.audit.api import _batch_entry
+
+    p = _ig_plan(tmp_path, bn_mode="train")  # FedSGD in train mode: IG also matches the update's BN statistics
+    assert len(p.jobs) == 2 and all(j.group is None for j in p.jobs)
+    why = p.jobs[0].batch_note
+    assert "BatchNorm in train mode" in why and "prior 'bn-statistics'" in why
+    assert _batch_entry(p, True, 16)["not_batched"] == [{"attack": "inverting-gradients", "defense": "none",
+                                                         "batch_size": 1, "reason": why}]
+    # the reason is what the batched run itself says on these jobs' cases
+    cases = [experiment.build_case(j.run)[0] for j in p.jobs]
+    attack = gl.attacks.create("ig", **{**p.jobs[0].run.attack_options, "max_iterations": 2})
+    recs = B.reconstruct_many(attack, cases)
+    assert [r.info["batched"] for r in recs] == [{"batched": False, "reason": why, "trials": 1,
+                                                  "seconds_all_setups": r.info["batched"]["seconds_all_setups"]}
+                                                 for r in recs]
+    e = _ig_plan(tmp_path, bn_mode="eval")  # the same model in eval mode (no statistics granted): one group
+    assert [j.group for j in e.jobs] == ["inverting-gradients__none__b1"] * 2 and e.jobs[0].batch_note is None
+    assert _batch_entry(e, True, 16)["not_batched"] == []
+
+
+def test_the_batchnorm_statistics_prior_is_planned_one_by_one(tmp_path):
+    p = _ig_plan(tmp_path, bn_mode="eval", threat_model="statistical-informed",
+                 weights=_tracked_convnet(tmp_path))  # running statistics granted: IG adds the BN prior
+    assert all(j.run.attack_options.get("bn_prior") == "running" for j in p.jobs)
+    assert all(j.group is None and j.batch_note.startswith("prior 'bn-statistics'") for j in p.jobs)
+
+
+def _tracked_convnet(tmp_path) -> str:
+    """convnet-4 weights whose running statistics tracked a batch (so the threat model's grant is used)."""
+    model = gl.models.build("convnet", input_shape=(3, 16, 16), num_classes=19, seed=0, width=4)
+    model.train()
+    with torch.no_grad():
+        model(torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(1)))
+    path = tmp_path / "tracked.pt"
+    torch.save(model.state_dict(), path)
+    return str(path)
+
+
+# ---- Ctrl-C of `gradleak audit` while a group runs (a real signal to a real CLI process) ------------------
+_CHILD = """
+import pathlib, sys
+from gradleak.attacks.optimization.batched_objective import BatchedObjective
+from gradleak.attacks.optimization.inverting import InvertingGradients
+from gradleak.cli import main
+
+InvertingGradients.budgets["quick"] = {"max_iterations": 1_000_000, "offer_every": 5}  # runs till Ctrl-C
+rounds, depth, mark = [0], [0], pathlib.Path(sys.argv[1])
+
+def counted(real):  # says when the group has run 40 batched rounds (an engine entry called by another: once)
+    def call(self, *a, **kw):
+        if depth[0] == 0:
+            rounds[0] += 1
+            if rounds[0] == 40:
+                mark.write_text("40")
+        depth[0] += 1
+        try:
+            return real(self, *a, **kw)
+        finally:
+            depth[0] -= 1
+    return call
+
+for name in ("__call__", "stacked"):
+    if hasattr(BatchedObjective, name):
+        setattr(BatchedObjective, name, counted(getattr(BatchedObjective, name)))
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_ctrl_c_of_the_cli_keeps_each_group_jobs_best_so_far_and_resume_finishes(tmp_path, monkeypatch,
+                                                                                 batched_calls):
+    import subprocess
+    import sys
+    import time
+
+    out, mark = tmp_path / "audit", tmp_path / "running"
+    env = {**os.environ, "PYTHONPATH": str(Path(gl.__file__).resolve().parents[1])}
+    settings = ["--model", "lenet", "--image-size", "16", "--num-images", "3", "--attacks", "rgap,ig",
+                "--workers", "1", "--out", str(out)]
+    p = subprocess.Popen([sys.executable, "-c", _CHILD, str(mark), "audit", *settings],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 300
+    while not mark.exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert mark.exists(), p.communicate(timeout=60)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 130, err
+    doc = json.loads((out / "audit.json").read_text())
+    assert doc["interrupted"] is True and (out / "report.html").is_file()
+    by = {j["attack"]: [] for j in doc["jobs"]}
+    for j in doc["jobs"]:
+        by[j["attack"]].append(j)
+    assert [j["status"] for j in by["rgap"]] == ["done"] * 3  # finished before the group: kept
+    for j in by["inverting-gradients"]:  # the running group: each job written with its best so far
+        assert j["status"] == "interrupted" and j["error"] is None and j["psnr"] is not None, j
+        assert j["group"] == {"jobs": 3, "batched": True}
+        m = json.loads((out / j["dir"] / "metrics.json").read_text())
+        assert m["interrupted"] is True and "start_point_only" not in m["info"] and m["info"]["best_score"] > 0
+        assert (out / j["dir"] / "reconstruction.safetensors").is_file()
+    stamps = {j["id"]: (out / j["dir"] / "config.json").stat().st_mtime_ns for j in by["rgap"]}
+    # the rerun with the same settings (a shorter IG budget here) runs the interrupted jobs again, as one group
+    monkeypatch.setitem(InvertingGradients.budgets, "quick", {"max_iterations": 20})
+    again = gl.audit("lenet", out=out, image_size=16, num_images=3, attacks=["rgap", "ig"], workers=1)
+    assert batched_calls == [[0, 1, 2]]
+    status = {j["id"]: j["status"] for j in again.jobs}
+    assert all(status[i] == "resumed" for i in stamps) and again.data["interrupted"] is False
+    assert [status[j["id"]] for j in by["inverting-gradients"]] == ["done"] * 3
+    assert {j["id"]: (out / j["dir"] / "config.json").stat().st_mtime_ns for j in by["rgap"]} == stamps
+    for j in by["inverting-gradients"]:
+        assert json.loads((out / j["dir"] / "metrics.json").read_text())["interrupted"] is False
+
+
+def test_an_attack_failing_in_its_setup_is_planned_alone_not_a_failed_plan(tmp_path, monkeypatch):
+    def broken(attack, case, **kw):
+        raise RuntimeError("setup broke")
+
+    monkeypatch.setattr(B, "batch_problems", broken)
+    p = plan(AuditConfig(model="lenet", num_images=2, attacks=["ig"]), tmp_path)
+    assert len(p.jobs) == 2 and all(j.group is None for j in p.jobs)
+    assert p.jobs[0].batch_note == ("the attack's trial setup failed on the plan's probe case (RuntimeError: setup "
+                                    "broke)")
+
+
+def test_ctrl_c_while_a_group_is_written_keeps_the_jobs_written(tmp_path, monkeypatch):
+    real = experiment._Prepared.finish
+    written = []
+
+    def finish(self, rec):
+        if len(written) == 1:  # Ctrl-C while the second job's directory would be written
+            written.append(None)
+            raise KeyboardInterrupt
+        written.append(self.cfg.out)
+        return real(self, rec)
+
+    monkeypatch.setattr(experiment._Prepared, "finish", finish)
+    jobs = [ig_job(tmp_path, f"ig-{i}", start=i, iterations=5) for i in range(3)]
+    out = run_jobs(jobs, workers=1)
+    assert [o.status for o in out] == ["done", "interrupted", "interrupted"]
+    assert out[0].result["psnr"] is not None and (tmp_path / "ig-0" / "metrics.json").is_file()
+    for o in out[1:]:
+        assert o.result is None and o.error == INTERRUPTED_BATCH and o.group == {"jobs": 3, "batched": True}
+        assert not (tmp_path / o.id / "metrics.json").exists()

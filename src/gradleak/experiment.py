@@ -427,8 +427,11 @@ def run_attacks_batched(cfgs: list[AttackRun], *, overwrite: bool = False, max_m
     restarts share one vmap per step) and write each job's run directory as :func:`run_attack` would (the
     same files; ``metrics.json`` ``info.batched`` describes the batch, ``seconds`` is the job's share of it).
     Raises on the first error (a job's checks, its case, the batched run); the caller decides what to do
-    with the others (the audit runs them one by one). Ctrl-C during the batched run raises KeyboardInterrupt:
-    the trials run in lockstep, so no job of the batch has a result yet, and nothing is written."""
+    with the others (the audit runs them one by one). Ctrl-C (or SIGTERM under the CLI) during the batched run
+    writes every job as :func:`run_attack` would: its best result so far, ``metrics.json`` saying
+    ``interrupted`` (``reconstruct_many`` returns each case's best so far). Ctrl-C before the jobs had
+    reconstructions (while their cases are built) raises KeyboardInterrupt, and while they are written raises
+    :class:`GroupInterrupted` holding the results written so far."""
     from .attacks.optimization.batched import reconstruct_many
 
     cfgs = list(cfgs)
@@ -448,10 +451,25 @@ def run_attacks_batched(cfgs: list[AttackRun], *, overwrite: bool = False, max_m
         with jobs[0].pinned_threads():
             recs = reconstruct_many(jobs[0].attack, [j.case for j in jobs], seeds=[c.seed for c in cfgs],
                                     max_memory=max_memory)
-            return [j.finish(r) for j, r in zip(jobs, recs)]
+            written: list[RunResult] = []
+            try:
+                for j, r in zip(jobs, recs):
+                    written.append(j.finish(r))
+            except KeyboardInterrupt:
+                raise GroupInterrupted(written) from None
+            return written
     finally:
         for j in jobs:
             j.release()
+
+
+class GroupInterrupted(KeyboardInterrupt):
+    """Ctrl-C while :func:`run_attacks_batched` wrote its jobs' run directories: ``results`` are the jobs
+    written, in order (the first ``len(results)`` jobs); the others have none."""
+
+    def __init__(self, results: list[RunResult]):
+        super().__init__(f"interrupted after {len(results)} of the batched jobs were written")
+        self.results = results
 
 
 class _Prepared:
@@ -479,7 +497,7 @@ class _Prepared:
         return threads.pinned(self.cfg.threads if self.cfg.threads is not None else threads.for_case(self.case))
 
     def finish(self, rec: Reconstruction) -> RunResult:
-        cfg, case, truth, notes = self.cfg, self.case, self.truth, self.notes
+        cfg, case, truth, notes = self.cfg, self.case, self.truth, list(self.notes)
         scores = evaluate(rec, truth, case.spec.value_range) if truth is not None else None
         if scores is not None:
             notes += scores.notes

@@ -284,7 +284,8 @@ def audit(model: Any, data: Any = None, *, out: str | Path | None = None, worker
     workers / backend: how jobs run ('local' process pool, 'ray' or 'ray:ADDRESS'); see
         :func:`gradleak.audit.execute.run_jobs`. Ctrl-C stops the run and still writes the report.
     batch: run the jobs of one optimisation attack, defense and batch size (different images, one model) as
-        batched groups (``reconstruct_many``) where that pays (``worth_batching``); False: every job alone.
+        batched groups (``reconstruct_many``) where they batch and that pays (``batched.batch_problems``);
+        False: every job alone.
         ``group_size``: the most jobs in one group (None: no limit); groups are also split so that every
         worker has one. Each job still writes its own directory (docs/audit.md).
     """

@@ -18,8 +18,9 @@ step) that writes each job's own run directory as the job alone would. Units are
 :func:`plan_units` cuts a group into units of at most ``group_size`` jobs and splits further until every
 worker has one. A unit that raises (one bad case, say) runs its jobs again one by one, so that only the bad
 job fails; a worker that dies running a unit has the unit's jobs requeued one by one. ``Outcome.group`` says
-what happened. Ctrl-C while a unit runs: its trials run in lockstep, so none of its jobs has a result yet;
-they are ``interrupted`` without one (a resume runs them again).
+what happened. Ctrl-C while a unit runs: each of its jobs is written with its best result so far and is
+``interrupted``, as a job running alone is (a resume runs them again); only a Ctrl-C before the unit's
+reconstructions started (while its cases are built) leaves its jobs ``interrupted`` without a result.
 
 Jobs whose attack or model was registered outside gradleak (a user's module): the worker imports that module
 before running the job, so the registration exists there too (the module must be importable by name there).
@@ -44,7 +45,7 @@ from ..errors import RequirementError, ValidationError
 
 STATUSES = ("done", "failed", "not applicable", "interrupted", "cancelled")
 INTERRUPTED_EARLY = "interrupted before the attack had a result"
-INTERRUPTED_BATCH = "interrupted while its batched group ran (no job of the group had a result yet)"
+INTERRUPTED_BATCH = "interrupted while its batched group ran, before this job had a result"
 CANCELLED = "cancelled: the run was interrupted before this job started"
 DEFAULT_GROUP_SIZE = 16  # jobs (cases) per batched unit; each brings its restarts (16 lenet trials: 2.9x)
 
@@ -107,7 +108,6 @@ def run_job(config: dict, threads: int | None = None, max_memory=None, progress:
     applicable' (the attack's own check found at run time that it cannot run on this case). Every
     backend calls this. ``modules``: modules to import first (where the job's attack or model is registered)."""
     from ..experiment import AttackRun, run_attack
-    from ..report import to_jsonable
 
     try:
         for m in modules:
@@ -124,8 +124,7 @@ def run_job(config: dict, threads: int | None = None, max_memory=None, progress:
         return "not applicable", None, " ".join(str(e).split())  # unreadable under noise): a skip, not a failure
     except Exception as e:
         return "failed", None, _one_line(e)
-    row = to_jsonable(res.to_json())
-    return ("interrupted" if row.get("interrupted") else "done"), row, None
+    return _row(res, None)[:3]
 
 
 def run_group(configs: list[dict], threads: int | None = None, max_memory=None,
@@ -134,19 +133,21 @@ def run_group(configs: list[dict], threads: int | None = None, max_memory=None,
     run as one batched computation, and if that raises, one by one (the note says why)."""
     if len(configs) == 1:
         return [(*run_job(configs[0], threads, max_memory, modules=modules), None)]
-    from ..experiment import AttackRun, run_attacks_batched
-    from ..report import to_jsonable
+    from ..experiment import AttackRun, GroupInterrupted, run_attacks_batched
 
     n = len(configs)
+    note = {"jobs": n, "batched": True}
     try:
         for m in modules:
             importlib.import_module(m)
         cfgs = [AttackRun.from_dict(c) for c in configs]
         if threads is not None:
             cfgs = [dataclasses.replace(c, threads=threads) for c in cfgs]
+        # Ctrl-C during the batched run: each job is written with its best so far (status 'interrupted')
         results = run_attacks_batched(cfgs, overwrite=True, max_memory=max_memory)
-    except KeyboardInterrupt:
-        return [("interrupted", None, INTERRUPTED_BATCH, {"jobs": n, "batched": True})] * n
+    except KeyboardInterrupt as e:  # before the jobs had results, or while they were written
+        written = [_row(r, note) for r in (e.results if isinstance(e, GroupInterrupted) else [])]
+        return written + [("interrupted", None, INTERRUPTED_BATCH, note)] * (n - len(written))
     except Exception as e:  # one bad case must not lose the others: each job alone, only the bad one fails
         note = {"jobs": n, "batched": False, "fallback": _one_line(e)}
         out: list[tuple] = []
@@ -159,9 +160,15 @@ def run_group(configs: list[dict], threads: int | None = None, max_memory=None,
             except KeyboardInterrupt:  # between the job's own handlers
                 out.append(("interrupted", None, INTERRUPTED_EARLY, note))
         return out
-    note = {"jobs": n, "batched": True}
-    rows = [to_jsonable(r.to_json()) for r in results]
-    return [("interrupted" if row.get("interrupted") else "done", row, None, note) for row in rows]
+    return [_row(r, note) for r in results]
+
+
+def _row(result, note: dict | None) -> tuple[str, dict, None, dict | None]:
+    """A finished run's outcome: 'interrupted' (its best so far) or 'done', with its result row."""
+    from ..report import to_jsonable
+
+    row = to_jsonable(result.to_json())
+    return ("interrupted" if row.get("interrupted") else "done"), row, None, note
 
 
 def group_size_problems(group_size) -> list[str]:

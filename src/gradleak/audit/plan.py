@@ -126,14 +126,19 @@ class Plan:
 
 def batch_group(attack, case, key: str) -> tuple[str | None, str | None]:
     """(group, None) when ``attack``'s jobs on ``case``'s model can share one batched run
-    (:func:`gradleak.attacks.optimization.reconstruct_many`), else (None, why not)."""
-    from ..attacks.optimization.batched import worth_batching
+    (:func:`gradleak.attacks.optimization.reconstruct_many`), else (None, why not): the reasons
+    :func:`gradleak.attacks.optimization.batched.batch_problems` gives (not an optimisation attack, BatchNorm in
+    train mode, the BatchNorm-statistics prior, in-place modules, a model too large to gain on a CPU, ...).
+    Such jobs run one by one, each its own unit (its own failure, interrupt and resume); so do jobs whose
+    attack fails while it sets its trials up on the probe case (each job then fails, or not, on its own)."""
+    from ..attacks.optimization.batched import batch_problems
 
-    if not getattr(attack.options, "batch_trials", False):
-        return None, ("not an optimisation attack with batched trials" if not hasattr(attack.options, "batch_trials")
-                      else "its batch_trials option is off")
-    slow = worth_batching(case)
-    return (None, slow) if slow else (key, None)
+    try:
+        problems = batch_problems(attack, case)
+    except Exception as e:  # the jobs themselves report it, one by one
+        words = " ".join(str(e).split())
+        return None, f"the attack's trial setup failed on the plan's probe case ({type(e).__name__}: {words})"
+    return (None, "; ".join(problems)) if problems else (key, None)
 
 
 def _slug(text: str) -> str:

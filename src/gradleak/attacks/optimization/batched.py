@@ -46,6 +46,7 @@ import contextlib
 import contextvars
 import math
 import time
+from array import array
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -168,6 +169,37 @@ def worth_batching(case: Case) -> str:
         return (f"the model has {n:,} parameters: on a CPU, batched trials of a model above "
                 f"{CPU_BATCH_MAX_PARAMETERS:,} parameters are not faster (benchmarks/bench_throughput.py)")
     return ""
+
+
+def batch_problems(attack: Attack, case: Case, *, pays: bool = True) -> list[str]:
+    """Why ``attack``'s trials on ``case`` (and on cases like it: the same model, other images) would run one by
+    one instead of batched ([] if they batch): not an optimisation attack (no ``batch_trials`` option), its
+    ``batch_trials`` off, the :func:`vmap_problems` of the trial setup it builds on ``case`` (BatchNorm in train
+    mode, in-place modules, a prior such as 'bn-statistics'), and where ``pays``, :func:`worth_batching` (what an
+    attack's own restarts and the audit's planner heed; :func:`reconstruct_many` batches regardless: give
+    ``pays=False`` for its answer). The reasons are the sentences ``info['batched']['reason']`` gives.
+
+    The setup is built as :func:`reconstruct_many`'s first pass builds it (the attack runs up to its first
+    batched call: its starts drawn, its labels read or recovered; no optimiser step). Not foreseen: the first
+    batched round's agreement check with the sequential objective, which can still fall back at run time."""
+    if not hasattr(getattr(attack, "options", None), "batch_trials"):
+        return ["not an optimisation attack with batched trials"]
+    many = _Many()
+    token = _MANY.set(many)
+    try:
+        attack.reconstruct(case, seed=0)
+    except _Captured:
+        pass
+    finally:
+        _MANY.reset(token)
+    setup = many.captured.get(0)
+    if setup is None:
+        return ["the attack ran no batched trials on this case"]
+    if not setup.batched:
+        return ["batch_trials is off"]
+    problems = vmap_problems(setup)
+    slow = worth_batching(case) if pays else ""
+    return problems + ([slow] if slow and not problems else [])
 
 
 def _architecture(case: Case) -> tuple:
@@ -322,12 +354,45 @@ class _Many:
         self.captured: dict[int, TrialSetup] = {}
         self.results: dict[int, tuple[list[Trial], dict]] = {}
         self.used: set[int] = set()
+        self.seen: dict[int, dict] = {}  # per case: the steps and the best offer its batched trials reported
+        self.stopped = False  # Ctrl-C: no case runs further; each returns what it has
+
+    def _record(self, setup: TrialSetup) -> None:
+        """Let the batched trials' callbacks also record what they report (for :meth:`_tell`)."""
+        # on_step(outer_step, total, best_score) of every trial, compactly (24 bytes a step)
+        seen = self.seen.setdefault(self.pos, {"steps": (array("q"), array("d"), array("d")), "best": None})
+        step, offer = setup.on_step, setup.on_offer
+
+        def on_step(outer_step, total, score):
+            for column, value in zip(seen["steps"], (outer_step, total, score)):
+                column.append(value)
+            if step is not None:
+                step(outer_step, total, score)
+
+        def on_offer(score, v):
+            if seen["best"] is None or score < seen["best"][0]:
+                seen["best"] = (score, [t.detach().clone() for t in v])
+            if offer is not None:
+                offer(score, v)
+
+        setup.on_step, setup.on_offer = on_step, on_offer
+
+    def _tell(self, setup: TrialSetup) -> None:
+        """Report to the second pass's callbacks what the first pass's trials reported (the history and the best
+        offer), so its run context holds what a one-by-one run's would: a Ctrl-C keeps that best so far."""
+        seen = self.seen.get(self.pos, {"steps": ((), (), ()), "best": None})
+        if setup.on_step is not None:
+            for outer_step, total, score in zip(*seen["steps"]):
+                setup.on_step(outer_step, total, score)
+        if setup.on_offer is not None and seen["best"] is not None:
+            setup.on_offer(*seen["best"])
 
     def handle(self, setup: TrialSetup) -> tuple[list[Trial], dict]:
         if self.mode == "capture":
+            self._record(setup)
             self.captured[self.pos] = setup
             raise _Captured
-        if self.pos in self.results and self.pos not in self.used:
+        if self.pos in self.captured and self.pos not in self.used:
             self.used.add(self.pos)
             first = self.captured[self.pos]
             same = len(first.starts) == len(setup.starts) and all(
@@ -335,7 +400,12 @@ class _Many:
             if not same:
                 raise RuntimeError("reconstruct_many: the attack drew different starts on its second pass "
                                    "(its setup is not deterministic given the seed)")
+            self._tell(setup)
+            if self.pos not in self.results:  # the batched run was interrupted: the attack keeps its best so far
+                raise KeyboardInterrupt
             return self.results[self.pos]
+        if self.stopped:
+            raise KeyboardInterrupt
         return run_setups([setup], auto=True)[0]  # later waves (e.g. DLG's retries after a divergence)
 
 
@@ -358,7 +428,10 @@ def reconstruct_many(attack: Attack, cases: Sequence[Case], *, seeds: Sequence[i
     history, info), up to the batched kernels' rounding; ``info['batched']`` describes the batch and
     ``info['seconds']`` is this case's share of the batched time. ``seeds``: one per case, one for all, or
     None (0). ``max_memory``: the chunk limit (bytes or '8GB'; default the memory available).
-    Attacks that are not optimisation attacks simply run one by one."""
+    Attacks that are not optimisation attacks simply run one by one. Ctrl-C (KeyboardInterrupt) returns every
+    case's best so far, as ``attack.reconstruct`` interrupted at the same round would (the best candidate its
+    trials offered, else its start point; ``info['interrupted']``); the cases after one interrupted in a
+    later wave do not run theirs."""
     from ...errors import ValidationError
 
     cases = list(cases)
@@ -394,17 +467,23 @@ def reconstruct_many(attack: Attack, cases: Sequence[Case], *, seeds: Sequence[i
             try:
                 with threads.pinned(count(case)):
                     direct[i] = attack.reconstruct(case, seed=seed)
+                many.stopped = many.stopped or bool(direct[i].info.get("interrupted"))
             except _Captured:
                 pass
+            if many.stopped:
+                break
         order = sorted(many.captured)
         t0 = time.perf_counter()
         limit = None if max_memory is None else resources.parse_size(max_memory)
         # the thread policy, as Attack.reconstruct applies it (the batched rounds run outside it): a user's
         # choice (threads.set, GRADLEAK_THREADS, a torch.set_num_threads after import) wins
-        with threads.using(count(cases[order[0]]) if order else None):
-            results = run_setups([many.captured[i] for i in order], limit=limit)
+        try:
+            if not many.stopped:
+                with threads.using(count(cases[order[0]]) if order else None):
+                    many.results = dict(zip(order, run_setups([many.captured[i] for i in order], limit=limit)))
+        except KeyboardInterrupt:  # every case returns its best so far (the second pass below)
+            many.stopped = True
         batch_seconds = time.perf_counter() - t0
-        many.results = dict(zip(order, results))
         many.mode = "replay"
         total_trials = sum(len(many.captured[i].starts) for i in order) or 1
         out: list[Reconstruction] = []
@@ -415,7 +494,8 @@ def reconstruct_many(attack: Attack, cases: Sequence[Case], *, seeds: Sequence[i
             many.pos = i
             with threads.pinned(count(case)):
                 rec = attack.reconstruct(case, seed=seed)
-            share = batch_seconds * len(many.captured[i].starts) / total_trials
+            many.stopped = many.stopped or bool(rec.info.get("interrupted"))
+            share = batch_seconds * len(many.captured[i].starts) / total_trials if i in many.captured else 0.0
             rec.info["seconds_assembly"] = rec.info.get("seconds")
             rec.info["seconds"] = share + float(rec.info.get("seconds") or 0.0)
             out.append(rec)
@@ -425,4 +505,4 @@ def reconstruct_many(attack: Attack, cases: Sequence[Case], *, seeds: Sequence[i
 
 
 __all__ = ["TrialSetup", "BatchedObjective", "STACKED", "run", "run_setups", "reconstruct_many", "memory_limit", "chunk_size",
-           "vmap_problems", "worth_batching", "CPU_BATCH_MAX_PARAMETERS"]
+           "vmap_problems", "worth_batching", "batch_problems", "CPU_BATCH_MAX_PARAMETERS"]
