@@ -10,7 +10,11 @@ Models at 3x32x32, 19 classes, untrained (zoo seed 0), BatchNorm in eval mode, b
 Measurements interleave the two kinds of step in rounds and take medians, so a shared, busy machine affects
 both alike. Target: ratio <= 3.
 
-The "profile" section: torch.profiler over IG steps and training steps of resnet18 at batch 1 (one thread), the
+"bare": the double backward alone, as the IG step runs it (the update with create_graph, a fixed linear function
+of it, its gradient w.r.t. the input: torch's kernels, none of the cosine / TV / Adam work): the floor of a step.
+
+The "profile" section: torch.profiler over IG steps, bare double backwards and training steps of resnet18 at
+batch 1 (one thread), the
 operators with the most self time per step and their share, convolutions grouped by input shape (the weight
 term of torch's convolution double backward runs as a convolution of (C_in, B, H, W) inputs).
 
@@ -80,22 +84,33 @@ def steps(name, opts, batch):
     def ig(n, on_step=None):
         C.run_adam(objective, [x0], steps=n, lr=0.1, project=project, on_step=on_step)
 
-    return case, train_module, train_functional, ig
+    coef = [torch.randn(g.shape, generator=torch.Generator().manual_seed(1)) for g in matcher.update(x0, y)]
+
+    def bare():
+        """The double backward alone, as the IG step runs it (the matcher's model, its split convolutions):
+        the update with create_graph, a fixed linear function of it, its gradient w.r.t. the input. None of
+        the step's other work (cosine, TV, Adam, clamp, the driver)."""
+        xl = x0.clone().requires_grad_(True)
+        gs = matcher.update(xl, y)
+        torch.autograd.grad(sum((g * c).sum() for g, c in zip(gs, coef)), xl)
+
+    return case, train_module, train_functional, ig, bare
 
 
 def measure(name, opts, batch, rounds, budget):
-    case, train_module, train_functional, ig = steps(name, opts, batch)
-    for f in (train_module, train_functional):
+    case, train_module, train_functional, ig, bare = steps(name, opts, batch)
+    for f in (train_module, train_functional, bare):
         f()
     ig(2)
     # calibrate the number of repetitions so one round of each takes ~budget seconds
     t_train = _timed(train_module, 3)
     n = max(3, int(budget / max(t_train, 1e-4)))
     n_ig = max(2, n // 3)
-    rows = {"module": [], "functional": [], "ig": []}
+    rows = {"module": [], "functional": [], "bare": [], "ig": []}
     for _ in range(rounds):
         rows["module"].append(_timed(train_module, n))
         rows["functional"].append(_timed(train_functional, n))
+        rows["bare"].append(_timed(bare, n_ig))
         stamps = []
         ig(n_ig + 1, on_step=lambda s, a, b: stamps.append(time.perf_counter()))
         rows["ig"].append((stamps[-1] - stamps[0]) / n_ig)
@@ -104,6 +119,7 @@ def measure(name, opts, batch, rounds, budget):
         "model": name, "batch": batch, "params": sum(p.numel() for p in case.parameters.values()),
         "train_module_s": med["module"], "train_functional_s": med["functional"], "ig_step_s": med["ig"],
         "ratio_vs_module": med["ig"] / med["module"], "ratio_vs_functional": med["ig"] / med["functional"],
+        "bare_double_backward_s": med["bare"], "bare_ratio_vs_module": med["bare"] / med["module"],
         "rounds": rounds, "reps_per_round": n,
     }
 
@@ -125,15 +141,20 @@ def profile(name="resnet18", batch=1, n=5):
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    _, train_module, _, ig = steps(name, {}, batch)
+    _, train_module, _, ig, bare = steps(name, {}, batch)
     train_module()
+    bare()
     ig(2)
     with torch_profile(activities=[ProfilerActivity.CPU], record_shapes=True) as p_ig:
         ig(n)
+    with torch_profile(activities=[ProfilerActivity.CPU], record_shapes=True) as p_bare:
+        for _ in range(n):
+            bare()
     with torch_profile(activities=[ProfilerActivity.CPU], record_shapes=True) as p_train:
         for _ in range(3 * n):
             train_module()
-    return {"model": name, "batch": batch, "ig_step": _top(p_ig, n), "training_step": _top(p_train, 3 * n)}
+    return {"model": name, "batch": batch, "ig_step": _top(p_ig, n), "bare_double_backward": _top(p_bare, n),
+            "training_step": _top(p_train, 3 * n)}
 
 
 def main():
@@ -149,12 +170,13 @@ def main():
             r = measure(name, opts, batch, rounds, budget)
             out.append(r)
             print(f"{name:10s} B={batch}  train {r['train_module_s'] * 1e3:8.2f} ms  IG step {r['ig_step_s'] * 1e3:8.2f} ms"
-                  f"  ratio {r['ratio_vs_module']:.2f} (vs functional {r['ratio_vs_functional']:.2f})", flush=True)
+                  f"  ratio {r['ratio_vs_module']:.2f} (vs functional {r['ratio_vs_functional']:.2f}; the bare double"
+                  f" backward {r['bare_ratio_vs_module']:.2f})", flush=True)
     sections = {"target": "ig_step / training_step <= 3", "results": out,
                 "max_ratio_vs_module": max(r["ratio_vs_module"] for r in out)}
     if not args.no_profile:
         sections["profile"] = profile()
-        for kind in ("ig_step", "training_step"):
+        for kind in ("ig_step", "bare_double_backward", "training_step"):
             top = sections["profile"][kind]["top"][:5]
             print(kind, "; ".join(f"{t['op']} {t['input_shapes'][:1]} {t['ms_per_step']:.1f} ms ({t['share']:.0%})"
                                   for t in top))

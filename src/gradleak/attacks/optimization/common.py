@@ -80,12 +80,13 @@ def layer_weights(n: int, scheme: str) -> list[float]:
 
 
 def max_abs(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The largest |entry| over a list of tensors (detached, float64, 0-d), 1 where all are zero: the scale to
-    divide by before squaring, so that squares neither underflow (updates ~1e-30) nor overflow (~1e30).
+    """The largest |entry| over a list of tensors (float64, 0-d; not differentiable), 1 where all are zero: the
+    scale to divide by before squaring, so that squares neither underflow (updates ~1e-30) nor overflow (~1e30).
     max(-min, max) from one min-max pass per tensor: no |entries| copy (exact; NaN propagates)."""
-    ends = [e for t in tensors for e in torch.aminmax(t.detach())]  # each tensor's min and max
-    m = torch.stack(ends).abs().max().double()
-    return torch.where(m > 0, m, torch.ones_like(m))
+    with torch.no_grad():
+        ends = [e for t in tensors for e in torch.aminmax(t)]  # each tensor's min and max
+        m = torch.stack(ends).abs().max().double()
+        return torch.where(m > 0, m, torch.ones_like(m))
 
 
 class GradientMatcher:
