@@ -80,11 +80,13 @@ def layer_weights(n: int, scheme: str) -> list[float]:
 
 
 def max_abs(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The largest |entry| over a list of tensors (detached, float64, 0-d), 1 where all are zero: the scale to
-    divide by before squaring, so that squares neither underflow (updates ~1e-30) nor overflow (~1e30).
+    """The largest |entry| over a list of tensors (float64, 0-d; not differentiable), 1 where all are zero: the
+    scale to divide by before squaring, so that squares neither underflow (updates ~1e-30) nor overflow (~1e30).
     max(-min, max) from one min-max pass per tensor: no |entries| copy (exact; NaN propagates)."""
-    m = torch.stack([torch.stack(torch.aminmax(t.detach())).abs().max().double() for t in tensors]).max()
-    return torch.where(m > 0, m, torch.ones_like(m))
+    with torch.no_grad():
+        ends = [e for t in tensors for e in torch.aminmax(t)]  # each tensor's min and max
+        m = torch.stack(ends).abs().max().double()
+        return torch.where(m > 0, m, torch.ones_like(m))
 
 
 class GradientMatcher:
@@ -114,6 +116,7 @@ class GradientMatcher:
         obs = case.observed
         self.targets = [obs[k].detach().reshape(-1) for k in self.names]
         self.w = [1.0] * len(self.names) if weights is None else [float(v) for v in weights]
+        self.equal_weights = len(set(self.w)) == 1
         self.tscale = float(max_abs(self.targets))                      # float64 python scalar
         self.units = [t / self.tscale for t in self.targets]                # |entries| <= 1: squares are safe
         unorm2 = sum(w * float(torch.dot(u, u)) for w, u in zip(self.w, self.units))
@@ -168,22 +171,29 @@ class GradientMatcher:
         a floor that stalled L-BFGS at ~27 dB on one LeNet photo). 1 (and no differences) when the candidate
         update is zero, NaN when it is not finite. ``out``: tensors shaped like gs to write the differences
         into (no fresh buffers: on ResNet-18 each fresh 44 MB one costs its page faults every step)."""
-        st = max_abs(gs).to(gs[0].dtype)
-        if out is None:
-            gh = [g.detach() / st for g in gs]
-        else:
-            gh = [torch.div(g.detach(), st, out=o) for g, o in zip(gs, out)]
-        w = self.w
-        gn2 = float(sum(wl * torch.dot(g, g).double() for wl, g in zip(w, gh)))
-        s = float(st)
-        if not math.isfinite(gn2):
-            return float("nan"), None, float("nan")
-        if gn2 == 0:
-            return 1.0, None, 0.0
-        inv = 1.0 / math.sqrt(gn2)
-        diffs = [g.mul_(inv).sub_(v) for g, v in zip(gh, self.vhat)]  # in place: no fresh buffers
-        half = 0.5 * float(sum(wl * torch.dot(d, d).double() for wl, d in zip(w, diffs)))
-        return min(half, 2.0), diffs, s / inv
+        with torch.no_grad():
+            st = max_abs(gs).to(gs[0].dtype)
+            if out is None:
+                gh = torch._foreach_div(list(gs), st)
+            else:
+                gh = [torch.div(g, st, out=o) for g, o in zip(gs, out)]
+            gn2 = self._weighted_sum(gh)
+            s = float(st)
+            if not math.isfinite(gn2):
+                return float("nan"), None, float("nan")
+            if gn2 == 0:
+                return 1.0, None, 0.0
+            inv = 1.0 / math.sqrt(gn2)
+            torch._foreach_mul_(gh, inv)  # in place: no fresh buffers
+            torch._foreach_sub_(gh, self.vhat)
+            half = 0.5 * self._weighted_sum(gh)
+        return min(half, 2.0), gh, s / inv
+
+    def _weighted_sum(self, ts: Sequence[torch.Tensor]) -> float:
+        """sum_l w_l <t_l, t_l>: the per-tensor dots in the tensors' dtype, weighted and summed in float64 (in
+        order, as Python floats: the operations of a float64 tensor sum, without one small op per term)."""
+        dots = torch.stack([torch.dot(t, t) for t in ts]).tolist()
+        return sum(wl * d for wl, d in zip(self.w, dots))
 
     def _buffers(self, gs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """This matcher's reusable work tensors for the cosine's differences (and, in place, their gradient),
@@ -217,7 +227,7 @@ class _Match(torch.autograd.Function):
             ctx.cos = (value, diffs, gnorm)
             ctx.generation = m._generation
             return gs[0].new_tensor(value)
-        l2 = float(sum(w * torch.dot(g - t, g - t).double() for w, g, t in zip(m.w, gs, m.targets)))
+        l2 = m._weighted_sum(torch._foreach_sub(list(gs), m.targets))
         scale = 1.0 / m.tnorm2 if (m.distance == "l2-relative" and m.tnorm2 > 0) else 1.0
         ctx.coef = (2.0 * scale, -2.0 * scale)
         return gs[0].new_tensor(l2 * scale)
@@ -225,7 +235,6 @@ class _Match(torch.autograd.Function):
     @staticmethod
     def backward(ctx, go: torch.Tensor):
         m = ctx.m
-        out = []
         gs = ctx.saved_tensors
         if m.distance == "cosine":
             value, diffs, gnorm = ctx.cos
@@ -235,13 +244,22 @@ class _Match(torch.autograd.Function):
             if diffs is None:  # zero or non-finite candidate update: no direction to move in
                 return (None, *[torch.zeros_like(t) for t in m.targets])
             c = float(go) / gnorm
-            for w, d, v in zip(m.w, diffs, m.vhat):
-                # g^ = d + v^, so d - f g^ = (1 - f) d - f v^
-                out.append(d.mul_(w * c * (1.0 - value)).add_(v, alpha=-w * c * value))
-            return (None, *out)
+            # g^ = d + v^, so d - f g^ = (1 - f) d - f v^ (one foreach op per step where the weights are equal)
+            if m.equal_weights:
+                w = m.w[0]
+                torch._foreach_mul_(diffs, w * c * (1.0 - value))
+                torch._foreach_add_(diffs, m.vhat, alpha=-w * c * value)
+            else:
+                for w, d, v in zip(m.w, diffs, m.vhat):
+                    d.mul_(w * c * (1.0 - value)).add_(v, alpha=-w * c * value)
+            return (None, *diffs)
         a, b = (float(go) * c for c in ctx.coef)
-        for w, g, t in zip(m.w, gs, m.targets):
-            out.append((g * (w * a)).add_(t, alpha=w * b))
+        if m.equal_weights:
+            w = m.w[0]
+            out = torch._foreach_mul(list(gs), w * a)
+            torch._foreach_add_(out, m.targets, alpha=w * b)
+        else:
+            out = [(g * (w * a)).add_(t, alpha=w * b) for w, g, t in zip(m.w, gs, m.targets)]
         return (None, *out)
 
 
