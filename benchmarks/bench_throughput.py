@@ -74,7 +74,7 @@ def child(model: str, trials: int, mode: str, iterations: int) -> dict:
         warm.reconstruct(cases[0], seed=0)
     split = {"objective": 0.0, "round_loop": 0.0}
     if mode == "batched":  # where the batched time goes: the shared objective, the trials' programs, the rest
-        _time_into(B.BatchedObjective, "__call__", split, "objective")
+        _time_into(B.BatchedObjective, "stacked", split, "objective")
         _time_into(B, "_run_group", split, "round_loop")
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     t, c0 = time.perf_counter(), time.process_time()

@@ -60,10 +60,12 @@ class _Match(torch.autograd.Function):
             ok = torch.isfinite(value) & (gnorm > 0)
             c = torch.where(ok, go.double() / torch.where(ok, gnorm, 1.0), 0.0)
             f = torch.where(ok, value, 0.0)
+            every = bool(ok.all())
             for w, d, v in zip(spec["w"], diffs, spec["vhat"]):
                 a = (w * c * (1.0 - f)).to(d.dtype).unsqueeze(1)
                 b = (-w * c * f).to(d.dtype).unsqueeze(1)
-                out.append(torch.where(ok.unsqueeze(1), d * a + v * b, 0.0))
+                r = torch.mul(d, a).addcmul_(v, b)  # d a + v b: two passes (a trial's row alone)
+                out.append(r if every else torch.where(ok.unsqueeze(1), r, 0.0))
             return (None, *out)
         gs = ctx.saved_tensors
         a = (2.0 * go.double() * spec["scale"]).to(gs[0].dtype).unsqueeze(1)
