@@ -172,8 +172,9 @@ def _grouped_weight_gradient(a, d, n, conv):
 
 # Output maps of at most this many positions per trial (samples x positions) take the bmm backward: there
 # the grouped convolutions' cost is re-laying out the (O, C, kh, kw) kernel of every trial (ResNet-18's 4x4
-# layer4: 3x slower measured, one thread); on larger maps the convolutions are faster than unfold/fold.
-SMALL_MAPS = 64
+# layer4: 3x slower measured, one thread); on larger maps the convolutions are faster than unfold/fold (LeNet's
+# 8x8 maps: a 16-trial round 4-8% faster with grouped convolutions than with bmm + fold; ResNet-20 equal).
+SMALL_MAPS = 32
 
 
 def _mm_backward(ctx, a, d, u, g, n, b, conv):
