@@ -191,3 +191,26 @@ def test_a_nan_trial_in_the_fused_batch_leaves_the_others_bit_for_bit(monkeypatc
             (b.stop, b.diverged_at, b.iterations, b.evaluations, b.history)
         assert a.score == b.score or (math.isinf(a.score) and math.isinf(b.score))
         assert (a.variables is None and b.variables is None) or torch.equal(a.variables[0], b.variables[0])
+
+
+def test_a_batched_failure_after_the_first_round_goes_on_one_by_one(monkeypatch, cases):
+    """If the batched objective fails in a later round, the fused trials go on from their own objectives
+    (their state kept): the results are the sequential run's, and the note says why."""
+    from test_batched_trials import _compare, _setup, _starts as starts_of
+
+    case = cases[0]
+    starts = starts_of(case, 3)
+    real, calls = B.BatchedObjective.stacked, []
+
+    def failing(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("out of memory")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(B.BatchedObjective, "stacked", failing)
+    (trials, note), = B.run_setups([_setup(case, starts)])
+    (seq, _), = B.run_setups([_setup(case, starts, batched=False)])
+    assert len(calls) == 3 and note["batched"] is False
+    assert note["reason"].startswith("vmap could not run the objective (RuntimeError: out of memory")
+    _compare(trials, seq, 1e-9)
