@@ -77,6 +77,16 @@ def test_per_trial_gradients_and_their_input_gradients_equal_autograd_one_by_one
         torch.testing.assert_close(gx[t], rx, rtol=1e-10, atol=1e-13)
 
 
+@pytest.mark.parametrize("b", [1, 3])
+@pytest.mark.parametrize("unfold_max,small_maps", [(0, 0), (0, 10 ** 9), (10 ** 9, 0)])
+def test_every_conv_weight_gradient_path_equals_autograd_one_by_one(monkeypatch, b, unfold_max, small_maps):
+    """The same check with each Conv2d path forced: the grouped convolution's weight gradient (UNFOLD_MAX 0)
+    or unfold + bmm in the forward, the bmm + fold (SMALL_MAPS large) or grouped-convolution backward."""
+    monkeypatch.setattr(PS, "UNFOLD_MAX", unfold_max)
+    monkeypatch.setattr(PS, "SMALL_MAPS", small_maps)
+    test_per_trial_gradients_and_their_input_gradients_equal_autograd_one_by_one(b)
+
+
 def test_layers_without_a_rule_are_named():
     net = nn.Sequential(nn.Conv2d(3, 4, 3, groups=1), nn.GroupNorm(2, 4), nn.Conv2d(4, 4, 3, groups=2),
                         nn.Conv2d(4, 4, 3, padding_mode="reflect", padding=1), nn.BatchNorm2d(4).train())

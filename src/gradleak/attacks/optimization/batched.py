@@ -58,7 +58,7 @@ from ..base import Attack, Reconstruction
 from . import priors as P
 from .common import GradientMatcher
 from .batched_objective import CONCAT_MAX_ELEMENTS, ENGINE, STACKED, BatchedObjective  # noqa: F401 (re-exported)
-from .driver import Objective, Result, Trial, evaluate, feed, trial_program
+from .driver import FusedAdam, Objective, Result, Trial, evaluate, feed, trial_program
 
 
 
@@ -259,6 +259,10 @@ def _run_group(setups: list[TrialSetup], programs: list[list], limit: int | None
                             **mem}
     if engine.stacked_problems:
         note["stacked_problems"] = engine.stacked_problems
+    if FUSE_ADAM and setups[0].settings.get("optimizer") in ("adam", "signed-adam"):
+        fused = _run_fused(setups, programs, owner, chunk, engine, note)
+        if fused is not None:
+            return fused
     pending: dict[int, tuple] = {}
     for i, program in enumerate(flat):
         try:
@@ -303,6 +307,76 @@ def _run_group(setups: list[TrialSetup], programs: list[list], limit: int | None
         note = {"batched": False, "reason": fallback, "trials": total_trials}
     else:
         note["rounds"] = rounds
+    return [dict(note) for _ in setups]
+
+
+# The Adam trials of one group (same settings, started together: they run in lockstep) are updated as ONE
+# stacked op sequence per round (driver.FusedAdam; bit for bit their programs' updates) instead of one
+# program per trial; False runs the programs (tests compare the two).
+FUSE_ADAM = True
+
+
+def _stacked_evaluation(engine: BatchedObjective, sidx: list[int], xs: list[torch.Tensor], need_grad: bool,
+                        chunk: int):
+    """engine.stacked in chunks of at most ``chunk`` trials (rows), joined."""
+    if len(sidx) <= chunk:
+        return engine.stacked(sidx, xs, need_grad)
+    tv: list[float] = []
+    sv: list[float] = []
+    gs: list[tuple] = []
+    for c in range(0, len(sidx), chunk):
+        a, b, g = engine.stacked(sidx[c:c + chunk], [x[c:c + chunk] for x in xs], need_grad)
+        tv += a
+        sv += b
+        gs.append(g)
+    return tv, sv, (None if not need_grad else tuple(torch.cat(parts) for parts in zip(*gs)))
+
+
+def _one_by_one(setups: list[TrialSetup], sidx: list[int], xs: list[torch.Tensor], need_grad: bool):
+    """What _stacked_evaluation gives, from each trial's sequential objective (after a batched failure)."""
+    res = [evaluate(setups[s].objective, [x[r] for x in xs], need_grad) for r, s in enumerate(sidx)]
+    grads = None
+    if need_grad:
+        grads = tuple(torch.stack([g[j] if g is not None else torch.full_like(x[r], float("nan"))
+                                   for r, (_, _, g) in enumerate(res)]) for j, x in enumerate(xs))
+    return [r[0] for r in res], [r[1] for r in res], grads
+
+
+def _run_fused(setups: list[TrialSetup], programs: list[list], owner: list[tuple[int, int]], chunk: int,
+               engine: BatchedObjective, note: dict) -> list[dict] | None:
+    """_run_group for Adam trials: every round ONE batched evaluation and ONE stacked update
+    (:class:`~.driver.FusedAdam`). None (before anything ran) where the first round's batched objective
+    fails or disagrees with the sequential one: the group then runs as programs (which say why)."""
+    fused = FusedAdam([setups[s].starts[r] for s, r in owner], [programs[s][r][0] for s, r in owner],
+                      projects=[setups[s].project for s, _ in owner],
+                      on_steps=[setups[s].on_step for s, _ in owner],
+                      on_offers=[setups[s].on_offer for s, _ in owner],
+                      names=[setups[s].names[r] if r < len(setups[s].names) else f"trial {r}" for s, r in owner],
+                      **setups[0].settings)
+    rounds, fallback = 0, None
+    while (request := fused.request()) is not None:
+        xs, need_grad = request
+        sidx = [owner[t][0] for t in fused.running]
+        if fallback is None:
+            try:
+                tv, sv, gs = _stacked_evaluation(engine, sidx, xs, need_grad, chunk)
+            except Exception as e:
+                if rounds == 0:
+                    return None
+                fallback = f"vmap could not run the objective ({type(e).__name__}: {str(e)[:200]})"
+            if rounds == 0:
+                for r0 in dict.fromkeys((0, len(sidx) - 1)):
+                    ref = evaluate(setups[sidx[r0]].objective, [x[r0] for x in xs], need_grad)
+                    if not _agree((tv[r0], sv[r0], None), ref, setups[0].case.dtype):
+                        return None
+        if fallback is not None:
+            tv, sv, gs = _one_by_one(setups, sidx, xs, need_grad)
+        fused.receive(tv, sv, gs)
+        rounds += 1
+    if fallback is not None:
+        note = {"batched": False, "reason": fallback, "trials": len(owner)}
+    else:
+        note = {**note, "rounds": rounds, "update": "fused (one stacked Adam update per round)"}
     return [dict(note) for _ in setups]
 
 

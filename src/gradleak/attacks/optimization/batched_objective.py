@@ -60,10 +60,12 @@ class _Match(torch.autograd.Function):
             ok = torch.isfinite(value) & (gnorm > 0)
             c = torch.where(ok, go.double() / torch.where(ok, gnorm, 1.0), 0.0)
             f = torch.where(ok, value, 0.0)
+            every = bool(ok.all())
             for w, d, v in zip(spec["w"], diffs, spec["vhat"]):
                 a = (w * c * (1.0 - f)).to(d.dtype).unsqueeze(1)
                 b = (-w * c * f).to(d.dtype).unsqueeze(1)
-                out.append(torch.where(ok.unsqueeze(1), d * a + v * b, 0.0))
+                r = torch.mul(d, a).addcmul_(v, b)  # d a + v b: two passes (a trial's row alone)
+                out.append(r if every else torch.where(ok.unsqueeze(1), r, 0.0))
             return (None, *out)
         gs = ctx.saved_tensors
         a = (2.0 * go.double() * spec["scale"]).to(gs[0].dtype).unsqueeze(1)
@@ -192,8 +194,22 @@ class BatchedObjective:
         """Results for trials whose setups are ``sidx`` and whose programs asked ``requests``."""
         need_grad = any(r[1] for r in requests)
         nvar = len(requests[0][0])
-        leaves = [torch.stack([r[0][j].detach() for r in requests]).requires_grad_(need_grad)
-                  for j in range(nvar)]
+        xs = [torch.stack([r[0][j].detach() for r in requests]) for j in range(nvar)]
+        tvals, svals, grads = self.stacked(sidx, xs, need_grad)
+        out: list[Result] = []
+        for t, (tv, sv) in enumerate(zip(tvals, svals)):
+            if not math.isfinite(tv):
+                out.append((tv, float("nan"), None))
+            else:
+                out.append((tv, sv, None if grads is None or not requests[t][1] else [g[t] for g in grads]))
+        return out
+
+    def stacked(self, sidx: list[int], xs: Sequence[torch.Tensor], need_grad: bool
+                ) -> tuple[list[float], list[float], tuple[torch.Tensor, ...] | None]:
+        """Totals, scores (floats, one per trial) and the stacked gradients (one (T, ...) tensor per variable,
+        row t trial t's; None without ``need_grad``) of trials whose setups are ``sidx`` at the stacked
+        variables ``xs`` (row t trial t's; not modified)."""
+        leaves = [x.detach().requires_grad_(need_grad) for x in xs]
         spec = self._spec(sidx)
         s0 = self.setups[0]
         with torch.enable_grad():
@@ -226,13 +242,7 @@ class BatchedObjective:
             grads = None
             if need_grad:
                 grads = torch.autograd.grad(total.sum(), leaves)
-        out: list[Result] = []
-        for t, (tv, sv) in enumerate(zip(tvals, svals)):
-            if not math.isfinite(tv):
-                out.append((tv, float("nan"), None))
-            else:
-                out.append((tv, sv, None if grads is None or not requests[t][1] else [g[t] for g in grads]))
-        return out
+        return tvals, svals, grads
 
 
 # ---- running trials -----------------------------------------------------------------------------------------

@@ -171,16 +171,21 @@ def trial_program(
                              signed=optimizer == "signed-adam", decay=decay, schedule=schedule, project=project,
                              on_step=on_step,
                              on_offer=on_offer, offer_every=offer_every, explode_factor=explode_factor)
-        trial.variables, trial.score = best.vars, best.score
-        trial.seconds = time.perf_counter() - t0
-        if on_offer is not None and best.vars is not None:
-            on_offer(best.score, best.vars)
-        if trial.diverged:
-            warnings.warn(f"{name} {trial.stop} at outer step {trial.diverged_at} (after {trial.iterations} "
-                          f"iterations); " + ("the best finite iterate before it is kept" if trial.finite else
-                                              "it has no finite iterate"), DivergenceWarning, stacklevel=4)
+        _finish(trial, best.vars, best.score, t0, on_offer, name)
 
     return trial, program()
+
+
+def _finish(trial: Trial, variables, score: float, t0: float, on_offer, name: str, stacklevel: int = 5) -> None:
+    """A trial's end: its best finite iterate and score, its time, the last offer, the divergence warning."""
+    trial.variables, trial.score = variables, score
+    trial.seconds = time.perf_counter() - t0
+    if on_offer is not None and variables is not None:
+        on_offer(score, variables)
+    if trial.diverged:
+        warnings.warn(f"{name} {trial.stop} at outer step {trial.diverged_at} (after {trial.iterations} "
+                      f"iterations); " + ("the best finite iterate before it is kept" if trial.finite else
+                                          "it has no finite iterate"), DivergenceWarning, stacklevel=stacklevel)
 
 
 def evaluate(objective: Objective, variables: list[torch.Tensor], need_grad: bool = True) -> Result:
@@ -272,6 +277,192 @@ def _adam(trial, best, variables, *, max_iterations, lr, signed, decay, project,
     tval, sval, _ = yield leaves, False
     if math.isfinite(tval):
         best.see(sval, leaves)
+
+
+# the settings a fused Adam group takes (trial_program's Adam settings), and those only L-BFGS reads
+_ADAM_SETTINGS = frozenset({"optimizer", "max_iterations", "lr", "decay", "schedule", "offer_every",
+                            "explode_factor"})
+_LBFGS_ONLY = frozenset({"inner", "history_size", "line_search", "stall_steps", "tol_grad", "tolerances",
+                         "tol_change", "max_outer_steps"})
+
+
+class FusedAdam:
+    """The Adam / signed-Adam programs (:func:`trial_program`) of T trials that share their settings and start
+    together, run as ONE stacked update per round: the running trials' variables are the rows of (T, ...)
+    tensors, and every round's Adam update (moments, bias corrections, the signed step), its finiteness
+    checks and best-so-far copies are a few tensor operations over all rows instead of a few per trial. The
+    operations are elementwise (or row-wise reductions), so each row gets exactly the values its own program
+    would: bit for bit (tests/test_fused_adam.py). What stays per trial: its stop rule (non-finite loss or
+    gradient, explosion) and divergence record, best score and iterate, counts, ``project`` (called on the
+    trial's rows, as views), ``on_step`` / ``on_offer`` and the end (:func:`_finish`), in the order the
+    programs would run them. A trial that stops leaves the batch (its rows are dropped at that round).
+
+    Protocol (:mod:`.batched` feeds it): :meth:`request` gives (stacked variables of the running trials, need
+    gradients) or None when every trial ended; :meth:`receive` takes one total and score per running row
+    (floats; a non-finite total ends that trial) and the stacked gradients (rows in :attr:`running` order;
+    None when they were not asked for). ``trials`` are the :class:`Trial` records it fills in."""
+
+    def __init__(self, starts: Sequence[Sequence[torch.Tensor]], trials: Sequence[Trial], *,
+                 projects: Sequence[Callable | None], on_steps: Sequence[Callable | None],
+                 on_offers: Sequence[Callable | None], names: Sequence[str], **settings):
+        unknown = set(settings) - _ADAM_SETTINGS - _LBFGS_ONLY
+        if unknown:
+            raise TypeError(f"FusedAdam got unknown settings {sorted(unknown)}")
+        optimizer = settings.get("optimizer")
+        if optimizer not in ("signed-adam", "adam"):
+            raise ValueError(f"FusedAdam runs 'signed-adam' or 'adam' trials, got {optimizer!r}")
+        n = len(starts)
+        if not (len(trials) == len(projects) == len(on_steps) == len(on_offers) == len(names) == n) or n == 0:
+            raise ValueError("FusedAdam needs one trial, project, on_step, on_offer and name per start (>= 1)")
+        self.trials, self.names = list(trials), list(names)
+        self.projects, self.on_steps, self.on_offers = list(projects), list(on_steps), list(on_offers)
+        self.signed = optimizer == "signed-adam"
+        self.max_iterations = settings["max_iterations"]
+        self.lr = self.base_lr = settings["lr"]
+        self.schedule = settings.get("schedule")
+        decay = settings.get("decay", True)
+        self.milestones = ({int(self.max_iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)} if decay else set())
+        self.offer_every = settings.get("offer_every", 25)
+        self.explode_factor = settings.get("explode_factor", 0.0)
+        self.x = [torch.stack([s[j].detach() for s in starts]) for j in range(len(starts[0]))]
+        self.moments = [(torch.zeros_like(x), torch.zeros_like(x)) for x in self.x]
+        self.best = [torch.empty_like(x) for x in self.x]  # rows by trial (not compacted)
+        self.best_score = [float("inf")] * n
+        self.has_best = [False] * n
+        self.dirty = [False] * n
+        self.first: list[float | None] = [None] * n
+        self.running = list(range(n))
+        self.step = 0
+        self.final = self.max_iterations <= 0
+        for t in self.trials:
+            t.stop = "budget"
+        self.t0 = time.perf_counter()
+
+    def request(self) -> tuple[list[torch.Tensor], bool] | None:
+        return (self.x, not self.final) if self.running else None
+
+    def _see(self, rows: list[int], svals: Sequence[float], xfin: list[bool]) -> None:
+        """_Best.see for rows ``rows``: a finite score below the trial's best at a finite iterate is copied."""
+        better = [r for r in rows if math.isfinite(svals[r]) and svals[r] < self.best_score[self.running[r]]
+                  and xfin[r]]
+        if not better:
+            return
+        tids = [self.running[r] for r in better]
+        for r, t in zip(better, tids):
+            self.best_score[t] = svals[r]
+            self.has_best[t] = self.dirty[t] = True
+        with torch.no_grad():
+            if len(better) == len(self.running) == len(self.trials):
+                for b, x in zip(self.best, self.x):
+                    b.copy_(x)
+            else:
+                ti = torch.tensor(tids, device=self.x[0].device)
+                ri = torch.tensor(better, device=self.x[0].device)
+                for b, x in zip(self.best, self.x):
+                    b.index_copy_(0, ti, x.index_select(0, ri))
+
+    def _best_of(self, t: int) -> list[torch.Tensor] | None:
+        return [b[t].clone() for b in self.best] if self.has_best[t] else None
+
+    def _end(self, t: int) -> None:
+        _finish(self.trials[t], self._best_of(t), self.best_score[t], self.t0, self.on_offers[t], self.names[t],
+                stacklevel=4)
+
+    def receive(self, tvals: Sequence[float], svals: Sequence[float],
+                grads: Sequence[torch.Tensor] | None) -> None:
+        running = self.running
+        if self.final:  # the final iterate is scored too (the loop scored each iterate before its step)
+            self._see([r for r in range(len(running)) if math.isfinite(tvals[r])], svals, _rows_finite(self.x)[0])
+            for t in running:
+                self._end(t)
+            self.running = []
+            return
+        step, trials = self.step, self.trials
+        ok, ended = [], set()
+        for r, t in enumerate(running):
+            tv = tvals[r]
+            fin = math.isfinite(tv)
+            if self.first[t] is None and fin:
+                self.first[t] = abs(tv)
+            exploded = (self.explode_factor > 0 and self.first[t] is not None and fin
+                        and abs(tv) > self.explode_factor * max(self.first[t], 1e-300))
+            if not fin or exploded:
+                trials[t].diverged_at = step
+                trials[t].stop = "diverged: exploded" if exploded else "diverged: non-finite loss"
+                ended.add(r)
+                continue
+            trials[t].evaluations += 1
+            ok.append(r)
+        if ok:
+            flags = _rows_finite(self.x, grads)
+            xfin, gfin = flags[0], (flags[1] if grads is not None else [False] * len(running))
+        keep = []
+        for r in ok:
+            t = running[r]
+            if not gfin[r]:
+                trials[t].diverged_at, trials[t].stop = step, "diverged: non-finite gradient"
+                ended.add(r)
+            else:
+                keep.append(r)
+        if keep:
+            self._see(keep, svals, xfin)
+            for r in keep:
+                trials[running[r]].history.append(tvals[r])
+        if self.schedule is not None:
+            self.lr = self.base_lr * self.schedule(step)
+        elif step in self.milestones:
+            self.lr *= 0.1
+        if keep:
+            g = list(grads)
+            if len(keep) < len(running):  # drop the rows of the trials that stopped
+                idx = torch.tensor(keep, device=self.x[0].device)
+                self.x = [x.index_select(0, idx) for x in self.x]
+                self.moments = [(m.index_select(0, idx), v.index_select(0, idx)) for m, v in self.moments]
+                g = [q.index_select(0, idx) for q in g]
+            with torch.no_grad():
+                for x, q, (m, v) in zip(self.x, g, self.moments):
+                    adam_update(x, q.sign() if self.signed else q, m, v, step + 1, self.lr)
+                for row, r in enumerate(keep):
+                    project = self.projects[running[r]]
+                    if project is not None:
+                        views = [x[row] for x in self.x]
+                        given = list(views)
+                        project(views)
+                        for x, before, after in zip(self.x, given, views):
+                            if after is not before:  # the project replaced a variable: copy it back
+                                x[row].copy_(after)
+        kept = set(keep)
+        for r, t in enumerate(running):  # the programs' order: each trial's callbacks, or its end
+            if r in ended:
+                self._end(t)
+                continue
+            if r not in kept:
+                continue
+            trial = trials[t]
+            trial.outer_steps = trial.iterations = step + 1
+            if self.on_steps[t] is not None:
+                self.on_steps[t](step, tvals[r], self.best_score[t])
+            if self.on_offers[t] is not None and self.dirty[t] and (step + 1) % self.offer_every == 0:
+                self.dirty[t] = False
+                self.on_offers[t](self.best_score[t], self._best_of(t))
+        self.running = [running[r] for r in keep]
+        self.step = step + 1
+        if self.step >= self.max_iterations:
+            self.final = True
+
+
+def _rows_finite(*groups: Sequence[torch.Tensor] | None) -> list[list[bool]]:
+    """Per group of stacked tensors (rows = trials): whether each row of every tensor is finite (one sync)."""
+    flags = []
+    for tensors in groups:
+        if tensors is None:
+            continue
+        f = None
+        for x in tensors:
+            fx = torch.isfinite(x).reshape(x.shape[0], -1).all(1)
+            f = fx if f is None else f & fx
+        flags.append(f)
+    return torch.stack(flags).tolist()
 
 
 def _lbfgs(trial, best, variables, *, max_iterations, lr, inner, history_size, line_search, project,

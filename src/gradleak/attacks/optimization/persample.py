@@ -104,12 +104,19 @@ class _ConvWeight(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a, d, n, conv):
-        ctx.save_for_backward(a, d)
         ctx.n, ctx.conv = n, conv
         k, dil, pad, st = conv
-        u = _unfold(a, conv)                                                          # (NB, Ckk, L)
         nb, o = d.shape[:2]
         b = nb // n
+        positions = d[0, 0].numel()
+        ctx.small = positions * b <= SMALL_MAPS
+        c = a.shape[1]
+        if not ctx.small and c * k[0] * k[1] * positions > UNFOLD_MAX:
+            ctx.save_for_backward(a, d, None)
+            return _grouped_weight_gradient(a, d, n, conv)
+        u = _unfold(a, conv)                                                          # (NB, Ckk, L)
+        # the bmm backward (small maps) needs the unfolded input again: kept (as large as a's unfold)
+        ctx.save_for_backward(a, d, u if ctx.small else None)
         if b == 1:
             return torch.bmm(d.reshape(nb, o, -1), u.transpose(1, 2))
         d4 = d.reshape(n, b, o, -1).transpose(1, 2).reshape(n, o, -1)                 # (N, O, B*L)
@@ -119,14 +126,13 @@ class _ConvWeight(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
-        a, d = ctx.saved_tensors
+        a, d, u = ctx.saved_tensors
         n, (k, dil, pad, st) = ctx.n, ctx.conv
         nb, c, h, w = a.shape
         o = d.shape[1]
         b = nb // n
-        positions = d[0, 0].numel()
-        if positions * b <= SMALL_MAPS:
-            return _mm_backward(ctx, a, d, g, n, b, (k, dil, pad, st))
+        if ctx.small:
+            return _mm_backward(ctx, a, d, u, g, n, b, (k, dil, pad, st))
         kern = g.reshape(n * o, c, *k)
         # a trial's samples as the batch, its channels in its group: (B, N*C, H, W)
         ag = a.reshape(n, b, c, h, w).transpose(0, 1).reshape(b, n * c, h, w)
@@ -141,18 +147,42 @@ class _ConvWeight(torch.autograd.Function):
         return gx, gd, None, None
 
 
-# Output maps of at most this many positions per trial (samples x positions) take the bmm backward: there
-# the grouped convolutions' cost is re-laying out the (O, C, kh, kw) kernel of every trial (ResNet-18's 4x4
-# layer4: 3x slower measured, one thread); on larger maps the convolutions are faster than unfold/fold.
-SMALL_MAPS = 64
+# Above this many unfolded entries per sample (C x kh x kw x output positions) a trial's weight gradient is
+# the grouped convolution's weight gradient (one group per trial) instead of unfold + bmm: the unfold is a copy
+# of that size, and measured on one thread (16 trials) the grouped form took 14 ms against 35 ms on a
+# 64 -> 64 channel 3x3 convolution at 32x32 (ConvNet), 2.1 vs 3.0 ms at 16 -> 32 channels, while on LeNet's
+# 3- and 12-channel 5x5 convolutions (<= 19,200 entries) unfold + bmm was faster (0.39 vs 0.55 ms).
+UNFOLD_MAX = 1 << 16
 
 
-def _mm_backward(ctx, a, d, g, n, b, conv):
-    """_ConvWeight's backward as bmm against the unfolded input, then fold (small output maps)."""
+def _grouped_weight_gradient(a, d, n, conv):
+    """Per-trial weight gradients (N, O, C*kh*kw) as the weight gradient of a grouped convolution (a trial's
+    samples as the batch, its channels in its group: its samples summed, no sample of another trial)."""
     k, dil, pad, st = conv
     nb, c, h, w = a.shape
     o = d.shape[1]
-    u = _unfold(a, conv)                                                               # (NB, Ckk, L)
+    b = nb // n
+    ag = a.reshape(n, b, c, h, w).transpose(0, 1).reshape(b, n * c, h, w)
+    dg = d.reshape(n, b, o, *d.shape[2:]).transpose(0, 1).reshape(b, n * o, *d.shape[2:])
+    shape = a.new_empty(()).expand(n * o, c, *k)  # the weight's shape (its values are not read)
+    gw = torch.ops.aten.convolution_backward(dg, ag, shape, None, list(st), list(pad), list(dil), False, [0, 0],
+                                             n, [False, True, False])[1]
+    return gw.reshape(n, o, c * k[0] * k[1])
+
+
+# Output maps of at most this many positions per trial (samples x positions) take the bmm backward: there
+# the grouped convolutions' cost is re-laying out the (O, C, kh, kw) kernel of every trial (ResNet-18's 4x4
+# layer4: 3x slower measured, one thread); on larger maps the convolutions are faster than unfold/fold (LeNet's
+# 8x8 maps: a 16-trial round 4-8% faster with grouped convolutions than with bmm + fold; ResNet-20 equal).
+SMALL_MAPS = 32
+
+
+def _mm_backward(ctx, a, d, u, g, n, b, conv):
+    """_ConvWeight's backward as bmm against the unfolded input ``u`` (NB, Ckk, L), then fold (small output
+    maps)."""
+    k, dil, pad, st = conv
+    nb, c, h, w = a.shape
+    o = d.shape[1]
     ckk, pos = u.shape[1], u.shape[2]
 
     def per_trial(t, rows):  # (NB, rows, L) -> (N, rows, B*L)
@@ -225,6 +255,37 @@ def _owners(model: nn.Module, names: Sequence[str]) -> dict[str, tuple[nn.Module
     return out
 
 
+class _ConvInputOnly(torch.autograd.Function):
+    """A Conv2d whose backward gives the input gradient as ``conv_transpose2d`` (differentiable ops, so the
+    second backward is a plain convolution). The model's own conv backward (``convolution_backward`` under
+    ``create_graph``) gives the same first backward, but its double backward also computes a weight-shaped
+    correlation of the two gradients (measured: a (C, N, H, W) x (O, N, H, W) convolution per layer, 4% to
+    12% of a 16-trial convnet round) that nothing uses here: the stacked model's weights need no gradient."""
+
+    @staticmethod
+    def forward(ctx, a, weight, bias, stride, padding, dilation):
+        ctx.save_for_backward(weight)
+        ctx.conv = (tuple(a.shape[2:]), stride, padding, dilation)
+        return F.conv2d(a, weight, bias, stride, padding, dilation)
+
+    @staticmethod
+    def backward(ctx, go):
+        weight, = ctx.saved_tensors
+        (h, w), stride, padding, dilation = ctx.conv
+        k = weight.shape[2:]
+        extra = [size - ((o - 1) * s - 2 * p + d * (kk - 1) + 1)
+                 for size, o, s, p, d, kk in zip((h, w), go.shape[2:], stride, padding, dilation, k)]
+        gi = F.conv_transpose2d(go, weight, None, stride, padding, tuple(extra), 1, dilation)
+        return gi, None, None, None, None, None
+
+
+def _conv_input_only(module: nn.Conv2d):
+    """``module``'s forward through :class:`_ConvInputOnly` (weights that need no gradient, zero padding)."""
+    def forward(a):
+        return _ConvInputOnly.apply(a, module.weight, module.bias, module.stride, module.padding, module.dilation)
+    return forward
+
+
 class StackedGradients:
     """Per-trial gradients of ``names`` for N trials of one shared model (a private copy: its parameters do
     not require grad; forward hooks on the matched parameters' modules record (input, output))."""
@@ -233,6 +294,9 @@ class StackedGradients:
         self.model = copy.deepcopy(model)
         for p in self.model.parameters():
             p.requires_grad_(False)
+        for module in self.model.modules():  # convolutions without the unused weight term in the 2nd backward
+            if lookup(module) is not None and isinstance(module, nn.Conv2d) and not _conv_problem(module):
+                module.forward = _conv_input_only(module)
         self.names = list(names)
         self.loss_fn = loss_fn
         self._owners = _owners(self.model, self.names)
