@@ -52,7 +52,31 @@ import common
 import gradleak as gl
 from gradleak import batchnorm
 
-MODELS = {"resnet20-4": ("resnet20", {"width": 4}), "resnet18": ("resnet18", {}), "resnet20": ("resnet20", {})}
+MODELS = {"resnet20-4": ("resnet20", {"width": 4}), "resnet18": ("resnet18", {}), "resnet20": ("resnet20", {}),
+          "resnet20-digits-e2": ("resnet20", {})}
+# "trained for a few epochs" (part 3): MODEL-digits-eE is the zoo MODEL (seed 0) trained E epochs on
+# scikit-learn's digits at 32 x 32 x 3 (gradleak.training.train: Adam lr 1e-3, batch 32, 80% train split, no
+# augmentation), so its weights and BatchNorm running statistics have tracked real data; its 10-class head then
+# attacks the bundled photos with their labels 0-7 (another domain than the training data: no ImageNet or CIFAR
+# weights ship offline). Attacks on it use the case's photo normalisation.
+TRAINED = {"resnet20-digits-e2": 2}
+
+
+def build_model(mname: str, num_classes: int):
+    """The model of ``mname`` and a note of how it was obtained (untrained, or trained on digits)."""
+    zoo, opts = MODELS[mname]
+    if mname not in TRAINED:
+        return gl.models.build(zoo, input_shape=(3, 32, 32), num_classes=num_classes, seed=0, **opts), \
+            {"trained": False}
+    from gradleak.training import train
+
+    digits = gl.data.load_digits(image_size=32, channels=3)
+    model = gl.models.build(zoo, input_shape=(3, 32, 32), num_classes=digits.spec.num_classes, seed=0, **opts)
+    res = train(model, digits, epochs=TRAINED[mname], holdout=0.2, checkpoint_epochs=None, seed=0)
+    note = {"trained": True, "data": "digits 32x32x3", "epochs": TRAINED[mname],
+            "holdout_accuracy": [round(a, 4) for a in res.accuracy], "train_seconds": round(res.seconds, 1)}
+    print(f"{mname}: trained {TRAINED[mname]} epochs on digits, held-out accuracy {res.accuracy}", flush=True)
+    return res.model, note
 CONFIGS = {
     "ig": {},
     "ig+bn": {"bn_prior": "auto", "bn_weight": 1e-2},
@@ -87,6 +111,25 @@ SETTINGS = {f"{bn}-b{b}-{p}{'-recovered' if rec else ''}": {"bn_mode": bn, "batc
                                                              "labels_known": not rec}
             for bn, b, p, rec in itertools.product(("eval", "train"), (1, 8), ("fedsgd", "fedavg5"), (False, True))}
 DEFAULT_SETTINGS = "eval-b1-fedsgd,train-b1-fedsgd,train-b1-fedavg5"
+
+
+def config_options(name: str) -> dict | None:
+    """The options of configuration ``name``: a named one of CONFIGS, optionally followed by ``:key=value``
+    overrides (e.g. ``ig+tv:lr=0.3``, ``ig:tv=3e-3:schedule=cosine:warmup=50``; values are numbers or strings).
+    None for an unknown name."""
+    base, *over = name.split(":")
+    if base not in CONFIGS:
+        return None
+    o = dict(CONFIGS[base])
+    for kv in over:
+        k, sep, v = kv.partition("=")
+        if not sep or not k:
+            return None
+        try:
+            o[k] = int(v) if v.lstrip("-").isdigit() else float(v)
+        except ValueError:
+            o[k] = v
+    return o
 DEFAULT_CONFIGS = "ig,ig+bn,ig+cosine,gradinversion"
 
 
@@ -107,21 +150,20 @@ def run_cells(cells, models, photos, n_photos: int, local_lr: float) -> list[dic
     """Rows of (model, setting, config, iterations) for every case of each cell."""
     rows = []
     for mname in models:
-        zoo, opts = MODELS[mname]
-        model = gl.models.build(zoo, input_shape=(3, 32, 32), num_classes=photos.spec.num_classes, seed=0, **opts)
+        model, model_note = build_model(mname, photos.spec.num_classes)
         for sname, cnames, budgets in cells:
             setting = SETTINGS[sname]
             for case, truth, names in cases(model, setting, photos, n_photos, local_lr):
                 channel = batchnorm.side_channel(case)
                 for cname, n in itertools.product(cnames, budgets):
-                    o = dict(CONFIGS[cname])
+                    o = config_options(cname)
                     preset = o.pop("preset", None)
                     its = max(1, round(n * o.pop("iterations_scale", 1.0)))
                     t = time.perf_counter()
                     rec = gl.create("ig", preset=preset, **{**o, "max_iterations": its}).reconstruct(case, seed=0)
                     sec = time.perf_counter() - t
                     s = gl.evaluate(rec, truth)
-                    row = {"model": mname, "setting": sname, "config": cname, "iterations": n,
+                    row = {"model": mname, "model_note": model_note, "setting": sname, "config": cname, "iterations": n,
                            "iterations_per_restart": its, "photos": list(names),
                            "psnr_per_image": s.psnr_per_image, "ssim_per_image": s.ssim_per_image,
                            "label_accuracy": s.label_accuracy, "seconds": round(sec, 1),
@@ -197,7 +239,7 @@ def main():
     configs = args.configs.split(",")
     budgets = [int(n) for n in args.iterations.split(",")]
     bad = [m for m in models if m not in MODELS] + [s for s in settings if s not in SETTINGS] + \
-          [c for c in configs if c not in CONFIGS]
+          [c for c in configs if config_options(c) is None]
     if bad:
         ap.error(f"unknown model/setting/config {bad}; models {list(MODELS)}, settings {list(SETTINGS)}, "
                  f"configs {list(CONFIGS)}")
@@ -229,7 +271,8 @@ def main():
     common.finish(run_, {
         "setting": {"models": models, "photos_at_batch_1": args.photos, "iterations": budgets, "settings": settings,
                     "cells": args.cells, **({"reduced": REDUCED} if args.cells == "reduced" else {}),
-                    "configs": {c: CONFIGS[c] for c in configs}, "local_lr": args.local_lr, "untrained": True,
+                    "configs": {c: config_options(c) for c in configs}, "local_lr": args.local_lr,
+                    "trained": {m: TRAINED[m] for m in models if m in TRAINED},
                     "quick": args.quick},
         "notes": ["reduced grid on a shared 2-core CPU: see setting; the issue's full grid is 8 photos, both "
                   "models, 500 and 2000 iterations"],

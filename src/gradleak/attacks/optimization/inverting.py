@@ -66,6 +66,9 @@ class IGOptions:
     running statistics: the threat model where the server's BatchNorm statistics describe the client's data),
     or 'auto' ('update' when the case has returned buffers in train mode, else 'running'; off for a model
     without BatchNorm). bn_weight: its weight.
+    fc_features: weight of the prior 'fc-features' (0: off): the candidate's input features of the classifier
+    (the last biased linear layer) matched to the ones its observed weight and bias gradients reveal, exactly
+    for one sample and an update that is one gradient (:mod:`.priors`).
     group_consistency: weight of GradInversion's group term (0: off; needs restarts >= 2). The restarts run the
     first ``group_start`` fraction of the budget on their own, then their consensus (the mean after matching
     samples across restarts) is formed once and every restart continues for the rest of the budget with
@@ -103,6 +106,7 @@ class IGOptions:
     l2: float = 0.0
     bn_prior: str = "none"
     bn_weight: float = 1e-2
+    fc_features: float = 0.0
     group_consistency: float = 0.0
     group_start: float = 0.5
     schedule: str = "step"
@@ -203,7 +207,7 @@ class InvertingGradients(Attack):
         if o.label_strategy not in LABEL_STRATEGIES:
             p.append(f"label_strategy must be one of {LABEL_STRATEGIES}, got {o.label_strategy!r}")
         p += P.spec_problems(None, tuple(o.regularizers))
-        for name in ("l2", "bn_weight", "group_consistency"):
+        for name in ("l2", "bn_weight", "group_consistency", "fc_features"):
             if not (getattr(o, name) >= 0 and math.isfinite(getattr(o, name))):
                 p.append(f"{name} must be a finite number >= 0, got {getattr(o, name)}")
         if o.bn_prior not in P.BN_SOURCES:
@@ -241,6 +245,8 @@ class InvertingGradients(Attack):
         specs: list = [("tv", tv_weight(o.tv, case.batch_size, o.tv_batch_scaling)), ("l2", o.l2)]
         if P.resolve_bn_source(case, o.bn_prior) != "none":
             specs.append(("bn-statistics", o.bn_weight, {"source": o.bn_prior}))
+        if o.fc_features > 0:
+            specs.append(("fc-features", o.fc_features))
         return specs + list(o.regularizers)
 
     # ------------------------------------------------------------------------------------------------
