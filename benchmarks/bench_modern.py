@@ -44,6 +44,7 @@ Writes benchmarks/results/modern.json (``--name`` for another name).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import statistics
 import time
@@ -136,15 +137,17 @@ def config_options(name: str) -> dict | None:
 DEFAULT_CONFIGS = "ig,ig+bn,ig+cosine,gradinversion"
 
 
-def cases(model, setting: dict, photos, n_photos: int, local_lr: float):
-    """(case, truth, photo names) for a setting: one per photo at batch 1, one of the first 8 at batch 8."""
+def cases(model, setting: dict, photos, n_photos: int, local_lr: float, spec=None):
+    """(case, truth, photo names) for a setting: one per photo at batch 1, one of the first 8 at batch 8;
+    ``spec``: the photos' DataSpec with the model's number of classes (default: the photos')."""
     b = setting["batch"]
+    spec = spec or photos.spec
     starts = range(n_photos) if b == 1 else [0]
     for i in starts:
         x, y = photos.batch(b, i)
         kw = dict(protocol="fedavg", local_steps=5, local_lr=local_lr, local_batch_size=b) \
             if setting["protocol"] == "fedavg5" else dict(protocol="fedsgd")
-        case, truth = gl.simulate(model, x, y, spec=photos.spec, bn_mode=setting["bn_mode"],
+        case, truth = gl.simulate(model, x, y, spec=spec, bn_mode=setting["bn_mode"],
                                   labels_known=setting["labels_known"], **kw)
         yield case, truth, photos.names[i:i + b]
 
@@ -154,9 +157,10 @@ def run_cells(cells, models, photos, n_photos: int, local_lr: float) -> list[dic
     rows = []
     for mname in models:
         model, model_note = build_model(mname, photos.spec.num_classes)
+        spec = dataclasses.replace(photos.spec, num_classes=model.num_outputs) if mname in TRAINED else photos.spec
         for sname, cnames, budgets in cells:
             setting = SETTINGS[sname]
-            for case, truth, names in cases(model, setting, photos, n_photos, local_lr):
+            for case, truth, names in cases(model, setting, photos, n_photos, local_lr, spec):
                 channel = batchnorm.side_channel(case)
                 for cname, n in itertools.product(cnames, budgets):
                     o = config_options(cname)
