@@ -137,12 +137,13 @@ def config_options(name: str) -> dict | None:
 DEFAULT_CONFIGS = "ig,ig+bn,ig+cosine,gradinversion"
 
 
-def cases(model, setting: dict, photos, n_photos: int, local_lr: float, spec=None):
-    """(case, truth, photo names) for a setting: one per photo at batch 1, one of the first 8 at batch 8;
+def cases(model, setting: dict, photos, n_photos: int, local_lr: float, spec=None, first: int = 0):
+    """(case, truth, photo names) for a setting: one per photo at batch 1 (photos first .. first + n_photos - 1),
+    one of the first 8 at batch 8;
     ``spec``: the photos' DataSpec with the model's number of classes (default: the photos')."""
     b = setting["batch"]
     spec = spec or photos.spec
-    starts = range(n_photos) if b == 1 else [0]
+    starts = range(first, first + n_photos) if b == 1 else [0]
     for i in starts:
         x, y = photos.batch(b, i)
         kw = dict(protocol="fedavg", local_steps=5, local_lr=local_lr, local_batch_size=b) \
@@ -152,7 +153,7 @@ def cases(model, setting: dict, photos, n_photos: int, local_lr: float, spec=Non
         yield case, truth, photos.names[i:i + b]
 
 
-def run_cells(cells, models, photos, n_photos: int, local_lr: float) -> list[dict]:
+def run_cells(cells, models, photos, n_photos: int, local_lr: float, first: int = 0) -> list[dict]:
     """Rows of (model, setting, config, iterations) for every case of each cell."""
     rows = []
     for mname in models:
@@ -160,7 +161,7 @@ def run_cells(cells, models, photos, n_photos: int, local_lr: float) -> list[dic
         spec = dataclasses.replace(photos.spec, num_classes=model.num_outputs) if mname in TRAINED else photos.spec
         for sname, cnames, budgets in cells:
             setting = SETTINGS[sname]
-            for case, truth, names in cases(model, setting, photos, n_photos, local_lr, spec):
+            for case, truth, names in cases(model, setting, photos, n_photos, local_lr, spec, first):
                 channel = batchnorm.side_channel(case)
                 for cname, n in itertools.product(cnames, budgets):
                     o = config_options(cname)
@@ -226,6 +227,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="smoke run: resnet20-4, 1 photo, 20 iterations")
     ap.add_argument("--models", default="resnet20-4")
     ap.add_argument("--photos", type=int, default=2, help="photos at batch 1 (the batch-8 case uses the first 8)")
+    ap.add_argument("--first-photo", type=int, default=0, help="index of the first photo at batch 1")
     ap.add_argument("--iterations", default="500")
     ap.add_argument("--settings", default=DEFAULT_SETTINGS, help=f"some of {','.join(SETTINGS)}")
     ap.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"some of {','.join(CONFIGS)}")
@@ -265,7 +267,9 @@ def main():
         budgets = sorted({c[2] for c in REDUCED})
     else:
         cells = [(sn, configs, budgets) for sn in settings]
-    rows = run_cells(cells, models, photos, args.photos, args.local_lr)
+    if args.first_photo + args.photos > len(photos):
+        ap.error(f"--first-photo {args.first_photo} + --photos {args.photos} exceeds the {len(photos)} photos")
+    rows = run_cells(cells, models, photos, args.photos, args.local_lr, args.first_photo)
     summary = []
     for key in sorted({(r["model"], r["setting"], r["config"], r["iterations"]) for r in rows}):
         sel = [r for r in rows if (r["model"], r["setting"], r["config"], r["iterations"]) == key]
@@ -277,7 +281,8 @@ def main():
         print(f"{key[0]:10s} {key[1]:26s} {key[2]:14s} {key[3]:5d} its: median PSNR {summary[-1]['median_psnr']:6.2f} "
               f"dB, SSIM {summary[-1]['median_ssim']:.3f} over {len(ps)} image(s)")
     common.finish(run_, {
-        "setting": {"models": models, "photos_at_batch_1": args.photos, "iterations": budgets, "settings": settings,
+        "setting": {"models": models, "photos_at_batch_1": args.photos,
+                    "first_photo": args.first_photo, "iterations": budgets, "settings": settings,
                     "cells": args.cells, **({"reduced": REDUCED} if args.cells == "reduced" else {}),
                     "configs": {c: config_options(c) for c in configs}, "local_lr": args.local_lr,
                     "trained": {m: TRAINED[m] for m in models if m in TRAINED},
