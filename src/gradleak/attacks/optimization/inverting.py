@@ -151,8 +151,7 @@ def resolve_tv(tv: float | str, model: nn.Module) -> tuple[float, str]:
     blocks, norms = bn_resnet(model)
     if blocks and norms:
         return TV_BN_RESNET, (f"auto: {TV_BN_RESNET:g}, the model is a ResNet with BatchNorm ({blocks} residual "
-                              f"blocks, {norms} BatchNorm layers; measured better than {TV_PAPER:g} there, "
-                              "docs/batchnorm.md)")
+                              f"blocks, {norms} BatchNorm layers); the rule and its evidence: docs/batchnorm.md")
     why = "no residual blocks" if not blocks else "no BatchNorm layers"
     return TV_PAPER, f"auto: {TV_PAPER:g} (the paper's), the model is not a ResNet with BatchNorm ({why})"
 
