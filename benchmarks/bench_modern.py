@@ -2,7 +2,8 @@
 
 Models (32x32, CIFAR stem, zoo seed 0, untrained): ``resnet20-4`` (zoo ``resnet20`` with ``width=4``: Inverting
 Gradients' ResNet20-4) and ``resnet18`` (zoo ``resnet18``, CIFAR stem below 128 px); ``resnet20`` (width 1, 16x
-cheaper per iteration than resnet20-4) for the settings that are too slow on the larger ones here.
+cheaper per iteration than resnet20-4) for the settings that are too slow on the larger ones here;
+``resnet20-digits-e2``: resnet20 trained 2 epochs on digits (TRAINED below: "trained for a few epochs").
 
 Settings (issue 16, part 3), named ``{bn}-b{B}-{protocol}[-recovered]``:
 - ``bn``: ``eval`` (BatchNorm with the running statistics) or ``train`` (batch statistics; the client returns its
@@ -21,6 +22,9 @@ Configurations (part 2), all Inverting Gradients at ``--iterations`` per restart
 - ``ig+bn+cosine``: the BN prior with ``schedule='cosine'`` (warm-up 50) and ``start='patterned-4'``;
 - ``gradinversion``: the ``gradinversion`` preset at this budget (Adam, cosine, BN prior, image norm, 2
   restarts with the group term).
+
+A configuration name may carry overrides: ``NAME:key=value[:key=value]`` (e.g. ``ig+tv:lr=0.3``).
+``--first-photo K``: the batch-1 cases start at photo K (so a run can add photos to an earlier one).
 
 PSNR/SSIM: ``gl.evaluate`` (Hungarian alignment for batches; PSNR peak 1 on [0, 1]). Medians are over the
 images (batch 1: one per photo; batch 8: the 8 images of the case).
