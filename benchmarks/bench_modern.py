@@ -2,7 +2,8 @@
 
 Models (32x32, CIFAR stem, zoo seed 0, untrained): ``resnet20-4`` (zoo ``resnet20`` with ``width=4``: Inverting
 Gradients' ResNet20-4) and ``resnet18`` (zoo ``resnet18``, CIFAR stem below 128 px); ``resnet20`` (width 1, 16x
-cheaper per iteration than resnet20-4) for the settings that are too slow on the larger ones here.
+cheaper per iteration than resnet20-4) for the settings that are too slow on the larger ones here;
+``resnet20-digits-e2``: resnet20 trained 2 epochs on digits (TRAINED below: "trained for a few epochs").
 
 Settings (issue 16, part 3), named ``{bn}-b{B}-{protocol}[-recovered]``:
 - ``bn``: ``eval`` (BatchNorm with the running statistics) or ``train`` (batch statistics; the client returns its
@@ -12,7 +13,8 @@ Settings (issue 16, part 3), named ``{bn}-b{B}-{protocol}[-recovered]``:
 - labels known, or ``-recovered`` (the attack recovers them: iDLG / count-based, gradleak's 'auto').
 
 Configurations (part 2), all Inverting Gradients at ``--iterations`` per restart:
-- ``ig``: the default options (signed Adam on ReLU networks, TV 1e-4, step decay);
+- ``ig``: the options before ``tv='auto'`` (signed Adam on ReLU networks, TV 1e-4 pinned, step decay);
+- ``ig-auto``: IG's defaults (``tv='auto'``: 1e-2 on these ResNets); ``ig+tv``: TV 1e-2 given;
 - ``ig+bn``: ``bn_prior='auto'`` (the statistics the returned buffers reveal in train mode, the model's running
   statistics in eval mode), ``bn_weight`` 1e-2;
 - ``ig+cosine``: ``schedule='cosine'`` (warm-up 50) and ``start='patterned-4'``, no BN prior;
@@ -20,6 +22,9 @@ Configurations (part 2), all Inverting Gradients at ``--iterations`` per restart
 - ``ig+bn+cosine``: the BN prior with ``schedule='cosine'`` (warm-up 50) and ``start='patterned-4'``;
 - ``gradinversion``: the ``gradinversion`` preset at this budget (Adam, cosine, BN prior, image norm, 2
   restarts with the group term).
+
+A configuration name may carry overrides: ``NAME:key=value[:key=value]`` (e.g. ``ig+tv:lr=0.3``).
+``--first-photo K``: the batch-1 cases start at photo K (so a run can add photos to an earlier one).
 
 PSNR/SSIM: ``gl.evaluate`` (Hungarian alignment for batches; PSNR peak 1 on [0, 1]). Medians are over the
 images (batch 1: one per photo; batch 8: the 8 images of the case).
@@ -43,6 +48,7 @@ Writes benchmarks/results/modern.json (``--name`` for another name).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import statistics
 import time
@@ -52,18 +58,44 @@ import common
 import gradleak as gl
 from gradleak import batchnorm
 
-MODELS = {"resnet20-4": ("resnet20", {"width": 4}), "resnet18": ("resnet18", {}), "resnet20": ("resnet20", {})}
+MODELS = {"resnet20-4": ("resnet20", {"width": 4}), "resnet18": ("resnet18", {}), "resnet20": ("resnet20", {}),
+          "resnet20-digits-e2": ("resnet20", {})}
+# "trained for a few epochs" (part 3): MODEL-digits-eE is the zoo MODEL (seed 0) trained E epochs on
+# scikit-learn's digits at 32 x 32 x 3 (gradleak.training.train: Adam lr 1e-3, batch 32, 80% train split, no
+# augmentation), so its weights and BatchNorm running statistics have tracked real data; its 10-class head then
+# attacks the bundled photos with their labels 0-7 (another domain than the training data: no ImageNet or CIFAR
+# weights ship offline). Attacks on it use the case's photo normalisation.
+TRAINED = {"resnet20-digits-e2": 2}
+
+
+def build_model(mname: str, num_classes: int):
+    """The model of ``mname`` and a note of how it was obtained (untrained, or trained on digits)."""
+    zoo, opts = MODELS[mname]
+    if mname not in TRAINED:
+        return gl.models.build(zoo, input_shape=(3, 32, 32), num_classes=num_classes, seed=0, **opts), \
+            {"trained": False}
+    from gradleak.training import train
+
+    digits = gl.data.load_digits(image_size=32, channels=3)
+    model = gl.models.build(zoo, input_shape=(3, 32, 32), num_classes=digits.spec.num_classes, seed=0, **opts)
+    res = train(model, digits, epochs=TRAINED[mname], holdout=0.2, checkpoint_epochs=None, seed=0)
+    note = {"trained": True, "data": "digits 32x32x3", "epochs": TRAINED[mname],
+            "holdout_accuracy": [round(a, 4) for a in res.accuracy], "train_seconds": round(res.seconds, 1)}
+    print(f"{mname}: trained {TRAINED[mname]} epochs on digits, held-out accuracy {res.accuracy}", flush=True)
+    return res.model, note
 CONFIGS = {
-    "ig": {},
-    "ig+bn": {"bn_prior": "auto", "bn_weight": 1e-2},
-    "ig+cosine": {"schedule": "cosine", "warmup": 50, "start": "patterned-4"},
-    "ig-lbfgs": {"optimizer": "lbfgs"},
-    "ig+bn+cosine": {"bn_prior": "auto", "bn_weight": 1e-2, "schedule": "cosine", "warmup": 50,
+    "ig": {"tv": 1e-4},  # IG's options before tv='auto': TV 1e-4 (the paper's), pinned so the figures stay comparable
+    "ig-auto": {},  # IG's defaults now: tv='auto' (1e-2 on a BatchNorm ResNet, see resolve_tv)
+    "ig+bn": {"tv": 1e-4, "bn_prior": "auto", "bn_weight": 1e-2},
+    "ig+cosine": {"tv": 1e-4, "schedule": "cosine", "warmup": 50, "start": "patterned-4"},
+    "ig-lbfgs": {"tv": 1e-4, "optimizer": "lbfgs"},
+    "ig+bn+cosine": {"tv": 1e-4, "bn_prior": "auto", "bn_weight": 1e-2, "schedule": "cosine", "warmup": 50,
                      "start": "patterned-4"},
     "gradinversion": {"preset": "gradinversion", "restarts": 2},
     "ig+tv": {"tv": 1e-2},
     "ig+tv+cosine": {"tv": 1e-2, "schedule": "cosine", "warmup": 50, "start": "patterned-4"},
-    "ig-2x-half": {"restarts": 2, "iterations_scale": 0.5},  # 2 restarts at half the iterations: equal compute
+    # 2 restarts at half the iterations: equal compute
+    "ig-2x-half": {"tv": 1e-4, "restarts": 2, "iterations_scale": 0.5},
 }
 # The reduced grid (``--cells reduced``): what a shared 2-core CPU allows in about 40 minutes, chosen for the
 # comparisons the issue asks about (part 3): eval vs train BatchNorm, FedSGD vs FedAvg (5 local steps), labels
@@ -87,45 +119,68 @@ SETTINGS = {f"{bn}-b{b}-{p}{'-recovered' if rec else ''}": {"bn_mode": bn, "batc
                                                              "labels_known": not rec}
             for bn, b, p, rec in itertools.product(("eval", "train"), (1, 8), ("fedsgd", "fedavg5"), (False, True))}
 DEFAULT_SETTINGS = "eval-b1-fedsgd,train-b1-fedsgd,train-b1-fedavg5"
+
+
+def config_options(name: str) -> dict | None:
+    """The options of configuration ``name``: a named one of CONFIGS, optionally followed by ``:key=value``
+    overrides (e.g. ``ig+tv:lr=0.3``, ``ig:tv=3e-3:schedule=cosine:warmup=50``; values are numbers or strings).
+    None for an unknown name."""
+    base, *over = name.split(":")
+    if base not in CONFIGS:
+        return None
+    o = dict(CONFIGS[base])
+    for kv in over:
+        k, sep, v = kv.partition("=")
+        if not sep or not k:
+            return None
+        try:
+            o[k] = int(v) if v.lstrip("-").isdigit() else float(v)
+        except ValueError:
+            o[k] = v
+    return o
 DEFAULT_CONFIGS = "ig,ig+bn,ig+cosine,gradinversion"
 
 
-def cases(model, setting: dict, photos, n_photos: int, local_lr: float):
-    """(case, truth, photo names) for a setting: one per photo at batch 1, one of the first 8 at batch 8."""
+def cases(model, setting: dict, photos, n_photos: int, local_lr: float, spec=None, first: int = 0):
+    """(case, truth, photo names) for a setting: one per photo at batch 1 (photos first .. first + n_photos - 1),
+    one of the first 8 at batch 8;
+    ``spec``: the photos' DataSpec with the model's number of classes (default: the photos')."""
     b = setting["batch"]
-    starts = range(n_photos) if b == 1 else [0]
+    spec = spec or photos.spec
+    starts = range(first, first + n_photos) if b == 1 else [0]
     for i in starts:
         x, y = photos.batch(b, i)
         kw = dict(protocol="fedavg", local_steps=5, local_lr=local_lr, local_batch_size=b) \
             if setting["protocol"] == "fedavg5" else dict(protocol="fedsgd")
-        case, truth = gl.simulate(model, x, y, spec=photos.spec, bn_mode=setting["bn_mode"],
+        case, truth = gl.simulate(model, x, y, spec=spec, bn_mode=setting["bn_mode"],
                                   labels_known=setting["labels_known"], **kw)
         yield case, truth, photos.names[i:i + b]
 
 
-def run_cells(cells, models, photos, n_photos: int, local_lr: float) -> list[dict]:
+def run_cells(cells, models, photos, n_photos: int, local_lr: float, first: int = 0) -> list[dict]:
     """Rows of (model, setting, config, iterations) for every case of each cell."""
     rows = []
     for mname in models:
-        zoo, opts = MODELS[mname]
-        model = gl.models.build(zoo, input_shape=(3, 32, 32), num_classes=photos.spec.num_classes, seed=0, **opts)
+        model, model_note = build_model(mname, photos.spec.num_classes)
+        spec = dataclasses.replace(photos.spec, num_classes=model.num_outputs) if mname in TRAINED else photos.spec
         for sname, cnames, budgets in cells:
             setting = SETTINGS[sname]
-            for case, truth, names in cases(model, setting, photos, n_photos, local_lr):
+            for case, truth, names in cases(model, setting, photos, n_photos, local_lr, spec, first):
                 channel = batchnorm.side_channel(case)
                 for cname, n in itertools.product(cnames, budgets):
-                    o = dict(CONFIGS[cname])
+                    o = config_options(cname)
                     preset = o.pop("preset", None)
                     its = max(1, round(n * o.pop("iterations_scale", 1.0)))
                     t = time.perf_counter()
                     rec = gl.create("ig", preset=preset, **{**o, "max_iterations": its}).reconstruct(case, seed=0)
                     sec = time.perf_counter() - t
                     s = gl.evaluate(rec, truth)
-                    row = {"model": mname, "setting": sname, "config": cname, "iterations": n,
+                    row = {"model": mname, "model_note": model_note, "setting": sname, "config": cname, "iterations": n,
                            "iterations_per_restart": its, "photos": list(names),
                            "psnr_per_image": s.psnr_per_image, "ssim_per_image": s.ssim_per_image,
                            "label_accuracy": s.label_accuracy, "seconds": round(sec, 1),
-                           "bn_prior": rec.info.get("bn_prior"), "labels": rec.info["labels"].get("source"),
+                           "bn_prior": rec.info.get("bn_prior"), "tv": rec.info.get("tv"),
+                           "tv_choice": rec.info.get("tv_choice"), "labels": rec.info["labels"].get("source"),
                            "side_channel": None if channel is None else channel["note"]}
                     rows.append(row)
                     print(f"{mname:10s} {sname:26s} {cname:14s} {n:5d} its {','.join(names)[:30]:30s} "
@@ -176,6 +231,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="smoke run: resnet20-4, 1 photo, 20 iterations")
     ap.add_argument("--models", default="resnet20-4")
     ap.add_argument("--photos", type=int, default=2, help="photos at batch 1 (the batch-8 case uses the first 8)")
+    ap.add_argument("--first-photo", type=int, default=0, help="index of the first photo at batch 1")
     ap.add_argument("--iterations", default="500")
     ap.add_argument("--settings", default=DEFAULT_SETTINGS, help=f"some of {','.join(SETTINGS)}")
     ap.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"some of {','.join(CONFIGS)}")
@@ -197,7 +253,7 @@ def main():
     configs = args.configs.split(",")
     budgets = [int(n) for n in args.iterations.split(",")]
     bad = [m for m in models if m not in MODELS] + [s for s in settings if s not in SETTINGS] + \
-          [c for c in configs if c not in CONFIGS]
+          [c for c in configs if config_options(c) is None]
     if bad:
         ap.error(f"unknown model/setting/config {bad}; models {list(MODELS)}, settings {list(SETTINGS)}, "
                  f"configs {list(CONFIGS)}")
@@ -215,7 +271,9 @@ def main():
         budgets = sorted({c[2] for c in REDUCED})
     else:
         cells = [(sn, configs, budgets) for sn in settings]
-    rows = run_cells(cells, models, photos, args.photos, args.local_lr)
+    if args.first_photo + args.photos > len(photos):
+        ap.error(f"--first-photo {args.first_photo} + --photos {args.photos} exceeds the {len(photos)} photos")
+    rows = run_cells(cells, models, photos, args.photos, args.local_lr, args.first_photo)
     summary = []
     for key in sorted({(r["model"], r["setting"], r["config"], r["iterations"]) for r in rows}):
         sel = [r for r in rows if (r["model"], r["setting"], r["config"], r["iterations"]) == key]
@@ -227,9 +285,11 @@ def main():
         print(f"{key[0]:10s} {key[1]:26s} {key[2]:14s} {key[3]:5d} its: median PSNR {summary[-1]['median_psnr']:6.2f} "
               f"dB, SSIM {summary[-1]['median_ssim']:.3f} over {len(ps)} image(s)")
     common.finish(run_, {
-        "setting": {"models": models, "photos_at_batch_1": args.photos, "iterations": budgets, "settings": settings,
+        "setting": {"models": models, "photos_at_batch_1": args.photos,
+                    "first_photo": args.first_photo, "iterations": budgets, "settings": settings,
                     "cells": args.cells, **({"reduced": REDUCED} if args.cells == "reduced" else {}),
-                    "configs": {c: CONFIGS[c] for c in configs}, "local_lr": args.local_lr, "untrained": True,
+                    "configs": {c: config_options(c) for c in configs}, "local_lr": args.local_lr,
+                    "trained": {m: TRAINED[m] for m in models if m in TRAINED},
                     "quick": args.quick},
         "notes": ["reduced grid on a shared 2-core CPU: see setting; the issue's full grid is 8 photos, both "
                   "models, 500 and 2000 iterations"],

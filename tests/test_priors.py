@@ -310,3 +310,34 @@ def test_imagenet_size_runs_through_the_attack_path_with_its_preset(tmp_path):
     assert metrics["iterations"] == 2  # --iterations overrides the preset's 2,000, as for every preset
     with Image.open(out / "reconstruction.png") as im:
         assert min(im.size) >= 224
+
+
+def test_fc_features_vanishes_at_the_true_sample_and_refuses_mixtures(photos32):
+    x, y = photos32.batch(1)
+    x = x.double()
+    model = _resnet(photos32)
+    for bn_mode in ("eval", "train"):
+        case, truth = gl.simulate(model, x, y, spec=photos32.spec, bn_mode=bn_mode)
+        term = P.build(case, [("fc-features", 1.0)])
+        xn = photos32.spec.normalize(truth.inputs)
+        # the classifier's input recovered from its weight and bias gradients is the sample's own, exactly
+        assert float(term.value(xn, y)) < 1e-12
+        other = photos32.spec.normalize(torch.rand_like(x))
+        assert float(term.value(other, y)) > 1e-4
+        xv = other.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(term.value(xv, y), xv)
+        assert float(g.abs().max()) > 0
+        cos = P.build(case, [("fc-features", 1.0, {"distance": "cosine"})])
+        assert abs(float(cos.value(xn, y))) < 1e-12 < float(cos.value(other, y))
+    # the ratio is a mixture for a batch or several local steps: refused with the reason
+    two, _ = gl.simulate(model, *[t.double() if t.is_floating_point() else t for t in photos32.batch(2)],
+                         spec=photos32.spec)
+    avg, _ = gl.simulate(model, x, y, spec=photos32.spec, protocol="fedavg", local_steps=3, local_lr=0.1)
+    assert any("batch of 2" in p for p in P.spec_problems(two, [("fc-features", 1.0)]))
+    assert any("not one gradient" in p for p in P.spec_problems(avg, [("fc-features", 1.0)]))
+    assert any("distance must be one of" in p for p in P.spec_problems(avg, [("fc-features", 1.0, {"distance": "l1"})]))
+    # IGOptions.fc_features is the shorthand for it
+    assert {"prior": "fc-features", "weight": 0.5} in gl.create("ig", fc_features=0.5, max_iterations=2).reconstruct(
+        gl.simulate(model, x, y, spec=photos32.spec)[0], seed=0).info["priors"]
+    with pytest.raises(gl.ValidationError, match="fc_features must be a finite number >= 0"):
+        gl.create("ig", fc_features=-1.0)

@@ -157,6 +157,14 @@ def _coerce(name: str, value: Any, default: Any, hint: Any) -> tuple[Any, str | 
         return float(value), None
     if isinstance(default, int) and isinstance(value, int) and not isinstance(value, bool):
         return value, None
+    if isinstance(hint, str) and "|" in hint and type(default) in (int, float, str):
+        # a union option (e.g. ``tv: float | str = "auto"``): a number or one of its words
+        allowed = {t.strip() for t in hint.split("|")}
+        if "float" in allowed and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value), None
+        if type(value).__name__ in allowed:
+            return value, None
+        return value, f"option {name!r} must be {' or '.join(sorted(allowed))}, got {type(value).__name__} {value!r}"
     if isinstance(default, str) and isinstance(value, str):
         return value, None
     if isinstance(default, tuple) and isinstance(value, (list, tuple)):

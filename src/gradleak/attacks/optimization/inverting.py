@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
+from torch import nn
 
 from ...case import Case
 from ..base import Attack, Reconstruction, RunContext, register
@@ -46,7 +47,9 @@ class IGOptions:
     input (no ReLU family, no max-pooling: e.g. DLG's sigmoid LeNet, where it is far better at equal
     budget), signed Adam otherwise. lr: Adam step size; lbfgs_lr: L-BFGS learning rate.
     distance: 'cosine' (the paper) or 'l2' (squared L2 relative to the observed norm).
-    tv: total-variation weight alpha (for one sample). tv_batch_scaling: multiply it by min(B^2, 10) for a batch
+    tv: total-variation weight alpha (for one sample), or 'auto' (the default): the rule of :func:`resolve_tv`,
+    1e-2 on a ResNet with BatchNorm, else 1e-4 (the paper's; every LeNet / sigmoid figure). ``rec.info['tv']``
+    holds the weight used and ``rec.info['tv_choice']`` why. tv_batch_scaling: multiply it by min(B^2, 10) for a batch
     of B (x1, x4, x9, then x10 from B = 4; off in the paper presets). Measured on the sigmoid LeNet, bundled photos, 1,000 L-BFGS iterations (seed 0, mean dB):
     B = 1: 33.0 at 1e-4, 25.2 at 1e-3; B = 4: 14.1 / 21.2 / 23.0 at 1e-4 / 4e-4 / 1e-3; B = 8: 14.2 / 18.7 /
     18.1 at 1e-4 / 1e-3 / 3e-3 (benchmarks/bench_optim.py). lr_decay: x0.1 at 3/8, 5/8, 7/8. boxed: clamp to the image box.
@@ -66,6 +69,9 @@ class IGOptions:
     running statistics: the threat model where the server's BatchNorm statistics describe the client's data),
     or 'auto' ('update' when the case has returned buffers in train mode, else 'running'; off for a model
     without BatchNorm). bn_weight: its weight.
+    fc_features: weight of the prior 'fc-features' (0: off): the candidate's input features of the classifier
+    (the last biased linear layer) matched to the ones its observed weight and bias gradients reveal, exactly
+    for one sample and an update that is one gradient (:mod:`.priors`).
     group_consistency: weight of GradInversion's group term (0: off; needs restarts >= 2). The restarts run the
     first ``group_start`` fraction of the budget on their own, then their consensus (the mean after matching
     samples across restarts) is formed once and every restart continues for the rest of the budget with
@@ -90,7 +96,7 @@ class IGOptions:
     lr: float = 0.1
     optimizer: str = "auto"
     distance: str = "cosine"
-    tv: float = 1e-4
+    tv: float | str = "auto"
     tv_batch_scaling: bool = True
     lr_decay: bool = True
     boxed: bool = True
@@ -103,6 +109,7 @@ class IGOptions:
     l2: float = 0.0
     bn_prior: str = "none"
     bn_weight: float = 1e-2
+    fc_features: float = 0.0
     group_consistency: float = 0.0
     group_start: float = 0.5
     schedule: str = "step"
@@ -114,6 +121,39 @@ class IGOptions:
     line_search: str = "strong-wolfe"
     offer_every: int = 25
     batch_trials: bool = True
+
+
+TV_PAPER = 1e-4
+TV_BN_RESNET = 1e-2
+RESIDUAL_BLOCKS = ("BasicBlock", "Bottleneck")  # the zoo's and torchvision's ResNet blocks, by class name
+
+
+def bn_resnet(model: nn.Module) -> tuple[int, int]:
+    """(residual blocks, BatchNorm layers) of ``model``: blocks are modules whose class is named one of
+    RESIDUAL_BLOCKS; BatchNorm layers those of :func:`gradleak.batchnorm.bn_layers`."""
+    from ... import batchnorm as BN
+
+    blocks = sum(type(m).__name__ in RESIDUAL_BLOCKS for m in model.modules())
+    return blocks, len(BN.bn_layers(model))
+
+
+def resolve_tv(tv: float | str, model: nn.Module) -> tuple[float, str]:
+    """The TV weight for one sample that ``tv`` means on ``model``, and why.
+
+    A number is itself. 'auto': TV_BN_RESNET (1e-2) when the model has residual blocks AND BatchNorm layers
+    (the zoo ResNets, torchvision's), else TV_PAPER (1e-4). The evidence (docs/batchnorm.md "Measured"):
+    Inverting Gradients at 500 iterations, batch 1, FedSGD, eval BatchNorm, untrained zoo models, bundled
+    photos: on resnet18 (32 px) and resnet20 TV 1e-2 was above 1e-4 on (nearly) every photo; 1e-4 stays for
+    everything else because that is what the LeNet / sigmoid figures were measured with (there L-BFGS at 1e-4
+    beat 1e-3 at batch 1: 33.0 / 25.2 dB)."""
+    if tv != "auto":
+        return float(tv), "given"
+    blocks, norms = bn_resnet(model)
+    if blocks and norms:
+        return TV_BN_RESNET, (f"auto: {TV_BN_RESNET:g}, the model is a ResNet with BatchNorm ({blocks} residual "
+                              f"blocks, {norms} BatchNorm layers); the rule and its evidence: docs/batchnorm.md")
+    why = "no residual blocks" if not blocks else "no BatchNorm layers"
+    return TV_PAPER, f"auto: {TV_PAPER:g} (the paper's), the model is not a ResNet with BatchNorm ({why})"
 
 
 def tv_weight(tv: float, batch_size: int, batch_scaling: bool) -> float:
@@ -192,8 +232,8 @@ class InvertingGradients(Attack):
             p.append(f"optimizer must be one of {OPTIMIZERS}, got {o.optimizer!r}")
         if o.distance not in DISTANCES:
             p.append(f"distance must be one of {DISTANCES}, got {o.distance!r}")
-        if not (o.tv >= 0 and math.isfinite(o.tv)):
-            p.append(f"tv must be >= 0, got {o.tv}")
+        if o.tv != "auto" and not (isinstance(o.tv, (int, float)) and o.tv >= 0 and math.isfinite(o.tv)):
+            p.append(f"tv must be 'auto' or a number >= 0, got {o.tv!r}")
         if o.layer_weights not in C.WEIGHT_SCHEMES:
             p.append(f"layer_weights must be one of {C.WEIGHT_SCHEMES}, got {o.layer_weights!r}")
         if not all(isinstance(s, str) for s in o.layers):
@@ -203,7 +243,7 @@ class InvertingGradients(Attack):
         if o.label_strategy not in LABEL_STRATEGIES:
             p.append(f"label_strategy must be one of {LABEL_STRATEGIES}, got {o.label_strategy!r}")
         p += P.spec_problems(None, tuple(o.regularizers))
-        for name in ("l2", "bn_weight", "group_consistency"):
+        for name in ("l2", "bn_weight", "group_consistency", "fc_features"):
             if not (getattr(o, name) >= 0 and math.isfinite(getattr(o, name))):
                 p.append(f"{name} must be a finite number >= 0, got {getattr(o, name)}")
         if o.bn_prior not in P.BN_SOURCES:
@@ -238,10 +278,16 @@ class InvertingGradients(Attack):
     def _prior_specs(self, case: Case) -> list:
         """The objective's regularisers (:mod:`.priors`): TV, image norm, BatchNorm statistics, then the user's."""
         o = self.options
-        specs: list = [("tv", tv_weight(o.tv, case.batch_size, o.tv_batch_scaling)), ("l2", o.l2)]
+        specs: list = [("tv", self._tv(case)), ("l2", o.l2)]
         if P.resolve_bn_source(case, o.bn_prior) != "none":
             specs.append(("bn-statistics", o.bn_weight, {"source": o.bn_prior}))
+        if o.fc_features > 0:
+            specs.append(("fc-features", o.fc_features))
         return specs + list(o.regularizers)
+
+    def _tv(self, case: Case) -> float:
+        """The TV weight this case runs with (:func:`resolve_tv`, then the batch scaling of ``tv_weight``)."""
+        return tv_weight(resolve_tv(self.options.tv, case.model)[0], case.batch_size, self.options.tv_batch_scaling)
 
     # ------------------------------------------------------------------------------------------------
     def _labels(self, case: Case, ctx: RunContext) -> tuple[torch.Tensor | None, dict]:
@@ -269,7 +315,7 @@ class InvertingGradients(Attack):
         like = torch.zeros((), dtype=case.dtype, device=case.device)
         lo, hi = C.box(case, like)
         prior = P.build(case, self._prior_specs(case))
-        tv = tv_weight(o.tv, case.batch_size, o.tv_batch_scaling)
+        tv = self._tv(case)
         spec = case.spec
 
         def objective_with(priors: P.Objective):
@@ -352,7 +398,7 @@ class InvertingGradients(Attack):
             "score": "cosine distance over the matched layers, without TV",
             "labels": label_info,
             "matched_tensors": len(names) if len(names) < len(case.observed) else "all",
-            "optimizer": optimizer, "distance": o.distance, "tv": tv,
+            "optimizer": optimizer, "distance": o.distance, "tv": tv, "tv_choice": resolve_tv(o.tv, case.model)[1],
             "priors": prior.describe(), "schedule": o.schedule if o.lr_decay or o.schedule != "step" else "constant",
             "start": o.start if o.init is None else "init (first restart)",
             "protocol": case.protocol,

@@ -28,6 +28,15 @@ Registered:
   statistics, not this batch's; the GradInversion threat model on a trained model in eval mode);
   ``'auto'``: 'update' when the case has returned buffers and ran train mode, else 'running' (nothing for a
   model without BatchNorm).
+- ``fc-features``: the candidate's features at the input of a biased fully connected layer (default: the
+  classifier, the last one) matched to the features the update itself reveals there: for z = W h + b,
+  dL/dW[i, :] = (dL/db_i) h^T, so h = dW^T db / |db|^2 EXACTLY for one sample (Phong et al. 2018; Geiping et al.
+  2020, the FC-input proposition; :func:`gradleak.attacks.analytic.recover_linear_input`). The term is
+  ``|phi(x) - h|^2 / |h|^2`` (``distance='l2'``) or ``1 - cos(phi(x), h)`` (``'cosine'``), phi(x) the layer's
+  input on the candidate. Matching a candidate's features to recovered ones follows the feature-matching terms of
+  Liu, Wang, Chen, Lei 2024 (head features, :func:`gradleak.attacks.tensor.feature_matching_term`); its use with
+  the classifier's exact input is this package's. One sample, and an update that is one gradient (FedSGD, or one
+  full-batch FedAvg step): elsewhere the ratio is a mixture and the prior refuses.
 - ``group-consistency``: ``mean((x - target)^2)`` towards a consensus batch (GradInversion's group term; the
   consensus of the restarts is computed by the attack, see :func:`group_consensus`).
 """
@@ -313,6 +322,68 @@ def _bn_statistics(case: Case, source: str = "auto", fedavg: str = "unrolled") -
             m, v = seen[n]
             total = total + (m - mu).norm() + (v - var).norm()
         return total
+
+    return term
+
+
+FC_DISTANCES = ("l2", "cosine")
+
+
+def _fc_layer(case: Case, layer: str | None) -> str | None:
+    from ..analytic import biased_linear_layers
+
+    if layer:
+        return layer
+    layers = biased_linear_layers(case)
+    return layers[-1] if layers else None
+
+
+def _fc_problems(case: Case, layer: str | None = None, distance: str = "l2") -> list[str]:
+    from ..analytic import _layer_problems
+
+    if distance not in FC_DISTANCES:
+        return [f"fc-features distance must be one of {FC_DISTANCES}, got {distance!r}"]
+    name = _fc_layer(case, layer)
+    if name is None:
+        return ["fc-features: the model has no fully connected (nn.Linear) layer with a bias in the observed update"]
+    p = [f"fc-features: {q}" for q in _layer_problems(case, name)]
+    if case.batch_size != 1:
+        p.append(f"fc-features: the layer's input is recovered exactly for one sample only, the case has a batch "
+                 f"of {case.batch_size} (its rows are mixtures)")
+    if not case.observation.gradient_is_exact(case.batch_size):
+        p.append("fc-features: the update is not one gradient (FedAvg with several local steps or mini-batches): "
+                 "the layer's input changes between the steps, so the ratio is a mixture")
+    return p
+
+
+@register_prior("fc-features", source="Phong et al. 2018; Geiping et al. NeurIPS 2020 (input of a biased FC layer "
+                                      "from its gradients); feature matching as in Liu et al. 2024",
+                description="the candidate's input features of a biased FC layer (default: the classifier) matched "
+                            "to the ones its weight and bias gradients reveal (exact for one sample)",
+                problems=_fc_problems,
+                batch_problem="it runs its own forward pass of the model with a hook on the layer, which vmap over "
+                              "trials does not batch")
+def _fc_features(case: Case, layer: str | None = None, distance: str = "l2") -> Term:
+    from ... import functional as Fn
+    from ..analytic import recover_linear_input
+
+    name = _fc_layer(case, layer)
+    target = recover_linear_input(case, name).least_squares.detach().flatten()
+    norm2 = target.pow(2).sum().clamp_min(1e-30)
+    module = dict(case.model.named_modules())[name]
+
+    def term(x: torch.Tensor) -> torch.Tensor:
+        seen: list[torch.Tensor] = []
+        hook = module.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+        try:
+            Fn.forward(case.model, case.parameters, case.buffers, x)
+        finally:
+            hook.remove()
+        phi = seen[0].reshape(-1)
+        t = target.to(device=phi.device, dtype=phi.dtype)
+        if distance == "cosine":
+            return 1.0 - torch.dot(phi, t) / (phi.norm() * t.norm()).clamp_min(1e-30)
+        return (phi - t).pow(2).sum() / norm2.to(phi.dtype)
 
     return term
 
