@@ -235,20 +235,30 @@ def adam_update(x: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tens
     x.addcdiv_(m, denom, value=-step_size)
 
 
+def _milestones(max_iterations: int, decay: bool) -> set[int]:
+    """The Adam steps where the lr drops x0.1 (3/8, 5/8, 7/8 of the budget; none without ``decay``)."""
+    return {int(max_iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)} if decay else set()
+
+
+def _exploded(tval: float, first: float | None, explode_factor: float) -> bool:
+    """Whether a finite total ``tval`` is more than ``explode_factor`` times the first finite one (0: off)."""
+    return (explode_factor > 0 and first is not None and math.isfinite(tval)
+            and abs(tval) > explode_factor * max(first, 1e-300))
+
+
 def _adam(trial, best, variables, *, max_iterations, lr, signed, decay, project, on_step, on_offer,
           offer_every, explode_factor, schedule=None) -> Program:
     leaves = [v.detach().clone() for v in variables]
     moments = [(torch.zeros_like(x), torch.zeros_like(x)) for x in leaves]
     base_lr = lr
-    milestones = {int(max_iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)} if decay else set()
+    milestones = _milestones(max_iterations, decay)
     first = None
     trial.stop = "budget"
     for step in range(max_iterations):
         tval, sval, grads = yield leaves, True
         if first is None and math.isfinite(tval):
             first = abs(tval)
-        exploded = (explode_factor > 0 and first is not None and math.isfinite(tval)
-                    and abs(tval) > explode_factor * max(first, 1e-300))
+        exploded = _exploded(tval, first, explode_factor)
         if not math.isfinite(tval) or exploded:
             trial.diverged_at, trial.stop = step, ("diverged: exploded" if exploded else "diverged: non-finite loss")
             return
@@ -321,7 +331,7 @@ class FusedAdam:
         self.lr = self.base_lr = settings["lr"]
         self.schedule = settings.get("schedule")
         decay = settings.get("decay", True)
-        self.milestones = ({int(self.max_iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)} if decay else set())
+        self.milestones = _milestones(self.max_iterations, decay)
         self.offer_every = settings.get("offer_every", 25)
         self.explode_factor = settings.get("explode_factor", 0.0)
         self.x = [torch.stack([s[j].detach() for s in starts]) for j in range(len(starts[0]))]
@@ -384,8 +394,7 @@ class FusedAdam:
             fin = math.isfinite(tv)
             if self.first[t] is None and fin:
                 self.first[t] = abs(tv)
-            exploded = (self.explode_factor > 0 and self.first[t] is not None and fin
-                        and abs(tv) > self.explode_factor * max(self.first[t], 1e-300))
+            exploded = _exploded(tv, self.first[t], self.explode_factor)
             if not fin or exploded:
                 trials[t].diverged_at = step
                 trials[t].stop = "diverged: exploded" if exploded else "diverged: non-finite loss"
