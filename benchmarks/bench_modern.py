@@ -20,6 +20,7 @@ Configurations (part 2), all Inverting Gradients at ``--iterations`` per restart
 - ``ig+cosine``: ``schedule='cosine'`` (warm-up 50) and ``start='patterned-4'``, no BN prior;
 - ``ig-lbfgs``: ``optimizer='lbfgs'`` (cosine matching, strong-Wolfe L-BFGS, on a ReLU network);
 - ``ig+bn+cosine``: the BN prior with ``schedule='cosine'`` (warm-up 50) and ``start='patterned-4'``;
+- ``ig+tv+lap6``: TV 1e-2 and ``parametrize='laplacian-6'`` (the optimiser moves a 6-level Laplacian pyramid);
 - ``gradinversion``: the ``gradinversion`` preset at this budget (Adam, cosine, BN prior, image norm, 2
   restarts with the group term).
 
@@ -96,6 +97,8 @@ CONFIGS = {
     "ig+tv+cosine": {"tv": 1e-2, "schedule": "cosine", "warmup": 50, "start": "patterned-4"},
     # 2 restarts at half the iterations: equal compute
     "ig-2x-half": {"tv": 1e-4, "restarts": 2, "iterations_scale": 0.5},
+    # TV 1e-2 with the optimiser moving a 6-level Laplacian pyramid (parametrize.py; 32 px: 32 ... 1)
+    "ig+tv+lap6": {"tv": 1e-2, "parametrize": "laplacian-6"},
 }
 # The reduced grid (``--cells reduced``): what a shared 2-core CPU allows in about 40 minutes, chosen for the
 # comparisons the issue asks about (part 3): eval vs train BatchNorm, FedSGD vs FedAvg (5 local steps), labels

@@ -30,6 +30,7 @@ from ..base import Attack, Reconstruction, RunContext, register
 from ..labels import label_recovery_problems, recover_labels
 from . import batched as B
 from . import common as C
+from . import parametrize as Z
 from . import priors as P
 
 OPTIMIZERS = ("auto", "signed-adam", "adam", "lbfgs")
@@ -84,6 +85,10 @@ class IGOptions:
     ``lr_decay=False`` with 'step' keeps the rate constant (as before).
     start: the random start: 'randn' (N(0, 1)) or 'patterned-K' (an N(0, 1) tile of (H/K, W/K) repeated K x K
     times: breaching's "modern" preset uses K = 4).
+    parametrize: what the optimiser moves (:mod:`.parametrize`): 'pixel' (the image itself), 'laplacian-K' (a
+    Laplacian pyramid of K levels: x = z_0 + sum_k up(z_k), every level stepped on its own; the start and the
+    box constraint stay those of the image). Trials with a pyramid run one by one (the batched objective
+    evaluates the variables as the image; ``rec.info['batched']`` says so).
     lbfgs_inner, history_size, line_search ('strong-wolfe' or ''): L-BFGS settings (optimizer='lbfgs').
     offer_every: steps between best-so-far snapshots (what Ctrl-C returns).
     batch_trials: run the restarts as one batched computation (:mod:`.batched`; falls back to one by one,
@@ -115,6 +120,7 @@ class IGOptions:
     schedule: str = "step"
     warmup: int = 0
     start: str = "randn"
+    parametrize: str = "pixel"
     lbfgs_lr: float = 1.0
     lbfgs_inner: int = 20
     history_size: int = 100
@@ -259,6 +265,7 @@ class InvertingGradients(Attack):
         if o.warmup < 0:
             p.append(f"warmup must be >= 0, got {o.warmup}")
         p += C.start_problems(o.start)
+        p += Z.problems(o.parametrize)
         if o.init is not None and not isinstance(o.init, (Reconstruction, torch.Tensor)):
             p.append(f"init must be a Reconstruction or an image-space tensor, got {type(o.init).__name__}")
         if o.line_search not in ("", "strong-wolfe"):
@@ -273,6 +280,7 @@ class InvertingGradients(Attack):
         problems += C.matching_problems(case, names)
         problems += C.init_problems(case, o.init)
         problems += P.spec_problems(case, self._prior_specs(case))
+        problems += Z.case_problems(o.parametrize, tuple(case.spec.shape))
         return problems
 
     def _prior_specs(self, case: Case) -> list:
@@ -317,23 +325,25 @@ class InvertingGradients(Attack):
         prior = P.build(case, self._prior_specs(case))
         tv = self._tv(case)
         spec = case.spec
+        param = Z.build(o.parametrize, tuple(spec.shape))
+        n = param.count  # the variables: the parametrisation's n tensors, then the label logits when joint
 
         def objective_with(priors: P.Objective):
             """The one-by-one objective: the data term plus ``priors`` (the batched trials add the same)."""
             def objective(v: list[torch.Tensor]):
-                x = v[0]
-                lab = C.soft_labels(case, v[1]) if joint else labels
+                x = param.image(v)
+                lab = C.soft_labels(case, v[n]) if joint else labels
                 data, cos = matcher.terms(x, lab)
                 reg = priors.value(x, lab)
                 return (data if reg is None else data + reg), cos
             return objective
 
         def project(v: list[torch.Tensor]):
-            v[0].clamp_(lo, hi)
+            param.project(v, lo, hi)
 
         def offer(score: float, v: list[torch.Tensor]):
-            lab = C.hard_labels(case, v[1]) if joint else labels
-            ctx.offer(score, spec.denormalize(v[0]), lab)
+            lab = C.hard_labels(case, v[n]) if joint else labels
+            ctx.offer(score, spec.denormalize(param.image(v).detach()), lab)
 
         optimizer = o.optimizer
         rough = C.non_smooth_parts(case.model)
@@ -358,20 +368,32 @@ class InvertingGradients(Attack):
                 case=case, matcher=matcher, labels=labels, objective=objective, starts=starts,
                 settings=dict(settings, max_iterations=iterations, decay=decay, schedule=schedule), priors=priors,
                 score="data" if distance == "cosine" else "cosine", project=project if o.boxed else None,
-                on_step=on_step, on_offer=offer, names=names, batched=o.batch_trials)
+                on_step=on_step, on_offer=offer, names=names, batched=o.batch_trials and n == 1)
+
+        def run(setup: B.TrialSetup):
+            """B.run, then every trial's variables as [image, (label logits)] (the parametrisation undone)."""
+            trials, note = B.run(setup)
+            if n > 1:
+                for t in trials:
+                    if t.variables is not None:
+                        t.variables = [param.image(t.variables).detach(), *t.variables[n:]]
+                if o.batch_trials:
+                    note = dict(note, reason=f"parametrize={o.parametrize!r}: the batched objective evaluates "
+                                             "the variables as the image, so these trials run one by one")
+            return trials, note
 
         starts = []
         for r in range(o.restarts):
             x0 = C.init_inputs(case, o.init if r == 0 else None, ctx.generator, o.start)
             if o.init is not None and r == 0 and o.boxed:
                 x0 = torch.maximum(torch.minimum(x0, hi), lo)
-            v0 = [x0]
+            v0 = param.variables(x0)
             if joint:
                 v0.append(C.randn(C.label_logits_shape(case), ctx.generator, case))
-            ctx.start(spec.denormalize(v0[0]), C.hard_labels(case, v0[1]) if joint else labels)
+            ctx.start(spec.denormalize(x0), C.hard_labels(case, v0[n]) if joint else labels)
             starts.append(v0)
-        trials, batch_note = B.run(trial_setup(objective_with(prior), prior, starts, first, o.lr_decay, sched,
-                                               [f"{self.name} restart {r}" for r in range(o.restarts)]))
+        trials, batch_note = run(trial_setup(objective_with(prior), prior, starts, first, o.lr_decay, sched,
+                                             [f"{self.name} restart {r}" for r in range(o.restarts)]))
         group_info = None
         if grouped and first < o.max_iterations and sum(t.finite for t in trials) >= 2:
             # GradInversion's group term (one-update form): the consensus of the restarts after the first stage,
@@ -383,10 +405,11 @@ class InvertingGradients(Attack):
             stage1 = trials
             go_on = [r for r, t in enumerate(stage1) if t.finite]
             later = replace(sched, offset=first)
-            stage2, note2 = B.run(trial_setup(objective_with(grouped_prior), grouped_prior,
-                                              [[v.clone() for v in stage1[r].variables] for r in go_on],
-                                              o.max_iterations - first, False, later,
-                                              [f"{self.name} restart {r} (group)" for r in go_on]))
+            stage2, note2 = run(trial_setup(objective_with(grouped_prior), grouped_prior,
+                                            [param.variables(stage1[r].variables[0].clone())
+                                             + [v.clone() for v in stage1[r].variables[1:]] for r in go_on],
+                                            o.max_iterations - first, False, later,
+                                            [f"{self.name} restart {r} (group)" for r in go_on]))
             joined = dict(zip(go_on, stage2))
             trials = [_joined(t1, joined[r]) if r in joined else t1 for r, t1 in enumerate(stage1)]
             batch_note = [batch_note, note2]
@@ -401,6 +424,7 @@ class InvertingGradients(Attack):
             "optimizer": optimizer, "distance": o.distance, "tv": tv, "tv_choice": resolve_tv(o.tv, case.model)[1],
             "priors": prior.describe(), "schedule": o.schedule if o.lr_decay or o.schedule != "step" else "constant",
             "start": o.start if o.init is None else "init (first restart)",
+            "parametrize": o.parametrize,
             "protocol": case.protocol,
             "batched": batch_note,
             **C.totals(trials),
