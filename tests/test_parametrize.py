@@ -87,3 +87,35 @@ def test_pyramid_with_restarts_group_term_and_joint_labels_runs_in_float64(photo
     assert rec.inputs.dtype == torch.float64 and rec.inputs.shape == x.shape
     assert len(rec.info["batched"]) == 2 and rec.info["group_consistency"]["restarts_in_consensus"] == 2
     assert rec.labels.shape == (1,)
+
+
+@pytest.mark.parametrize("name,expected", [("resnet18", "laplacian-6"), ("resnet20", "laplacian-6"),
+                                           ("resnet32", "laplacian-6"), ("resnet50", "laplacian-6"),
+                                           ("lenet", "pixel"), ("convnet", "pixel"), ("mlp", "pixel"),
+                                           ("cnn6", "pixel")])
+def test_auto_parametrisation_follows_the_rule_on_the_zoo(name, expected):
+    from gradleak.attacks.optimization.inverting import resolve_parametrize
+
+    model = gl.models.build(name, input_shape=(3, 32, 32), num_classes=10)
+    got, why = resolve_parametrize("auto", model, (3, 32, 32))
+    assert got == expected and why.startswith(f"auto: {expected}")
+    if name == "convnet":  # BatchNorm but no residual block: the rule needs both (as TV's)
+        assert "no residual blocks" in why
+    assert resolve_parametrize("laplacian-3", model, (3, 32, 32)) == ("laplacian-3", "given")
+    if expected != "pixel":  # down to 1 x 1 at other sizes; pixel for samples that are not images
+        assert resolve_parametrize("auto", model, (3, 224, 200))[0] == "laplacian-8"
+        assert resolve_parametrize("auto", model, (12,))[0] == "pixel"
+
+
+def test_auto_parametrisation_is_recorded_and_the_paper_presets_pin_pixel(photos32):
+    x, y = photos32.batch(1)
+    for name, auto in (("resnet20", "laplacian-6"), ("lenet", "pixel")):
+        model = gl.models.build(name, input_shape=photos32.spec.shape, num_classes=photos32.spec.num_classes, seed=0)
+        case, _ = gl.simulate(model, x, y, spec=photos32.spec)
+        assert gl.create("ig").options.parametrize == "auto"
+        rec = gl.create("ig", max_iterations=2).reconstruct(case, seed=0)
+        assert rec.info["parametrize"] == auto and rec.info["parametrize_choice"].startswith(f"auto: {auto}")
+        given = gl.create("ig", max_iterations=2, parametrize="pixel").reconstruct(case, seed=0)
+        assert given.info["parametrize"] == "pixel" and given.info["parametrize_choice"] == "given"
+    for preset in ("geiping2020", "geiping2020-imagenet", "geiping2020-sweep", "gradinversion", "modern"):
+        assert gl.create("ig", preset=preset).options.parametrize == "pixel"
