@@ -327,7 +327,9 @@ class StackedGradients:
         if twice:
             raise RuntimeError(f"modules {twice} ran {[len(record[p]) for p in twice]} times in one forward: "
                                "the stacked per-sample rules need one call per module")
-        losses = torch.vmap(self.loss_fn)(out.reshape(n, b, *out.shape[1:]), labels)
+        logits = out.reshape(n, b, *out.shape[1:])
+        per_trial = getattr(self.loss_fn, "per_trial", None)  # a registered Loss: its stacked form
+        losses = per_trial(logits, labels) if per_trial is not None else torch.vmap(self.loss_fn)(logits, labels)
         prefixes = list(self._owners)
         zs = [record[p][0][1] for p in prefixes]
         deltas = torch.autograd.grad(losses.sum(), zs, create_graph=create, allow_unused=True)
