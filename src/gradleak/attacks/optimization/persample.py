@@ -14,7 +14,10 @@ with the rules (per sample s, differentiable in a and delta, so a second backwar
 
     Linear       dW = delta^T a (rows: the positions of a (…, in) input), db = sum delta
     Conv2d       dW = delta (O x L) @ unfold(a)^T (L output positions), db = sum over positions of delta;
-                 its backward: two grouped convolutions, one group per trial (:class:`_ConvWeight`)
+                 its backward: two grouped convolutions, one group per trial (:class:`_ConvWeight`), the
+                 output-gradient part a bmm against the kept unfold on few input channels
+                 (:data:`BMM_MAX_CHANNELS`), the input part through the space-to-depth form on a strided
+                 image layer (:data:`SPACE_TO_DEPTH_MAX_FLOPS`)
     BatchNorm    (eval: running statistics) dgamma = sum delta * (a - mean) / sqrt(var + eps), dbeta = sum delta
 
 A trial of B > 1 samples sums its samples' rules in the same contraction (``einsum`` over (sample, position)).
