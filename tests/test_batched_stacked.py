@@ -78,13 +78,52 @@ def test_per_trial_gradients_and_their_input_gradients_equal_autograd_one_by_one
 
 
 @pytest.mark.parametrize("b", [1, 3])
-@pytest.mark.parametrize("unfold_max,small_maps", [(0, 0), (0, 10 ** 9), (10 ** 9, 0)])
-def test_every_conv_weight_gradient_path_equals_autograd_one_by_one(monkeypatch, b, unfold_max, small_maps):
+@pytest.mark.parametrize("unfold_max,small_maps,bmm_channels,s2d", [
+    (0, 0, 0, False), (0, 10 ** 9, 0, False), (10 ** 9, 0, 0, False), (10 ** 9, 0, 10 ** 9, False),
+    (10 ** 9, 0, 0, True), (0, 0, 0, True), (10 ** 9, 10 ** 9, 10 ** 9, True)])
+def test_every_conv_weight_gradient_path_equals_autograd_one_by_one(monkeypatch, b, unfold_max, small_maps,
+                                                                    bmm_channels, s2d):
     """The same check with each Conv2d path forced: the grouped convolution's weight gradient (UNFOLD_MAX 0)
-    or unfold + bmm in the forward, the bmm + fold (SMALL_MAPS large) or grouped-convolution backward."""
+    or unfold + bmm in the forward, the bmm + fold (SMALL_MAPS large) or grouped-convolution backward, its
+    output-gradient part as a bmm against the kept unfold (BMM_MAX_CHANNELS large) or a grouped convolution,
+    and the strided convolution (c1: 3x3, stride 2) in its space-to-depth form or not."""
     monkeypatch.setattr(PS, "UNFOLD_MAX", unfold_max)
     monkeypatch.setattr(PS, "SMALL_MAPS", small_maps)
+    monkeypatch.setattr(PS, "BMM_MAX_CHANNELS", bmm_channels)
+    monkeypatch.setattr(PS, "SPACE_TO_DEPTH_MAX_FLOPS", 2.0 if s2d else 0.0)
+    monkeypatch.setattr(PS, "SPACE_TO_DEPTH_MAX_CHANNELS", 10 ** 9)
     test_per_trial_gradients_and_their_input_gradients_equal_autograd_one_by_one(b)
+
+
+@pytest.mark.parametrize("h,w,k,stride,padding", [(32, 32, (5, 5), (2, 2), (2, 2)), (16, 16, (5, 5), (2, 2), (2, 2)),
+                                                  (33, 17, (4, 5), (2, 3), (1, 2)), (9, 10, (3, 3), (3, 3), (0, 0)),
+                                                  (7, 9, (5, 5), (3, 3), (2, 1))])
+def test_the_space_to_depth_form_equals_the_strided_convolution(monkeypatch, h, w, k, stride, padding):
+    """float64: the stacked model's strided conv in its space-to-depth form (forward, input gradient, and the
+    gradient of a functional of that input gradient) and the rule's grouped input gradient equal torch's
+    strided convolution to rounding (the same products, summed in another order)."""
+    monkeypatch.setattr(PS, "SPACE_TO_DEPTH_MAX_FLOPS", 2.0)
+    g = torch.Generator().manual_seed(0)
+    conv = nn.Conv2d(3, 4, k, stride=stride, padding=padding).double()
+    assert PS._space_to_depth_kernel(conv.weight, k, stride, (1, 1)) is not None
+    fast = PS._conv_input_only(conv)
+    x = torch.randn(2, 3, h, w, generator=g, dtype=torch.float64, requires_grad=True)
+    z, ref = fast(x), conv(x)
+    torch.testing.assert_close(z, ref, rtol=1e-12, atol=1e-12)
+    probe = torch.randn(z.shape, generator=g, dtype=torch.float64, requires_grad=True)
+    gx, = torch.autograd.grad((z * probe).sum(), x, create_graph=True)
+    rx, = torch.autograd.grad((ref * probe).sum(), x, create_graph=True)
+    torch.testing.assert_close(gx, rx, rtol=1e-12, atol=1e-12)
+    q = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    gp, = torch.autograd.grad((gx * q).sum(), probe)
+    rp, = torch.autograd.grad((rx * q).sum(), probe)
+    torch.testing.assert_close(gp, rp, rtol=1e-12, atol=1e-12)
+    n, b, o = 3, 2, 5
+    kern = torch.randn(n * o, 3, *k, generator=g, dtype=torch.float64)
+    dg = torch.randn(b, n * o, *z.shape[2:], generator=g, dtype=torch.float64)
+    got = PS._grouped_input_gradient((b, n * 3, h, w), kern, dg, n, (k, (1, 1), padding, stride))
+    want = torch.nn.grad.conv2d_input((b, n * 3, h, w), kern, dg, stride=stride, padding=padding, groups=n)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 def test_layers_without_a_rule_are_named():

@@ -229,3 +229,20 @@ def test_reconstruct_many_asks_the_thread_policy_once_per_model_structure(monkey
     monkeypatch.setattr(threads, "work_of", counting)
     recs = B.reconstruct_many(gl.create("ig", optimizer="signed-adam", max_iterations=2), cases, seeds=[0, 1, 2])
     assert len(calls) == 1 and all(r.info["batched"]["batched"] is True for r in recs)
+
+
+def test_batched_runs_fix_the_heap_thresholds_unless_told_not_to(monkeypatch, cases):
+    """steady_heap sets glibc's mmap / trim thresholds once per process (where there is glibc), and says so in
+    the batched note; GRADLEAK_STEADY_HEAP=0 leaves malloc alone."""
+    import ctypes.util
+    import sys
+
+    monkeypatch.setattr(B, "_STEADY", [])
+    monkeypatch.setenv("GRADLEAK_STEADY_HEAP", "0")
+    assert B.steady_heap() is False
+    assert B.reconstruct_many(gl.create("ig", max_iterations=1), cases[:2])[0].info["batched"]["steady_heap"] is False
+    monkeypatch.setattr(B, "_STEADY", [])
+    monkeypatch.delenv("GRADLEAK_STEADY_HEAP")
+    glibc = sys.platform.startswith("linux") and ctypes.util.find_library("c") is not None
+    assert B.steady_heap() is glibc
+    assert B.reconstruct_many(gl.create("ig", max_iterations=1), cases[:2])[0].info["batched"]["steady_heap"] is glibc

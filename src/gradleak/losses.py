@@ -9,7 +9,10 @@ accepted by cross-entropy and mse for attacks that optimise them.
   loss log(1 + exp(-s f)), batch mean (R-GAP's setting). dL/df = -s sigmoid(-s f) < 0 iff y = 1.
 - ``mse``: squared loss 0.5 (f - t)^2 against the one-hot label (or s = 2y - 1 for one output), batch mean.
 
-Adding a loss is ONE call: ``gradleak.losses.add(Loss(...))``.
+Adding a loss is ONE call: ``gradleak.losses.add(Loss(...))``. A loss may also carry its per-trial form
+(``stacked``: many independent trials' batches at once, (N, B, K) logits -> (N,) losses, bit for bit
+``torch.vmap(fn)``; the batched trials' objective calls :meth:`Loss.per_trial`, which falls back to that vmap
+for a loss without one). The three registered losses have one (two vmap dispatches per batched round fewer).
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import torch.nn.functional as F
 from .registry import Registry
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+#: (logits (N, B, K), labels (N, B) or soft (N, B, C)) -> (N,): each trial's ``fn`` of its own batch
+StackedLossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 #: (bias gradient k (C,), batch size) -> (label, certain) or None if the rule says nothing
 LabelRule = Callable[[torch.Tensor, int], Optional[tuple[int, bool]]]
 
@@ -38,6 +43,7 @@ class Loss:
         returning (label, certain); None where the loss has no such rule.
     counts_from_bias: a batch's bias gradient is mean(p) - counts / B with p in the simplex (softmax), so
         every class present in the batch has a negative entry (the label-count rule of batch label recovery).
+    stacked: the per-trial form (see :meth:`per_trial`), or None (vmap of ``fn``).
     """
 
     name: str
@@ -46,9 +52,18 @@ class Loss:
     any_outputs: bool = False
     label_from_bias: Optional[LabelRule] = None
     counts_from_bias: bool = False
+    stacked: Optional[StackedLossFn] = None
 
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.fn(logits, labels)
+
+    def per_trial(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Each trial's loss of its own batch: logits (N, B, K), labels (N, B) (or soft (N, B, C)) -> (N,),
+        what ``torch.vmap(self.fn)`` gives (the ``stacked`` form where the loss has one: the same values and
+        gradients bit for bit, tests/test_losses_stacked.py, without vmap's per-call dispatch)."""
+        if self.stacked is not None:
+            return self.stacked(logits, labels)
+        return torch.vmap(self.fn)(logits, labels)
 
     # ---- what a model's head must be -----------------------------------------------------------------
     def num_outputs(self, num_classes: int) -> int:
@@ -105,10 +120,22 @@ def _check_single(logits: torch.Tensor, who: str) -> torch.Tensor:
     return logits[:, 0]
 
 
+def _soft_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per sample (any leading dims): -sum_c labels_c log softmax(logits)_c."""
+    return torch.sum(-labels * F.log_softmax(logits, dim=-1), dim=-1)
+
+
 def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     if labels.is_floating_point():  # soft labels, (B, C)
-        return torch.sum(-labels * F.log_softmax(logits, dim=-1), dim=-1).mean()
+        return _soft_cross_entropy(logits, labels).mean()
     return F.cross_entropy(logits, labels)
+
+
+def _cross_entropy_stacked(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    if labels.is_floating_point():  # soft labels, (N, B, C)
+        return _soft_cross_entropy(logits, labels).mean(-1)
+    n, b = labels.shape
+    return F.cross_entropy(logits.reshape(n * b, -1), labels.reshape(-1), reduction="none").reshape(n, b).mean(1)
 
 
 def _softmax_label(k: torch.Tensor, batch_size: int) -> tuple[int, bool]:
@@ -118,10 +145,21 @@ def _softmax_label(k: torch.Tensor, batch_size: int) -> tuple[int, bool]:
     return y, batch_size == 1 and bool(k[y] < 0) and int((k < 0).sum()) == 1
 
 
-def _logistic(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    f = _check_single(logits, "logistic")
+def _margin_loss(f: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per sample (any leading dims): log(1 + exp(-s f)), s = 2y - 1."""
     s = 2.0 * labels.to(f.dtype) - 1.0
-    return F.softplus(-s * f).mean()
+    return F.softplus(-s * f)
+
+
+def _logistic(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return _margin_loss(_check_single(logits, "logistic"), labels).mean()
+
+
+def _logistic_stacked(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    if logits.ndim != 3 or logits.shape[2] != 1:
+        raise ValueError(f"the logistic loss expects one output score per sample (shape (N, B, 1) for N "
+                         f"trials), got {tuple(logits.shape)}")
+    return _margin_loss(logits[..., 0], labels).mean(-1)
 
 
 def _sign_label(k: torch.Tensor, batch_size: int) -> tuple[int, bool]:
@@ -129,14 +167,24 @@ def _sign_label(k: torch.Tensor, batch_size: int) -> tuple[int, bool]:
     return int(float(k.reshape(-1)[0]) < 0), batch_size == 1
 
 
-def _mse(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    if logits.shape[1] == 1:
-        target = (2.0 * labels.to(logits.dtype) - 1.0)[:, None]
+def _squared_error(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per sample (any leading dims, outputs last): 0.5 |f - t|^2, t the one-hot label (s = 2y - 1 for one
+    output) or the soft label."""
+    if logits.shape[-1] == 1:
+        target = (2.0 * labels.to(logits.dtype) - 1.0)[..., None]
     elif labels.is_floating_point():
         target = labels
     else:
-        target = F.one_hot(labels, logits.shape[1]).to(logits.dtype)
-    return 0.5 * ((logits - target) ** 2).sum(dim=1).mean()
+        target = F.one_hot(labels, logits.shape[-1]).to(logits.dtype)
+    return 0.5 * ((logits - target) ** 2).sum(dim=-1)
+
+
+def _mse(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return _squared_error(logits, labels).mean()
+
+
+def _mse_stacked(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return _squared_error(logits, labels).mean(-1)
 
 
 def _mse_label(k: torch.Tensor, batch_size: int) -> tuple[int, bool]:
@@ -147,10 +195,12 @@ def _mse_label(k: torch.Tensor, batch_size: int) -> tuple[int, bool]:
     return int(torch.argmin(k)), False
 
 
-cross_entropy = add(Loss("cross-entropy", _cross_entropy, label_from_bias=_softmax_label, counts_from_bias=True),
-                    aliases=("ce",))
-logistic = add(Loss("logistic", _logistic, single_output=True, label_from_bias=_sign_label), aliases=("bce",))
-mse = add(Loss("mse", _mse, any_outputs=True, label_from_bias=_mse_label), aliases=("squared",))
+cross_entropy = add(Loss("cross-entropy", _cross_entropy, label_from_bias=_softmax_label, counts_from_bias=True,
+                         stacked=_cross_entropy_stacked), aliases=("ce",))
+logistic = add(Loss("logistic", _logistic, single_output=True, label_from_bias=_sign_label,
+                    stacked=_logistic_stacked), aliases=("bce",))
+mse = add(Loss("mse", _mse, any_outputs=True, label_from_bias=_mse_label, stacked=_mse_stacked),
+          aliases=("squared",))
 
 
 def default_loss_for(num_outputs: int) -> str:

@@ -154,7 +154,7 @@ class BatchedObjective:
                          if not self.stacked_problems else None)
         self.engine = STACKED if self._stacked is not None else ENGINE
         self._soft = case.loss_fn.soft_labels
-        self._extra = s0.priors.value if s0.priors.terms else None
+        self._extra = s0.priors.per_trial_value if s0.priors.terms else None  # (N, B, ...) -> (N,)
 
     def _spec(self, sidx: list[int]) -> dict:
         """The stacked targets of trials ``sidx`` (cached: the same trials run round after round, and
@@ -215,7 +215,7 @@ class BatchedObjective:
         with torch.enable_grad():
             x = leaves[0]
             if s0.joint:
-                lab = vmap(self._soft)(leaves[1])
+                lab = self._soft(leaves[1])  # softmax / sigmoid over the last dim: per trial as it stands
             else:
                 lab = torch.stack([self.setups[i].labels for i in sidx])
             if self._stacked is not None:
@@ -231,7 +231,7 @@ class BatchedObjective:
             if spec["join"]:
                 gs = [torch.cat(gs, 1)]
             data = _Match.apply(spec, *gs)
-            total = data if self._extra is None else data + vmap(self._extra, randomness="error")(x, lab)
+            total = data if self._extra is None else data + self._extra(x, lab)
             if s0.score == "data":
                 score = data.detach()
             else:

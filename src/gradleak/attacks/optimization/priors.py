@@ -7,7 +7,10 @@ int (B,) or soft). The attacks (Inverting Gradients / FedAvg, DLG / iDLG) take a
 ``(name, weight)`` / ``(name, weight, options)`` tuples), :func:`build` them once per reconstruction and add
 ``sum_r weight_r * term_r(x)`` to the matching objective (never to the score that picks the best restart).
 The same built :class:`Objective` is the added term of the one-by-one objective and of the batched trials
-(:mod:`.batched`, which vmaps ``Objective.value`` over trials); a prior registered with ``batch_problem`` (why
+(:mod:`.batched`, which evaluates ``Objective.per_trial_value``: every term's per-trial form over the stacked trials,
+the one registered with ``stacked=`` where the prior has one (``tv``, ``l2``: bit for bit
+``torch.vmap`` of the term, tests/test_losses_stacked.py, without its per-call dispatch), else ``torch.vmap`` of
+the term); a prior registered with ``batch_problem`` (why
 vmap over trials cannot run it) makes those trials run one by one, with that reason in ``rec.info['batched']``.
 
 Registered:
@@ -54,6 +57,8 @@ from ...errors import ValidationError
 from ...registry import Registry
 
 Term = Callable[[torch.Tensor], torch.Tensor]
+#: a term's per-trial form: x (N, B, *shape) [, labels (N, B, ...)] -> (N,), trial t's term of x[t]
+StackedTerm = Callable[..., torch.Tensor]
 BN_SOURCES = ("none", "update", "running", "auto")
 
 
@@ -69,6 +74,7 @@ class Prior:
     problems: Callable[..., list[str]] = lambda case, **o: []
     uses_labels: bool = False
     batch_problem: str = ""
+    stacked: Callable[..., StackedTerm] | None = None
 
 
 priors: Registry[Prior] = Registry("prior")
@@ -76,13 +82,15 @@ priors: Registry[Prior] = Registry("prior")
 
 def register_prior(name: str, *, source: str, description: str,
                    problems: Callable[..., list[str]] | None = None, uses_labels: bool = False,
-                   batch_problem: str = ""):
+                   batch_problem: str = "", stacked: Callable[..., StackedTerm] | None = None):
     """Register ``builder(case, **options) -> (x -> 0-d tensor)`` as the prior ``name`` (kebab-case);
     ``uses_labels``: the built term is called ``term(x, labels)``; ``batch_problem``: why the built term cannot
-    run under vmap over trials ('' when it is a function of its arguments alone)."""
+    run under vmap over trials ('' when it is a function of its arguments alone); ``stacked`` (optional): a
+    builder with the same signature of the term's per-trial form (x (N, B, *shape) -> (N,)), which must equal
+    ``torch.vmap`` of the built term bit for bit (batched trials use it instead of that vmap)."""
     def deco(builder):
         priors.register(name)(Prior(name, builder, source, description, problems or (lambda case, **o: []),
-                                    uses_labels, batch_problem))
+                                    uses_labels, batch_problem, stacked))
         return builder
     return deco
 
@@ -132,9 +140,11 @@ def spec_problems(case: Case | None, items: Sequence[Any]) -> list[str]:
 @dataclass
 class Objective:
     """The built regularisers of one reconstruction: ``value(x)`` is ``sum_r w_r term_r(x)``. ``terms``: (name,
-    weight, term, uses_labels, batch_problem) each."""
+    weight, term, uses_labels, batch_problem) each; ``stacked``: the per-trial forms of those terms that have one
+    (keyed by ``id(term)``)."""
 
     terms: list[tuple[str, float, Term, bool, str]] = field(default_factory=list)
+    stacked: dict[int, StackedTerm] = field(default_factory=dict)
 
     def value(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor | None:
         """The weighted sum over the terms (None when there is none); ``labels``: the candidate's labels, for
@@ -147,12 +157,27 @@ class Objective:
             total = v if total is None else total + v
         return total
 
+    def per_trial_value(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor | None:
+        """:meth:`value` of each of N trials at once: x (N, B, *shape), labels (N, B, ...) -> (N,) (None when
+        there is no term), bit for bit ``torch.vmap(self.value)(x, labels)``: each term's registered per-trial
+        form, or vmap of the term where it has none."""
+        total = None
+        for name, w, t, uses_labels, _ in self.terms:
+            if uses_labels and labels is None:
+                raise ValidationError("priors", [f"prior {name!r} needs the candidate's labels"])
+            form = self.stacked.get(id(t))
+            if form is None:
+                form = torch.vmap(t, randomness="error")
+            v = w * (form(x, labels) if uses_labels else form(x))
+            total = v if total is None else total + v
+        return total
+
     def describe(self) -> list[dict]:
         return [{"prior": n, "weight": w} for n, w, *_ in self.terms]
 
     def plus(self, other: "Objective") -> "Objective":
         """This objective with ``other``'s terms added (e.g. the group term once the consensus exists)."""
-        return Objective(list(self.terms) + list(other.terms))
+        return Objective(list(self.terms) + list(other.terms), {**self.stacked, **other.stacked})
 
     def batch_problems(self) -> list[str]:
         """Why vmap over trials cannot run these terms ([] if it can be tried)."""
@@ -170,7 +195,7 @@ def build(case: Case, items: Sequence[Any]) -> Objective:
     problems = spec_problems(case, items)
     if problems:
         raise ValidationError("priors", problems)
-    terms = []
+    terms, stacked = [], {}
     for item in items:
         if callable(item) and not isinstance(item, (tuple, list, PriorSpec)):
             terms.append((getattr(item, "__name__", "callable"), 1.0, item, False, ""))
@@ -178,8 +203,11 @@ def build(case: Case, items: Sequence[Any]) -> Objective:
         s = PriorSpec.parse(item)
         if s.weight > 0:
             p = priors.get(s.name)
-            terms.append((p.name, s.weight, p.builder(case, **dict(s.options)), p.uses_labels, p.batch_problem))
-    return Objective(terms)
+            term = p.builder(case, **dict(s.options))
+            terms.append((p.name, s.weight, term, p.uses_labels, p.batch_problem))
+            if p.stacked is not None:
+                stacked[id(term)] = p.stacked(case, **dict(s.options))
+    return Objective(terms, stacked)
 
 
 # ---- the registered priors -----------------------------------------------------------------------------------
@@ -189,22 +217,38 @@ def total_variation(x: torch.Tensor) -> torch.Tensor:
     mean |x[..., i+1, :] - x[..., i, :]|. Returns a 0-d tensor (0 for non-image inputs)."""
     if x.ndim < 4:
         return x.new_zeros(())
-    tv = x.new_zeros(())
+    return _variation(x, x.new_zeros(()), lambda t: t.mean())
+
+
+def total_variation_per_trial(x: torch.Tensor) -> torch.Tensor:
+    """:func:`total_variation` of each of N trials' images x (N, B, C, H, W) -> (N,) (the 'tv' prior's
+    stacked form: bit for bit its vmap)."""
+    if x.ndim < 5:
+        return x.new_zeros(x.shape[:1])
+    dims = tuple(range(1, x.ndim))
+    return _variation(x, x.new_zeros(x.shape[:1]), lambda t: t.mean(dims))
+
+
+def _variation(x: torch.Tensor, tv: torch.Tensor, mean: Callable) -> torch.Tensor:
+    """``tv`` + the mean (``mean``: over one image batch or per trial) absolute differences of horizontal and
+    vertical neighbours of x (images last: (..., H, W))."""
     if x.shape[-1] > 1:
-        tv = tv + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
+        tv = tv + mean((x[..., :, 1:] - x[..., :, :-1]).abs())
     if x.shape[-2] > 1:
-        tv = tv + (x[..., 1:, :] - x[..., :-1, :]).abs().mean()
+        tv = tv + mean((x[..., 1:, :] - x[..., :-1, :]).abs())
     return tv
 
 
 @register_prior("tv", source="Rudin, Osher, Fatemi 1992; Geiping et al. NeurIPS 2020",
-                description="anisotropic total variation of the candidate images")
+                description="anisotropic total variation of the candidate images",
+                stacked=lambda case: total_variation_per_trial)
 def _tv(case: Case) -> Term:
     return total_variation
 
 
 @register_prior("l2", source="Yin et al. CVPR 2020 (DeepInversion); Yin et al. CVPR 2021 (GradInversion)",
-                description="mean squared (normalised) input")
+                description="mean squared (normalised) input",
+                stacked=lambda case: mean_square_per_trial)
 def _l2(case: Case) -> Term:
     return mean_square
 
@@ -212,6 +256,11 @@ def _l2(case: Case) -> Term:
 def mean_square(x: torch.Tensor) -> torch.Tensor:
     """``mean(x^2)`` (the 'l2' prior's term; one function, so that batched setups with it share a batch)."""
     return x.pow(2).mean()
+
+
+def mean_square_per_trial(x: torch.Tensor) -> torch.Tensor:
+    """:func:`mean_square` of each of N trials' x (N, B, ...) -> (N,) (the 'l2' prior's stacked form)."""
+    return x.pow(2).mean(tuple(range(1, x.ndim)))
 
 
 def resolve_bn_source(case: Case, source: str) -> str:
