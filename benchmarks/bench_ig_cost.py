@@ -85,16 +85,23 @@ def steps(name, opts, batch):
     def ig(n, on_step=None):
         C.run_adam(objective, [x0], steps=n, lr=0.1, project=project, on_step=on_step)
 
+    bare = bare_double_backward(matcher, x0, y)
+
+    return case, train_module, train_functional, ig, bare
+
+
+def bare_double_backward(matcher, x0, y):
+    """The double backward alone, as the IG step runs it (the matcher's model, its split convolutions): the
+    update with create_graph, a fixed linear function of it (whose gradient is given, not computed), its
+    gradient w.r.t. the input. None of the step's other work (cosine, TV, Adam, clamp, the driver). Returns a
+    function of no arguments that runs one."""
     coef = [torch.randn(g.shape, generator=torch.Generator().manual_seed(1)) for g in matcher.update(x0, y)]
 
     def bare():
-        """The double backward alone, as the IG step runs it (the matcher's model, its split convolutions):
-        the update with create_graph, a fixed linear function of it (whose gradient is given, not computed),
-        its gradient w.r.t. the input. None of the step's other work (cosine, TV, Adam, clamp, the driver)."""
         xl = x0.clone().requires_grad_(True)
         torch.autograd.grad(_Linear.apply(coef, *matcher.update(xl, y)), xl)
 
-    return case, train_module, train_functional, ig, bare
+    return bare
 
 
 class _Linear(torch.autograd.Function):

@@ -28,7 +28,10 @@ cosine alone (both keep a best-so-far copy).
 
 Timing: interleaved adjacent rounds (breaching's ``_run_trial`` for n+1 iterations, then gradleak's IG step via
 ``run_adam`` for n+1), per-step time from timestamps taken at each iteration (setup excluded), one thread,
-medians. Target (issue 15): gradleak's step <= 0.7 x breaching's.
+medians; each in wall time and in the thread's CPU time (``cpu``). In the same rounds, gradleak's bare double
+backward (``bench_ig_cost.bare_double_backward``: torch's kernels of the update and its input gradient,
+without the cosine, TV or Adam): the floor of its step, as a share of breaching's step.
+Target (issue 15): gradleak's step <= 0.7 x breaching's.
 
 Run:  python benchmarks/bench_peer_step.py --peer PATH [--peer-commit SHA] [--quick]
 Writes benchmarks/results/peer_step.json. Without --peer: exit 2.
@@ -51,6 +54,7 @@ import torch
 
 import common
 import gradleak as gl
+from bench_ig_cost import bare_double_backward
 from gradleak.attacks.optimization import common as C
 
 LR = 0.1
@@ -141,7 +145,7 @@ class Peer:
             inner = a._compute_objective
 
             def stamped(*args, **kw):
-                stamps.append(time.perf_counter())
+                stamps.append((time.perf_counter(), time.thread_time()))
                 return inner(*args, **kw)
 
             a._compute_objective = stamped
@@ -161,11 +165,17 @@ def gradleak_side(case, labels, tv: float, decay: bool = True):
             v[0].clamp_(lo, hi)
             if after is not None:
                 after.append(v[0].clone())
-        on_step = None if stamps is None else (lambda s, a, b: stamps.append(time.perf_counter()))
+        on_step = None if stamps is None else (lambda s, a, b: stamps.append((time.perf_counter(), time.thread_time())))
         return C.run_adam(objective, [x0.clone()], steps=steps, lr=LR, project=project, on_step=on_step,
                            decay=decay)
 
     return matcher, run
+
+
+def _per_step(stamps) -> tuple[float, float]:
+    """(wall, thread CPU) seconds per step from (perf_counter, thread_time) stamps taken at each step."""
+    n = len(stamps) - 1
+    return (stamps[-1][0] - stamps[0][0]) / n, (stamps[-1][1] - stamps[0][1]) / n
 
 
 def checks(Attacker, case, labels, x0) -> dict:
@@ -238,26 +248,43 @@ def main():
     print("checks:", checked, flush=True)
 
     peer = Peer(Attacker, case, y, tv=PEER_TV)
-    _, ours = gradleak_side(case, y, tv=GRADLEAK_TV)
+    matcher, ours = gradleak_side(case, y, tv=GRADLEAK_TV)
+    floor = bare_double_backward(matcher, x0, y)  # gradleak's double backward alone (no cosine, TV, Adam)
     peer.run(x0, 2)
     ours(x0, 2)
-    rows = {"breaching": [], "gradleak": []}
+    floor()
+    rows = {"breaching": [], "gradleak": [], "floor": []}
+    cpu = {"breaching": [], "gradleak": [], "floor": []}
     for r in range(rounds):
-        order = ("breaching", "gradleak") if r % 2 == 0 else ("gradleak", "breaching")
+        order = ("breaching", "gradleak", "floor") if r % 2 == 0 else ("floor", "gradleak", "breaching")
         for side in order:
             stamps: list = []
             if side == "breaching":
                 peer.run(x0, steps + 1, stamps)
-            else:
+            elif side == "gradleak":
                 ours(x0, steps + 1, stamps)
-            rows[side].append((stamps[-1] - stamps[0]) / (len(stamps) - 1))
-        print(f"round {r}: breaching {rows['breaching'][-1] * 1e3:.1f} ms  gradleak {rows['gradleak'][-1] * 1e3:.1f} ms",
+            else:
+                stamps.append((time.perf_counter(), time.thread_time()))
+                for _ in range(steps):
+                    floor()
+                    stamps.append((time.perf_counter(), time.thread_time()))
+            wall, thread = _per_step(stamps)
+            rows[side].append(wall)
+            cpu[side].append(thread)
+        print(f"round {r}: breaching {rows['breaching'][-1] * 1e3:.1f} ms  gradleak {rows['gradleak'][-1] * 1e3:.1f} ms"
+              f"  (its double backward alone {rows['floor'][-1] * 1e3:.1f} ms); thread CPU time "
+              f"{cpu['breaching'][-1] * 1e3:.1f} / {cpu['gradleak'][-1] * 1e3:.1f} / {cpu['floor'][-1] * 1e3:.1f} ms",
               flush=True)
     med = {k: statistics.median(v) for k, v in rows.items()}
+    mc = {k: statistics.median(v) for k, v in cpu.items()}
     ratios = [g / b for g, b in zip(rows["gradleak"], rows["breaching"])]
+    cpu_ratios = [g / b for g, b in zip(cpu["gradleak"], cpu["breaching"])]
+    floor_ratios = [f / b for f, b in zip(cpu["floor"], cpu["breaching"])]
     ratio = med["gradleak"] / med["breaching"]
     print(f"median step: breaching {med['breaching'] * 1e3:.1f} ms, gradleak {med['gradleak'] * 1e3:.1f} ms, "
-          f"ratio {ratio:.3f} (target <= 0.7)")
+          f"ratio {ratio:.3f} (target <= 0.7); thread CPU time: ratio {mc['gradleak'] / mc['breaching']:.3f}, "
+          f"median of round ratios {statistics.median(cpu_ratios):.3f}; gradleak's double backward alone / "
+          f"breaching's step {statistics.median(floor_ratios):.3f}")
     common.finish(run_, {
         "target": "gradleak IG step / breaching IG step <= 0.7 (CIFAR ResNet-18, batch 1, one thread)",
         "peer": {"source": "github.com/JonasGeiping/breaching", "commit": commit or None, "files": loaded,
@@ -270,6 +297,16 @@ def main():
         "breaching_step_s": rows["breaching"], "gradleak_step_s": rows["gradleak"], "round_ratios": ratios,
         "median_breaching_step_s": med["breaching"], "median_gradleak_step_s": med["gradleak"],
         "ratio": ratio, "median_round_ratio": statistics.median(ratios), "target_met": ratio <= 0.7,
+        # the same from this thread's CPU time (one torch thread runs in it; less disturbed by other processes)
+        "cpu": {"breaching_step_s": cpu["breaching"], "gradleak_step_s": cpu["gradleak"], "round_ratios": cpu_ratios,
+                "ratio": mc["gradleak"] / mc["breaching"], "median_round_ratio": statistics.median(cpu_ratios)},
+        # gradleak's bare double backward (bench_ig_cost.bare_double_backward: the update with create_graph and
+        # its gradient w.r.t. the input, torch's kernels only), timed in the same rounds: the floor of its step
+        "double_backward_alone": {"wall_s": rows["floor"], "cpu_s": cpu["floor"],
+                                  "median_cpu_s": mc["floor"],
+                                  "cpu_round_ratios_to_breaching_step": floor_ratios,
+                                  "median_cpu_ratio_to_breaching_step": statistics.median(floor_ratios),
+                                  "share_of_gradleak_step_cpu": mc["floor"] / mc["gradleak"]},
     })
 
 
