@@ -31,6 +31,7 @@ from ..labels import label_recovery_problems, recover_labels
 from . import batched as B
 from . import common as C
 from . import priors as P
+from .driver import BoxProjection
 
 OPTIMIZERS = ("auto", "signed-adam", "adam", "lbfgs")
 DISTANCES = ("cosine", "l2")
@@ -328,8 +329,7 @@ class InvertingGradients(Attack):
                 return (data if reg is None else data + reg), cos
             return objective
 
-        def project(v: list[torch.Tensor]):
-            v[0].clamp_(lo, hi)
+        project = BoxProjection(lo, hi)  # v[0].clamp_(lo, hi); batched trials clamp all rows at once
 
         def offer(score: float, v: list[torch.Tensor]):
             lab = C.hard_labels(case, v[1]) if joint else labels
