@@ -13,7 +13,8 @@ import torch
 
 import gradleak as gl
 from gradleak.attacks.optimization import batched as B
-from gradleak.attacks.optimization.driver import DivergenceWarning, FusedAdam, evaluate, trial_program
+from gradleak.attacks.optimization.driver import (BoxProjection, DivergenceWarning, FusedAdam, evaluate,
+                                                  trial_program)
 from test_batched_trials import cases  # noqa: F401 (the fixture: three float64 LeNet cases)
 
 N = 6
@@ -44,15 +45,23 @@ def _objective(t: int, calls: list[int], dtype):
     return objective
 
 
-def _project(t: int):
-    """Per-trial boxes; trial 1 replaces its variable (not in place), trial 5 has none."""
+def _project(t: int, boxes: str = "closures"):
+    """Per-trial boxes; trial 1 replaces its variable (not in place), trial 5 has none. ``boxes``: the others
+    are closures ("closures"), or BoxProjections (which the fused update clamps together where their values
+    agree): "mixed": trials 0, 3 and 4 share a tensor box, trial 2 has its own (float) box; "one": every trial
+    has the same tensor box (one clamp over all rows, the case the batched IG runs)."""
     lo, hi = -0.4 - 0.1 * t, 0.5 + 0.05 * t
+    shared = (torch.linspace(-0.6, -0.4, 7), torch.linspace(0.3, 0.6, 7))  # per column of the (1, 3, 5, 7) x
+    if boxes == "one":
+        return BoxProjection(*shared)
     if t == 5:
         return None
     if t == 1:
         def replace(v):
             v[0] = v[0].clamp(lo, hi)
         return replace
+    if boxes == "mixed":
+        return BoxProjection(lo, hi) if t == 2 else BoxProjection(*(b.clone() for b in shared))
 
     def box(v):
         v[0].clamp_(lo, hi)
@@ -73,13 +82,13 @@ def _logger(log, t):
     return on_step, on_offer
 
 
-def _programs(settings, dtype, log):
+def _programs(settings, dtype, log, boxes="closures"):
     calls = [0] * N
     objs = [_objective(t, calls, dtype) for t in range(N)]
     out = []
     for t, start in enumerate(_starts(dtype)):
         on_step, on_offer = _logger(log, t)
-        out.append(trial_program(start, **settings, project=_project(t), on_step=on_step, on_offer=on_offer,
+        out.append(trial_program(start, **settings, project=_project(t, boxes), on_step=on_step, on_offer=on_offer,
                                  name=f"trial {t}"))
     pending = {t: next(p) for t, (_, p) in enumerate(out)}
     while pending:  # in lockstep, trial by trial (as batched.py's program loop)
@@ -91,12 +100,12 @@ def _programs(settings, dtype, log):
     return [trial for trial, _ in out]
 
 
-def _fused(settings, dtype, log):
+def _fused(settings, dtype, log, boxes="closures"):
     calls = [0] * N
     objs = [_objective(t, calls, dtype) for t in range(N)]
     trials = [trial_program(s, **settings)[0] for s in _starts(dtype)]  # fresh Trial records
     hooks = [_logger(log, t) for t in range(N)]
-    f = FusedAdam(_starts(dtype), trials, projects=[_project(t) for t in range(N)],
+    f = FusedAdam(_starts(dtype), trials, projects=[_project(t, boxes) for t in range(N)],
                   on_steps=[h[0] for h in hooks], on_offers=[h[1] for h in hooks],
                   names=[f"trial {t}" for t in range(N)], **settings)
     while (req := f.request()) is not None:
@@ -118,20 +127,21 @@ def _same_log(a, b):
             assert all(torch.equal(x, y) for x, y in zip(ea[-1], eb[-1]))
 
 
+@pytest.mark.parametrize("boxes", ["closures", "mixed", "one"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("settings", [
     dict(optimizer="signed-adam", max_iterations=16, lr=0.1, explode_factor=100.0, offer_every=3),
     dict(optimizer="adam", max_iterations=13, lr=0.05, decay=False, offer_every=4, explode_factor=100.0,
          schedule=lambda step: 1.0 / (1 + step)),
 ])
-def test_fused_adam_equals_each_trials_own_program_bit_for_bit(dtype, settings):
+def test_fused_adam_equals_each_trials_own_program_bit_for_bit(dtype, settings, boxes):
     log_p, log_f = [], []
     with warnings.catch_warnings(record=True) as wp:
         warnings.simplefilter("always")
-        programs = _programs(settings, dtype, log_p)
+        programs = _programs(settings, dtype, log_p, boxes)
     with warnings.catch_warnings(record=True) as wf:
         warnings.simplefilter("always")
-        fused = _fused(settings, dtype, log_f)
+        fused = _fused(settings, dtype, log_f, boxes)
     stops = [t.stop for t in programs]
     assert stops[2] == "diverged: non-finite loss" and stops[3] == "diverged: non-finite gradient"
     assert stops[4] == "diverged: exploded" and stops[0] == "budget"

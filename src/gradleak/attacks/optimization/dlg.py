@@ -28,6 +28,7 @@ from ..labels import label_recovery_problems, recover_labels
 from . import batched as B
 from . import common as C
 from . import priors as P
+from .driver import BoxProjection
 
 SCALES = ("auto", "plain", "relative")
 
@@ -140,8 +141,7 @@ class _LBFGSMatching(Attack):
             reg = prior.value(v[0], lab)
             return (data, data) if reg is None else (data + reg, data)
 
-        def project(v):
-            v[0].clamp_(lo, hi)
+        project = BoxProjection(lo, hi)  # v[0].clamp_(lo, hi); batched Adam trials clamp all rows at once
 
         def offer(score, v):
             lab = C.hard_labels(case, v[1]) if joint else labels

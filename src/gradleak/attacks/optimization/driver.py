@@ -296,6 +296,21 @@ _LBFGS_ONLY = frozenset({"inner", "history_size", "line_search", "stall_steps", 
                          "tol_change", "max_outer_steps"})
 
 
+class BoxProjection:
+    """A trial's ``project`` that clamps its first variable into the box [lo, hi] in place (floats, or tensors
+    broadcastable against it). :class:`FusedAdam` clamps the rows of trials whose boxes have the same values
+    as ONE stacked op instead of one call per trial (the same values: clamp is elementwise)."""
+
+    def __init__(self, lo: float | torch.Tensor, hi: float | torch.Tensor):
+        self.lo, self.hi = lo, hi
+        self.key = tuple((type(b).__name__, b) if not isinstance(b, torch.Tensor) else
+                         (str(b.dtype), str(b.device), tuple(b.shape), tuple(b.reshape(-1).tolist()))
+                         for b in (lo, hi))
+
+    def __call__(self, v: list[torch.Tensor]) -> None:
+        v[0].clamp_(self.lo, self.hi)
+
+
 class FusedAdam:
     """The Adam / signed-Adam programs (:func:`trial_program`) of T trials that share their settings and start
     together, run as ONE stacked update per round: the running trials' variables are the rows of (T, ...)
@@ -304,7 +319,7 @@ class FusedAdam:
     operations are elementwise (or row-wise reductions), so each row gets exactly the values its own program
     would: bit for bit (tests/test_fused_adam.py). What stays per trial: its stop rule (non-finite loss or
     gradient, explosion) and divergence record, best score and iterate, counts, ``project`` (called on the
-    trial's rows, as views), ``on_step`` / ``on_offer`` and the end (:func:`_finish`), in the order the
+    trial's rows, as views; a :class:`BoxProjection` with another trial's values clamps with it), ``on_step`` / ``on_offer`` and the end (:func:`_finish`), in the order the
     programs would run them. A trial that stops leaves the batch (its rows are dropped at that round).
 
     Protocol (:mod:`.batched` feeds it): :meth:`request` gives (stacked variables of the running trials, need
@@ -431,9 +446,23 @@ class FusedAdam:
             with torch.no_grad():
                 for x, q, (m, v) in zip(self.x, g, self.moments):
                     adam_update(x, q.sign() if self.signed else q, m, v, step + 1, self.lr)
+                boxes: dict[tuple, list[int]] = {}  # box projections by their values: one clamp per box
                 for row, r in enumerate(keep):
                     project = self.projects[running[r]]
-                    if project is not None:
+                    if isinstance(project, BoxProjection):
+                        boxes.setdefault(project.key, []).append(row)
+                for rows in boxes.values():
+                    box = self.projects[running[keep[rows[0]]]]
+                    if len(rows) == len(keep):
+                        self.x[0].clamp_(box.lo, box.hi)
+                    elif len(rows) == 1:
+                        self.x[0][rows[0]].clamp_(box.lo, box.hi)
+                    else:
+                        idx = torch.tensor(rows, device=self.x[0].device)
+                        self.x[0].index_copy_(0, idx, self.x[0].index_select(0, idx).clamp_(box.lo, box.hi))
+                for row, r in enumerate(keep):
+                    project = self.projects[running[r]]
+                    if project is not None and not isinstance(project, BoxProjection):
                         views = [x[row] for x in self.x]
                         given = list(views)
                         project(views)
@@ -461,17 +490,20 @@ class FusedAdam:
 
 
 def _rows_finite(*groups: Sequence[torch.Tensor] | None) -> list[list[bool]]:
-    """Per group of stacked tensors (rows = trials): whether each row of every tensor is finite (one sync)."""
-    flags = []
+    """Per group of stacked tensors (rows = trials): whether each row of every tensor is finite (one sync).
+    A row is finite iff the sum of its entries times 0 is 0 (an infinite or NaN entry gives NaN, finite ones
+    +-0): two ops per tensor, where ``isfinite(...).all(1)`` took 5x the time (16 LeNet trials: 34 vs 203 us
+    a round for the image and its gradient)."""
+    sums = []
     for tensors in groups:
         if tensors is None:
             continue
-        f = None
+        s = None
         for x in tensors:
-            fx = torch.isfinite(x).reshape(x.shape[0], -1).all(1)
-            f = fx if f is None else f & fx
-        flags.append(f)
-    return torch.stack(flags).tolist()
+            sx = x.reshape(x.shape[0], -1).mul(0).sum(1)
+            s = sx if s is None else s + sx
+        sums.append(s)
+    return [[v == 0 for v in row] for row in torch.stack(sums).tolist()]
 
 
 def _lbfgs(trial, best, variables, *, max_iterations, lr, inner, history_size, line_search, project,

@@ -32,6 +32,7 @@ from . import batched as B
 from . import common as C
 from . import parametrize as Z
 from . import priors as P
+from .driver import BoxProjection
 
 OPTIMIZERS = ("auto", "signed-adam", "adam", "lbfgs")
 DISTANCES = ("cosine", "l2")
@@ -371,8 +372,11 @@ class InvertingGradients(Attack):
                 return (data if reg is None else data + reg), cos
             return objective
 
-        def project(v: list[torch.Tensor]):
-            param.project(v, lo, hi)
+        if n == 1:
+            project = BoxProjection(lo, hi)  # v[0].clamp_(lo, hi); batched trials clamp all rows at once
+        else:
+            def project(v: list[torch.Tensor]):
+                param.project(v, lo, hi)  # the image back into the box through the finest level
 
         def offer(score: float, v: list[torch.Tensor]):
             lab = C.hard_labels(case, v[n]) if joint else labels
