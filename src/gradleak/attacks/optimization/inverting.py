@@ -30,6 +30,7 @@ from ..base import Attack, Reconstruction, RunContext, register
 from ..labels import label_recovery_problems, recover_labels
 from . import batched as B
 from . import common as C
+from . import parametrize as Z
 from . import priors as P
 from .driver import BoxProjection
 
@@ -85,6 +86,13 @@ class IGOptions:
     ``lr_decay=False`` with 'step' keeps the rate constant (as before).
     start: the random start: 'randn' (N(0, 1)) or 'patterned-K' (an N(0, 1) tile of (H/K, W/K) repeated K x K
     times: breaching's "modern" preset uses K = 4).
+    parametrize: what the optimiser moves (:mod:`.parametrize`): 'pixel' (the image itself), 'laplacian-K' (a
+    Laplacian pyramid of K levels: x = z_0 + sum_k up(z_k), every level stepped on its own; the start and the
+    box constraint stay those of the image), or 'auto' (the default): the rule of :func:`resolve_parametrize`,
+    a pyramid down to 1 x 1 on a ResNet with BatchNorm, else 'pixel' (every LeNet / sigmoid figure).
+    ``rec.info['parametrize']`` holds the one used and ``rec.info['parametrize_choice']`` why. Trials with a
+    pyramid run one by one (the batched objective evaluates the variables as the image; ``rec.info['batched']``
+    says so).
     lbfgs_inner, history_size, line_search ('strong-wolfe' or ''): L-BFGS settings (optimizer='lbfgs').
     offer_every: steps between best-so-far snapshots (what Ctrl-C returns).
     batch_trials: run the restarts as one batched computation (:mod:`.batched`; falls back to one by one,
@@ -116,6 +124,7 @@ class IGOptions:
     schedule: str = "step"
     warmup: int = 0
     start: str = "randn"
+    parametrize: str = "auto"
     lbfgs_lr: float = 1.0
     lbfgs_inner: int = 20
     history_size: int = 100
@@ -157,6 +166,30 @@ def resolve_tv(tv: float | str, model: nn.Module) -> tuple[float, str]:
     return TV_PAPER, f"auto: {TV_PAPER:g} (the paper's), the model is not a ResNet with BatchNorm ({why})"
 
 
+def resolve_parametrize(name: str, model: nn.Module, shape) -> tuple[str, str]:
+    """The parametrisation ``name`` means on ``model`` for samples of ``shape``, and why.
+
+    A name other than 'auto' is itself. 'auto': on a ResNet with BatchNorm (the rule of :func:`resolve_tv`:
+    residual blocks AND BatchNorm layers) and image samples, a Laplacian pyramid down to 1 x 1
+    (``laplacian-K``, K = floor(log2(min(H, W))) + 1: 6 levels at 32 px); else 'pixel'. The evidence
+    (docs/batchnorm.md, "Image parametrisations"): Inverting Gradients at 500 iterations, TV 1e-2, batch 1,
+    FedSGD, eval BatchNorm, untrained zoo resnet18 (32 px) and resnet20, the bundled photos; 'pixel' stays
+    for everything else because that is what the LeNet / sigmoid figures were measured with."""
+    if name != "auto":
+        return name, "given"
+    shape = tuple(shape)
+    blocks, norms = bn_resnet(model)
+    if not (blocks and norms):
+        why = "no residual blocks" if not blocks else "no BatchNorm layers"
+        return "pixel", f"auto: pixel, the model is not a ResNet with BatchNorm ({why})"
+    if len(shape) != 3 or min(shape[-2:]) < 2:
+        return "pixel", f"auto: pixel, the samples are not images of at least 2 x 2 (shape {shape})"
+    levels = int(math.floor(math.log2(min(shape[-2:])))) + 1
+    return f"laplacian-{levels}", (f"auto: laplacian-{levels} (a pyramid down to 1 x 1), the model is a ResNet "
+                                   f"with BatchNorm ({blocks} residual blocks, {norms} BatchNorm layers); the rule "
+                                   "and its evidence: docs/batchnorm.md")
+
+
 def tv_weight(tv: float, batch_size: int, batch_scaling: bool) -> float:
     """The TV weight used: ``tv``, times min(B^2, 10) with ``batch_scaling`` (see IGOptions.tv)."""
     return float(tv) * (min(batch_size ** 2, 10) if batch_scaling else 1)
@@ -182,14 +215,16 @@ class InvertingGradients(Attack):
             "federated learning? NeurIPS 2020"
     Options = IGOptions
     presets = {
+        # (the papers' presets optimise the image itself: parametrize='pixel')
         # the paper's CIFAR-10 runs: 24,000 steps, TV 1e-4, lr 0.1, signed Adam, 8 restarts (ALGORITHMS.md 1.3)
         "geiping2020": dict(max_iterations=24000, restarts=8, tv=1e-4, lr=0.1, optimizer="signed-adam",
-                            distance="cosine", layer_weights="equal", tv_batch_scaling=False),
+                            distance="cosine", layer_weights="equal", tv_batch_scaling=False, parametrize="pixel"),
         # the paper's ImageNet (trained ResNet) setting: TV 1e-1
         "geiping2020-imagenet": dict(max_iterations=24000, restarts=8, tv=1e-1, lr=0.1, optimizer="signed-adam",
-                                     distance="cosine", tv_batch_scaling=False),
+                                     distance="cosine", tv_batch_scaling=False, parametrize="pixel"),
         # the budget of the paper's hyperparameter sweeps
-        "geiping2020-sweep": dict(max_iterations=4800, restarts=1, tv=1e-4, lr=0.1, optimizer="signed-adam", tv_batch_scaling=False),
+        "geiping2020-sweep": dict(max_iterations=4800, restarts=1, tv=1e-4, lr=0.1, optimizer="signed-adam",
+                                  tv_batch_scaling=False, parametrize="pixel"),
         # untrained models: TV 1e-6 (ALGORITHMS.md 1.3)
         "untrained": dict(tv=1e-6),
         # FedAvg multi-step updates: TV 1e-6, the paper's signed Adam + cosine (ALGORITHMS.md 1.4)
@@ -212,12 +247,13 @@ class InvertingGradients(Attack):
         # the paper's image registration and label recovery are not part of it (labels: label_strategy).
         "gradinversion": dict(max_iterations=20000, restarts=4, optimizer="adam", lr=0.1, schedule="cosine",
                               warmup=50, distance="cosine", tv=1e-4, tv_batch_scaling=False, l2=1e-6,
-                              bn_prior="auto", bn_weight=1e-2, group_consistency=1e-2, group_start=0.5),
+                              bn_prior="auto", bn_weight=1e-2, group_consistency=1e-2, group_start=0.5,
+                              parametrize="pixel"),
         # breaching's "modern" ideas (Geiping et al.'s library): signed Adam with warm-up + cosine decay and a
         # patterned start (4 x 4 tiles), TV and the BatchNorm prior where statistics exist (weights ours)
         "modern": dict(max_iterations=24000, restarts=1, optimizer="signed-adam", lr=0.1, schedule="cosine",
                        warmup=50, start="patterned-4", tv=1e-4, tv_batch_scaling=False, bn_prior="auto",
-                       bn_weight=1e-2),
+                       bn_weight=1e-2, parametrize="pixel"),
     }
 
     def check_options(self, o: IGOptions) -> list[str]:
@@ -260,6 +296,8 @@ class InvertingGradients(Attack):
         if o.warmup < 0:
             p.append(f"warmup must be >= 0, got {o.warmup}")
         p += C.start_problems(o.start)
+        if o.parametrize != "auto":
+            p += Z.problems(o.parametrize)
         if o.init is not None and not isinstance(o.init, (Reconstruction, torch.Tensor)):
             p.append(f"init must be a Reconstruction or an image-space tensor, got {type(o.init).__name__}")
         if o.line_search not in ("", "strong-wolfe"):
@@ -274,6 +312,8 @@ class InvertingGradients(Attack):
         problems += C.matching_problems(case, names)
         problems += C.init_problems(case, o.init)
         problems += P.spec_problems(case, self._prior_specs(case))
+        problems += Z.case_problems(resolve_parametrize(o.parametrize, case.model, case.spec.shape)[0],
+                                    tuple(case.spec.shape))
         return problems
 
     def _prior_specs(self, case: Case) -> list:
@@ -318,22 +358,29 @@ class InvertingGradients(Attack):
         prior = P.build(case, self._prior_specs(case))
         tv = self._tv(case)
         spec = case.spec
+        param_name, param_choice = resolve_parametrize(o.parametrize, case.model, spec.shape)
+        param = Z.build(param_name, tuple(spec.shape))
+        n = param.count  # the variables: the parametrisation's n tensors, then the label logits when joint
 
         def objective_with(priors: P.Objective):
             """The one-by-one objective: the data term plus ``priors`` (the batched trials add the same)."""
             def objective(v: list[torch.Tensor]):
-                x = v[0]
-                lab = C.soft_labels(case, v[1]) if joint else labels
+                x = param.image(v)
+                lab = C.soft_labels(case, v[n]) if joint else labels
                 data, cos = matcher.terms(x, lab)
                 reg = priors.value(x, lab)
                 return (data if reg is None else data + reg), cos
             return objective
 
-        project = BoxProjection(lo, hi)  # v[0].clamp_(lo, hi); batched trials clamp all rows at once
+        if n == 1:
+            project = BoxProjection(lo, hi)  # v[0].clamp_(lo, hi); batched trials clamp all rows at once
+        else:
+            def project(v: list[torch.Tensor]):
+                param.project(v, lo, hi)  # the image back into the box through the finest level
 
         def offer(score: float, v: list[torch.Tensor]):
-            lab = C.hard_labels(case, v[1]) if joint else labels
-            ctx.offer(score, spec.denormalize(v[0]), lab)
+            lab = C.hard_labels(case, v[n]) if joint else labels
+            ctx.offer(score, spec.denormalize(param.image(v).detach()), lab)
 
         optimizer = o.optimizer
         rough = C.non_smooth_parts(case.model)
@@ -358,20 +405,32 @@ class InvertingGradients(Attack):
                 case=case, matcher=matcher, labels=labels, objective=objective, starts=starts,
                 settings=dict(settings, max_iterations=iterations, decay=decay, schedule=schedule), priors=priors,
                 score="data" if distance == "cosine" else "cosine", project=project if o.boxed else None,
-                on_step=on_step, on_offer=offer, names=names, batched=o.batch_trials)
+                on_step=on_step, on_offer=offer, names=names, batched=o.batch_trials and n == 1)
+
+        def run(setup: B.TrialSetup):
+            """B.run, then every trial's variables as [image, (label logits)] (the parametrisation undone)."""
+            trials, note = B.run(setup)
+            if n > 1:
+                for t in trials:
+                    if t.variables is not None:
+                        t.variables = [param.image(t.variables).detach(), *t.variables[n:]]
+                if o.batch_trials:
+                    note = dict(note, reason=f"parametrize={param_name!r}: the batched objective evaluates "
+                                             "the variables as the image, so these trials run one by one")
+            return trials, note
 
         starts = []
         for r in range(o.restarts):
             x0 = C.init_inputs(case, o.init if r == 0 else None, ctx.generator, o.start)
             if o.init is not None and r == 0 and o.boxed:
                 x0 = torch.maximum(torch.minimum(x0, hi), lo)
-            v0 = [x0]
+            v0 = param.variables(x0)
             if joint:
                 v0.append(C.randn(C.label_logits_shape(case), ctx.generator, case))
-            ctx.start(spec.denormalize(v0[0]), C.hard_labels(case, v0[1]) if joint else labels)
+            ctx.start(spec.denormalize(x0), C.hard_labels(case, v0[n]) if joint else labels)
             starts.append(v0)
-        trials, batch_note = B.run(trial_setup(objective_with(prior), prior, starts, first, o.lr_decay, sched,
-                                               [f"{self.name} restart {r}" for r in range(o.restarts)]))
+        trials, batch_note = run(trial_setup(objective_with(prior), prior, starts, first, o.lr_decay, sched,
+                                             [f"{self.name} restart {r}" for r in range(o.restarts)]))
         group_info = None
         if grouped and first < o.max_iterations and sum(t.finite for t in trials) >= 2:
             # GradInversion's group term (one-update form): the consensus of the restarts after the first stage,
@@ -383,10 +442,11 @@ class InvertingGradients(Attack):
             stage1 = trials
             go_on = [r for r, t in enumerate(stage1) if t.finite]
             later = replace(sched, offset=first)
-            stage2, note2 = B.run(trial_setup(objective_with(grouped_prior), grouped_prior,
-                                              [[v.clone() for v in stage1[r].variables] for r in go_on],
-                                              o.max_iterations - first, False, later,
-                                              [f"{self.name} restart {r} (group)" for r in go_on]))
+            stage2, note2 = run(trial_setup(objective_with(grouped_prior), grouped_prior,
+                                            [param.variables(stage1[r].variables[0].clone())
+                                             + [v.clone() for v in stage1[r].variables[1:]] for r in go_on],
+                                            o.max_iterations - first, False, later,
+                                            [f"{self.name} restart {r} (group)" for r in go_on]))
             joined = dict(zip(go_on, stage2))
             trials = [_joined(t1, joined[r]) if r in joined else t1 for r, t1 in enumerate(stage1)]
             batch_note = [batch_note, note2]
@@ -401,6 +461,7 @@ class InvertingGradients(Attack):
             "optimizer": optimizer, "distance": o.distance, "tv": tv, "tv_choice": resolve_tv(o.tv, case.model)[1],
             "priors": prior.describe(), "schedule": o.schedule if o.lr_decay or o.schedule != "step" else "constant",
             "start": o.start if o.init is None else "init (first restart)",
+            "parametrize": param_name, "parametrize_choice": param_choice,
             "protocol": case.protocol,
             "batched": batch_note,
             **C.totals(trials),
