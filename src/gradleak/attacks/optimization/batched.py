@@ -76,7 +76,8 @@ class TrialSetup:
     ``(x) -> 0-d tensor`` or prior specs); score: 'data' (the score is
     the data term) or 'cosine' (the cosine distance, the data term being an L2); starts: one variable list
     per trial; settings: :func:`~.driver.trial_program` settings shared by the trials (optimizer, budget,
-    lr, ...); project / on_step / on_offer: the trial callbacks; names: one per trial (for warnings)."""
+    lr, ...); project / on_step / on_offer: the trial callbacks; names: one per trial (for warnings); batched:
+    False runs them one by one, for ``not_batched_reason``."""
 
     case: Case
     matcher: GradientMatcher
@@ -93,6 +94,7 @@ class TrialSetup:
     on_offer: Callable | None = None
     names: list[str] = field(default_factory=list)
     batched: bool = True
+    not_batched_reason: str = "batch_trials is off"  # what info['batched'] and batch_problems say when not batched
 
     def __post_init__(self):
         extra = ([("tv", self.tv)] if self.tv > 0 else []) + list(self.regularizers)
@@ -199,7 +201,7 @@ def batch_problems(attack: Attack, case: Case, *, pays: bool = True) -> list[str
     if setup is None:
         return ["the attack ran no batched trials on this case"]
     if not setup.batched:
-        return ["batch_trials is off"]
+        return [setup.not_batched_reason]
     problems = vmap_problems(setup)
     slow = worth_batching(case) if pays else ""
     return problems + ([slow] if slow and not problems else [])
@@ -425,7 +427,7 @@ def run_setups(setups: Sequence[TrialSetup], *, limit: int | None = None, auto: 
         problems = vmap_problems(s)
         slow = worth_batching(s.case) if auto else ""
         if not s.batched:
-            notes[i] = {"batched": False, "reason": "batch_trials is off", "trials": len(s.starts)}
+            notes[i] = {"batched": False, "reason": s.not_batched_reason, "trials": len(s.starts)}
         elif problems:
             notes[i] = {"batched": False, "reason": "; ".join(problems), "trials": len(s.starts)}
         elif len(s.starts) == 1 and len(setups) == 1:

@@ -400,12 +400,17 @@ class InvertingGradients(Attack):
         settings = dict(optimizer=optimizer, lr=o.lbfgs_lr if optimizer == "lbfgs" else o.lr, inner=inner,
                         history_size=o.history_size, line_search=o.line_search, offer_every=o.offer_every)
 
+        unbatched = ("batch_trials is off" if not o.batch_trials else
+                     f"parametrize={param_name!r}: the batched objective evaluates the variables as the image, so "
+                     "these trials run one by one")
+
         def trial_setup(objective, priors, starts, iterations, decay, schedule, names):
             return B.TrialSetup(
                 case=case, matcher=matcher, labels=labels, objective=objective, starts=starts,
                 settings=dict(settings, max_iterations=iterations, decay=decay, schedule=schedule), priors=priors,
                 score="data" if distance == "cosine" else "cosine", project=project if o.boxed else None,
-                on_step=on_step, on_offer=offer, names=names, batched=o.batch_trials and n == 1)
+                on_step=on_step, on_offer=offer, names=names, batched=o.batch_trials and n == 1,
+                not_batched_reason=unbatched)
 
         def run(setup: B.TrialSetup):
             """B.run, then every trial's variables as [image, (label logits)] (the parametrisation undone)."""
@@ -414,9 +419,6 @@ class InvertingGradients(Attack):
                 for t in trials:
                     if t.variables is not None:
                         t.variables = [param.image(t.variables).detach(), *t.variables[n:]]
-                if o.batch_trials:
-                    note = dict(note, reason=f"parametrize={param_name!r}: the batched objective evaluates "
-                                             "the variables as the image, so these trials run one by one")
             return trials, note
 
         starts = []
