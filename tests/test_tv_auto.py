@@ -47,3 +47,6 @@ def test_tv_must_be_auto_or_a_number():
         gl.create("ig", tv=[1e-2])
     with pytest.raises(gl.ValidationError, match="tv must be 'auto' or a number >= 0"):
         gl.create("ig", tv=-1.0)
+    for flag in (True, False):  # a bool is an int to Python, not a TV weight (True would run TV 1.0)
+        with pytest.raises(gl.ValidationError, match="tv must be 'auto' or a number >= 0|option 'tv' must be"):
+            gl.create("ig", tv=flag)

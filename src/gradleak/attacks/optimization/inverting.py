@@ -269,7 +269,8 @@ class InvertingGradients(Attack):
             p.append(f"optimizer must be one of {OPTIMIZERS}, got {o.optimizer!r}")
         if o.distance not in DISTANCES:
             p.append(f"distance must be one of {DISTANCES}, got {o.distance!r}")
-        if o.tv != "auto" and not (isinstance(o.tv, (int, float)) and o.tv >= 0 and math.isfinite(o.tv)):
+        if o.tv != "auto" and not (isinstance(o.tv, (int, float)) and not isinstance(o.tv, bool) and o.tv >= 0
+                                   and math.isfinite(o.tv)):
             p.append(f"tv must be 'auto' or a number >= 0, got {o.tv!r}")
         if o.layer_weights not in C.WEIGHT_SCHEMES:
             p.append(f"layer_weights must be one of {C.WEIGHT_SCHEMES}, got {o.layer_weights!r}")
