@@ -102,7 +102,10 @@ def test_auto_parametrisation_follows_the_rule_on_the_zoo(name, expected):
     if name == "convnet":  # BatchNorm but no residual block: the rule needs both (as TV's)
         assert "no residual blocks" in why
     assert resolve_parametrize("laplacian-3", model, (3, 32, 32)) == ("laplacian-3", "given")
-    if expected != "pixel":  # down to 1 x 1 at other sizes; pixel for samples that are not images
+    if expected != "pixel":  # down to 1 x 1 at other sizes; pixel for samples that are not images, and in
+        # train-mode BatchNorm (where the pyramid measured below pixel)
+        got, why = resolve_parametrize("auto", model, (3, 32, 32), "train")
+        assert got == "pixel" and "train mode" in why
         assert resolve_parametrize("auto", model, (3, 224, 200))[0] == "laplacian-8"
         assert resolve_parametrize("auto", model, (12,))[0] == "pixel"
 
@@ -117,5 +120,10 @@ def test_auto_parametrisation_is_recorded_and_the_paper_presets_pin_pixel(photos
         assert rec.info["parametrize"] == auto and rec.info["parametrize_choice"].startswith(f"auto: {auto}")
         given = gl.create("ig", max_iterations=2, parametrize="pixel").reconstruct(case, seed=0)
         assert given.info["parametrize"] == "pixel" and given.info["parametrize_choice"] == "given"
+    train, _ = gl.simulate(gl.models.build("resnet20", input_shape=photos32.spec.shape,
+                                           num_classes=photos32.spec.num_classes, seed=0),
+                           x, y, spec=photos32.spec, bn_mode="train")
+    rec = gl.create("ig", max_iterations=2).reconstruct(train, seed=0)
+    assert rec.info["parametrize"] == "pixel" and "train mode" in rec.info["parametrize_choice"]
     for preset in ("geiping2020", "geiping2020-imagenet", "geiping2020-sweep", "gradinversion", "modern"):
         assert gl.create("ig", preset=preset).options.parametrize == "pixel"
