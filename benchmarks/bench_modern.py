@@ -275,7 +275,9 @@ def main():
                                          "bn_mode": "eval", "labels_known": True, "options": "IG defaults"},
                              "imagenet": imagenet(args.imagenet_iterations, args.imagenet_photo)})
         return
-    photos = gl.data.samples(32, num_images=8)
+    # the 8 photos of the grid; --first-photo 8 and on reach the other bundled photos (held out from
+    # the choices made on the first 8; the 16-photo set starts with the same 8 images and labels)
+    photos = gl.data.samples(32, num_images=min(16, max(8, args.first_photo + args.photos)))
     if args.cells == "reduced":
         cells = [(sn, cn, [n]) for sn, cn, n in REDUCED]
         models, settings, configs = ["resnet20"], [c[0] for c in REDUCED], sorted({x for c in REDUCED for x in c[1]})
