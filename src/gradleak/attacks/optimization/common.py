@@ -404,11 +404,16 @@ def init_inputs(case: Case, init, generator: torch.Generator, start: str = "rand
 SCHEDULES = ("step", "cosine", "constant")
 
 
+def numbered(value, prefix: str) -> int | None:
+    """K of an option value spelled ``prefix`` + K (K a whole number: 'patterned-4', 'laplacian-6'); else None."""
+    if isinstance(value, str) and value.startswith(prefix) and value[len(prefix):].isdigit():
+        return int(value[len(prefix):])
+    return None
+
+
 def start_problems(start: str) -> list[str]:
     """What is wrong with a ``start`` option value ([] if fine)."""
-    if start == "randn":
-        return []
-    if isinstance(start, str) and start.startswith("patterned-") and start[10:].isdigit() and int(start[10:]) >= 1:
+    if start == "randn" or (numbered(start, "patterned-") or 0) >= 1:
         return []
     return [f"start must be 'randn' or 'patterned-K' (K >= 1 tiles per side), got {start!r}"]
 
@@ -420,7 +425,7 @@ def start_inputs(case: Case, start: str, generator: torch.Generator) -> torch.Te
     shape = (case.batch_size, *case.spec.shape)
     if start == "randn" or not case.spec.is_image:
         return randn(shape, generator, case)
-    k = int(start[10:])
+    k = numbered(start, "patterned-")
     h, w = shape[-2:]
     tile = randn((shape[0], shape[1], -(-h // k), -(-w // k)), generator, case)
     return tile.repeat(1, 1, k, k)[..., :h, :w].contiguous()

@@ -28,15 +28,14 @@ import torch
 import torch.nn.functional as F
 
 from ...errors import ValidationError
+from .common import numbered
 
 NAMES = ("pixel", "laplacian-K")
 
 
 def problems(name: str) -> list[str]:
     """What is wrong with a parametrisation name ([] if fine)."""
-    if name == "pixel":
-        return []
-    if isinstance(name, str) and name.startswith("laplacian-") and name[10:].isdigit() and int(name[10:]) >= 2:
+    if name == "pixel" or (numbered(name, "laplacian-") or 0) >= 2:
         return []
     return [f"parametrize must be 'pixel' or 'laplacian-K' (a pyramid of K >= 2 levels), got {name!r}"]
 
@@ -111,5 +110,5 @@ def build(name: str, shape: tuple[int, ...]):
         raise ValidationError("parametrize", p)
     if name == "pixel":
         return Pixel()
-    levels = int(name[10:])
+    levels = numbered(name, "laplacian-")
     return Laplacian(levels, (int(shape[-2]), int(shape[-1])), name=name)
