@@ -171,7 +171,7 @@ def cases(model, setting: dict, photos, n_photos: int, local_lr: float, spec=Non
         yield case, truth, photos.names[i:i + b]
 
 
-def run_cells(cells, models, photos, n_photos: int, local_lr: float, first: int = 0) -> list[dict]:
+def run_cells(cells, models, photos, n_photos: int, local_lr: float, first: int = 0, seed: int = 0) -> list[dict]:
     """Rows of (model, setting, config, iterations) for every case of each cell."""
     rows = []
     for mname in models:
@@ -188,11 +188,11 @@ def run_cells(cells, models, photos, n_photos: int, local_lr: float, first: int 
                     if "warmup_fraction" in o:
                         o["warmup"] = max(1, round(its * o.pop("warmup_fraction")))
                     t = time.perf_counter()
-                    rec = gl.create("ig", preset=preset, **{**o, "max_iterations": its}).reconstruct(case, seed=0)
+                    rec = gl.create("ig", preset=preset, **{**o, "max_iterations": its}).reconstruct(case, seed=seed)
                     sec = time.perf_counter() - t
                     s = gl.evaluate(rec, truth)
                     row = {"model": mname, "model_note": model_note, "setting": sname, "config": cname, "iterations": n,
-                           "iterations_per_restart": its, "photos": list(names),
+                           "iterations_per_restart": its, "attack_seed": seed, "photos": list(names),
                            "psnr_per_image": s.psnr_per_image, "ssim_per_image": s.ssim_per_image,
                            "label_accuracy": s.label_accuracy, "seconds": round(sec, 1),
                            "bn_prior": rec.info.get("bn_prior"), "tv": rec.info.get("tv"),
@@ -249,6 +249,7 @@ def main():
     ap.add_argument("--models", default="resnet20-4")
     ap.add_argument("--photos", type=int, default=2, help="photos at batch 1 (the batch-8 case uses the first 8)")
     ap.add_argument("--first-photo", type=int, default=0, help="index of the first photo at batch 1")
+    ap.add_argument("--seed", type=int, default=0, help="the attack's seed (its random start); the models keep seed 0")
     ap.add_argument("--iterations", default="500")
     ap.add_argument("--settings", default=DEFAULT_SETTINGS, help=f"some of {','.join(SETTINGS)}")
     ap.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"some of {','.join(CONFIGS)}")
@@ -292,7 +293,7 @@ def main():
         cells = [(sn, configs, budgets) for sn in settings]
     if args.first_photo + args.photos > len(photos):
         ap.error(f"--first-photo {args.first_photo} + --photos {args.photos} exceeds the {len(photos)} photos")
-    rows = run_cells(cells, models, photos, args.photos, args.local_lr, args.first_photo)
+    rows = run_cells(cells, models, photos, args.photos, args.local_lr, args.first_photo, args.seed)
     summary = []
     for key in sorted({(r["model"], r["setting"], r["config"], r["iterations"]) for r in rows}):
         sel = [r for r in rows if (r["model"], r["setting"], r["config"], r["iterations"]) == key]
@@ -305,7 +306,7 @@ def main():
               f"dB, SSIM {summary[-1]['median_ssim']:.3f} over {len(ps)} image(s)")
     common.finish(run_, {
         "setting": {"models": models, "photos_at_batch_1": args.photos,
-                    "first_photo": args.first_photo, "iterations": budgets, "settings": settings,
+                    "first_photo": args.first_photo, "attack_seed": args.seed, "iterations": budgets, "settings": settings,
                     "cells": args.cells, **({"reduced": REDUCED} if args.cells == "reduced" else {}),
                     "configs": {c: config_options(c) for c in configs}, "local_lr": args.local_lr,
                     "trained": {m: TRAINED[m] for m in models if m in TRAINED},
