@@ -16,14 +16,15 @@ Configurations (part 2), all Inverting Gradients at ``--iterations`` per restart
 the ``lap6`` ones pins ``parametrize='pixel'`` (the form they were first measured with):
 - ``ig``: the options before ``tv='auto'`` (signed Adam on ReLU networks, TV 1e-4 pinned, step decay);
 - ``ig-auto``: IG's defaults (``tv='auto'``: 1e-2 on these ResNets; ``parametrize='auto'``: a Laplacian pyramid
-  on them); ``ig+tv``: TV 1e-2 given;
+  on them in eval mode; ``schedule='auto'``: warm-up plus cosine decay on the pyramid); ``ig+tv``: TV 1e-2 given;
 - ``ig+bn``: ``bn_prior='auto'`` (the statistics the returned buffers reveal in train mode, the model's running
   statistics in eval mode), ``bn_weight`` 1e-2;
 - ``ig+cosine``: ``schedule='cosine'`` (warm-up 50) and ``start='patterned-4'``, no BN prior;
 - ``ig-lbfgs``: ``optimizer='lbfgs'`` (cosine matching, strong-Wolfe L-BFGS, on a ReLU network);
 - ``ig+bn+cosine``: the BN prior with ``schedule='cosine'`` (warm-up 50) and ``start='patterned-4'``;
-- ``ig+tv+lap6``: TV 1e-2 and ``parametrize='laplacian-6'`` (the optimiser moves a 6-level Laplacian pyramid);
-  ``ig+tv+lap6+adam``: the same with unsigned Adam;
+- ``ig+tv+lap6``: TV 1e-2 and ``parametrize='laplacian-6'`` (the optimiser moves a 6-level Laplacian pyramid),
+  the paper's step decay; ``ig+tv+lap6+adam``: the same with unsigned Adam; ``ig+tv+lap6+cos``: the pyramid with
+  warm-up (a tenth of the budget) plus cosine decay, what IG's defaults run there (``schedule='auto'``);
 - ``gradinversion``: the ``gradinversion`` preset at this budget (Adam, cosine, BN prior, image norm, 2
   restarts with the group term).
 
@@ -92,7 +93,7 @@ PIXEL = {"parametrize": "pixel"}
 CONFIGS = {
     # IG's options before tv='auto': TV 1e-4 (the paper's), pinned so the figures stay comparable
     "ig": {"tv": 1e-4, **PIXEL},
-    "ig-auto": {},  # IG's defaults now: tv='auto' (1e-2 on a BatchNorm ResNet, see resolve_tv), parametrize='auto'
+    "ig-auto": {},  # IG's defaults now: tv='auto' (1e-2 on a BatchNorm ResNet, see resolve_tv), parametrize='auto', schedule='auto'
     "ig+bn": {"tv": 1e-4, "bn_prior": "auto", "bn_weight": 1e-2, **PIXEL},
     "ig+cosine": {"tv": 1e-4, "schedule": "cosine", "warmup": 50, "start": "patterned-4", **PIXEL},
     "ig-lbfgs": {"tv": 1e-4, "optimizer": "lbfgs", **PIXEL},
@@ -104,9 +105,11 @@ CONFIGS = {
     # 2 restarts at half the iterations: equal compute
     "ig-2x-half": {"tv": 1e-4, "restarts": 2, "iterations_scale": 0.5, **PIXEL},
     # TV 1e-2 with the optimiser moving a 6-level Laplacian pyramid (parametrize.py; 32 px: 32 ... 1)
-    "ig+tv+lap6": {"tv": 1e-2, "parametrize": "laplacian-6"},
+    "ig+tv+lap6": {"tv": 1e-2, "parametrize": "laplacian-6", "schedule": "step"},
     # the same with unsigned Adam
-    "ig+tv+lap6+adam": {"tv": 1e-2, "parametrize": "laplacian-6", "optimizer": "adam"},
+    "ig+tv+lap6+adam": {"tv": 1e-2, "parametrize": "laplacian-6", "optimizer": "adam", "schedule": "step"},
+    # the pyramid with warm-up (a tenth of the budget) plus cosine decay: what schedule='auto' runs on it
+    "ig+tv+lap6+cos": {"tv": 1e-2, "parametrize": "laplacian-6", "schedule": "cosine", "warmup_fraction": 0.1},
 }
 # The reduced grid (``--cells reduced``): what a shared 2-core CPU allows in about 40 minutes, chosen for the
 # comparisons the issue asks about (part 3): eval vs train BatchNorm, FedSGD vs FedAvg (5 local steps), labels
@@ -182,6 +185,8 @@ def run_cells(cells, models, photos, n_photos: int, local_lr: float, first: int 
                     o = config_options(cname)
                     preset = o.pop("preset", None)
                     its = max(1, round(n * o.pop("iterations_scale", 1.0)))
+                    if "warmup_fraction" in o:
+                        o["warmup"] = max(1, round(its * o.pop("warmup_fraction")))
                     t = time.perf_counter()
                     rec = gl.create("ig", preset=preset, **{**o, "max_iterations": its}).reconstruct(case, seed=0)
                     sec = time.perf_counter() - t
@@ -191,7 +196,8 @@ def run_cells(cells, models, photos, n_photos: int, local_lr: float, first: int 
                            "psnr_per_image": s.psnr_per_image, "ssim_per_image": s.ssim_per_image,
                            "label_accuracy": s.label_accuracy, "seconds": round(sec, 1),
                            "bn_prior": rec.info.get("bn_prior"), "tv": rec.info.get("tv"),
-                           "tv_choice": rec.info.get("tv_choice"), "labels": rec.info["labels"].get("source"),
+                           "tv_choice": rec.info.get("tv_choice"), "parametrize": rec.info.get("parametrize"),
+                           "schedule": rec.info.get("schedule"), "warmup": rec.info.get("warmup"), "labels": rec.info["labels"].get("source"),
                            "side_channel": None if channel is None else channel["note"]}
                     rows.append(row)
                     print(f"{mname:10s} {sname:26s} {cname:14s} {n:5d} its {','.join(names)[:30]:30s} "
