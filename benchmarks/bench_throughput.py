@@ -22,8 +22,14 @@ Each configuration's batched/sequential pair runs ``--repeats`` times alternatel
 1 otherwise; on a shared machine the load drifts between the two children of one pair); the speedup
 reported is the median pair's, all pairs' speedups and the load average at the end of each child are recorded.
 
+``--parametrize`` (default 'pixel', the figures above) gives every trial IG's image parametrisation, e.g.
+'laplacian-6' (the pyramid IG's 'auto' picks on eval-mode ResNets at 32 px), and ``--models`` / ``--trials`` /
+``--iterations`` replace the grid (no profiles then); ``--name`` names the JSON.
+
 Run:  python benchmarks/bench_throughput.py [--quick | --at-budget] [--repeats N]
-Writes benchmarks/results/throughput.json (--at-budget: throughput-budget.json).
+      python benchmarks/bench_throughput.py --parametrize laplacian-6 --models resnet20 --trials 4,16
+          --iterations 50 --repeats 3 --name throughput-pyramid
+Writes benchmarks/results/throughput.json (--at-budget: throughput-budget.json; --name NAME: NAME.json).
 """
 
 from __future__ import annotations
@@ -54,7 +60,7 @@ AT_BUDGET = {"lenet": (300, (16,)), "convnet-16": (50, (16,))}
 TARGETS = {"lenet": 4.0, "convnet-16": 2.0}  # the speedups asked at 16 trials
 
 
-def child(model: str, trials: int, mode: str, iterations: int) -> dict:
+def child(model: str, trials: int, mode: str, iterations: int, parametrize: str = "pixel") -> dict:
     """One configuration, in this (fresh) process."""
     torch.set_num_threads(1)
     import gradleak as gl
@@ -69,9 +75,11 @@ def child(model: str, trials: int, mode: str, iterations: int) -> dict:
         case, truth = gl.simulate(net, x, y, spec=photos.spec)
         cases.append(case)
         truths.append(truth.inputs)
-    # pinned, not 'auto': the same IG on every model (on the ResNets 'auto' picks TV 1e-2 and the pyramid, whose
-    # trials run one by one: this benchmark measures the batched engine against the same trials run alone)
-    opts = dict(optimizer="signed-adam", max_iterations=iterations, tv=1e-4, parametrize="pixel")
+    # pinned, not 'auto': the same IG on every model (on the ResNets 'auto' picks TV 1e-2 and the pyramid; this
+    # benchmark measures the batched engine against the same trials run alone): 'pixel' unless --parametrize,
+    # and the paper's step decay (schedule 'auto' gives a pyramid warm-up plus cosine decay)
+    opts = dict(optimizer="signed-adam", max_iterations=iterations, tv=1e-4, parametrize=parametrize,
+                schedule="step")
     attack = gl.create("ig", **opts)
     seeds = list(range(trials))
     # warm-up on one case (first-use costs of torch.func / the autograd engine are not throughput)
@@ -102,7 +110,8 @@ def child(model: str, trials: int, mode: str, iterations: int) -> dict:
                  "setup_and_assembly_seconds": seconds - split["round_loop"]}
     else:
         split = None
-    return {"model": model, "trials": trials, "mode": mode, "iterations": iterations, "seconds": seconds,
+    return {"model": model, "trials": trials, "mode": mode, "iterations": iterations,
+            "parametrize": recs[0].info.get("parametrize"), "seconds": seconds,
             "cpu_seconds": cpu, "thread_cpu_seconds": thread, "minor_page_faults": faults,
             "reconstructions_per_minute": 60.0 * trials / seconds, "psnr": psnr,
             "psnr_mean": sum(psnr) / len(psnr), "rss_after_cases_bytes": base, "peak_rss_bytes": peak,
@@ -126,11 +135,12 @@ def _time_into(owner, name: str, acc: dict, key: str) -> None:
     setattr(owner, name, timed)
 
 
-def run_child(model: str, trials: int, mode: str, iterations: int) -> dict:
+def run_child(model: str, trials: int, mode: str, iterations: int, parametrize: str = "pixel") -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     src = str(common.ROOT / "src")
     env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
-    out = subprocess.run([sys.executable, __file__, "--child", model, str(trials), mode, str(iterations)],
+    out = subprocess.run([sys.executable, __file__, "--child", model, str(trials), mode, str(iterations),
+                          parametrize],
                          capture_output=True, text=True, env=env, cwd=common.ROOT, timeout=3600)
     if out.returncode != 0:
         raise RuntimeError(f"child {model} {trials} {mode} failed:\n{out.stderr[-3000:]}")
@@ -222,7 +232,7 @@ def profile_batched_round(model: str, trials: int, top: int = 12) -> dict:
 def main():
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         model, trials, mode, iterations = sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
-        print(json.dumps(child(model, trials, mode, iterations)))
+        print(json.dumps(child(model, trials, mode, iterations, sys.argv[6])))
         return
     ap = common.add_arguments(argparse.ArgumentParser())
     ap.add_argument("--quick", action="store_true", help="lenet and convnet-16 at 1, 4, 16 trials, few iterations")
@@ -231,12 +241,35 @@ def main():
     ap.add_argument("--repeats", type=int, default=None,
                     help="batched/sequential pairs per configuration, run alternately (default 3 with "
                          "--at-budget, else 1); the speedup reported is the median pair's")
+    ap.add_argument("--parametrize", default="pixel",
+                    help="IG's image parametrisation for every trial: 'pixel' (default) or 'laplacian-K'")
+    ap.add_argument("--models", default=None, help=f"comma-separated, of {', '.join(MODELS)}: replaces the grid")
+    ap.add_argument("--trials", default=None, help="with --models: comma-separated trial counts (default the grid's)")
+    ap.add_argument("--iterations", type=int, default=None, help="with --models: iterations (default the grid's)")
+    ap.add_argument("--name", default=None, help="the JSON's name (default throughput, throughput-budget)")
     args = ap.parse_args()
     repeats = args.repeats if args.repeats is not None else (3 if args.at_budget else 1)
     if repeats < 1:
         ap.error("--repeats must be >= 1")
-    run_ = common.begin("throughput-budget" if args.at_budget else "throughput", args)
+    from gradleak.attacks.optimization import parametrize as Z
+
+    if Z.problems(args.parametrize):
+        ap.error(Z.problems(args.parametrize)[0])
     grid = AT_BUDGET if args.at_budget else QUICK if args.quick else FULL
+    if args.models:
+        unknown = [m for m in args.models.split(",") if m not in MODELS]
+        if unknown:
+            ap.error(f"--models: unknown {unknown}; known: {', '.join(MODELS)}")
+        try:
+            counts = tuple(int(t) for t in args.trials.split(",")) if args.trials else None
+        except ValueError:
+            ap.error(f"--trials must be comma-separated ints, got {args.trials!r}")
+        if (args.iterations is not None and args.iterations < 1) or (counts and min(counts) < 1):
+            ap.error("--iterations and --trials must be >= 1")
+        grid = {m: (args.iterations or FULL[m][0], counts or FULL[m][1]) for m in args.models.split(",")}
+    elif args.trials or args.iterations:
+        ap.error("--trials and --iterations go with --models")
+    run_ = common.begin(args.name or ("throughput-budget" if args.at_budget else "throughput"), args)
     rows, pairs = [], []
     for model, (iterations, counts) in grid.items():
         for trials in counts:
@@ -244,7 +277,7 @@ def main():
             for _ in range(repeats):  # alternately: batched, sequential, batched, ... (the load drifts)
                 pair = {}
                 for mode in ("batched", "sequential"):
-                    r = run_child(model, trials, mode, iterations)
+                    r = run_child(model, trials, mode, iterations, args.parametrize)
                     r["load_average_after"] = list(os.getloadavg())
                     rows.append(r)
                     pair[mode] = r
@@ -256,6 +289,7 @@ def main():
             speedup = pair["speedup"]
             dpsnr = max(abs(x - y) for x, y in zip(b["psnr"], s["psnr"]))
             pairs.append({"model": model, "trials": trials, "iterations": iterations, "speedup": speedup,
+                          "parametrize": b["parametrize"],
                           "speedups_of_all_pairs": [q["speedup"] for q in tries],
                           "speedups_cpu_time_of_all_pairs": [q["sequential"]["cpu_seconds"] /
                                                              q["batched"]["cpu_seconds"] for q in tries],
@@ -285,12 +319,12 @@ def main():
                   f"x{p['speedup_cpu_time']:5.2f})  PSNR {p['psnr_batched']:.2f} "
                   f"vs {p['psnr_sequential']:.2f} (max diff {dpsnr:.1e})  peak/trial {p['peak_per_trial_batched_mb']:.1f}"
                   f" vs {p['peak_per_trial_sequential_mb']:.1f} MB", flush=True)
-    sections = {"targets": {"lenet_16_trials": ">= 4x", "convnet-16_16_trials": ">= 2x"}, "pairs": pairs,
-                "runs": rows}
+    sections = {"targets": {"lenet_16_trials": ">= 4x", "convnet-16_16_trials": ">= 2x"},
+                "parametrize": args.parametrize, "pairs": pairs, "runs": rows}
     target = {(p["model"], p["trials"]): p["speedup"] for p in pairs}
     sections["met"] = {"lenet_16_trials": target.get(("lenet", 16), 0) >= 4,
                        "convnet-16_16_trials": target.get(("convnet-16", 16), 0) >= 2}
-    if not (args.quick or args.at_budget):
+    if not (args.quick or args.at_budget or args.models):
         torch.set_num_threads(1)
         sections["profile_resnet18_ig_step"] = profile_resnet18()
         sections["profile_batched_round"] = [profile_batched_round(m, 16) for m in MODELS]

@@ -49,7 +49,8 @@ SITUATIONS = {  # name: (model, bn_mode, attack, batched by reconstruct_many?)
                  False),
     "in-place": (_InPlace, "eval", lambda: InvertingGradients(**IG), False),
     "option-off": (lambda: _zoo("lenet"), "eval", lambda: InvertingGradients(**IG, batch_trials=False), False),
-    "pyramid": (lambda: _zoo("lenet"), "eval", lambda: InvertingGradients(**IG, parametrize="laplacian-3"), False),
+    "pyramid": (lambda: _zoo("lenet"), "eval", lambda: InvertingGradients(**IG, parametrize="laplacian-3"), True),
+    "resnet-auto": (lambda: _zoo("resnet20"), "eval", lambda: InvertingGradients(**IG), True),  # a pyramid
 }
 
 
@@ -78,9 +79,7 @@ def test_batch_problems_names_the_reason():
     assert any("prior 'bn-statistics'" in p
                for p in B.batch_problems(InvertingGradients(**IG, bn_prior="running"), eval_))
     assert any("in-place" in p for p in B.batch_problems(InvertingGradients(**IG), _cases(_InPlace(), n=1)[0]))
-    assert B.batch_problems(InvertingGradients(**IG, parametrize="laplacian-3"), lenet) == [
-        "parametrize='laplacian-3': the batched objective evaluates the variables as the image, so these trials "
-        "run one by one"]
+    assert B.batch_problems(InvertingGradients(**IG, parametrize="laplacian-3"), lenet) == []
     assert B.batch_problems(InvertingGradients(**IG, batch_trials=False), lenet) == ["batch_trials is off"]
 
 

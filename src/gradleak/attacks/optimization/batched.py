@@ -10,6 +10,10 @@ per-trial gradient matching gives every trial's (total, score) and, by one backw
                   total_t = D(g_t, g*_t) + sum_r w_r prior_r(x_t),  score_t as the attack defines it
 
 (the priors: the attack's built :class:`.priors.Objective`, the same one its one-by-one objective adds).
+x_t is the image of trial t's first ``param.count`` variables under the setup's parametrisation
+(:mod:`.parametrize`: the variable itself for 'pixel'; a Laplacian pyramid's levels, stacked, give the stacked
+images), so the gradient reaches every variable, and the fused Adam update and the box projection act on them
+all per trial (:class:`~.driver.BoxProjection`); setups of different parametrisations are never grouped.
 
 Two engines compute the g_t. Where every trial is FedSGD on the SAME parameters and every matched
 parameter's layer has a per-sample rule (:mod:`.persample`: Linear, Conv2d, eval-mode BatchNorm), the
@@ -58,6 +62,7 @@ import torch
 from ... import resources, threads
 from ...case import Case
 from ..base import Attack, Reconstruction
+from . import parametrize as Z
 from . import priors as P
 from .common import GradientMatcher
 from .batched_objective import CONCAT_MAX_ELEMENTS, ENGINE, STACKED, BatchedObjective  # noqa: F401 (re-exported)
@@ -70,7 +75,9 @@ class TrialSetup:
     """One attack run's trials on one case: what :func:`run` needs to run them one by one (``objective``) or
     batched (the pieces of that objective).
 
-    matcher: the data term; labels: fixed int labels (B,), or None when variables[1] are label logits;
+    matcher: the data term; param: the parametrisation (:mod:`.parametrize`): a trial's first ``param.count``
+    variables are its, the candidate is ``param.image(variables[:param.count])`` (Pixel: the first variable
+    itself); labels: fixed int labels (B,), or None when the variable after those are label logits;
     priors: the added terms, a built :class:`.priors.Objective` (``total = data + priors.value(x, labels)``);
     tv, regularizers: shorthands folded into ``priors`` (the 'tv' prior with weight ``tv``, and plain callables
     ``(x) -> 0-d tensor`` or prior specs); score: 'data' (the score is
@@ -95,6 +102,7 @@ class TrialSetup:
     names: list[str] = field(default_factory=list)
     batched: bool = True
     not_batched_reason: str = "batch_trials is off"  # what info['batched'] and batch_problems say when not batched
+    param: Any = field(default_factory=Z.Pixel)
 
     def __post_init__(self):
         extra = ([("tv", self.tv)] if self.tv > 0 else []) + list(self.regularizers)
@@ -216,7 +224,8 @@ def _architecture(case: Case) -> tuple:
 
 def _group_key(setup: TrialSetup) -> tuple:
     """Setups with equal keys can share one batched objective: same model structure, protocol, loss, matched
-    tensors and weights, distance, added terms, variable shapes, optimiser settings and device/dtype."""
+    tensors and weights, distance, added terms, parametrisation, variable shapes, optimiser settings and
+    device/dtype."""
     case, m = setup.case, setup.matcher
     o = case.observation
     arch = _architecture(case)
@@ -226,7 +235,7 @@ def _group_key(setup: TrialSetup) -> tuple:
     settings = tuple(sorted((k, repr(v)) for k, v in setup.settings.items()))
     return (id(case.model.__class__), arch, proto, case.loss, case.dtype, str(case.device), tuple(m.names),
             tuple(m.w), m.distance, setup.priors.key(), setup.score, setup.joint,
-            shapes, settings, case.batch_size, setup.project is not None)
+            shapes, settings, case.batch_size, setup.project is not None, setup.param)
 
 
 def _programs(setup: TrialSetup):

@@ -213,9 +213,10 @@ class BatchedObjective:
         spec = self._spec(sidx)
         s0 = self.setups[0]
         with torch.enable_grad():
-            x = leaves[0]
+            n = s0.param.count  # the image variables (Pixel: the image itself), then the label logits if joint
+            x = s0.param.image(leaves[:n])  # stacked levels -> stacked images (per sample)
             if s0.joint:
-                lab = self._soft(leaves[1])  # softmax / sigmoid over the last dim: per trial as it stands
+                lab = self._soft(leaves[n])  # softmax / sigmoid over the last dim: per trial as it stands
             else:
                 lab = torch.stack([self.setups[i].labels for i in sidx])
             if self._stacked is not None:

@@ -297,18 +297,28 @@ _LBFGS_ONLY = frozenset({"inner", "history_size", "line_search", "stall_steps", 
 
 
 class BoxProjection:
-    """A trial's ``project`` that clamps its first variable into the box [lo, hi] in place (floats, or tensors
-    broadcastable against it). :class:`FusedAdam` clamps the rows of trials whose boxes have the same values
-    as ONE stacked op instead of one call per trial (the same values: clamp is elementwise)."""
+    """A trial's ``project`` that puts its image into the box [lo, hi] in place (floats, or tensors
+    broadcastable against it): the clamp of its first variable, or with ``param`` a parametrisation of more
+    than one variable (:mod:`.parametrize`, e.g. a Laplacian pyramid) that parametrisation's ``project`` of its
+    first ``param.count`` variables (the pyramid changes its finest level, the first variable, only).
+    :class:`FusedAdam` projects the rows of trials whose boxes (and parametrisations) are the same as ONE stacked
+    op instead of one call per trial (the same values: clamp is elementwise, the pyramid's upsampling acts per
+    sample)."""
 
-    def __init__(self, lo: float | torch.Tensor, hi: float | torch.Tensor):
+    def __init__(self, lo: float | torch.Tensor, hi: float | torch.Tensor, param=None):
         self.lo, self.hi = lo, hi
+        self.param = param if param is not None and param.count > 1 else None
+        self.count = 1 if self.param is None else self.param.count  # the variables it reads
         self.key = tuple((type(b).__name__, b) if not isinstance(b, torch.Tensor) else
                          (str(b.dtype), str(b.device), tuple(b.shape), tuple(b.reshape(-1).tolist()))
-                         for b in (lo, hi))
+                         for b in (lo, hi)) + (self.param,)
 
     def __call__(self, v: list[torch.Tensor]) -> None:
-        v[0].clamp_(self.lo, self.hi)
+        """Project one trial's variables, or the stacked rows of trials with this box (changes ``v[0]`` only)."""
+        if self.param is None:
+            v[0].clamp_(self.lo, self.hi)
+        else:
+            self.param.project(v, self.lo, self.hi)
 
 
 class FusedAdam:
@@ -454,12 +464,14 @@ class FusedAdam:
                 for rows in boxes.values():
                     box = self.projects[running[keep[rows[0]]]]
                     if len(rows) == len(keep):
-                        self.x[0].clamp_(box.lo, box.hi)
+                        box(self.x)
                     elif len(rows) == 1:
-                        self.x[0][rows[0]].clamp_(box.lo, box.hi)
+                        box([x[rows[0]] for x in self.x[:box.count]])
                     else:
                         idx = torch.tensor(rows, device=self.x[0].device)
-                        self.x[0].index_copy_(0, idx, self.x[0].index_select(0, idx).clamp_(box.lo, box.hi))
+                        sub = [x.index_select(0, idx) for x in self.x[:box.count]]
+                        box(sub)
+                        self.x[0].index_copy_(0, idx, sub[0])
                 for row, r in enumerate(keep):
                     project = self.projects[running[r]]
                     if project is not None and not isinstance(project, BoxProjection):

@@ -94,8 +94,8 @@ class IGOptions:
     box constraint stay those of the image), or 'auto' (the default): the rule of :func:`resolve_parametrize`,
     a pyramid down to 1 x 1 on a ResNet with BatchNorm, else 'pixel' (every LeNet / sigmoid figure).
     ``rec.info['parametrize']`` holds the one used and ``rec.info['parametrize_choice']`` why. Trials with a
-    pyramid run one by one (the batched objective evaluates the variables as the image; ``rec.info['batched']``
-    says so).
+    pyramid batch as pixel trials do (the batched objective evaluates every trial's pyramid image and steps and
+    projects its levels; trials of different parametrisations are not grouped together).
     lbfgs_inner, history_size, line_search ('strong-wolfe' or ''): L-BFGS settings (optimizer='lbfgs').
     offer_every: steps between best-so-far snapshots (what Ctrl-C returns).
     batch_trials: run the restarts as one batched computation (:mod:`.batched`; falls back to one by one,
@@ -408,11 +408,9 @@ class InvertingGradients(Attack):
                 return (data if reg is None else data + reg), cos
             return objective
 
-        if n == 1:
-            project = BoxProjection(lo, hi)  # v[0].clamp_(lo, hi); batched trials clamp all rows at once
-        else:
-            def project(v: list[torch.Tensor]):
-                param.project(v, lo, hi)  # the image back into the box through the finest level
+        # the image back into the box: v[0].clamp_(lo, hi), or through the pyramid's finest level; batched trials
+        # project all rows at once
+        project = BoxProjection(lo, hi, param)
 
         def offer(score: float, v: list[torch.Tensor]):
             lab = C.hard_labels(case, v[n]) if joint else labels
@@ -437,17 +435,12 @@ class InvertingGradients(Attack):
         settings = dict(optimizer=optimizer, lr=o.lbfgs_lr if optimizer == "lbfgs" else o.lr, inner=inner,
                         history_size=o.history_size, line_search=o.line_search, offer_every=o.offer_every)
 
-        unbatched = ("batch_trials is off" if not o.batch_trials else
-                     f"parametrize={param_name!r}: the batched objective evaluates the variables as the image, so "
-                     "these trials run one by one")
-
         def trial_setup(objective, priors, starts, iterations, decay, schedule, names):
             return B.TrialSetup(
                 case=case, matcher=matcher, labels=labels, objective=objective, starts=starts,
                 settings=dict(settings, max_iterations=iterations, decay=decay, schedule=schedule), priors=priors,
                 score="data" if distance == "cosine" else "cosine", project=project if o.boxed else None,
-                on_step=on_step, on_offer=offer, names=names, batched=o.batch_trials and n == 1,
-                not_batched_reason=unbatched)
+                on_step=on_step, on_offer=offer, names=names, batched=o.batch_trials, param=param)
 
         def run(setup: B.TrialSetup):
             """B.run, then every trial's variables as [image, (label logits)] (the parametrisation undone)."""

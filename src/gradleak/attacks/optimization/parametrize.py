@@ -13,7 +13,9 @@ Laplacian-pyramid and spectral parametrisations).
   gets its own step (signed Adam: a step of the same size at every level), so coarse structure moves K-fold
   faster than pixel noise. The start is z_0 = the start image, the coarser levels 0: the first image is the
   pixel form's. The box constraint is kept on x: after every step the finest level absorbs
-  ``clamp(x) - x``, so x lies in the box again and the coarse levels are untouched.
+  ``clamp(x) - x``, so x lies in the box again and the coarse levels are untouched. :meth:`Laplacian.image`
+  and :meth:`Laplacian.project` take one trial's levels (B, C, h, w) or stacked trials' (T, B, C, h, w) alike
+  (the upsampling acts per sample), which is how batched trials (:mod:`.batched`) run pyramids.
 
 Measured (docs/batchnorm.md, "Image parametrisations"): Inverting Gradients, untrained zoo ResNets at 32 px,
 eval BatchNorm, batch 1, FedSGD, 500 iterations.
@@ -90,16 +92,20 @@ class Laplacian:
         return [x.clone()] + [x.new_zeros((b, c, *s)) for s in self.sizes[1:]]
 
     def image(self, zs) -> torch.Tensor:
+        """The image of the levels ``zs``: (B, C, h_k, w_k) each, or stacked trials (T, B, C, h_k, w_k), whose
+        image is the stacked images (the upsampling acts per sample)."""
         x = zs[0]
         for z in zs[1:self.levels]:
-            x = x + F.interpolate(z, size=self.size, mode="bilinear", align_corners=False)
+            up = F.interpolate(z.reshape(-1, *z.shape[-3:]), size=self.size, mode="bilinear", align_corners=False)
+            x = x + up.view(*z.shape[:-2], *self.size)
         return x
 
-    def project(self, zs, lo: torch.Tensor, hi: torch.Tensor) -> None:
-        """Put the image back into the box [lo, hi] by changing the finest level only (in place)."""
+    def project(self, zs, lo, hi) -> None:
+        """Put the image back into the box [lo, hi] by changing the finest level only (in place; one trial's
+        levels or stacked trials', as :meth:`image` takes them)."""
         with torch.no_grad():
             x = self.image(zs)
-            zs[0].add_(torch.maximum(torch.minimum(x, hi), lo) - x)
+            zs[0].add_(x.clamp(lo, hi) - x)  # lo, hi: tensors broadcastable against x, or floats
 
 
 def build(name: str, shape: tuple[int, ...]):
