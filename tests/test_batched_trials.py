@@ -219,6 +219,7 @@ def test_reconstruct_many_asks_the_thread_policy_once_per_model_structure(monkey
     traced once for cases of one structure, not in both passes of every case."""
     from gradleak import threads
 
+    monkeypatch.delenv("GRADLEAK_THREADS", raising=False)  # a thread count in the environment skips the policy
     calls = []
     real = threads.work_of
 
