@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -207,10 +208,18 @@ def test_ctrl_c_keeps_the_finished_group_and_interrupts_the_running_one(tmp_path
                                                                            **long)]
     fired = []
 
+    def ctrl_c_once_the_long_group_runs():  # (its run directories are locked: the batched run has started)
+        started = Path(tmp_path) / ".long-1.lock"  # RunDirectory.lock_path of the job's directory
+        deadline = time.monotonic() + 600
+        while not started.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(3.0)
+        os.kill(os.getpid(), signal.SIGINT)
+
     def on_outcome(o: Outcome):
         if not fired:
             fired.append(o.id)
-            threading.Timer(6.0, os.kill, (os.getpid(), signal.SIGINT)).start()
+            threading.Thread(target=ctrl_c_once_the_long_group_runs, daemon=True).start()
 
     out = {o.id: o for o in run_jobs(jobs, workers=workers, on_outcome=on_outcome)}
     assert out["short-0"].status == out["short-1"].status == "done"

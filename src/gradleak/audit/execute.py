@@ -214,10 +214,13 @@ def _split(members: list[int], k: int) -> list[list[int]]:
 
 # ------------------------------------------------------------------------------------------------ local workers
 
-def _worker_main(conn, budget: int) -> None:
+def _worker_main(conn, budget: int, stopping=None) -> None:
     """A pool worker: run the jobs the parent sends until it sends None (or goes away). SIGINT interrupts the
     RUNNING job once (it keeps its best so far and reports back); while idle, or while a job is already
-    stopping, SIGINT is ignored, so a Ctrl-C that reaches the whole process group cannot kill a worker."""
+    stopping, SIGINT is ignored, so a Ctrl-C that reaches the whole process group cannot kill a worker.
+    ``stopping``: the parent's event, set before it forwards a Ctrl-C: a job that arrives after it is cancelled,
+    so a SIGINT forwarded while this worker was still starting (ignored until its handler is installed) is not
+    lost."""
     state = {"busy": False, "hit": False, "idle_hit": False}
 
     def on_sigint(signum, frame):
@@ -238,7 +241,7 @@ def _worker_main(conn, budget: int) -> None:
         if msg is None:
             return
         index, configs, threads, max_memory, modules = msg
-        if state["idle_hit"]:
+        if state["idle_hit"] or (stopping is not None and stopping.is_set()):
             out = [("cancelled", None, CANCELLED, None)] * len(configs)
         else:
             state.update(busy=True, hit=False)
@@ -267,9 +270,9 @@ def death_message(exitcode: int | None) -> str:
 
 
 class _Worker:
-    def __init__(self, ctx, budget: int):
+    def __init__(self, ctx, budget: int, stopping=None):
         self.conn, child = ctx.Pipe(duplex=True)
-        self.proc = ctx.Process(target=_worker_main, args=(child, budget), daemon=True)
+        self.proc = ctx.Process(target=_worker_main, args=(child, budget, stopping), daemon=True)
         # the worker starts with SIGINT ignored (inherited through exec) until its own handler is installed, so
         # a Ctrl-C while it imports cannot kill it
         main = threading.current_thread() is threading.main_thread()
@@ -401,6 +404,7 @@ def _run_pool(units, workers: int, max_memory) -> None:
     pool: list[_Worker] = []
     state = {"interrupts": 0}
     handled = 0
+    stopping = ctx.Event()
 
     def feed(w: _Worker) -> None:
         if units.pending and not state["interrupts"]:
@@ -414,7 +418,7 @@ def _run_pool(units, workers: int, max_memory) -> None:
         w.conn.close()
         pool.remove(w)
         if units.pending and not state["interrupts"]:  # a fresh worker for the jobs still to run
-            fresh = _Worker(ctx, budget)
+            fresh = _Worker(ctx, budget, stopping)
             pool.append(fresh)
             feed(fresh)
 
@@ -423,13 +427,14 @@ def _run_pool(units, workers: int, max_memory) -> None:
             for _ in range(min(workers, len(units.pending))):
                 if state["interrupts"]:
                     break
-                pool.append(_Worker(ctx, budget))
+                pool.append(_Worker(ctx, budget, stopping))
                 feed(pool[-1])
             while any(w.job is not None for w in pool):
                 if state["interrupts"] > handled:
                     handled = state["interrupts"]
                     for w in [w for w in pool if w.job is not None]:
                         if handled == 1:  # each running job stops with its best so far and reports it
+                            stopping.set()  # (a worker still starting up cancels the job it is sent)
                             w.interrupt()
                         else:  # a second Ctrl-C: stop waiting for them
                             w.stop(kill=True)
