@@ -1,7 +1,6 @@
 """IG's TV weight 'auto' (the default): the measured rule of resolve_tv, and an explicit value overrides it."""
 
 import pytest
-import torch
 
 import gradleak as gl
 from gradleak.attacks.optimization.inverting import TV_BN_RESNET, TV_PAPER, resolve_tv
