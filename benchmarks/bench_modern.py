@@ -62,6 +62,7 @@ import time
 import common
 import gradleak as gl
 from gradleak import batchnorm
+from gradleak.attacks.optimization.inverting import AUTO_WARMUP_FRACTION
 
 MODELS = {"resnet20-4": ("resnet20", {"width": 4}), "resnet18": ("resnet18", {}), "resnet20": ("resnet20", {}),
           "resnet20-digits-e2": ("resnet20", {})}
@@ -109,7 +110,8 @@ CONFIGS = {
     # the same with unsigned Adam
     "ig+tv+lap6+adam": {"tv": 1e-2, "parametrize": "laplacian-6", "optimizer": "adam", "schedule": "step"},
     # the pyramid with warm-up (a tenth of the budget) plus cosine decay: what schedule='auto' runs on it
-    "ig+tv+lap6+cos": {"tv": 1e-2, "parametrize": "laplacian-6", "schedule": "cosine", "warmup_fraction": 0.1},
+    "ig+tv+lap6+cos": {"tv": 1e-2, "parametrize": "laplacian-6", "schedule": "cosine",
+                       "warmup_fraction": AUTO_WARMUP_FRACTION},
 }
 # The reduced grid (``--cells reduced``): what a shared 2-core CPU allows in about 40 minutes, chosen for the
 # comparisons the issue asks about (part 3): eval vs train BatchNorm, FedSGD vs FedAvg (5 local steps), labels

@@ -432,9 +432,9 @@ def _run_pool(units, workers: int, max_memory) -> None:
             while any(w.job is not None for w in pool):
                 if state["interrupts"] > handled:
                     handled = state["interrupts"]
+                    stopping.set()  # a worker still starting up (SIGINT ignored there) cancels the job it is sent
                     for w in [w for w in pool if w.job is not None]:
                         if handled == 1:  # each running job stops with its best so far and reports it
-                            stopping.set()  # (a worker still starting up cancels the job it is sent)
                             w.interrupt()
                         else:  # a second Ctrl-C: stop waiting for them
                             w.stop(kill=True)
