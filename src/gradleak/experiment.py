@@ -257,6 +257,24 @@ def _candidate_copies(attack) -> int:
     return 4
 
 
+def _variable_scale(attack, shape: tuple[int, ...]) -> float:
+    """Variables per image element the attack's optimiser may move: a Laplacian pyramid's (given, or the one
+    parametrize='auto' would choose on a BatchNorm ResNet: an upper bound, the model is not built yet), else 1."""
+    from .attacks.optimization import parametrize as Z
+
+    name = getattr(getattr(attack, "options", None), "parametrize", "pixel")
+    if not isinstance(name, str) or name == "pixel":
+        return 1.0
+    if name == "auto":
+        if len(shape) != 3 or min(shape[-2:]) < 2:
+            return 1.0
+        name = f"laplacian-{Z.full_levels(shape)}"
+    try:
+        return Z.build(name, tuple(shape)).scale
+    except Exception:  # a bad name: the attack's own check says so
+        return 1.0
+
+
 def check_memory(cfg: AttackRun, shape: tuple[int, ...], num_classes: int, max_memory=None, attack=None) -> None:
     """Refuse (:class:`~gradleak.errors.ResourceError`) an attack job whose estimated memory exceeds
     ``max_memory`` or the memory available (see :mod:`gradleak.resources`)."""
@@ -267,7 +285,8 @@ def check_memory(cfg: AttackRun, shape: tuple[int, ...], num_classes: int, max_m
                                         batch_size=cfg.num_images * cfg.secure_clients(),
                                         dtype=DTYPES[cfg.dtype], model_options=dict(cfg.model_options),
                                         local_steps=cfg.local_steps if cfg.protocol == "fedavg" else 1,
-                                        candidate_copies=_candidate_copies(attack))
+                                        candidate_copies=_candidate_copies(attack),
+                                        variable_scale=_variable_scale(attack, tuple(shape)))
     except GradleakError:
         raise
     except Exception:  # a model option the zoo rejects: the real build below says so

@@ -160,33 +160,44 @@ def module_sizes(net: torch.nn.Module, input_shape: tuple[int, ...], *, real: bo
 
 def estimate_attack(model_name: str, input_shape: tuple[int, ...], num_classes: int, *, batch_size: int,
                     dtype: torch.dtype = torch.float32, model_options: dict[str, Any] | None = None,
-                    local_steps: int = 1, candidate_copies: int = 4) -> Estimate:
+                    local_steps: int = 1, candidate_copies: int = 4, variable_scale: float = 1.0) -> Estimate:
     """Upper-bound estimate of an attack job's peak memory (see the module docstring). ``candidate_copies``:
-    how many copies of the candidate batch the attack's optimiser keeps (Adam: 4; L-BFGS: 2 x history + 4)."""
+    how many copies of the candidate's variables the attack's optimiser keeps (Adam: 4; L-BFGS: 2 x history +
+    4); ``variable_scale``: variables per image element (1 for the image itself; a Laplacian pyramid's levels,
+    up to 4/3, whose image and its gradient are then two more copies of the candidate)."""
     b = torch.empty((), dtype=dtype).element_size()
     params, acts, unfolded = _meta_sizes(model_name, input_shape, num_classes, dict(model_options or {}))
     pixels = math.prod(input_shape) * batch_size
     parts = {"parameters": 6 * params * b,
              "activations": (4 * acts + 2 * unfolded) * batch_size * max(local_steps, 1) * b,
-             "optimiser": candidate_copies * pixels * b, "images": 2 * pixels * 8}
+             **_candidate_parts(pixels, b, candidate_copies, variable_scale), "images": 2 * pixels * 8}
     return Estimate(sum(parts.values()), parts)
+
+
+def _candidate_parts(pixels: int, b: int, copies: int, scale: float) -> dict[str, int]:
+    """The optimiser's copies of the candidate's variables, and (a parametrised image) the image and its gradient."""
+    parts = {"optimiser": int(math.ceil(copies * pixels * scale)) * b}
+    if scale != 1.0:
+        parts["parametrised_image"] = 2 * pixels * b
+    return parts
 
 
 def estimate_trials(model: torch.nn.Module, input_shape: tuple[int, ...], *, batch_size: int,
                     dtype: torch.dtype = torch.float32, local_steps: int = 1,
-                    candidate_copies: int = 4) -> tuple[Estimate, Estimate]:
+                    candidate_copies: int = 4, variable_scale: float = 1.0) -> tuple[Estimate, Estimate]:
     """(shared, per trial) estimates for optimisation trials batched over one model: shared are 4 copies
     of the parameters (client model, the case's copy, the observed update, the unit target); per trial its
     update and the backward's copies of it (4 x parameters: under vmap every trial's update is its own), 4
     x the activations per sample and local step plus twice the unfolded convolution inputs (as
-    :func:`estimate_attack`), and the optimiser's copies of the candidate batch."""
+    :func:`estimate_attack`), and the optimiser's copies of the candidate's variables (``variable_scale``
+    per image element, as :func:`estimate_attack`)."""
     b = torch.empty((), dtype=dtype).element_size()
     params, acts, unfolded = module_sizes(model, tuple(input_shape))
     pixels = math.prod(input_shape) * batch_size
     shared = {"parameters": 4 * params * b}
     per = {"updates": 4 * params * b,
            "activations": (4 * acts + 2 * unfolded) * batch_size * max(local_steps, 1) * b,
-           "optimiser": candidate_copies * pixels * b}
+           **_candidate_parts(pixels, b, candidate_copies, variable_scale)}
     return Estimate(sum(shared.values()), shared), Estimate(sum(per.values()), per)
 
 

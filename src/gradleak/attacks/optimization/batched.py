@@ -138,7 +138,8 @@ def chunk_size(setup: TrialSetup, trials: int, limit: int | None = None) -> tupl
     copies = 2 * int(setup.settings.get("history_size", 100)) + 4 if opt == "lbfgs" else 4
     shared, per = resources.estimate_trials(case.model, tuple(case.spec.shape), batch_size=case.batch_size,
                                             dtype=case.dtype, local_steps=getattr(o, "local_steps", 1),
-                                            candidate_copies=copies)
+                                            candidate_copies=copies,
+                                            variable_scale=setup.param.scale)
     limit = limit if limit is not None else _LIMIT.get()
     source = "memory_limit" if limit is not None else "available memory"
     if limit is None:

@@ -193,7 +193,7 @@ def resolve_parametrize(name: str, model: nn.Module, shape, bn_mode: str = "eval
                          "pixel; docs/batchnorm.md)")
     if len(shape) != 3 or min(shape[-2:]) < 2:
         return "pixel", f"auto: pixel, the samples are not images of at least 2 x 2 (shape {shape})"
-    levels = int(math.floor(math.log2(min(shape[-2:])))) + 1
+    levels = Z.full_levels(shape)
     return f"laplacian-{levels}", (f"auto: laplacian-{levels} (a pyramid down to 1 x 1), the model is a ResNet "
                                    f"with BatchNorm ({blocks} residual blocks, {norms} BatchNorm layers); the rule "
                                    "and its evidence: docs/batchnorm.md")

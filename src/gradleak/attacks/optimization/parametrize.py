@@ -68,6 +68,11 @@ class Pixel:
     def project(self, zs, lo: torch.Tensor, hi: torch.Tensor) -> None:
         zs[0].clamp_(lo, hi)
 
+    @property
+    def scale(self) -> float:
+        """Variables per image element: 1."""
+        return 1.0
+
 
 @dataclass(frozen=True)
 class Laplacian:
@@ -85,6 +90,12 @@ class Laplacian:
     def sizes(self) -> list[tuple[int, int]]:
         h, w = self.size
         return [(max(1, math.ceil(h / 2 ** k)), max(1, math.ceil(w / 2 ** k))) for k in range(self.levels)]
+
+    @property
+    def scale(self) -> float:
+        """Variables per image element: the levels' sizes over the image's (at most 4/3)."""
+        h, w = self.size
+        return sum(a * b for a, b in self.sizes) / (h * w)
 
     def variables(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The pyramid whose image is ``x`` (B, C, H, W): x itself at the finest level, zeros above."""
@@ -106,6 +117,12 @@ class Laplacian:
         with torch.no_grad():
             x = self.image(zs)
             zs[0].add_(x.clamp(lo, hi) - x)  # lo, hi: tensors broadcastable against x, or floats
+
+
+def full_levels(shape: tuple[int, ...]) -> int:
+    """Levels of a Laplacian pyramid down to 1 x 1 over samples of ``shape`` (C, H, W):
+    floor(log2(min(H, W))) + 1 (6 at 32 px)."""
+    return int(math.floor(math.log2(min(shape[-2:])))) + 1
 
 
 def build(name: str, shape: tuple[int, ...]):
