@@ -261,17 +261,16 @@ def _variable_scale(attack, shape: tuple[int, ...]) -> float:
     """Variables per image element the attack's optimiser may move: a Laplacian pyramid's (given, or the one
     parametrize='auto' would choose on a BatchNorm ResNet: an upper bound, the model is not built yet), else 1."""
     from .attacks.optimization import parametrize as Z
+    from .errors import ValidationError
 
     name = getattr(getattr(attack, "options", None), "parametrize", "pixel")
-    if not isinstance(name, str) or name == "pixel":
+    if not isinstance(name, str):
         return 1.0
-    if name == "auto":
-        if len(shape) != 3 or min(shape[-2:]) < 2:
-            return 1.0
-        name = f"laplacian-{Z.full_levels(shape)}"
     try:
+        if name == "auto":
+            name = f"laplacian-{Z.full_levels(shape)}"
         return Z.build(name, tuple(shape)).scale
-    except Exception:  # a bad name: the attack's own check says so
+    except (ValidationError, ValueError):  # not images (or a bad name: the attack's own check says so)
         return 1.0
 
 
