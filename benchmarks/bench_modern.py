@@ -3,7 +3,8 @@
 Models (32x32, CIFAR stem, zoo seed 0, untrained): ``resnet20-4`` (zoo ``resnet20`` with ``width=4``: Inverting
 Gradients' ResNet20-4) and ``resnet18`` (zoo ``resnet18``, CIFAR stem below 128 px); ``resnet20`` (width 1, 16x
 cheaper per iteration than resnet20-4) for the settings that are too slow on the larger ones here;
-``resnet20-digits-e2``: resnet20 trained 2 epochs on digits (TRAINED below: "trained for a few epochs").
+``resnet20-digits-e2``: resnet20 trained 2 epochs on digits, ``resnet18-digits-e1``: resnet18 trained 1 epoch on
+digits (TRAINED below: "trained for a few epochs"; one epoch of resnet18 costs about what 14 of resnet20 do).
 
 Settings (issue 16, part 3), named ``{bn}-b{B}-{protocol}[-recovered]``:
 - ``bn``: ``eval`` (BatchNorm with the running statistics) or ``train`` (batch statistics; the client returns its
@@ -65,13 +66,13 @@ from gradleak import batchnorm
 from gradleak.attacks.optimization.inverting import AUTO_WARMUP_FRACTION
 
 MODELS = {"resnet20-4": ("resnet20", {"width": 4}), "resnet18": ("resnet18", {}), "resnet20": ("resnet20", {}),
-          "resnet20-digits-e2": ("resnet20", {})}
+          "resnet20-digits-e2": ("resnet20", {}), "resnet18-digits-e1": ("resnet18", {})}
 # "trained for a few epochs" (part 3): MODEL-digits-eE is the zoo MODEL (seed 0) trained E epochs on
 # scikit-learn's digits at 32 x 32 x 3 (gradleak.training.train: Adam lr 1e-3, batch 32, 80% train split, no
 # augmentation), so its weights and BatchNorm running statistics have tracked real data; its 10-class head then
 # attacks the bundled photos with their labels 0-7 (another domain than the training data: no ImageNet or CIFAR
 # weights ship offline). Attacks on it use the case's photo normalisation.
-TRAINED = {"resnet20-digits-e2": 2}
+TRAINED = {"resnet20-digits-e2": 2, "resnet18-digits-e1": 1}
 
 
 def build_model(mname: str, num_classes: int):
