@@ -39,6 +39,7 @@ BENCHMARKS = {
     "defenses": "bench_defenses.py",
     "audit": "bench_audit.py",
     "throughput": "bench_throughput.py",
+    "paths": "bench_paths.py",
     "threads": "bench_threads.py",
     "modern": "bench_modern.py",
 }

@@ -247,3 +247,60 @@ def test_batched_runs_fix_the_heap_thresholds_unless_told_not_to(monkeypatch, ca
     glibc = sys.platform.startswith("linux") and ctypes.util.find_library("c") is not None
     assert B.steady_heap() is glibc
     assert B.reconstruct_many(gl.create("ig", max_iterations=1), cases[:2])[0].info["batched"]["steady_heap"] is glibc
+
+
+def _lenet_case(dtype):
+    photos = gl.data.samples(32, num_images=1)
+    model = gl.models.build("lenet", input_shape=(3, 32, 32), num_classes=19, seed=0)
+    x, y = photos.batch(1, 0)
+    case, _ = gl.simulate(model, x, y, spec=photos.spec)
+    return case.to(dtype)
+
+
+def test_batched_signed_adam_in_float64_keeps_the_one_by_one_path_bit_for_bit(spy):
+    """Signed Adam steps on the gradient's signs only: in float64 (no sign differs here) the batched trials'
+    iterates are the one-by-one iterates exactly, as info['batched']['paths'] says."""
+    case = _lenet_case(torch.float64)
+    opts = dict(optimizer="signed-adam", max_iterations=60, restarts=3, tv=1e-4, parametrize="pixel")
+    rb = gl.create("ig", **opts).reconstruct(case, seed=0)
+    rs = gl.create("ig", batch_trials=False, **opts).reconstruct(case, seed=0)
+    assert rb.info["batched"]["batched"] is True
+    assert rb.info["batched"]["paths"] == B.path_claim("signed-adam", torch.float64)
+    assert rb.info["batched"]["paths"].startswith("the one-by-one path bit for bit")
+    batched, seq = _flat(spy)[:3], _flat(spy)[3:]
+    for tb, ts in zip(batched, seq):
+        torch.testing.assert_close(tb.variables[0], ts.variables[0], rtol=0, atol=0)
+    torch.testing.assert_close(rb.inputs, rs.inputs, rtol=0, atol=0)
+
+
+def test_batched_lbfgs_repeats_itself_and_each_trials_score_is_that_of_its_own_iterate(monkeypatch):
+    """L-BFGS (DLG, float32, LeNet, 3 restarts, 60 iterations), where the batched path may part from the
+    one-by-one path (info['batched']['paths'] says so): the same batched run repeats bit for bit, and every
+    trial's reported best score is what the one-by-one objective gives at the iterate it returns (to float32
+    rounding), so a batched result's figures are those of its own image."""
+    from gradleak.attacks.optimization.driver import evaluate
+
+    seen = []
+    real = B.run_setups
+
+    def recording(setups, **kw):
+        out = real(setups, **kw)
+        seen.append(list(zip(setups, [trials for trials, _ in out])))
+        return out
+
+    monkeypatch.setattr(B, "run_setups", recording)
+    case = _lenet_case(torch.float32)
+    opts = dict(max_iterations=60, restarts=3)
+    first = gl.create("dlg", **opts).reconstruct(case, seed=0)
+    again = gl.create("dlg", **opts).reconstruct(case, seed=0)
+    note = first.info["batched"]
+    assert note["batched"] is True and note["paths"].startswith("not the one-by-one path")
+    assert "L-BFGS's line search" in note["paths"] and "batch_trials=False" in note["paths"]
+    torch.testing.assert_close(first.inputs, again.inputs, rtol=0, atol=0)
+    (run1,), (run2,) = seen
+    for (setup, trials), (_, trials2) in zip([run1], [run2]):
+        assert len(trials) == 3
+        for t, t2 in zip(trials, trials2):
+            assert t.score == t2.score and t.evaluations == t2.evaluations
+            _, score, _ = evaluate(setup.objective, t.variables, False)
+            assert t.finite and score == pytest.approx(t.score, rel=1e-4)

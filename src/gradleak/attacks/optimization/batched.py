@@ -289,6 +289,31 @@ def steady_heap() -> bool:
     return _STEADY[0]
 
 
+def path_claim(optimizer: str | None, dtype: torch.dtype) -> str:
+    """What a batched trial shares with the same trial run one by one (``info['batched']['paths']``).
+
+    Every evaluation agrees with the one-by-one objective up to the batched kernels' rounding (the first round
+    checks it). Whether the PATH stays the one-by-one path depends on how the optimiser treats that rounding
+    (measured: docs/performance.md, "Batched and one-by-one paths"): signed Adam's step depends only on the
+    gradient's signs, so the path is bit for bit the one-by-one path until a component's sign differs, which
+    float64 made rare (none in 300 steps on LeNet and resnet20) and float32 does not; L-BFGS's line search
+    branches on comparisons and unsigned Adam's normalised step carries rounding on, so after enough
+    iterations a trial is another run of the same optimiser from the same start."""
+    if optimizer == "signed-adam":
+        if dtype == torch.float64:
+            return ("the one-by-one path bit for bit while every gradient sign agrees (signed Adam steps on the "
+                    "signs only; float64: no sign differed in 300 steps on LeNet or resnet20, measured)")
+        how = "signed Adam's steps follow the gradient's signs, and float32 rounding flips some near zero"
+    elif optimizer == "lbfgs":
+        how = "L-BFGS's line search branches on comparisons that rounding can tip"
+    else:
+        how = "Adam's normalised steps carry rounding differences on and the path amplifies them"
+    return ("not the one-by-one path pixel for pixel: each evaluation agrees with the one-by-one objective to "
+            f"rounding (checked in the first round), but {how}, so after enough iterations a trial is another "
+            "run of the same optimiser from the same start (its quality alike, its pixels not); the same batched "
+            "run repeats bit for bit; batch_trials=False repeats a one-by-one run")
+
+
 def _run_group(setups: list[TrialSetup], programs: list[list], limit: int | None) -> list[dict]:
     """Drive every program of the group in lockstep from one batched objective; falls back to one by one
     (for the whole group) if the batched objective fails or disagrees with the sequential one."""
@@ -300,7 +325,8 @@ def _run_group(setups: list[TrialSetup], programs: list[list], limit: int | None
     engine = BatchedObjective(setups)
     note: dict[str, Any] = {"batched": True, "engine": engine.engine, "trials_in_batch": total_trials,
                             "setups_in_batch": len(setups), "chunk": chunk, "shared_parameters": engine.shared,
-                            "steady_heap": heap, **mem}
+                            "steady_heap": heap, **mem,
+                            "paths": path_claim(setups[0].settings.get("optimizer"), setups[0].case.dtype)}
     if engine.stacked_problems:
         note["stacked_problems"] = engine.stacked_problems
     if FUSE_ADAM and setups[0].settings.get("optimizer") in ("adam", "signed-adam"):
