@@ -9,6 +9,7 @@ within that relative tolerance x 1e3 (as that test allows the residual).
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import signal
@@ -81,6 +82,7 @@ def test_grouped_audit_equals_the_jobs_run_alone(tmp_path, small_budget, batched
         note = gm["info"]["batched"]
         note = note[0] if isinstance(note, list) else note
         assert note["batched"] is True and note["setups_in_batch"] == 3
+        assert g["batched_paths"] == note["paths"]
         tol = TOL[g["attack"]]
         x_g = load_file(str(gdir / "reconstruction.safetensors"))["inputs"]
         x_s = load_file(str(sdir / "reconstruction.safetensors"))["inputs"]
@@ -88,6 +90,10 @@ def test_grouped_audit_equals_the_jobs_run_alone(tmp_path, small_budget, batched
         assert g["psnr"] == pytest.approx(s["psnr"], rel=1e3 * tol)
         assert g["psnr_per_image"] == pytest.approx(s["psnr_per_image"], rel=1e3 * tol)
     assert [v["status"] for v in grouped.verdict] == [v["status"] for v in alone.verdict]
+    html_g, html_a = grouped.report.read_text(), alone.report.read_text()
+    assert "6 of 6 jobs ran in batched groups" in html_g and "ran in batched groups" not in html_a
+    for g in grouped.jobs:  # each attack's claim, as its jobs' metrics state it
+        assert f"<i>{g['attack']}</i>: {html.escape(g['batched_paths'])}." in html_g
 
 
 def ig_job(tmp_path, name, *, start=0, group="ig", iterations=20, **extra) -> Job:

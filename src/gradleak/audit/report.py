@@ -466,7 +466,22 @@ def _scores(audit: dict, files: _Files) -> str:
                'its truth image. The residual is the gradient-matching distance of the reconstruction (lower: the '
                'attack explains the observed update better). ' +
                " ".join(f"<i>{_e(k)}</i>: {_e(v)}." for k, v in JOB_STATUSES.items()) + "</p>")
+    out.append(_batched_note(audit))
     return "\n".join(out)
+
+
+def _batched_note(audit: dict) -> str:
+    """Which jobs ran in batched groups, and what a rerun of one alone shares with it (per attack)."""
+    jobs = [_dict(j) for j in _list(audit.get("jobs"))]
+    grouped = [j for j in jobs if _dict(j.get("group")).get("batched") is True]
+    if not grouped:
+        return ""
+    claims = {str(j.get("attack")): str(j["batched_paths"]) for j in grouped if j.get("batched_paths")}
+    per = " ".join(f"<i>{_e(a)}</i>: {_e(c)}." for a, c in claims.items())
+    return (f'<p class="note">{len(grouped)} of {len(jobs)} jobs ran in batched groups (their trials with those '
+            "of other jobs of the same attack, defense and batch size as one computation; audit.json "
+            "<code>jobs[].group</code>). Against the same job run alone (<code>--no-batch</code>, or "
+            f"<code>gradleak attack</code>): {per}</p>")
 
 
 def _curves(audit: dict) -> str:

@@ -66,11 +66,20 @@ def job_row(job, status: str, *, error: str | None = None, audit_dir: Path) -> d
     row["warnings"] = list(metrics.get("warnings") or [])
     row["notes"] = list(metrics.get("notes") or [])
     row["privacy"] = (metrics.get("case") or {}).get("meta", {}).get("privacy")
+    row["batched_paths"] = _paths_claim((metrics.get("info") or {}).get("batched"))
     try:
         row["history"] = downsample(json.loads((out / "history.json").read_text()))
     except (OSError, ValueError):
         pass
     return row
+
+
+def _paths_claim(note) -> str | None:
+    """What a batched run's trials share with the job run alone (``info.batched.paths``, the first stage's)."""
+    for n in note if isinstance(note, list) else [note]:
+        if isinstance(n, dict) and n.get("batched") is True and n.get("paths"):
+            return str(n["paths"])
+    return None
 
 
 def read_metrics(run_dir: Path) -> dict | None:

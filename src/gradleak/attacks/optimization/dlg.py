@@ -49,7 +49,8 @@ class DLGOptions:
     regularizers, bn_prior, bn_weight: terms added to the objective (not to the score), as for Inverting
     Gradients (:mod:`.priors`; DLG itself has none: default off).
     batch_trials: run the restarts as one batched computation (:mod:`.batched`; one by one where it cannot,
-    said in ``rec.info['batched']``). Retries after a divergence run as a second wave, their starts drawn
+    said in ``rec.info['batched']``; its ``paths`` says what a batched trial shares with its one-by-one run:
+    L-BFGS's paths part after enough iterations). Retries after a divergence run as a second wave, their starts drawn
     after every first start (the same order batched or not)."""
 
     max_iterations: int = 6000

@@ -100,7 +100,8 @@ class IGOptions:
     offer_every: steps between best-so-far snapshots (what Ctrl-C returns).
     batch_trials: run the restarts as one batched computation (:mod:`.batched`; falls back to one by one,
     said in ``rec.info['batched']``, where it cannot, e.g. with the 'bn-statistics' prior, which runs its own
-    hooked forward pass); False: one by one.
+    hooked forward pass); False: one by one. ``rec.info['batched']['paths']`` says what a batched trial shares
+    with its one-by-one run (signed Adam in float64: the same path while every gradient sign agrees).
     """
 
     max_iterations: int = 1000
