@@ -297,8 +297,8 @@ def path_claim(optimizer: str | None, dtype: torch.dtype) -> str:
     (measured: docs/performance.md, "Batched and one-by-one paths"): signed Adam's step depends only on the
     gradient's signs, so the path is bit for bit the one-by-one path until a component's sign differs, which
     float64 made rare (none in 300 steps on LeNet and resnet20) and float32 does not; L-BFGS's line search
-    branches on comparisons and unsigned Adam's normalised step carries rounding on, so after enough
-    iterations a trial is another run of the same optimiser from the same start."""
+    branches on comparisons, so after enough iterations a trial is another run of the same optimiser from the
+    same start. Unsigned Adam was not measured, and its claim says so."""
     if optimizer == "signed-adam":
         if dtype == torch.float64:
             return ("the one-by-one path bit for bit while every gradient sign agrees (signed Adam steps on the "
@@ -307,11 +307,14 @@ def path_claim(optimizer: str | None, dtype: torch.dtype) -> str:
     elif optimizer == "lbfgs":
         how = "L-BFGS's line search branches on comparisons that rounding can tip"
     else:
-        how = "Adam's normalised steps carry rounding differences on and the path amplifies them"
+        return ("each evaluation agrees with the one-by-one objective to rounding (checked in the first round); "
+                f"how far {optimizer}'s path stays on the one-by-one path over a long run was not measured (its "
+                "normalised steps carry rounding differences on); batch_trials=False repeats a one-by-one run")
     return ("not the one-by-one path pixel for pixel: each evaluation agrees with the one-by-one objective to "
             f"rounding (checked in the first round), but {how}, so after enough iterations a trial is another "
-            "run of the same optimiser from the same start (its quality alike, its pixels not); the same batched "
-            "run repeats bit for bit; batch_trials=False repeats a one-by-one run")
+            "run of the same optimiser from the same start (its quality alike, its pixels not; measured in "
+            "docs/performance.md); the same batched run with the same chunk size repeats bit for bit; "
+            "batch_trials=False repeats a one-by-one run")
 
 
 def _run_group(setups: list[TrialSetup], programs: list[list], limit: int | None) -> list[dict]:
