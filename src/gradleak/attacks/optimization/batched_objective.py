@@ -250,3 +250,31 @@ class BatchedObjective:
 
 
 __all__ = ["BatchedObjective", "ENGINE", "STACKED", "CONCAT_MAX_ELEMENTS"]
+
+
+def path_claim(optimizer: str | None, dtype: torch.dtype) -> str:
+    """What a batched trial shares with the same trial run one by one (``info['batched']['paths']``).
+
+    Every evaluation agrees with the one-by-one objective up to the batched kernels' rounding (the first round
+    checks it). Whether the PATH stays the one-by-one path depends on how the optimiser treats that rounding
+    (measured: docs/performance.md, "Batched and one-by-one paths"): signed Adam's step depends only on the
+    gradient's signs, so the path is bit for bit the one-by-one path until a component's sign differs, which
+    float64 made rare (none in 300 steps on LeNet and resnet20) and float32 does not; L-BFGS's line search
+    branches on comparisons, so after enough iterations a trial is another run of the same optimiser from the
+    same start. Unsigned Adam was not measured, and its claim says so."""
+    if optimizer == "signed-adam":
+        if dtype == torch.float64:
+            return ("the one-by-one path bit for bit while every gradient sign agrees (signed Adam steps on the "
+                    "signs only; float64: no sign differed in 300 steps on LeNet or resnet20, measured)")
+        how = "signed Adam's steps follow the gradient's signs, and float32 rounding flips some near zero"
+    elif optimizer == "lbfgs":
+        how = "L-BFGS's line search branches on comparisons that rounding can tip"
+    else:
+        return ("each evaluation agrees with the one-by-one objective to rounding (checked in the first round); "
+                f"how far {optimizer}'s path stays on the one-by-one path over a long run was not measured (its "
+                "normalised steps carry rounding differences on); batch_trials=False repeats a one-by-one run")
+    return ("not the one-by-one path pixel for pixel: each evaluation agrees with the one-by-one objective to "
+            f"rounding (checked in the first round), but {how}, so after enough iterations a trial is another "
+            "run of the same optimiser from the same start (its quality alike, its pixels not; measured in "
+            "docs/performance.md); the same batched run with the same chunk size repeats bit for bit; "
+            "batch_trials=False repeats a one-by-one run")
