@@ -249,18 +249,10 @@ def test_batched_runs_fix_the_heap_thresholds_unless_told_not_to(monkeypatch, ca
     assert B.reconstruct_many(gl.create("ig", max_iterations=1), cases[:2])[0].info["batched"]["steady_heap"] is glibc
 
 
-def _lenet_case(dtype):
-    photos = gl.data.samples(32, num_images=1)
-    model = gl.models.build("lenet", input_shape=(3, 32, 32), num_classes=19, seed=0)
-    x, y = photos.batch(1, 0)
-    case, _ = gl.simulate(model, x, y, spec=photos.spec)
-    return case.to(dtype)
-
-
-def test_batched_signed_adam_in_float64_keeps_the_one_by_one_path_bit_for_bit(spy):
+def test_batched_signed_adam_in_float64_keeps_the_one_by_one_path_bit_for_bit(cases, spy):
     """Signed Adam steps on the gradient's signs only: in float64 (no sign differs here) the batched trials'
     iterates are the one-by-one iterates exactly, as info['batched']['paths'] says."""
-    case = _lenet_case(torch.float64)
+    case = cases[0]
     opts = dict(optimizer="signed-adam", max_iterations=60, restarts=3, tv=1e-4, parametrize="pixel")
     rb = gl.create("ig", **opts).reconstruct(case, seed=0)
     rs = gl.create("ig", batch_trials=False, **opts).reconstruct(case, seed=0)
@@ -273,7 +265,7 @@ def test_batched_signed_adam_in_float64_keeps_the_one_by_one_path_bit_for_bit(sp
     torch.testing.assert_close(rb.inputs, rs.inputs, rtol=0, atol=0)
 
 
-def test_batched_lbfgs_repeats_itself_and_each_trials_score_is_that_of_its_own_iterate(monkeypatch):
+def test_batched_lbfgs_repeats_itself_and_each_trials_score_is_that_of_its_own_iterate(cases, monkeypatch):
     """L-BFGS (DLG, float32, LeNet, 3 restarts, 60 iterations), where the batched path may part from the
     one-by-one path (info['batched']['paths'] says so): the same batched run repeats bit for bit, and every
     trial's reported best score is what the one-by-one objective gives at the iterate it returns (to float32
@@ -289,7 +281,7 @@ def test_batched_lbfgs_repeats_itself_and_each_trials_score_is_that_of_its_own_i
         return out
 
     monkeypatch.setattr(B, "run_setups", recording)
-    case = _lenet_case(torch.float32)
+    case = cases[0].to(torch.float32)  # the fixture's float32 photo, back from float64 exactly
     opts = dict(max_iterations=60, restarts=3)
     first = gl.create("dlg", **opts).reconstruct(case, seed=0)
     again = gl.create("dlg", **opts).reconstruct(case, seed=0)
@@ -297,10 +289,9 @@ def test_batched_lbfgs_repeats_itself_and_each_trials_score_is_that_of_its_own_i
     assert note["batched"] is True and note["paths"].startswith("not the one-by-one path")
     assert "L-BFGS's line search" in note["paths"] and "batch_trials=False" in note["paths"]
     torch.testing.assert_close(first.inputs, again.inputs, rtol=0, atol=0)
-    (run1,), (run2,) = seen
-    for (setup, trials), (_, trials2) in zip([run1], [run2]):
-        assert len(trials) == 3
-        for t, t2 in zip(trials, trials2):
-            assert t.score == t2.score and t.evaluations == t2.evaluations
-            _, score, _ = evaluate(setup.objective, t.variables, False)
-            assert t.finite and score == pytest.approx(t.score, rel=1e-4)
+    ((setup, trials),), ((_, trials2),) = seen
+    assert len(trials) == 3
+    for t, t2 in zip(trials, trials2):
+        assert t.score == t2.score and t.evaluations == t2.evaluations
+        _, score, _ = evaluate(setup.objective, t.variables, False)
+        assert t.finite and score == pytest.approx(t.score, rel=1e-4)
