@@ -96,6 +96,8 @@ CONFIGS = {
     # IG's options before tv='auto': TV 1e-4 (the paper's), pinned so the figures stay comparable
     "ig": {"tv": 1e-4, **PIXEL},
     "ig-auto": {},  # IG's defaults now: tv='auto' (1e-2 on a BatchNorm ResNet, see resolve_tv), parametrize='auto', schedule='auto'
+    # the defaults without the classifier's gradient in the matched update (layers '!fc': the zoo ResNets' last layer)
+    "ig-auto-nofc": {"layers": ("!fc",)},
     "ig+bn": {"tv": 1e-4, "bn_prior": "auto", "bn_weight": 1e-2, **PIXEL},
     "ig+cosine": {"tv": 1e-4, "schedule": "cosine", "warmup": 50, "start": "patterned-4", **PIXEL},
     "ig-lbfgs": {"tv": 1e-4, "optimizer": "lbfgs", **PIXEL},

@@ -192,6 +192,16 @@ def test_layer_subsets_and_weights(small_case):
     assert rec.info["layers"] == ["0.weight", "0.bias", "7.bias"]
     with pytest.raises(gl.RequirementError, match="'conv9' is not in the observed update"):
         gl.create("ig", layers=("conv9",)).reconstruct(case)
+    # '!' leaves a name or prefix out: alone, of all the observed tensors; with kept items, of those
+    every = list(case.observed)
+    rec = gl.create("ig", max_iterations=3, layers=("!7",)).reconstruct(case)
+    assert rec.info["layers"] == [n for n in every if not n.startswith("7.")] and len(rec.info["layers"]) == len(every) - 2
+    rec = gl.create("ig", max_iterations=3, layers=("0", "7", "!0.bias")).reconstruct(case)
+    assert rec.info["layers"] == ["0.weight", "7.weight", "7.bias"]
+    with pytest.raises(gl.RequirementError, match="'conv9' is not in the observed update"):
+        gl.create("ig", layers=("!conv9",)).reconstruct(case)
+    with pytest.raises(gl.RequirementError, match="leave no observed tensor to match"):
+        gl.create("ig", layers=tuple("!" + n for n in every)).reconstruct(case)
     assert C.layer_weights(3, "linear") == pytest.approx([1.0, 2 / 3, 1 / 3])
     assert sum(C.layer_weights(4, "exp")) == pytest.approx(1.0)
 

@@ -42,21 +42,33 @@ def box(case: Case, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def resolve_layers(case: Case, layers: Sequence[str] = (), top_layers: int = 0) -> tuple[list[str], list[str]]:
     """The observed tensors the objective matches, in observation order, and the problems found.
 
-    layers: parameter names ('conv1.weight') or module prefixes ('conv1', 'layer4') to keep; () keeps all.
+    layers: parameter names ('conv1.weight') or module prefixes ('conv1', 'layer4') to keep; () keeps all. An
+    item starting with '!' leaves that name or prefix out ('!fc': every observed tensor but the classifier's);
+    with only such items, all the others are kept.
     top_layers: if > 0, keep (of those) the ``top_layers`` tensors with the largest observed norm.
     """
     names = list(case.observed)
     problems: list[str] = []
+
+    def matching(item: str) -> list[str]:
+        hit = [n for n in names if n == item or n.startswith(item + ".")]
+        if not hit:
+            close = [n for n in names if item and item in n][:4]
+            problems.append(f"layer {item!r} is not in the observed update"
+                            + (f" (did you mean {close}?)" if close else f" (names look like {names[:3]})"))
+        return hit
+
     if layers:
+        if isinstance(layers, str):
+            layers = (layers,)
+        wanted = [i for i in layers if not i.startswith("!")]
+        dropped = {n for i in layers if i.startswith("!") for n in matching(i[1:])}
         keep: list[str] = []
-        for item in layers:
-            hit = [n for n in names if n == item or n.startswith(item + ".")]
-            if not hit:
-                close = [n for n in names if item in n][:4]
-                problems.append(f"layer {item!r} is not in the observed update"
-                                + (f" (did you mean {close}?)" if close else f" (names look like {names[:3]})"))
-            keep += [n for n in hit if n not in keep]
-        names = [n for n in names if n in keep]
+        for item in wanted:
+            keep += [n for n in matching(item) if n not in keep]
+        names = [n for n in names if (not wanted or n in keep) and n not in dropped]
+        if not names and not problems:
+            problems.append(f"layers {tuple(layers)!r} leave no observed tensor to match")
     if top_layers < 0:
         problems.append(f"top_layers must be >= 0, got {top_layers}")
     elif top_layers and names:

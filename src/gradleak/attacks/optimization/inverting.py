@@ -55,7 +55,8 @@ class IGOptions:
     of B (x1, x4, x9, then x10 from B = 4; off in the paper presets). Measured on the sigmoid LeNet, bundled photos, 1,000 L-BFGS iterations (seed 0, mean dB):
     B = 1: 33.0 at 1e-4, 25.2 at 1e-3; B = 4: 14.1 / 21.2 / 23.0 at 1e-4 / 4e-4 / 1e-3; B = 8: 14.2 / 18.7 /
     18.1 at 1e-4 / 1e-3 / 3e-3 (benchmarks/bench_optim.py). lr_decay: x0.1 at 3/8, 5/8, 7/8. boxed: clamp to the image box.
-    layer_weights: 'equal' | 'linear' | 'exp'. layers: parameter names or module prefixes to match (() = all).
+    layer_weights: 'equal' | 'linear' | 'exp'. layers: parameter names or module prefixes to match (() = all;
+    '!name' leaves one out: ``('!fc',)`` matches every observed tensor but the classifier's).
     top_layers: keep only the k observed tensors with the largest norm (0 = all).
     label_strategy: for unknown labels, 'auto' (iDLG for one sample, count-based for a batch, joint logits if
     the model has no final linear layer) or 'joint' ((B, C) label logits optimised with the input).
