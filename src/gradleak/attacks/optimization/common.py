@@ -59,8 +59,6 @@ def resolve_layers(case: Case, layers: Sequence[str] = (), top_layers: int = 0) 
         return hit
 
     if layers:
-        if isinstance(layers, str):
-            layers = (layers,)
         wanted = [i for i in layers if not i.startswith("!")]
         dropped = {n for i in layers if i.startswith("!") for n in matching(i[1:])}
         keep: list[str] = []
