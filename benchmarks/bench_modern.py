@@ -13,11 +13,16 @@ Settings (issue 16, part 3), named ``{bn}-b{B}-{protocol}[-recovered]``:
 - ``protocol``: ``fedsgd`` or ``fedavg5`` (5 local SGD steps of lr ``--local-lr`` on the whole batch);
 - labels known, or ``-recovered`` (the attack recovers them: iDLG / count-based, gradleak's 'auto').
 
-Configurations (part 2), all Inverting Gradients at ``--iterations`` per restart; every one but ``ig-auto`` and
-the ``lap6`` ones pins ``parametrize='pixel'`` (the form they were first measured with):
+Configurations (part 2), all Inverting Gradients at ``--iterations`` per restart; every one but ``ig-auto``,
+``ig-auto-all``, ``ig-auto-nofc`` and the ``lap6`` ones pins ``parametrize='pixel'`` (the form they were first
+measured with), and every one but ``ig-auto`` and ``ig-auto-nofc`` matches every observed tensor (``layers=()``,
+as before ``layers='auto'``):
 - ``ig``: the options before ``tv='auto'`` (signed Adam on ReLU networks, TV 1e-4 pinned, step decay);
 - ``ig-auto``: IG's defaults (``tv='auto'``: 1e-2 on these ResNets; ``parametrize='auto'``: a Laplacian pyramid
-  on them in eval mode; ``schedule='auto'``: warm-up plus cosine decay on the pyramid); ``ig+tv``: TV 1e-2 given;
+  on them in eval mode; ``schedule='auto'``: warm-up plus cosine decay on the pyramid; ``layers='auto'``: the
+  classifier's gradient left out of the matched update on them in eval mode); ``ig-auto-all``: the same with
+  every observed tensor matched (IG's defaults before ``layers='auto'``; the ``ig-auto`` of results before it);
+  ``ig-auto-nofc``: ``layers=('!fc',)`` given; ``ig+tv``: TV 1e-2 given;
 - ``ig+bn``: ``bn_prior='auto'`` (the statistics the returned buffers reveal in train mode, the model's running
   statistics in eval mode), ``bn_weight`` 1e-2;
 - ``ig+cosine``: ``schedule='cosine'`` (warm-up 50) and ``start='patterned-4'``, no BN prior;
@@ -90,13 +95,19 @@ def build_model(mname: str, num_classes: int):
             "holdout_accuracy": [round(a, 4) for a in res.accuracy], "train_seconds": round(res.seconds, 1)}
     print(f"{mname}: trained {TRAINED[mname]} epochs on digits, held-out accuracy {res.accuracy}", flush=True)
     return res.model, note
-# the configurations measured before parametrize='auto' pin the pixel form, so their figures stay comparable
-PIXEL = {"parametrize": "pixel"}
+# the configurations measured before parametrize='auto' pin the pixel form, and all measured before
+# layers='auto' match every observed tensor (layers=()), so their figures stay comparable
+ALL = {"layers": ()}
+PIXEL = {"parametrize": "pixel", **ALL}
 CONFIGS = {
     # IG's options before tv='auto': TV 1e-4 (the paper's), pinned so the figures stay comparable
     "ig": {"tv": 1e-4, **PIXEL},
-    "ig-auto": {},  # IG's defaults now: tv='auto' (1e-2 on a BatchNorm ResNet, see resolve_tv), parametrize='auto', schedule='auto'
-    # the defaults without the classifier's gradient in the matched update (layers '!fc': the zoo ResNets' last layer)
+    # IG's defaults now: tv='auto' (1e-2 on a BatchNorm ResNet, see resolve_tv), parametrize='auto',
+    # schedule='auto', layers='auto' (the classifier left out on a BatchNorm ResNet in eval mode)
+    "ig-auto": {},
+    # IG's defaults before layers='auto' (every observed tensor matched): the "ig-auto" of results before it
+    "ig-auto-all": {**ALL},
+    # the classifier's gradient left out of the matched update, given (layers '!fc': the zoo ResNets' last layer)
     "ig-auto-nofc": {"layers": ("!fc",)},
     "ig+bn": {"tv": 1e-4, "bn_prior": "auto", "bn_weight": 1e-2, **PIXEL},
     "ig+cosine": {"tv": 1e-4, "schedule": "cosine", "warmup": 50, "start": "patterned-4", **PIXEL},
@@ -109,12 +120,12 @@ CONFIGS = {
     # 2 restarts at half the iterations: equal compute
     "ig-2x-half": {"tv": 1e-4, "restarts": 2, "iterations_scale": 0.5, **PIXEL},
     # TV 1e-2 with the optimiser moving a 6-level Laplacian pyramid (parametrize.py; 32 px: 32 ... 1)
-    "ig+tv+lap6": {"tv": 1e-2, "parametrize": "laplacian-6", "schedule": "step"},
+    "ig+tv+lap6": {"tv": 1e-2, "parametrize": "laplacian-6", "schedule": "step", **ALL},
     # the same with unsigned Adam
-    "ig+tv+lap6+adam": {"tv": 1e-2, "parametrize": "laplacian-6", "optimizer": "adam", "schedule": "step"},
+    "ig+tv+lap6+adam": {"tv": 1e-2, "parametrize": "laplacian-6", "optimizer": "adam", "schedule": "step", **ALL},
     # the pyramid with warm-up (a tenth of the budget) plus cosine decay: what schedule='auto' runs on it
     "ig+tv+lap6+cos": {"tv": 1e-2, "parametrize": "laplacian-6", "schedule": "cosine",
-                       "warmup_fraction": AUTO_WARMUP_FRACTION},
+                       "warmup_fraction": AUTO_WARMUP_FRACTION, **ALL},
 }
 # The reduced grid (``--cells reduced``): what a shared 2-core CPU allows in about 40 minutes, chosen for the
 # comparisons the issue asks about (part 3): eval vs train BatchNorm, FedSGD vs FedAvg (5 local steps), labels

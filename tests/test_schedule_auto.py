@@ -28,14 +28,8 @@ def test_bad_schedule_is_refused_with_the_choices():
         gl.create("ig", schedule="linear")
 
 
-def _case(photos32, name, **kw):
-    x, y = photos32.batch(1, 1)
-    model = gl.models.build(name, input_shape=photos32.spec.shape, num_classes=photos32.spec.num_classes, seed=0)
-    return gl.simulate(model, x, y, spec=photos32.spec, **kw)[0]
-
-
-def test_auto_runs_cosine_on_a_pyramid_exactly_as_the_explicit_options(photos32):
-    case = _case(photos32, "resnet20")
+def test_auto_runs_cosine_on_a_pyramid_exactly_as_the_explicit_options(zoo_case):
+    case = zoo_case("resnet20")
     auto = gl.create("ig", max_iterations=10).reconstruct(case, seed=0)
     assert auto.info["parametrize"] == "laplacian-6"
     assert auto.info["schedule"] == "cosine" and auto.info["warmup"] == 1
@@ -49,8 +43,8 @@ def test_auto_runs_cosine_on_a_pyramid_exactly_as_the_explicit_options(photos32)
     assert not torch.equal(auto.inputs, step.inputs)  # the schedule is what differs
 
 
-def test_auto_keeps_the_papers_step_decay_where_the_image_is_not_a_pyramid(photos32):
-    for case in (_case(photos32, "lenet"), _case(photos32, "resnet20", bn_mode="train")):
+def test_auto_keeps_the_papers_step_decay_where_the_image_is_not_a_pyramid(zoo_case):
+    for case in (zoo_case("lenet"), zoo_case("resnet20", bn_mode="train")):
         auto = gl.create("ig", max_iterations=6).reconstruct(case, seed=0)
         assert auto.info["parametrize"] == "pixel"
         assert auto.info["schedule"] == "step" and auto.info["schedule_choice"].startswith("auto: step")
@@ -60,4 +54,4 @@ def test_auto_keeps_the_papers_step_decay_where_the_image_is_not_a_pyramid(photo
     for preset in ("geiping2020", "geiping2020-sweep"):
         a = gl.create("ig", preset=preset, max_iterations=4)
         assert a.options.parametrize == "pixel"
-        assert a.reconstruct(_case(photos32, "resnet20"), seed=0).info["schedule"] == "step"
+        assert a.reconstruct(zoo_case("resnet20"), seed=0).info["schedule"] == "step"

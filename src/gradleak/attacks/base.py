@@ -162,6 +162,8 @@ def _coerce(name: str, value: Any, default: Any, hint: Any) -> tuple[Any, str | 
         allowed = {t.strip() for t in hint.split("|")}
         if "float" in allowed and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value), None
+        if "tuple" in allowed and isinstance(value, list):  # e.g. ``layers: tuple | str = "auto"``
+            return tuple(value), None
         if type(value).__name__ in allowed:
             return value, None
         return value, f"option {name!r} must be {' or '.join(sorted(allowed))}, got {type(value).__name__} {value!r}"
