@@ -20,7 +20,8 @@ as before ``layers='auto'``):
 - ``ig``: the options before ``tv='auto'`` (signed Adam on ReLU networks, TV 1e-4 pinned, step decay);
 - ``ig-auto``: IG's defaults (``tv='auto'``: 1e-2 on these ResNets; ``parametrize='auto'``: a Laplacian pyramid
   on them in eval mode; ``schedule='auto'``: warm-up plus cosine decay on the pyramid; ``layers='auto'``: the
-  classifier's gradient left out of the matched update on them in eval mode); ``ig-auto-all``: the same with
+  classifier's gradient left out of the matched update on them untrained, in eval mode, FedSGD, batch 1);
+  ``ig-auto-all``: the same with
   every observed tensor matched (IG's defaults before ``layers='auto'``; the ``ig-auto`` of results before it);
   ``ig-auto-nofc``: ``layers=('!fc',)`` given; ``ig+tv``: TV 1e-2 given;
 - ``ig+bn``: ``bn_prior='auto'`` (the statistics the returned buffers reveal in train mode, the model's running
@@ -103,7 +104,8 @@ CONFIGS = {
     # IG's options before tv='auto': TV 1e-4 (the paper's), pinned so the figures stay comparable
     "ig": {"tv": 1e-4, **PIXEL},
     # IG's defaults now: tv='auto' (1e-2 on a BatchNorm ResNet, see resolve_tv), parametrize='auto',
-    # schedule='auto', layers='auto' (the classifier left out on a BatchNorm ResNet in eval mode)
+    # schedule='auto', layers='auto' (the classifier left out on an untrained BatchNorm ResNet in eval mode,
+    # FedSGD, batch 1; see inverting.resolve_matched_layers)
     "ig-auto": {},
     # IG's defaults before layers='auto' (every observed tensor matched): the "ig-auto" of results before it
     "ig-auto-all": {**ALL},
