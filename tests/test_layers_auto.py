@@ -86,6 +86,11 @@ def test_auto_matches_every_tensor_where_the_rule_does_not_apply(zoo_case):
     assert rec.info["matched_tensors"] == "all" and rec.info["layers_choice"] == "given"
 
 
+def test_a_list_from_python_is_taken_as_the_tuple():
+    assert gl.create("ig", layers=["!fc", "conv1"]).options.layers == ("!fc", "conv1")
+    assert gl.create("ig").options.layers == "auto"
+
+
 @pytest.mark.parametrize("bad", ["fc", "!fc", ("fc", 3)])
 def test_a_bad_selection_is_refused_with_what_is_expected(bad):
     with pytest.raises(gl.ValidationError, match="layers must be 'auto' or a tuple of parameter names"):
