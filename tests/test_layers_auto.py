@@ -1,6 +1,6 @@
-"""IG's matched-layer rule 'auto' (inverting.resolve_matched_layers): the classifier's gradient left out on a
-untrained BatchNorm ResNet in eval mode, FedSGD, batch 1, with labels known or read off the classifier; every tensor elsewhere. What ran
-is recorded and equals the explicit option."""
+"""IG's matched-layer rule 'auto' (inverting.resolve_matched_layers): the classifier's gradient left out on an
+untrained BatchNorm ResNet in eval mode, FedSGD, batch 1, images up to 32 px, with labels known or read off the
+classifier; every tensor elsewhere. What ran is recorded and equals the explicit option."""
 
 import pytest
 import torch
@@ -28,6 +28,11 @@ def test_the_rule(photos32, zoo_case):
     assert items == () and "the batch has 2 samples" in why
     items, why = resolve_matched_layers("auto", zoo_case("resnet20", protocol="fedavg", local_steps=2))
     assert items == () and "fedavg model change" in why
+    # images larger than the 32 px measured (at 224 px it measured behind): every tensor
+    big = gl.data.samples(40, num_images=1)
+    m40 = gl.models.build("resnet20", input_shape=big.spec.shape, num_classes=big.spec.num_classes, seed=0)
+    items, why = resolve_matched_layers("auto", gl.simulate(m40, *big.batch(1, 0), spec=big.spec)[0])
+    assert items == () and "not images of at most 32 x 32" in why
     # a model whose BatchNorm has run on data (one train-mode pass moves its running statistics): every tensor
     trained = gl.models.build("resnet20", input_shape=photos32.spec.shape, num_classes=photos32.spec.num_classes,
                               seed=0)
