@@ -249,16 +249,24 @@ def test_matcher_work_tensors_reused_give_the_same_gradients(small_case):
 
 def _plain_term(m, gs, go):
     """The matcher's data term and its gradient written one tensor at a time (the formulas of GradientMatcher's
-    docstring: per-tensor dots in float32, weighted and summed in float64 tensors, one op per tensor and step)."""
+    docstring: per-tensor dots in float32, weighted and summed in float64 tensors, one op per tensor and step):
+    the plain sum of squares where it is safe, the update divided by its largest |entry| first where not."""
     if m.distance == "cosine":
-        st = torch.stack([t.abs().max() for t in gs]).max()
-        gh = [g / st for g in gs]
-        gn2 = float(sum(w * torch.dot(g, g).double() for w, g in zip(m.w, gh)))
-        inv = 1.0 / math.sqrt(gn2)
-        diffs = [g * inv - v for g, v in zip(gh, m.vhat)]
+        gn2 = float(sum(w * torch.dot(g, g).double() for w, g in zip(m.w, gs)))
+        if math.isfinite(gn2) and gn2 >= torch.finfo(gs[0].dtype).tiny * 2.0 ** 66:
+            inv = 1.0 / math.sqrt(gn2)
+            diffs = [torch.sub(v, g, alpha=inv) for g, v in zip(gs, m.vhat)]
+            gnorm = math.sqrt(gn2)
+        else:
+            st = torch.stack([t.abs().max() for t in gs]).max()
+            gh = [g / st for g in gs]
+            inv = 1.0 / math.sqrt(float(sum(w * torch.dot(g, g).double() for w, g in zip(m.w, gh))))
+            diffs = [g * -inv + v for g, v in zip(gh, m.vhat)]
+            gnorm = float(st) / inv
         value = 0.5 * float(sum(w * torch.dot(d, d).double() for w, d in zip(m.w, diffs)))
-        c = go / (float(st) / inv)
-        return value, [(d * (w * c * (1.0 - value))).add(v, alpha=-w * c * value) for w, d, v in zip(m.w, diffs, m.vhat)]
+        c = go / gnorm
+        return value, [(d * (-w * c * (1.0 - value))).add(v, alpha=-w * c * value)
+                       for w, d, v in zip(m.w, diffs, m.vhat)]
     scale = 1.0 / m.tnorm2 if m.distance == "l2-relative" else 1.0
     value = float(sum(w * torch.dot(g - t, g - t).double() for w, g, t in zip(m.w, gs, m.targets))) * scale
     a, b = go * 2.0 * scale, go * -2.0 * scale
@@ -267,14 +275,20 @@ def _plain_term(m, gs, go):
 
 @pytest.mark.parametrize("distance", ["cosine", "l2-relative", "l2"])
 @pytest.mark.parametrize("weights", ["equal", "linear"])
-def test_matcher_term_and_gradient_equal_the_per_tensor_formulas_bit_for_bit(small_case, distance, weights):
+@pytest.mark.parametrize("scale", [1.0, 1e-25])
+def test_matcher_term_and_gradient_equal_the_per_tensor_formulas_bit_for_bit(small_case, distance, weights, scale):
     """The data term's forward (one stack of per-tensor dots, summed as Python floats) and backward (foreach ops
-    where the weights are equal) give exactly the per-tensor computation, for every distance and weighting."""
+    where the weights are equal) give exactly the per-tensor computation, for every distance and weighting,
+    and for a candidate update x1e-25 (whose float32 squares underflow: the rescaled path)."""
     case, truth = small_case
     names = list(case.observed)
     m = C.GradientMatcher(case, names, C.layer_weights(len(names), weights), distance)
     x = (truth.inputs * 0.5 + 0.2).requires_grad_(True)
-    gs = [g.reshape(-1).detach().requires_grad_(True) for g in m.update(x, case.labels, create_graph=False)]
+    gs = [(g.reshape(-1) * scale).detach().requires_grad_(True)
+          for g in m.update(x, case.labels, create_graph=False)]
+    if distance == "cosine":  # which path: the plain sum of squares is above the floor only unscaled
+        plain = sum(float(torch.dot(g.detach(), g.detach())) for g in gs)
+        assert (plain >= 2.0 ** -60) == (scale == 1.0)
     value = C._Match.apply(m, *gs)
     grads = torch.autograd.grad(value, gs, grad_outputs=torch.tensor(0.75))
     ref_value, ref_grads = _plain_term(m, [g.detach() for g in gs], 0.75)

@@ -75,9 +75,10 @@ class _Match(torch.autograd.Function):
 
 
 def _cosine(gs: Sequence[torch.Tensor], vhat: Sequence[torch.Tensor], w: Sequence[float]):
-    """Per trial (rows): (1 - cos, the differences g_l/|g|_w - v_l, |g|_w), as GradientMatcher.cosine for
-    one trial (scale free: divided by the trial's largest |entry| first, sums in float64). 1 for a zero
-    update, NaN for a non-finite one."""
+    """Per trial (rows): (1 - cos, the differences g_l/|g|_w - v_l, |g|_w), the quantity GradientMatcher.cosine
+    computes for one trial (scale free: here always divided by the trial's largest |entry| first, sums in
+    float64; the one-trial form skips that division where its plain sum of squares is safe, so the two agree
+    to the dtype's rounding, not bit for bit). 1 for a zero update, NaN for a non-finite one."""
     st = torch.stack([g.detach().abs().amax(1) for g in gs], 1).amax(1)
     st = torch.where(st > 0, st, torch.ones_like(st))
     gh = [g.detach() / st.unsqueeze(1) for g in gs]
