@@ -479,3 +479,30 @@ def test_interrupt_returns_best_so_far(small_case):
                     optimizer="signed-adam").reconstruct(case)
     assert rec.info["interrupted"] and rec.inputs.shape == (2, 3, 16, 16)
     assert len(rec.history) == 59
+
+
+@pytest.mark.parametrize("scales", [(1.0, 1.0), (1e-170, 1e-170), (1.0, 1e-170), (1e170, 1.0)])
+def test_batched_cosine_rows_agree_with_the_one_trial_cosine(scales):
+    """The batched trials' cosine (batched_objective._cosine) gives each row what GradientMatcher.cosine gives
+    that trial alone, in the plain-sum path, the rescaled path (float64 squares of 1e-170 underflow, of 1e170
+    overflow) and a batch mixing both: the same differences v^ - g^ (sign included), value and norm."""
+    from gradleak.attacks.optimization import batched_objective as BO
+
+    gen = torch.Generator().manual_seed(3)
+    shapes = [300, 7, 2000]
+    rows = [[torch.randn(n, generator=gen, dtype=torch.float64) * s for n in shapes] for s in scales]
+    vhat = [torch.randn(n, generator=gen, dtype=torch.float64) for n in shapes]
+    vnorm = math.sqrt(sum(float(torch.dot(v, v)) for v in vhat))
+    vhat = [v / vnorm for v in vhat]
+    m = C.GradientMatcher.__new__(C.GradientMatcher)  # only the cosine's state: weights and the unit target
+    m.w, m.vhat = [1.0, 1.0, 1.0], vhat
+    value, diffs, gnorm = BO._cosine([torch.stack([r[i] for r in rows]) for i in range(len(shapes))],
+                                     [v.expand(len(rows), -1) for v in vhat], m.w)
+    for r, row in enumerate(rows):
+        one_value, one_diffs, one_gnorm = m.cosine(row)
+        assert 0.0 < one_value < 2.0
+        assert float(value[r]) == pytest.approx(one_value, rel=1e-12)
+        assert float(gnorm[r]) == pytest.approx(one_gnorm, rel=1e-12)
+        for d, e, g, v in zip(diffs, one_diffs, row, vhat):
+            assert torch.allclose(d[r], e, rtol=0, atol=1e-13)
+            assert torch.allclose(e, v - g / one_gnorm, rtol=0, atol=1e-13)  # the sign: v^ - g^

@@ -16,6 +16,7 @@ from torch.func import functional_call, grad, vmap
 from ...case import FedAvg
 from ...functional import minibatch_indices
 from . import persample
+from .common import norm2_floor
 from .driver import Result
 
 if TYPE_CHECKING:
@@ -61,8 +62,8 @@ class _Match(torch.autograd.Function):
             c = torch.where(ok, go.double() / torch.where(ok, gnorm, 1.0), 0.0)
             f = torch.where(ok, value, 0.0)
             every = bool(ok.all())
-            for w, d, v in zip(spec["w"], diffs, spec["vhat"]):
-                a = (w * c * (1.0 - f)).to(d.dtype).unsqueeze(1)
+            for w, d, v in zip(spec["w"], diffs, spec["vhat"]):  # d = v^ - g^: -(1 - f) d - f v^, per row
+                a = (-w * c * (1.0 - f)).to(d.dtype).unsqueeze(1)
                 b = (-w * c * f).to(d.dtype).unsqueeze(1)
                 r = torch.mul(d, a).addcmul_(v, b)  # d a + v b: two passes (a trial's row alone)
                 out.append(r if every else torch.where(ok.unsqueeze(1), r, 0.0))
@@ -75,19 +76,28 @@ class _Match(torch.autograd.Function):
 
 
 def _cosine(gs: Sequence[torch.Tensor], vhat: Sequence[torch.Tensor], w: Sequence[float]):
-    """Per trial (rows): (1 - cos, the differences g_l/|g|_w - v_l, |g|_w), the quantity GradientMatcher.cosine
-    computes for one trial (scale free: here always divided by the trial's largest |entry| first, sums in
-    float64; the one-trial form skips that division where its plain sum of squares is safe, so the two agree
-    to the dtype's rounding, not bit for bit). 1 for a zero update, NaN for a non-finite one."""
-    st = torch.stack([g.detach().abs().amax(1) for g in gs], 1).amax(1)
+    """Per trial (rows): (1 - cos, the differences v_l - g_l/|g|_w, |g|_w), by GradientMatcher.cosine's
+    formulas for one trial, row by row (sums in float64): the plain sum of squares where it is safe for every
+    row, else each row divided by its largest |entry| first (a batch with one unsafe row takes that path for
+    all its rows, so such a batch agrees with one by one to the dtype's rounding, not bit for bit). 1 for a
+    zero update, NaN for a non-finite one."""
+    gd = [g.detach() for g in gs]
+    plain = sum(wl * torch.linalg.vecdot(g, g, dim=1).double() for wl, g in zip(w, gd))
+    if bool((torch.isfinite(plain) & (plain >= norm2_floor(gd[0].dtype))).all()):
+        gnorm = plain.sqrt()
+        inv = (1.0 / gnorm).to(gd[0].dtype).unsqueeze(1)
+        diffs = [torch.addcmul(v, g, -inv) for g, v in zip(gd, vhat)]  # v - g/|g|: the one-trial op's bits
+        half = 0.5 * sum(wl * torch.linalg.vecdot(d, d, dim=1).double() for wl, d in zip(w, diffs))
+        return half.clamp(max=2.0), diffs, gnorm
+    st = torch.stack([g.abs().amax(1) for g in gd], 1).amax(1)
     st = torch.where(st > 0, st, torch.ones_like(st))
-    gh = [g.detach() / st.unsqueeze(1) for g in gs]
+    gh = [g / st.unsqueeze(1) for g in gd]
     gn2 = sum(wl * torch.linalg.vecdot(g, g, dim=1).double() for wl, g in zip(w, gh))
     finite = torch.isfinite(gn2)
     zero = gn2 == 0
     safe = torch.where(finite & ~zero, gn2, torch.ones_like(gn2))
     inv = safe.rsqrt()
-    diffs = [g.mul_(inv.to(g.dtype).unsqueeze(1)).sub_(v) for g, v in zip(gh, vhat)]  # gh is ours: in place
+    diffs = [g.mul_((-inv).to(g.dtype).unsqueeze(1)).add_(v) for g, v in zip(gh, vhat)]  # gh is ours: in place
     half = 0.5 * sum(wl * torch.linalg.vecdot(d, d, dim=1).double() for wl, d in zip(w, diffs))
     value = torch.where(zero, torch.ones_like(half), half.clamp(max=2.0))
     value = torch.where(finite, value, torch.full_like(half, float("nan")))

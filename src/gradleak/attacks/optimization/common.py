@@ -99,7 +99,7 @@ def max_abs(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         return torch.where(m > 0, m, torch.ones_like(m))
 
 
-def _norm2_floor(dtype: torch.dtype) -> float:
+def norm2_floor(dtype: torch.dtype) -> float:
     """The least plain sum of squares the cosine takes without rescaling first: 2^66 x the dtype's smallest
     normal, so that the squares lost to underflow (each below that smallest normal, < 2^36 of them) are
     below 2^-30 of the sum. 2^-60 in float32; above any sum of squares in float16 (always rescaled)."""
@@ -198,7 +198,7 @@ class GradientMatcher:
         (11.2M entries) that was ~6 ms of a 160 ms IG step."""
         with torch.no_grad():
             gn2 = self._weighted_sum(gs)
-            if math.isfinite(gn2) and gn2 >= _norm2_floor(gs[0].dtype):
+            if math.isfinite(gn2) and gn2 >= norm2_floor(gs[0].dtype):
                 inv = 1.0 / math.sqrt(gn2)
                 if out is None:
                     gh = [torch.sub(v, g, alpha=inv) for v, g in zip(self.vhat, gs)]
