@@ -191,7 +191,7 @@ class GradientMatcher:
         buffers: on ResNet-18 each fresh 44 MB one costs its page faults every step).
 
         Scale free in two ways. Where the plain sum of squares |g|_w^2 is finite and at least
-        ``_NORM2_FLOOR`` of the dtype (then no entry overflowed, and the squares that underflowed are below
+        :func:`norm2_floor` of the dtype (then no entry overflowed, and the squares that underflowed are below
         2^-30 of it in all), the differences are u/|u| - g * (1/|g|) in one pass per tensor; otherwise (an
         update of ~1e-30 or ~1e30 in float32, or a non-finite one) the candidate is first divided by its
         largest |entry|. The first is three passes over the update where the second is six: on ResNet-18
