@@ -38,6 +38,14 @@ as before ``layers='auto'``):
 A configuration name may carry overrides: ``NAME:key=value[:key=value]`` (e.g. ``ig+tv:lr=0.3``).
 ``--first-photo K``: the batch-1 cases start at photo K (so a run can add photos to an earlier one).
 
+``--truth-noise SIGMA`` (a diagnostic, not an attack: it uses the private batch): every run starts from the truth
+plus N(0, SIGMA^2) noise in image space, clamped to the box (seeded by ``--seed``), instead of the random start;
+each row records ``start_psnr``. It separates the two ways an attack can fail: if the objective's minimum near
+the truth is lower (``score``, the matching cost without TV) than where the attack ends from a random start and
+the run from near the truth stays near it, the objective identifies the image and the optimiser does not reach
+it (local minima, step sizes); if the run from near the truth drifts away, the objective itself does not pin
+the image down.
+
 PSNR/SSIM: ``gl.evaluate`` (Hungarian alignment for batches; PSNR peak 1 on [0, 1]). Medians are over the
 images (batch 1: one per photo; batch 8: the 8 images of the case).
 
@@ -62,6 +70,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
+import math
 import statistics
 import time
 
@@ -189,8 +198,20 @@ def cases(model, setting: dict, photos, n_photos: int, local_lr: float, spec=Non
         yield case, truth, photos.names[i:i + b]
 
 
-def run_cells(cells, models, photos, n_photos: int, local_lr: float, first: int = 0, seed: int = 0) -> list[dict]:
-    """Rows of (model, setting, config, iterations) for every case of each cell."""
+def truth_start(truth, sigma: float, seed: int):
+    """The truth's images plus N(0, sigma^2) noise, clamped to [0, 1], and the start's PSNR (dB) against them."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    x = (truth.inputs + sigma * torch.randn(truth.inputs.shape, generator=g, dtype=truth.inputs.dtype)).clamp(0, 1)
+    mse = ((x - truth.inputs) ** 2).flatten(1).mean(1)
+    return x, [round(float(-10 * torch.log10(m)), 2) for m in mse]
+
+
+def run_cells(cells, models, photos, n_photos: int, local_lr: float, first: int = 0, seed: int = 0,
+              truth_noise: float | None = None) -> list[dict]:
+    """Rows of (model, setting, config, iterations) for every case of each cell; ``truth_noise``: start every run
+    from the truth plus that much noise (the diagnostic ``--truth-noise``)."""
     rows = []
     for mname in models:
         model, model_note = build_model(mname, photos.spec.num_classes)
@@ -205,6 +226,9 @@ def run_cells(cells, models, photos, n_photos: int, local_lr: float, first: int 
                     its = max(1, round(n * o.pop("iterations_scale", 1.0)))
                     if "warmup_fraction" in o:
                         o["warmup"] = max(1, round(its * o.pop("warmup_fraction")))
+                    start_psnr = None
+                    if truth_noise is not None:
+                        o["init"], start_psnr = truth_start(truth, truth_noise, seed)
                     t = time.perf_counter()
                     rec = gl.create("ig", preset=preset, **{**o, "max_iterations": its}).reconstruct(case, seed=seed)
                     sec = time.perf_counter() - t
@@ -216,11 +240,14 @@ def run_cells(cells, models, photos, n_photos: int, local_lr: float, first: int 
                            "bn_prior": rec.info.get("bn_prior"), "tv": rec.info.get("tv"),
                            "tv_choice": rec.info.get("tv_choice"), "parametrize": rec.info.get("parametrize"),
                            "schedule": rec.info.get("schedule"), "warmup": rec.info.get("warmup"), "labels": rec.info["labels"].get("source"),
-                           "side_channel": None if channel is None else channel["note"]}
+                           "side_channel": None if channel is None else channel["note"],
+                           "score": rec.info.get("scores"),
+                           **({} if truth_noise is None else {"truth_noise": truth_noise, "start_psnr": start_psnr})}
                     rows.append(row)
                     print(f"{mname:10s} {sname:26s} {cname:14s} {n:5d} its {','.join(names)[:30]:30s} "
                           f"PSNR {statistics.median(s.psnr_per_image):6.2f} dB  SSIM "
-                          f"{statistics.median(s.ssim_per_image):.3f}  {sec:7.1f} s", flush=True)
+                          f"{statistics.median(s.ssim_per_image):.3f}  {sec:7.1f} s"
+                          + ("" if start_psnr is None else f"  (start {statistics.median(start_psnr):.2f} dB)"), flush=True)
     return rows
 
 
@@ -272,6 +299,8 @@ def main():
     ap.add_argument("--settings", default=DEFAULT_SETTINGS, help=f"some of {','.join(SETTINGS)}")
     ap.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"some of {','.join(CONFIGS)}")
     ap.add_argument("--local-lr", type=float, default=1e-2)
+    ap.add_argument("--truth-noise", type=float, default=None, metavar="SIGMA",
+                    help="diagnostic: start every run from the truth plus N(0, SIGMA^2) noise (image space, clamped)")
     ap.add_argument("--cells", choices=("product", "reduced"), default="product",
                     help="product: --models x --settings x --configs x --iterations; reduced: the REDUCED grid "
                          "(resnet20, its own settings, configs and iterations; --photos still applies)")
@@ -311,7 +340,9 @@ def main():
         cells = [(sn, configs, budgets) for sn in settings]
     if args.first_photo + args.photos > len(photos):
         ap.error(f"--first-photo {args.first_photo} + --photos {args.photos} exceeds the {len(photos)} photos")
-    rows = run_cells(cells, models, photos, args.photos, args.local_lr, args.first_photo, args.seed)
+    if args.truth_noise is not None and not (args.truth_noise >= 0 and math.isfinite(args.truth_noise)):
+        ap.error(f"--truth-noise must be a finite number >= 0, got {args.truth_noise}")
+    rows = run_cells(cells, models, photos, args.photos, args.local_lr, args.first_photo, args.seed, args.truth_noise)
     summary = []
     for key in sorted({(r["model"], r["setting"], r["config"], r["iterations"]) for r in rows}):
         sel = [r for r in rows if (r["model"], r["setting"], r["config"], r["iterations"]) == key]
@@ -324,7 +355,7 @@ def main():
               f"dB, SSIM {summary[-1]['median_ssim']:.3f} over {len(ps)} image(s)")
     common.finish(run_, {
         "setting": {"models": models, "photos_at_batch_1": args.photos,
-                    "first_photo": args.first_photo, "attack_seed": args.seed, "iterations": budgets, "settings": settings,
+                    "first_photo": args.first_photo, "attack_seed": args.seed, "truth_noise": args.truth_noise, "iterations": budgets, "settings": settings,
                     "cells": args.cells, **({"reduced": REDUCED} if args.cells == "reduced" else {}),
                     "configs": {c: config_options(c) for c in configs}, "local_lr": args.local_lr,
                     "trained": {m: TRAINED[m] for m in models if m in TRAINED},
