@@ -36,6 +36,7 @@ as before ``layers='auto'``):
   restarts with the group term).
 
 A configuration name may carry overrides: ``NAME:key=value[:key=value]`` (e.g. ``ig+tv:lr=0.3``).
+``--size S``: photos and models at S x S px (default 32; the zoo ResNets keep the CIFAR stem below 128 px).
 ``--first-photo K``: the batch-1 cases start at photo K (so a run can add photos to an earlier one).
 
 ``--truth-noise SIGMA`` (a diagnostic, not an attack: it uses the private batch): every run starts from the truth
@@ -90,18 +91,19 @@ MODELS = {"resnet20-4": ("resnet20", {"width": 4}), "resnet18": ("resnet18", {})
 TRAINED = {"resnet20-digits-e2": 2, "resnet18-digits-e1": 1}
 
 
-def build_model(mname: str, num_classes: int):
-    """The model of ``mname`` and a note of how it was obtained (untrained, or trained on digits)."""
+def build_model(mname: str, num_classes: int, size: int = 32):
+    """The model of ``mname`` for ``size`` x ``size`` inputs and a note of how it was obtained (untrained, or
+    trained on digits at that size)."""
     zoo, opts = MODELS[mname]
     if mname not in TRAINED:
-        return gl.models.build(zoo, input_shape=(3, 32, 32), num_classes=num_classes, seed=0, **opts), \
+        return gl.models.build(zoo, input_shape=(3, size, size), num_classes=num_classes, seed=0, **opts), \
             {"trained": False}
     from gradleak.training import train
 
-    digits = gl.data.load_digits(image_size=32, channels=3)
-    model = gl.models.build(zoo, input_shape=(3, 32, 32), num_classes=digits.spec.num_classes, seed=0, **opts)
+    digits = gl.data.load_digits(image_size=size, channels=3)
+    model = gl.models.build(zoo, input_shape=(3, size, size), num_classes=digits.spec.num_classes, seed=0, **opts)
     res = train(model, digits, epochs=TRAINED[mname], holdout=0.2, checkpoint_epochs=None, seed=0)
-    note = {"trained": True, "data": "digits 32x32x3", "epochs": TRAINED[mname],
+    note = {"trained": True, "data": f"digits {size}x{size}x3", "epochs": TRAINED[mname],
             "holdout_accuracy": [round(a, 4) for a in res.accuracy], "train_seconds": round(res.seconds, 1)}
     print(f"{mname}: trained {TRAINED[mname]} epochs on digits, held-out accuracy {res.accuracy}", flush=True)
     return res.model, note
@@ -214,7 +216,7 @@ def run_cells(cells, models, photos, n_photos: int, local_lr: float, first: int 
     from the truth plus that much noise (the diagnostic ``--truth-noise``)."""
     rows = []
     for mname in models:
-        model, model_note = build_model(mname, photos.spec.num_classes)
+        model, model_note = build_model(mname, photos.spec.num_classes, photos.spec.shape[-1])
         spec = dataclasses.replace(photos.spec, num_classes=model.num_outputs) if mname in TRAINED else photos.spec
         for sname, cnames, budgets in cells:
             setting = SETTINGS[sname]
@@ -241,7 +243,7 @@ def run_cells(cells, models, photos, n_photos: int, local_lr: float, first: int 
                            "tv_choice": rec.info.get("tv_choice"), "parametrize": rec.info.get("parametrize"),
                            "schedule": rec.info.get("schedule"), "warmup": rec.info.get("warmup"), "labels": rec.info["labels"].get("source"),
                            "side_channel": None if channel is None else channel["note"],
-                           "score": rec.info.get("scores"),
+                           "score": rec.info.get("scores"), "layers_choice": rec.info.get("layers_choice"),
                            **({} if truth_noise is None else {"truth_noise": truth_noise, "start_psnr": start_psnr})}
                     rows.append(row)
                     print(f"{mname:10s} {sname:26s} {cname:14s} {n:5d} its {','.join(names)[:30]:30s} "
@@ -299,6 +301,8 @@ def main():
     ap.add_argument("--settings", default=DEFAULT_SETTINGS, help=f"some of {','.join(SETTINGS)}")
     ap.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"some of {','.join(CONFIGS)}")
     ap.add_argument("--local-lr", type=float, default=1e-2)
+    ap.add_argument("--size", type=int, default=32, help="image side in px (photos and models; the zoo ResNets keep "
+                                                         "the CIFAR stem below 128 px)")
     ap.add_argument("--truth-noise", type=float, default=None, metavar="SIGMA",
                     help="diagnostic: start every run from the truth plus N(0, SIGMA^2) noise (image space, clamped)")
     ap.add_argument("--cells", choices=("product", "reduced"), default="product",
@@ -331,7 +335,7 @@ def main():
         return
     # the 8 photos of the issue's grid; --first-photo 8 and on reach the other bundled photos (held out from
     # the choices made on the first 8; the 16-photo set starts with the same 8 images and labels)
-    photos = gl.data.samples(32, num_images=min(16, max(8, args.first_photo + args.photos)))
+    photos = gl.data.samples(args.size, num_images=min(16, max(8, args.first_photo + args.photos)))
     if args.cells == "reduced":
         cells = [(sn, cn, [n]) for sn, cn, n in REDUCED]
         models, settings, configs = ["resnet20"], [c[0] for c in REDUCED], sorted({x for c in REDUCED for x in c[1]})
@@ -342,6 +346,8 @@ def main():
         ap.error(f"--first-photo {args.first_photo} + --photos {args.photos} exceeds the {len(photos)} photos")
     if args.truth_noise is not None and not (args.truth_noise >= 0 and math.isfinite(args.truth_noise)):
         ap.error(f"--truth-noise must be a finite number >= 0, got {args.truth_noise}")
+    if not 8 <= args.size <= 512:
+        ap.error(f"--size must be 8 ... 512 px, got {args.size}")
     rows = run_cells(cells, models, photos, args.photos, args.local_lr, args.first_photo, args.seed, args.truth_noise)
     summary = []
     for key in sorted({(r["model"], r["setting"], r["config"], r["iterations"]) for r in rows}):
@@ -355,7 +361,7 @@ def main():
               f"dB, SSIM {summary[-1]['median_ssim']:.3f} over {len(ps)} image(s)")
     common.finish(run_, {
         "setting": {"models": models, "photos_at_batch_1": args.photos,
-                    "first_photo": args.first_photo, "attack_seed": args.seed, "truth_noise": args.truth_noise, "iterations": budgets, "settings": settings,
+                    "first_photo": args.first_photo, "attack_seed": args.seed, "truth_noise": args.truth_noise, "size": args.size, "iterations": budgets, "settings": settings,
                     "cells": args.cells, **({"reduced": REDUCED} if args.cells == "reduced" else {}),
                     "configs": {c: config_options(c) for c in configs}, "local_lr": args.local_lr,
                     "trained": {m: TRAINED[m] for m in models if m in TRAINED},
