@@ -326,6 +326,10 @@ def main():
     if bad:
         ap.error(f"unknown model/setting/config {bad}; models {list(MODELS)}, settings {list(SETTINGS)}, "
                  f"configs {list(CONFIGS)}")
+    if args.truth_noise is not None and not (args.truth_noise >= 0 and math.isfinite(args.truth_noise)):
+        ap.error(f"--truth-noise must be a finite number >= 0, got {args.truth_noise}")
+    if not 8 <= args.size <= 512:
+        ap.error(f"--size must be 8 ... 512 px, got {args.size}")
     run_ = common.begin(args.name, args)
     if args.imagenet:
         common.finish(run_, {"setting": {"imagenet": True, "iterations": args.imagenet_iterations,
@@ -344,10 +348,6 @@ def main():
         cells = [(sn, configs, budgets) for sn in settings]
     if args.first_photo + args.photos > len(photos):
         ap.error(f"--first-photo {args.first_photo} + --photos {args.photos} exceeds the {len(photos)} photos")
-    if args.truth_noise is not None and not (args.truth_noise >= 0 and math.isfinite(args.truth_noise)):
-        ap.error(f"--truth-noise must be a finite number >= 0, got {args.truth_noise}")
-    if not 8 <= args.size <= 512:
-        ap.error(f"--size must be 8 ... 512 px, got {args.size}")
     rows = run_cells(cells, models, photos, args.photos, args.local_lr, args.first_photo, args.seed, args.truth_noise)
     summary = []
     for key in sorted({(r["model"], r["setting"], r["config"], r["iterations"]) for r in rows}):
