@@ -8,8 +8,8 @@ one (accumulated in float64), over every observed tensor (``all``) and without t
 what IG's ``layers='auto'`` matches on an untrained ResNet in eval mode), and the noisy start's PSNR.
 
 What it tells: a gradient-matching attack can only find the image if the cost falls towards the truth over a
-neighbourhood its optimiser can reach. Where 1e-3 of noise already costs as much as a random image, the image is
-determined by the update (cost 0 only at the truth) yet hidden from local search (a needle); where the cost
+neighbourhood its optimiser can reach. Where a little noise already costs as much as a random image, the cost
+is 0 at the truth but its basin is too narrow for a local search to find (a needle); where the cost
 grows smoothly with sigma, failures from random starts are the optimiser's (local minima), as
 ``bench_modern.py --truth-noise`` then shows by starting there.
 

@@ -44,8 +44,9 @@ plus N(0, SIGMA^2) noise in image space, clamped to the box (seeded by ``--seed`
 each row records ``start_psnr``. It separates the two ways an attack can fail: if the objective's minimum near
 the truth is lower (``score``, the matching cost without TV) than where the attack ends from a random start and
 the run from near the truth stays near it, the objective identifies the image and the optimiser does not reach
-it (local minima, step sizes); if the run from near the truth drifts away, the objective itself does not pin
-the image down.
+it (local minima, step sizes); if the run from near the truth drifts away, either the objective's minimum is
+elsewhere or its basin at the truth is too narrow to hold a run (``bench_landscape.py`` measures how the cost grows
+away from the truth).
 
 PSNR/SSIM: ``gl.evaluate`` (Hungarian alignment for batches; PSNR peak 1 on [0, 1]). Medians are over the
 images (batch 1: one per photo; batch 8: the 8 images of the case).
