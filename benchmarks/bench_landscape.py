@@ -27,7 +27,7 @@ import torch
 
 import common
 import gradleak as gl
-from bench_modern import MODELS, TRAINED, build_model
+from bench_modern import MODELS, TRAINED, model_and_spec
 
 
 def update_vector(model, x, y, spec, bn_mode: str, dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,24 +68,24 @@ def main():
     photos = gl.data.samples(32, num_images=8)
     rows = []
     for mname in models:
-        model, note = build_model(mname, photos.spec.num_classes)
+        model, note, spec = model_and_spec(mname, photos)
         model = model.to(dtype)
         for bn in modes:
             for i in (range(args.photos) if args.batch == 1 else [0]):
                 g = torch.Generator().manual_seed(args.seed + i)
                 x, y = photos.batch(args.batch, i)
-                ref_all, ref_nofc = update_vector(model, x, y, photos.spec, bn, dtype)
+                ref_all, ref_nofc = update_vector(model, x, y, spec, bn, dtype)
                 row = {"model": mname, "model_note": note, "bn_mode": bn, "photos": photos.names[i:i + args.batch],
                        "points": []}
                 for s in sigmas:
                     xs = (x + s * torch.randn(x.shape, generator=g, dtype=x.dtype)).clamp(0, 1)
-                    u_all, u_nofc = update_vector(model, xs, y, photos.spec, bn, dtype)
-                    psnr = float(-10 * torch.log10(((xs - x) ** 2).mean()))
-                    row["points"].append({"sigma": s, "start_psnr": round(psnr, 2),
+                    u_all, u_nofc = update_vector(model, xs, y, spec, bn, dtype)
+                    psnr = gl.metrics.psnr(xs, x)
+                    row["points"].append({"sigma": s, "start_psnr": [round(float(v), 2) for v in psnr],
                                           "all": cosine_distance(ref_all, u_all),
                                           "no_fc": cosine_distance(ref_nofc, u_nofc)})
                 xr = torch.rand(x.shape, generator=g, dtype=x.dtype)
-                r_all, r_nofc = update_vector(model, xr, y, photos.spec, bn, dtype)
+                r_all, r_nofc = update_vector(model, xr, y, spec, bn, dtype)
                 row["random_image"] = {"all": cosine_distance(ref_all, r_all), "no_fc": cosine_distance(ref_nofc, r_nofc)}
                 rows.append(row)
                 print(f"{mname:10s} {bn:5s} {','.join(row['photos'])[:12]:12s} no_fc: " +

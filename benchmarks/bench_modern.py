@@ -108,6 +108,14 @@ def build_model(mname: str, num_classes: int, size: int = 32):
             "holdout_accuracy": [round(a, 4) for a in res.accuracy], "train_seconds": round(res.seconds, 1)}
     print(f"{mname}: trained {TRAINED[mname]} epochs on digits, held-out accuracy {res.accuracy}", flush=True)
     return res.model, note
+def model_and_spec(mname: str, photos):
+    """(model, note, the photos' DataSpec with the model's number of classes) for attacking ``photos`` with
+    ``mname`` at their size (a trained model keeps its digits head)."""
+    model, note = build_model(mname, photos.spec.num_classes, photos.spec.shape[-1])
+    spec = dataclasses.replace(photos.spec, num_classes=model.num_outputs) if mname in TRAINED else photos.spec
+    return model, note, spec
+
+
 # the configurations measured before parametrize='auto' pin the pixel form, and all measured before
 # layers='auto' match every observed tensor (layers=()), so their figures stay comparable
 ALL = {"layers": ()}
@@ -207,8 +215,7 @@ def truth_start(truth, sigma: float, seed: int):
 
     g = torch.Generator().manual_seed(seed)
     x = (truth.inputs + sigma * torch.randn(truth.inputs.shape, generator=g, dtype=truth.inputs.dtype)).clamp(0, 1)
-    mse = ((x - truth.inputs) ** 2).flatten(1).mean(1)
-    return x, [round(float(-10 * torch.log10(m)), 2) for m in mse]
+    return x, [round(float(v), 2) for v in gl.metrics.psnr(x, truth.inputs)]
 
 
 def run_cells(cells, models, photos, n_photos: int, local_lr: float, first: int = 0, seed: int = 0,
@@ -217,8 +224,7 @@ def run_cells(cells, models, photos, n_photos: int, local_lr: float, first: int 
     from the truth plus that much noise (the diagnostic ``--truth-noise``)."""
     rows = []
     for mname in models:
-        model, model_note = build_model(mname, photos.spec.num_classes, photos.spec.shape[-1])
-        spec = dataclasses.replace(photos.spec, num_classes=model.num_outputs) if mname in TRAINED else photos.spec
+        model, model_note, spec = model_and_spec(mname, photos)
         for sname, cnames, budgets in cells:
             setting = SETTINGS[sname]
             for case, truth, names in cases(model, setting, photos, n_photos, local_lr, spec, first):
