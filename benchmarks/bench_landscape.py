@@ -60,9 +60,12 @@ def main():
     except ValueError:
         ap.error(f"--sigmas must be numbers separated by commas, got {args.sigmas!r}")
     bad = [m for m in models if m not in MODELS] + [b for b in modes if b not in ("eval", "train")]
-    if bad or not 1 <= args.photos <= 8 or not all(s > 0 for s in sigmas):
-        ap.error(f"unknown model / BatchNorm mode {bad} (models {list(MODELS)}, modes eval, train), or --photos not "
-                 f"1 ... 8, or a sigma <= 0")
+    if bad:
+        ap.error(f"unknown model / BatchNorm mode {bad}: models {list(MODELS)}, modes eval, train")
+    if not 1 <= args.photos <= 8:
+        ap.error(f"--photos must be 1 ... 8, got {args.photos}")
+    if not all(s > 0 for s in sigmas):
+        ap.error(f"every sigma must be > 0, got {sigmas}")
     run = common.begin(args.name, args)
     dtype = getattr(torch, args.dtype)
     photos = gl.data.samples(32, num_images=8)
